@@ -1,0 +1,48 @@
+"""The ``eplb`` command line.
+
+Each area registers its commands in its own module (``offline``, ``stats``, ``runtime``,
+``sim``); this module only assembles the app and turns known errors into one-line messages
+with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from eplb.cli import offline, runtime, sim, stats
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Expert Parallelism Load Balancer for MoE inference.")
+
+
+
+@app.command()
+def version() -> None:
+    """Print eplb's version."""
+    from eplb import __version__
+
+    print(__version__)
+
+
+for _mod in (stats, offline, sim, runtime):
+    _mod.register(app)
+
+
+def main() -> None:
+    """Console-script entry point: ValueError/OSError become ``eplb: error: ...`` and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except (ValueError, OSError) as exc:
+        print(f"eplb: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            raise SystemExit(2) from None
+        raise

@@ -1,0 +1,110 @@
+"""Placement policies: pure functions from expert loads to a :class:`~eplb.Placement`.
+
+Every policy is registered under a name and called through :func:`plan`::
+
+    placement = eplb.plan(loads, num_slots=288, num_ranks=36, policy="eplb")
+
+``loads`` is ``[L, E]`` (summed loads) or ``[T, L, E]`` (per-step windows; policies that only
+use the sum see ``loads.sum(0)``). A policy function has the signature::
+
+    fn(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
+       **options) -> np.ndarray  # phy2log [L, S] int64
+
+where ``loads`` is a validated float64 ``[T, L, E]`` array (``T == 1`` for summed input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from eplb._checks import ArrayLike, check_layout, check_load, check_positive_int
+from eplb.placement import Placement
+from eplb.policies.deepseek import rebalance_experts, rebalance_experts_hierarchical
+
+__all__ = ["POLICIES", "PolicyFn", "plan", "rebalance_experts", "register_policy"]
+
+PolicyFn = Callable[..., np.ndarray]
+POLICIES: dict[str, PolicyFn] = {}
+
+
+def register_policy(name: str) -> Callable[[PolicyFn], PolicyFn]:
+    """Decorator registering a policy function under ``name`` (see the module docstring)."""
+
+    def deco(fn: PolicyFn) -> PolicyFn:
+        POLICIES[name] = fn
+        return fn
+
+    return deco
+
+
+@register_policy("deepseek")
+def _deepseek(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
+              **options: Any) -> np.ndarray:
+    """DeepSeek's ``rebalance_experts``: hierarchical when ``num_groups % num_nodes == 0``, else global."""
+    phy2log, _, _ = rebalance_experts(loads.sum(0).astype(np.float32), num_slots, num_groups, num_nodes, num_ranks)
+    return np.asarray(phy2log)
+
+
+@register_policy("deepseek-global")
+def _deepseek_global(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
+                     **options: Any) -> np.ndarray:
+    """DeepSeek's global policy (one group, one node) regardless of topology."""
+    phy2log, _, _ = rebalance_experts_hierarchical(loads.sum(0).astype(np.float32), num_slots, 1, 1, num_ranks)
+    return phy2log
+
+
+@register_policy("deepseek-hierarchical")
+def _deepseek_hier(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
+                   **options: Any) -> np.ndarray:
+    """DeepSeek's hierarchical policy; requires ``num_groups % num_nodes == 0``."""
+    if num_groups % num_nodes:
+        raise ValueError(f"num_groups: hierarchical policy needs num_groups ({num_groups}) divisible by num_nodes ({num_nodes})")
+    phy2log, _, _ = rebalance_experts_hierarchical(loads.sum(0).astype(np.float32), num_slots, num_groups, num_nodes, num_ranks)
+    return phy2log
+
+
+def plan(
+    loads: ArrayLike,
+    num_slots: int,
+    num_ranks: int,
+    *,
+    num_nodes: int = 1,
+    num_groups: int = 1,
+    policy: str = "eplb",
+    layer_ids: Sequence[int] = (),
+    meta: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> Placement:
+    """Compute a placement for every layer.
+
+    Args:
+        loads: ``[L, E]`` expert loads (tokens) or ``[T, L, E]`` per-step loads.
+        num_slots: ``S`` physical slots per layer (``>= E``, multiple of ``num_ranks``).
+        num_ranks: ``R`` EP ranks.
+        num_nodes: nodes (divides ``num_ranks``).
+        num_groups: expert groups (divides ``E``; used by hierarchical policies).
+        policy: a name in :data:`POLICIES`.
+        layer_ids: model layer index of each MoE layer.
+        options: policy-specific options (e.g. ``current=`` for incremental policies).
+
+    Returns:
+        A validated :class:`Placement` whose ``meta`` records the policy and parameters.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy: unknown policy {policy!r}; expected one of {sorted(POLICIES)}")
+    arr = check_load(loads, "loads", ndim=(2, 3))
+    if arr.ndim == 2:
+        arr = arr[None]
+    E = arr.shape[2]
+    check_positive_int(num_groups, "num_groups")
+    check_layout(E, num_slots, num_ranks, num_nodes)
+    if E % num_groups:
+        raise ValueError(f"num_groups: {E} experts cannot be split into {num_groups} equal groups")
+    phy2log = POLICIES[policy](arr, num_slots=int(num_slots), num_ranks=int(num_ranks), num_nodes=int(num_nodes),
+                               num_groups=int(num_groups), **options)
+    info = {"policy": policy, "num_groups": int(num_groups), **{k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))}}
+    info.update(meta or {})
+    return Placement(phy2log, E, int(num_ranks), int(num_nodes), tuple(layer_ids), info)

@@ -1,0 +1,205 @@
+"""The expert-load trace: per-step token counts ``[T, L, E]`` with metadata.
+
+On disk a trace is one safetensors file: tensor ``counts`` (int64 ``[T, L, E]``), optional
+``step_ids`` (int64 ``[T]``), and the metadata as JSON under the safetensors header key
+``"eplb.trace"``. Files are written atomically (temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eplb._checks import ArrayLike, check_load
+
+__all__ = ["Trace", "TraceError", "atomic_write", "parse_range"]
+
+
+class TraceError(ValueError):
+    """A trace file or array is malformed; the message names the file and field."""
+
+
+def parse_range(spec: str | Sequence[int] | None, name: str = "iter-range") -> tuple[int, int] | None:
+    """Parse ``"100-200"`` (inclusive start, exclusive stop, like TensorRT-LLM) into ``(100, 200)``."""
+    if spec is None or spec == "":
+        return None
+    if not isinstance(spec, str):
+        a, b = (int(v) for v in spec)
+    else:
+        parts = spec.split("-")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"{name}: expected 'start-stop' with non-negative integers, got {spec!r}")
+        a, b = int(parts[0]), int(parts[1])
+    if b <= a:
+        raise ValueError(f"{name}: stop ({b}) must be greater than start ({a})")
+    return a, b
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(eq=False)
+class Trace:
+    """Per-step expert loads.
+
+    Attributes:
+        counts: ``[T, L, E]`` int64 tokens routed to each logical expert per step and MoE layer.
+        layer_ids: model layer index of each MoE layer (``[L]``).
+        step_ids: iteration id of each step (``[T]``; default ``0..T-1``).
+        num_experts: ``E``.
+        top_k: experts per token (0 if unknown).
+        model: model name.
+        source: where the data came from (free text: engine, dataset, "synthetic: ...").
+        ep_size: EP size it was recorded at (0 if unknown).
+        meta: any further JSON-serialisable metadata.
+    """
+
+    counts: np.ndarray
+    layer_ids: tuple[int, ...] = ()
+    step_ids: np.ndarray | None = None
+    top_k: int = 0
+    model: str = ""
+    source: str = ""
+    ep_size: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        c = check_load(self.counts, "counts", ndim=(2, 3), dtype=np.float64)
+        if c.ndim == 2:
+            c = c[None]
+        if np.any(c != np.round(c)):
+            raise TraceError("counts: expected integer token counts")
+        self.counts = c.astype(np.int64)
+        T, L, _ = self.counts.shape
+        self.layer_ids = tuple(int(i) for i in self.layer_ids) if len(self.layer_ids) else tuple(range(L))
+        if len(self.layer_ids) != L:
+            raise TraceError(f"layer_ids: {len(self.layer_ids)} ids for {L} layers")
+        steps = np.arange(T, dtype=np.int64) if self.step_ids is None else np.asarray(self.step_ids, dtype=np.int64)
+        if steps.shape != (T,):
+            raise TraceError(f"step_ids: expected {T} step ids, got shape {steps.shape}")
+        self.step_ids = steps
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_steps(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.counts.shape[1])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.counts.shape[2])
+
+    def total(self) -> np.ndarray:
+        """``[L, E]`` counts summed over steps (the ``weight`` a planner takes)."""
+        return self.counts.sum(0)
+
+    def digest(self) -> str:
+        """SHA-256 of the counts and layer ids (provenance of placements planned from it)."""
+        h = hashlib.sha256(self.counts.tobytes())
+        h.update(json.dumps(list(self.layer_ids)).encode())
+        return h.hexdigest()
+
+    # ---------------------------------------------------------------- slicing
+    def slice(self, iter_range: str | Sequence[int] | None = None, layers: Sequence[int] | None = None) -> Trace:
+        """Steps whose id lies in ``[start, stop)`` and/or the given MoE layer *positions*."""
+        assert self.step_ids is not None
+        counts, steps, lids = self.counts, self.step_ids, self.layer_ids
+        rng = parse_range(iter_range) if iter_range is not None else None
+        if rng is not None:
+            keep = (steps >= rng[0]) & (steps < rng[1])
+            if not keep.any():
+                raise TraceError(
+                    f"iter-range: no steps in {rng[0]}-{rng[1]} (trace has steps {int(steps.min())}..{int(steps.max())})"
+                )
+            counts, steps = counts[keep], steps[keep]
+        if layers is not None:
+            pos = [int(p) for p in layers]
+            bad = [p for p in pos if not 0 <= p < self.num_layers]
+            if bad:
+                raise TraceError(f"layers: positions {bad} out of range [0, {self.num_layers})")
+            counts = counts[:, pos]
+            lids = tuple(lids[p] for p in pos)
+        return Trace(counts, lids, steps, self.top_k, self.model, self.source, self.ep_size, dict(self.meta))
+
+    # -------------------------------------------------------------------- I/O
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": "eplb.trace", "version": 1, "layer_ids": list(self.layer_ids), "num_experts": self.num_experts,
+            "top_k": self.top_k, "model": self.model, "source": self.source, "ep_size": self.ep_size, "meta": self.meta,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write as safetensors (atomic)."""
+        from safetensors.numpy import save
+
+        assert self.step_ids is not None
+        mx = int(self.counts.max()) if self.counts.size else 0
+        small = np.uint16 if mx < 2**16 else np.uint32 if mx < 2**32 else np.int64  # compact on disk
+        data = save({"counts": np.ascontiguousarray(self.counts, dtype=small), "step_ids": np.ascontiguousarray(self.step_ids)},
+                    metadata={"eplb.trace": json.dumps(self.metadata())})
+        atomic_write(path, data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], iter_range: str | Sequence[int] | None = None) -> Trace:
+        """Read a trace written by :meth:`save`."""
+        from safetensors import safe_open
+
+        p = Path(path)
+        if not p.is_file():
+            raise TraceError(f"{p}: no such trace file")
+        try:
+            with safe_open(str(p), framework="numpy") as f:
+                md = f.metadata() or {}
+                keys = set(f.keys())
+                if "counts" not in keys:
+                    raise TraceError(f"{p}: missing tensor 'counts'")
+                counts = f.get_tensor("counts")
+                steps = f.get_tensor("step_ids") if "step_ids" in keys else None
+        except TraceError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types
+            raise TraceError(f"{p}: not a readable safetensors trace ({exc})") from None
+        try:
+            info: Mapping[str, Any] = json.loads(md.get("eplb.trace", "{}"))
+        except json.JSONDecodeError as exc:
+            raise TraceError(f"{p}: metadata 'eplb.trace' is not valid JSON ({exc})") from None
+        try:
+            tr = cls(counts, tuple(info.get("layer_ids", ())), steps, int(info.get("top_k", 0)), str(info.get("model", "")),
+                     str(info.get("source", "")), int(info.get("ep_size", 0)), dict(info.get("meta", {})))
+        except ValueError as exc:
+            raise TraceError(f"{p}: {exc}") from None
+        return tr.slice(iter_range) if iter_range is not None else tr
+
+
+def as_counts(x: Trace | ArrayLike) -> np.ndarray:
+    """``[T, L, E]`` counts of a Trace or an array (a 2-D array becomes one step)."""
+    if isinstance(x, Trace):
+        return x.counts
+    c = check_load(x, "counts", ndim=(2, 3))
+    return c[None] if c.ndim == 2 else c
