@@ -11,11 +11,16 @@ import sys
 
 import typer
 
-from eplb.cli import offline, runtime, sim, stats
+from eplb.cli import integrations, offline, runtime, sim, stats
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Expert Parallelism Load Balancer for MoE inference.")
 
+
+
+@app.callback()
+def _root() -> None:
+    """Expert Parallelism Load Balancer for MoE inference."""
 
 
 @app.command()
@@ -26,23 +31,14 @@ def version() -> None:
     print(__version__)
 
 
-for _mod in (stats, offline, sim, runtime):
+for _mod in (stats, offline, sim, runtime, integrations):
     _mod.register(app)
 
 
 def main() -> None:
     """Console-script entry point: ValueError/OSError become ``eplb: error: ...`` and exit code 2."""
     try:
-        app(standalone_mode=False)
+        app()
     except (ValueError, OSError) as exc:
         print(f"eplb: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except typer.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            raise SystemExit(2) from None
-        raise
