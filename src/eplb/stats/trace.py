@@ -1,8 +1,15 @@
 """The expert-load trace: per-step token counts ``[T, L, E]`` with metadata.
 
-On disk a trace is one safetensors file: tensor ``counts`` (int64 ``[T, L, E]``), optional
-``step_ids`` (int64 ``[T]``), and the metadata as JSON under the safetensors header key
-``"eplb.trace"``. Files are written atomically (temp file, then rename).
+On disk a trace is either
+
+* one safetensors file (:meth:`Trace.save`): tensor ``counts`` (``[T, L, E]``, stored as the
+  smallest unsigned integer type that holds it), ``step_ids`` (int64 ``[T]``), optional
+  ``cooccurrence`` (``[T, L, E, E]``), optional ``topk_ids`` (``[N, L, k]``) with ``topk_offsets``
+  (int64 ``[T + 1]``), and the metadata as JSON under the safetensors header key ``"eplb.trace"``;
+* or a recording directory of per-rank chunk files written by :class:`eplb.stats.store.TraceWriter`
+  (read by :meth:`Trace.load` too, summing the ranks).
+
+Files are written atomically (temp file, then rename).
 """
 
 from __future__ import annotations
@@ -75,6 +82,10 @@ class Trace:
         source: where the data came from (free text: engine, dataset, "synthetic: ...").
         ep_size: EP size it was recorded at (0 if unknown).
         meta: any further JSON-serialisable metadata.
+        cooccurrence: optional ``[T, L, E, E]`` int64: ``[t, l, i, j]`` = tokens of step ``t`` that chose
+            both experts ``i`` and ``j`` at layer ``l`` (symmetric; the diagonal is ``counts``).
+        topk_ids: optional ``[N, L, k]`` raw routed expert ids of every token (int16/int32/int64).
+        topk_offsets: ``[T + 1]`` token offsets of each step into ``topk_ids`` (required with it).
     """
 
     counts: np.ndarray
@@ -85,6 +96,9 @@ class Trace:
     source: str = ""
     ep_size: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    cooccurrence: np.ndarray | None = None
+    topk_ids: np.ndarray | None = None
+    topk_offsets: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         c = check_load(self.counts, "counts", ndim=(2, 3), dtype=np.float64)
@@ -100,7 +114,28 @@ class Trace:
         steps = np.arange(T, dtype=np.int64) if self.step_ids is None else np.asarray(self.step_ids, dtype=np.int64)
         if steps.shape != (T,):
             raise TraceError(f"step_ids: expected {T} step ids, got shape {steps.shape}")
+        if T > 1 and np.any(np.diff(steps) <= 0):
+            i = int(np.argmax(np.diff(steps) <= 0))
+            raise TraceError(f"step_ids: must be strictly increasing (step {int(steps[i])} is followed by {int(steps[i + 1])})")
         self.step_ids = steps
+        E = self.counts.shape[2]
+        if self.cooccurrence is not None:
+            co = check_load(self.cooccurrence, "cooccurrence", ndim=4, dtype=np.float64)
+            if co.shape != (T, L, E, E):
+                raise TraceError(f"cooccurrence: expected shape {(T, L, E, E)}, got {tuple(co.shape)}")
+            self.cooccurrence = co.astype(np.int64)
+        if (self.topk_ids is None) != (self.topk_offsets is None):
+            raise TraceError("topk_ids: topk_ids and topk_offsets must be given together")
+        if self.topk_ids is not None and self.topk_offsets is not None:
+            ids = np.asarray(self.topk_ids)
+            off = np.asarray(self.topk_offsets, dtype=np.int64)
+            if ids.ndim != 3 or ids.shape[1] != L or ids.dtype.kind not in "iu":
+                raise TraceError(f"topk_ids: expected an integer [tokens, {L}, k] array, got {ids.dtype} {tuple(ids.shape)}")
+            if off.shape != (T + 1,) or off[0] != 0 or off[-1] != ids.shape[0] or np.any(np.diff(off) < 0):
+                raise TraceError(f"topk_offsets: expected {T + 1} non-decreasing offsets from 0 to {ids.shape[0]}")
+            if ids.size and (ids.min() < 0 or ids.max() >= E):
+                raise TraceError(f"topk_ids: expert ids must lie in [0, {E}), got {int(ids.min())}..{int(ids.max())}")
+            self.topk_ids, self.topk_offsets = ids, off
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -130,6 +165,7 @@ class Trace:
         """Steps whose id lies in ``[start, stop)`` and/or the given MoE layer *positions*."""
         assert self.step_ids is not None
         counts, steps, lids = self.counts, self.step_ids, self.layer_ids
+        co, ids, off = self.cooccurrence, self.topk_ids, self.topk_offsets
         rng = parse_range(iter_range) if iter_range is not None else None
         if rng is not None:
             keep = (steps >= rng[0]) & (steps < rng[1])
@@ -138,6 +174,11 @@ class Trace:
                     f"iter-range: no steps in {rng[0]}-{rng[1]} (trace has steps {int(steps.min())}..{int(steps.max())})"
                 )
             counts, steps = counts[keep], steps[keep]
+            co = co[keep] if co is not None else None
+            if ids is not None and off is not None:
+                sel = np.flatnonzero(keep)  # steps kept are contiguous in position (ids increase)
+                a, b = int(off[sel[0]]), int(off[sel[-1] + 1])
+                ids, off = ids[a:b], off[sel[0]: sel[-1] + 2] - a
         if layers is not None:
             pos = [int(p) for p in layers]
             bad = [p for p in pos if not 0 <= p < self.num_layers]
@@ -145,7 +186,45 @@ class Trace:
                 raise TraceError(f"layers: positions {bad} out of range [0, {self.num_layers})")
             counts = counts[:, pos]
             lids = tuple(lids[p] for p in pos)
-        return Trace(counts, lids, steps, self.top_k, self.model, self.source, self.ep_size, dict(self.meta))
+            co = co[:, pos] if co is not None else None
+            ids = ids[:, pos] if ids is not None else None
+        return Trace(counts, lids, steps, self.top_k, self.model, self.source, self.ep_size, dict(self.meta), co, ids, off)
+
+    def select_layer_ids(self, layer_ids: Sequence[int]) -> Trace:
+        """The trace restricted to the given *model* layer ids (ValueError naming unknown ids)."""
+        pos = {lid: p for p, lid in enumerate(self.layer_ids)}
+        missing = [int(i) for i in layer_ids if int(i) not in pos]
+        if missing:
+            raise TraceError(f"layers: layer ids {missing} not in the trace (it has {list(self.layer_ids)})")
+        return self.slice(layers=[pos[int(i)] for i in layer_ids])
+
+    @classmethod
+    def concat(cls, parts: Sequence[Trace]) -> Trace:
+        """Steps of ``parts`` one after the other (same layers/experts; step ids must keep increasing)."""
+        if not parts:
+            raise TraceError("concat: no traces given")
+        first = parts[0]
+        for i, p in enumerate(parts[1:], 1):
+            if p.layer_ids != first.layer_ids or p.num_experts != first.num_experts:
+                raise TraceError(f"concat: part {i} has layers {p.layer_ids[:4]}.. x {p.num_experts} experts, "
+                                 f"expected {first.layer_ids[:4]}.. x {first.num_experts}")
+        if len(parts) == 1:
+            return first
+        co = None
+        if all(p.cooccurrence is not None for p in parts):
+            co = np.concatenate([p.cooccurrence for p in parts if p.cooccurrence is not None])
+        ids = off = None
+        if all(p.topk_ids is not None for p in parts):
+            ids = np.concatenate([p.topk_ids for p in parts if p.topk_ids is not None])
+            offs, base = [np.zeros(1, np.int64)], 0
+            for p in parts:
+                assert p.topk_offsets is not None
+                offs.append(p.topk_offsets[1:] + base)
+                base += int(p.topk_offsets[-1])
+            off = np.concatenate(offs)
+        steps = np.concatenate([np.asarray(p.step_ids) for p in parts])
+        return cls(np.concatenate([p.counts for p in parts]), first.layer_ids, steps, first.top_k, first.model,
+                   first.source, first.ep_size, dict(first.meta), co, ids, off)
 
     # -------------------------------------------------------------------- I/O
     def metadata(self) -> dict[str, Any]:
@@ -161,16 +240,31 @@ class Trace:
         assert self.step_ids is not None
         mx = int(self.counts.max()) if self.counts.size else 0
         small = np.uint16 if mx < 2**16 else np.uint32 if mx < 2**32 else np.int64  # compact on disk
-        data = save({"counts": np.ascontiguousarray(self.counts, dtype=small), "step_ids": np.ascontiguousarray(self.step_ids)},
-                    metadata={"eplb.trace": json.dumps(self.metadata())})
+        tensors = {"counts": np.ascontiguousarray(self.counts, dtype=small), "step_ids": np.ascontiguousarray(self.step_ids)}
+        if self.cooccurrence is not None:
+            cmx = int(self.cooccurrence.max()) if self.cooccurrence.size else 0
+            tensors["cooccurrence"] = np.ascontiguousarray(self.cooccurrence, dtype=np.uint32 if cmx < 2**32 else np.int64)
+        if self.topk_ids is not None and self.topk_offsets is not None:
+            tensors["topk_ids"] = np.ascontiguousarray(self.topk_ids)
+            tensors["topk_offsets"] = np.ascontiguousarray(self.topk_offsets)
+        data = save(tensors, metadata={"eplb.trace": json.dumps(self.metadata())})
         atomic_write(path, data)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], iter_range: str | Sequence[int] | None = None) -> Trace:
-        """Read a trace written by :meth:`save`."""
+    def load(cls, path: str | os.PathLike[str], iter_range: str | Sequence[int] | None = None,
+             layers: Sequence[int] | None = None) -> Trace:
+        """Read a trace written by :meth:`save`, or a recording directory (ranks summed).
+
+        ``iter_range`` keeps steps with ids in ``[start, stop)``; ``layers`` keeps those MoE layer
+        positions. A recording directory only reads the chunks that overlap ``iter_range``.
+        """
         from safetensors import safe_open
 
         p = Path(path)
+        if p.is_dir():
+            from eplb.stats.store import read_dir
+
+            return read_dir(p, iter_range=iter_range, layers=layers)
         if not p.is_file():
             raise TraceError(f"{p}: no such trace file")
         try:
@@ -181,6 +275,9 @@ class Trace:
                     raise TraceError(f"{p}: missing tensor 'counts'")
                 counts = f.get_tensor("counts")
                 steps = f.get_tensor("step_ids") if "step_ids" in keys else None
+                co = f.get_tensor("cooccurrence") if "cooccurrence" in keys else None
+                ids = f.get_tensor("topk_ids") if "topk_ids" in keys else None
+                off = f.get_tensor("topk_offsets") if "topk_offsets" in keys else None
         except TraceError:
             raise
         except Exception as exc:  # safetensors raises its own error types
@@ -191,10 +288,10 @@ class Trace:
             raise TraceError(f"{p}: metadata 'eplb.trace' is not valid JSON ({exc})") from None
         try:
             tr = cls(counts, tuple(info.get("layer_ids", ())), steps, int(info.get("top_k", 0)), str(info.get("model", "")),
-                     str(info.get("source", "")), int(info.get("ep_size", 0)), dict(info.get("meta", {})))
+                     str(info.get("source", "")), int(info.get("ep_size", 0)), dict(info.get("meta", {})), co, ids, off)
         except ValueError as exc:
             raise TraceError(f"{p}: {exc}") from None
-        return tr.slice(iter_range) if iter_range is not None else tr
+        return tr.slice(iter_range, layers) if iter_range is not None or layers is not None else tr
 
 
 def as_counts(x: Trace | ArrayLike) -> np.ndarray:

@@ -1,0 +1,703 @@
+"""Read and write expert-load traces in every engine's format.
+
+Formats (``FORMATS``; :func:`detect_format` picks one from the path):
+
+* ``eplb``: one safetensors file (:meth:`Trace.save`); ``eplb-dir``: a chunked recording directory
+  (:class:`eplb.stats.store.TraceWriter`; ranks summed when read).
+* ``trtllm``: TensorRT-LLM's ``EXPERT_STATISTIC_PATH`` dump directory: ``meta_info.json``
+  (``num_experts``, ``num_experts_per_token``) and ``rank{R}.safetensors`` with one ``[num_experts]``
+  tensor per key ``"{iter}_{layer}"`` (summed over ranks; iterations contiguous; every
+  ``(iter, layer)`` present); optional ``cooccurrence_rank{R}.safetensors`` (``[E, E]`` per key) and
+  ``rank{R}_raw.safetensors`` (per-token top-k ids ``[tokens, k]`` per key).
+* ``sglang``: SGLang's expert-distribution ``stat`` dump, a ``.pt`` dict with ``logical_count``
+  ``[steps, layers, experts]`` (also accepted as ``--init-expert-location``).
+* ``vllm-ascend``: vllm-ascend's gathered per-layer load array ``moe_load`` ``[L, D, slots per device]``
+  (or ``[T, L, D, spr]``; ``.npy``/``.pt``/``.json``): physical loads per device-local slot, mapped to
+  logical experts with the expert-map JSON (``expert_map=``), or identity when no map is given.
+* ``npy`` / ``npz`` / ``csv`` / ``json``: plain ``[T, L, E]`` or ``[L, E]`` arrays.
+
+Every writer is atomic (a file via :func:`atomic_write`; a directory is built under a temporary
+name and renamed), and every reader error names the file and the key/field at fault.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eplb.placement import Placement
+from eplb.stats.trace import Trace, TraceError, atomic_write
+
+__all__ = [
+    "FORMATS", "detect_format", "read_trace", "read_trtllm", "read_sglang", "read_vllm_ascend", "write_trace",
+    "write_trtllm", "write_sglang", "write_vllm_ascend",
+]
+
+FORMATS = ("eplb", "eplb-dir", "trtllm", "sglang", "vllm-ascend", "npy", "npz", "csv", "json")
+_EXT = {".safetensors": "eplb", ".pt": "sglang", ".pth": "sglang", ".npy": "npy", ".npz": "npz", ".csv": "csv",
+        ".json": "json"}
+_RANK_FILE = re.compile(r"^rank(\d+)\.safetensors$")
+_COOC_FILE = re.compile(r"^cooccurrence_rank(\d+)\.safetensors$")
+_RAW_FILE = re.compile(r"^rank(\d+)_raw\.safetensors$")
+_KEY = re.compile(r"^(\d+)_(\d+)$")
+
+
+def detect_format(path: str | os.PathLike[str], *, for_write: bool = False) -> str:
+    """The format of ``path``: a directory by its contents (or ``eplb-dir`` for a new one), a file by extension."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "meta_info.json").exists():
+            return "trtllm"
+        if (p / "meta.json").exists() or any(p.glob("rank*/meta.json")):
+            return "eplb-dir"
+        if any(p.glob("rank*.safetensors")):
+            raise TraceError(f"{p}: looks like a TensorRT-LLM dump but meta_info.json is missing")
+        if for_write and not any(p.iterdir()):
+            return "eplb-dir"
+        raise TraceError(f"{p}: directory holds no known trace (expected meta_info.json or rank*/meta.json)")
+    fmt = _EXT.get(p.suffix.lower())
+    if fmt is None:
+        if for_write and p.suffix == "":
+            return "eplb-dir"
+        raise TraceError(f"{p}: unknown trace file type {p.suffix or '(no extension)'!r}; "
+                         f"known: {', '.join(sorted(_EXT))} or a directory; or give the format ({', '.join(FORMATS)})")
+    return fmt
+
+
+def _check_format(fmt: str) -> str:
+    f = fmt.lower().replace("_", "-")
+    f = {"tensorrt-llm": "trtllm", "trt-llm": "trtllm", "native": "eplb", "safetensors": "eplb", "dir": "eplb-dir",
+         "vllm_ascend": "vllm-ascend", "ascend": "vllm-ascend"}.get(f, f)
+    if f not in FORMATS:
+        raise TraceError(f"format: unknown trace format {fmt!r}; known: {', '.join(FORMATS)}")
+    return f
+
+
+# =========================================================================== dispatch
+def read_trace(
+    path: str | os.PathLike[str],
+    format: str | None = None,
+    *,
+    iter_range: str | Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    expert_map: str | os.PathLike[str] | Placement | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Trace:
+    """Read a trace of any format (``format`` overrides detection); slice by ``iter_range``/``layers`` positions."""
+    p = Path(path)
+    if not p.exists():
+        raise TraceError(f"{p}: no such file or directory")
+    fmt = _check_format(format) if format else detect_format(p)
+    if fmt in ("eplb", "eplb-dir"):
+        if fmt == "eplb-dir":
+            from eplb.stats.store import read_dir
+
+            return read_dir(p, iter_range=iter_range, layers=layers, progress=progress)
+        return Trace.load(p, iter_range=iter_range, layers=layers)
+    if fmt == "trtllm":
+        tr = read_trtllm(p)
+    elif fmt == "sglang":
+        tr = read_sglang(p)
+    elif fmt == "vllm-ascend":
+        tr = read_vllm_ascend(p, expert_map)
+    else:
+        tr = _read_plain(p, fmt)
+    return tr.slice(iter_range, layers) if iter_range is not None or layers is not None else tr
+
+
+def write_trace(
+    trace: Trace,
+    path: str | os.PathLike[str],
+    format: str | None = None,
+    *,
+    overwrite: bool = False,
+    ep_size: int | None = None,
+    placement: Placement | None = None,
+    chunk_steps: int = 1024,
+) -> None:
+    """Write ``trace`` to ``path`` in ``format`` (default: from the extension; a new directory is ``eplb-dir``).
+
+    ``ep_size`` is used by ``trtllm`` (number of rank files) and ``vllm-ascend`` (devices);
+    ``placement`` by ``vllm-ascend`` (physical slots). Existing outputs are only replaced with ``overwrite``.
+    """
+    p = Path(path)
+    fmt = _check_format(format) if format else detect_format(p, for_write=True)
+    is_dir_fmt = fmt in ("trtllm", "eplb-dir")
+    if p.exists():
+        if not overwrite:
+            raise TraceError(f"{p}: already exists (pass overwrite=True / --force to replace it)")
+        if p.is_dir() != is_dir_fmt:
+            raise TraceError(f"{p}: exists as a {'directory' if p.is_dir() else 'file'}, but format {fmt!r} writes a "
+                             f"{'directory' if is_dir_fmt else 'file'}")
+    if fmt == "eplb":
+        trace.save(p)
+    elif fmt == "eplb-dir":
+        from eplb.stats.store import TraceWriter
+
+        def build(tmp: Path) -> None:
+            with TraceWriter(tmp, trace.num_experts, trace.layer_ids, top_k=trace.top_k, model=trace.model,
+                             source=trace.source, ep_size=trace.ep_size, meta=trace.meta, chunk_steps=chunk_steps) as w:
+                for a in range(0, trace.num_steps, chunk_steps):
+                    part = _step_slice(trace, a, a + chunk_steps)
+                    w.append(part.counts, part.step_ids, cooccurrence=part.cooccurrence, topk_ids=part.topk_ids,
+                             topk_offsets=part.topk_offsets)
+
+        _atomic_dir(p, build)
+    elif fmt == "trtllm":
+        write_trtllm(trace, p, ep_size=ep_size)
+    elif fmt == "sglang":
+        write_sglang(trace, p)
+    elif fmt == "vllm-ascend":
+        write_vllm_ascend(trace, p, ep_size=ep_size, placement=placement)
+    else:
+        _write_plain(trace, p, fmt)
+
+
+def _step_slice(trace: Trace, a: int, b: int) -> Trace:
+    assert trace.step_ids is not None
+    ids = trace.step_ids[a:b]
+    return trace.slice((int(ids[0]), int(ids[-1]) + 1))
+
+
+def _atomic_dir(dest: Path, build: Callable[[Path], None]) -> None:
+    """Build a directory under a temporary sibling name, then move it to ``dest`` (replacing it)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        build(tmp)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            os.rmdir(old)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _eplb_info(trace: Trace) -> dict[str, Any]:
+    return {"model": trace.model, "source": trace.source, "ep_size": trace.ep_size, "meta": trace.meta,
+            "layer_ids": list(trace.layer_ids), "top_k": trace.top_k}
+
+
+def _apply_info(trace: Trace, info: Any) -> Trace:
+    if isinstance(info, dict):
+        trace.model = str(info.get("model", trace.model))
+        trace.source = str(info.get("source", trace.source))
+        trace.meta = {**dict(info.get("meta", {}) or {}), **trace.meta}
+        if not trace.ep_size:
+            trace.ep_size = int(info.get("ep_size", 0) or 0)
+        if not trace.top_k:
+            trace.top_k = int(info.get("top_k", 0) or 0)
+    return trace
+
+
+# =========================================================================== TensorRT-LLM
+def _load_st(f: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(f))
+    except Exception as exc:
+        if "bf16" in str(exc).lower() or "bfloat16" in str(exc).lower():
+            from safetensors.torch import load_file as load_torch
+
+            return {k: v.float().numpy() for k, v in load_torch(str(f)).items()}
+        raise TraceError(f"{f}: not a readable safetensors file ({exc})") from None
+
+
+def _parse_keyed(f: Path, data: dict[str, np.ndarray], shape: tuple[int, ...] | None, what: str,
+                 out: dict[tuple[int, int], np.ndarray]) -> None:
+    for key, arr in data.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise TraceError(f"{f}: key {key!r} is not '{{iter}}_{{layer}}'")
+        if shape is not None and tuple(arr.shape) != shape:
+            raise TraceError(f"{f}: key {key!r}: {what} of shape {tuple(arr.shape)}, expected {shape}")
+        if arr.dtype.kind not in "biuf":
+            raise TraceError(f"{f}: key {key!r}: expected numeric counts, got dtype {arr.dtype}")
+        if arr.dtype.kind == "f" and (not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr))):
+            raise TraceError(f"{f}: key {key!r}: counts must be finite integers")
+        if np.any(arr < 0):
+            raise TraceError(f"{f}: key {key!r}: negative count {arr[arr < 0].flat[0]} (expert {int(np.argmax(arr < 0))})")
+        k = (int(m.group(1)), int(m.group(2)))
+        a = arr.astype(np.int64)
+        out[k] = out[k] + a if k in out else a
+
+
+def _grid(path: Path, keys: set[tuple[int, int]], what: str) -> tuple[list[int], list[int]]:
+    if not keys:
+        raise TraceError(f"{path}: no {what} keys in the rank files")
+    iters = sorted({i for i, _ in keys})
+    layers = sorted({ly for _, ly in keys})
+    gaps = sorted(set(range(iters[0], iters[-1] + 1)) - set(iters))
+    if gaps:
+        raise TraceError(f"{path}: iterations are not contiguous: missing iteration(s) {gaps[:10]} "
+                         f"between {iters[0]} and {iters[-1]}")
+    missing = [f"{i}_{ly}" for i in iters for ly in layers if (i, ly) not in keys]
+    if missing:
+        raise TraceError(f"{path}: missing {what} key(s) {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+                         f"(every (iter, layer) must be present)")
+    return iters, layers
+
+
+def read_trtllm(path: str | os.PathLike[str], *, raw: bool = False) -> Trace:
+    """Read a TensorRT-LLM ``EXPERT_STATISTIC_PATH`` dump (ranks summed, like ``load_expert_statistic``).
+
+    ``ep_size`` = number of rank files; ``top_k`` = ``num_experts_per_token``; layer ids = the model
+    layer indices of the keys; co-occurrence is read when present; raw top-k ids when ``raw``.
+    """
+    p = Path(path)
+    mf = p / "meta_info.json"
+    if not mf.is_file():
+        raise TraceError(f"{mf}: missing (a TensorRT-LLM dump needs meta_info.json)")
+    try:
+        meta_info = json.loads(mf.read_text())
+    except json.JSONDecodeError as exc:
+        raise TraceError(f"{mf}: not valid JSON ({exc})") from None
+    if not isinstance(meta_info, dict):
+        raise TraceError(f"{mf}: expected a JSON object")
+    for key in ("num_experts", "num_experts_per_token"):
+        if key not in meta_info:
+            raise TraceError(f"{mf}: missing field '{key}'")
+    E, k = int(meta_info["num_experts"]), int(meta_info["num_experts_per_token"])
+    files = sorted((int(m.group(1)), f) for f in p.iterdir() if (m := _RANK_FILE.match(f.name)))
+    if not files:
+        raise TraceError(f"{p}: no rank{{R}}.safetensors files")
+    stat: dict[tuple[int, int], np.ndarray] = {}
+    for _, f in files:
+        _parse_keyed(f, _load_st(f), (E,), "counts", stat)
+    iters, layers = _grid(p, set(stat), "count")
+    counts = np.stack([np.stack([stat[(i, ly)] for ly in layers]) for i in iters])
+    co = None
+    cfiles = sorted((int(m.group(1)), f) for f in p.iterdir() if (m := _COOC_FILE.match(f.name)))
+    if cfiles:
+        cstat: dict[tuple[int, int], np.ndarray] = {}
+        for _, f in cfiles:
+            _parse_keyed(f, _load_st(f), (E, E), "co-occurrence", cstat)
+        if set(cstat) != set(stat):
+            raise TraceError(f"{p}: co-occurrence keys differ from the count keys")
+        co = np.stack([np.stack([cstat[(i, ly)] for ly in layers]) for i in iters])
+    ids = off = None
+    if raw:
+        ids, off = _read_trtllm_raw(p, iters, layers, E)
+    tr = Trace(counts, tuple(layers), np.asarray(iters), k, source=f"trtllm:{p}", ep_size=len(files),
+               cooccurrence=co, topk_ids=ids, topk_offsets=off)
+    return _apply_info(tr, meta_info.get("eplb_trace"))
+
+
+def _read_trtllm_raw(p: Path, iters: list[int], layers: list[int], E: int) -> tuple[np.ndarray, np.ndarray]:
+    rfiles = sorted((int(m.group(1)), f) for f in p.iterdir() if (m := _RAW_FILE.match(f.name)))
+    if not rfiles:
+        raise TraceError(f"{p}: no rank{{R}}_raw.safetensors files (raw top-k ids were requested)")
+    pieces: list[np.ndarray] = []
+    lens = np.zeros(len(iters), dtype=np.int64)
+    per_rank = [(f, _load_st(f)) for _, f in rfiles]
+    for si, it in enumerate(iters):
+        for f, data in per_rank:
+            rows = []
+            for ly in layers:
+                key = f"{it}_{ly}"
+                if key not in data:
+                    raise TraceError(f"{f}: missing raw key {key!r}")
+                a = data[key]
+                if a.ndim != 2:
+                    raise TraceError(f"{f}: key {key!r}: expected [tokens, k] ids, got shape {tuple(a.shape)}")
+                rows.append(a)
+            n = {r.shape[0] for r in rows}
+            if len(n) != 1:
+                raise TraceError(f"{f}: iteration {it}: layers have different token counts {sorted(n)}")
+            pieces.append(np.stack(rows, axis=1).astype(np.int64))
+            lens[si] += rows[0].shape[0]
+    return np.concatenate(pieces), np.concatenate([[0], np.cumsum(lens)])
+
+
+def write_trtllm(trace: Trace, path: str | os.PathLike[str], *, ep_size: int | None = None,
+                 shards: Sequence[Trace] | None = None) -> None:
+    """Write TensorRT-LLM's dump layout (readable by its ``report_load_statistics.py``/``generate_eplb_config.py``).
+
+    With ``shards`` (per-rank traces) each becomes ``rank{R}.safetensors``. Otherwise the counts go to
+    ``rank0.safetensors`` and ``rank1..ep_size-1`` hold zeros, so the ranks still sum to the trace
+    and TensorRT-LLM infers the right ``ep_size`` from the number of files (default ``trace.ep_size`` or 1).
+    Co-occurrence goes to ``cooccurrence_rank{R}.safetensors``; raw ids to ``rank{R}_raw.safetensors``
+    (only for ``shards``-less traces, all in rank 0; note old TensorRT-LLM loaders glob those as rank files).
+    """
+    from safetensors.numpy import save
+
+    p = Path(path)
+    parts = list(shards) if shards is not None else [trace]
+    R = len(parts) if shards is not None else int(ep_size or trace.ep_size or 1)
+    if R <= 0:
+        raise TraceError(f"ep_size: expected a positive integer, got {R}")
+    assert trace.step_ids is not None
+    steps = trace.step_ids
+    if trace.num_steps > 1 and np.any(np.diff(steps) != 1):
+        raise TraceError("trtllm: TensorRT-LLM needs contiguous iteration ids; the trace has gaps "
+                         f"(steps {int(steps[0])}..{int(steps[-1])} with {trace.num_steps} steps)")
+    mx = int(trace.counts.max()) if trace.counts.size else 0
+    dt = np.int32 if mx < 2**31 else np.int64
+
+    def keyed(arr: np.ndarray) -> dict[str, np.ndarray]:  # [T, L, ...] -> {"{iter}_{layer}": ...}
+        return {f"{int(s)}_{lid}": np.ascontiguousarray(arr[t, j], dtype=dt)
+                for t, s in enumerate(steps) for j, lid in enumerate(trace.layer_ids)}
+
+    def build(tmp: Path) -> None:
+        info = {"num_experts": trace.num_experts, "num_experts_per_token": trace.top_k, "eplb_trace": _eplb_info(trace)}
+        (tmp / "meta_info.json").write_text(json.dumps(info))
+        for r in range(R):
+            part = parts[r] if shards is not None else None
+            if part is not None and (part.layer_ids != trace.layer_ids or not np.array_equal(np.asarray(part.step_ids), steps)):
+                raise TraceError(f"shards: shard {r} has other layers/steps than the trace")
+            c = part.counts if part is not None else (trace.counts if r == 0 else np.zeros_like(trace.counts))
+            (tmp / f"rank{r}.safetensors").write_bytes(save(keyed(c)))
+            co_src = part if part is not None else trace
+            if co_src.cooccurrence is not None:
+                co = co_src.cooccurrence if (part is not None or r == 0) else np.zeros_like(co_src.cooccurrence)
+                (tmp / f"cooccurrence_rank{r}.safetensors").write_bytes(save(keyed(co)))
+        if shards is None and trace.topk_ids is not None and trace.topk_offsets is not None:
+            off = trace.topk_offsets
+            raw = {f"{int(s)}_{lid}": np.ascontiguousarray(trace.topk_ids[off[t]:off[t + 1], j], dtype=np.int32)
+                   for t, s in enumerate(steps) for j, lid in enumerate(trace.layer_ids)}
+            (tmp / "rank0_raw.safetensors").write_bytes(save(raw))
+
+    _atomic_dir(p, build)
+
+
+# =========================================================================== SGLang
+def read_sglang(path: str | os.PathLike[str]) -> Trace:
+    """Read SGLang's expert-distribution ``stat`` dump (``.pt`` dict with ``logical_count`` ``[T, L, E]``)."""
+    import torch
+
+    p = Path(path)
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TraceError(f"{p}: not a readable torch file ({str(exc).splitlines()[0]})") from None
+    if isinstance(obj, torch.Tensor):
+        obj = {"logical_count": obj}
+    if not isinstance(obj, dict):
+        raise TraceError(f"{p}: expected a dict with key 'logical_count', got {type(obj).__name__}")
+    if "logical_count" not in obj:
+        raise TraceError(f"{p}: missing key 'logical_count' (keys: {sorted(map(str, obj))})")
+    lc = obj["logical_count"]
+    arr = lc.detach().cpu().numpy() if isinstance(lc, torch.Tensor) else np.asarray(lc)
+    if arr.ndim not in (2, 3):
+        raise TraceError(f"{p}: key 'logical_count': expected [steps, layers, experts], got shape {tuple(arr.shape)}")
+    info = obj.get("eplb_trace")
+    try:
+        info = json.loads(info) if isinstance(info, str) else None
+    except json.JSONDecodeError:
+        info = None
+    lids = tuple(info.get("layer_ids", ())) if isinstance(info, dict) else ()
+    steps = np.asarray(info["step_ids"]) if isinstance(info, dict) and "step_ids" in info else None
+    top_k = int(info.get("top_k", 0)) if isinstance(info, dict) else 0
+    try:
+        tr = Trace(arr, lids, steps, top_k, source=f"sglang:{p}")
+    except ValueError as exc:
+        raise TraceError(f"{p}: key 'logical_count': {exc}") from None
+    return _apply_info(tr, info)
+
+
+def write_sglang(trace: Trace, path: str | os.PathLike[str]) -> None:
+    """Write an SGLang-style ``.pt`` dump (``logical_count`` int32/int64 ``[T, L, E]``, ``rank`` 0)."""
+    import torch
+
+    assert trace.step_ids is not None
+    mx = int(trace.counts.max()) if trace.counts.size else 0
+    info = {**_eplb_info(trace), "step_ids": trace.step_ids.tolist()}
+    obj = {"rank": 0, "logical_count": torch.from_numpy(trace.counts.astype(np.int32 if mx < 2**31 else np.int64)),
+           "average_utilization_rate_over_window": None, "eplb_trace": json.dumps(info)}
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
+
+
+# =========================================================================== vllm-ascend
+def _ascend_phy2log(expert_map: str | os.PathLike[str] | Placement, L: int, D: int, spr: int) -> tuple[np.ndarray, int]:
+    """``[L, D*spr]`` phy2log and ``E`` from a vllm-ascend expert-map JSON (or a Placement)."""
+    if isinstance(expert_map, Placement):
+        pl = expert_map
+        if pl.num_slots != D * spr or pl.num_layers != L:
+            raise TraceError(f"expert_map: placement has {pl.num_layers} layers x {pl.num_slots} slots, "
+                             f"the load array {L} x {D * spr}")
+        return pl.phy2log, pl.num_experts
+    f = Path(expert_map)
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TraceError(f"{f}: not a readable expert-map JSON ({exc})") from None
+    if not isinstance(d, dict) or "layer_list" not in d:
+        raise TraceError(f"{f}: missing field 'layer_list'")
+    layers = sorted(d["layer_list"], key=lambda x: int(x.get("layer_id", 0)))
+    if len(layers) < L:
+        raise TraceError(f"{f}: {len(layers)} layers in 'layer_list', the load array has {L}")
+    rows = []
+    for ly in layers[:L]:
+        devs = sorted(ly.get("device_list", []), key=lambda x: int(x.get("device_id", 0)))
+        if len(devs) != D or any(len(dv.get("device_expert", [])) != spr for dv in devs):
+            raise TraceError(f"{f}: layer_id {ly.get('layer_id')}: expected {D} devices with {spr} experts each")
+        rows.append([int(e) for dv in devs for e in dv["device_expert"]])
+    phy = np.asarray(rows, dtype=np.int64)
+    return phy, int(phy.max()) + 1
+
+
+def _load_array(p: Path, key: str) -> np.ndarray:
+    suf = p.suffix.lower()
+    try:
+        if suf == ".npy":
+            return np.load(p, allow_pickle=False)
+        if suf in (".pt", ".pth"):
+            import torch
+
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            if isinstance(obj, dict):
+                if key not in obj:
+                    raise TraceError(f"{p}: missing key {key!r} (keys: {sorted(map(str, obj))})")
+                obj = obj[key]
+            return obj.detach().cpu().numpy() if hasattr(obj, "detach") else np.asarray(obj)
+        if suf == ".json":
+            obj = json.loads(p.read_text())
+            if isinstance(obj, dict):
+                if key not in obj:
+                    raise TraceError(f"{p}: missing key {key!r}")
+                obj = obj[key]
+            return np.asarray(obj)
+    except TraceError:
+        raise
+    except Exception as exc:
+        raise TraceError(f"{p}: cannot read array ({str(exc).splitlines()[0]})") from None
+    raise TraceError(f"{p}: unknown file type {suf!r} for a load array (.npy, .pt, .json)")
+
+
+def read_vllm_ascend(path: str | os.PathLike[str], expert_map: str | os.PathLike[str] | Placement | None = None) -> Trace:
+    """Read a vllm-ascend ``moe_load`` array ``[L, D, spr]`` / ``[T, L, D, spr]`` into logical counts ``[T, L, E]``.
+
+    Physical loads are summed into their logical expert through ``expert_map`` (vllm-ascend's
+    expert-map JSON: ``layer_list[i].device_list[d].device_expert[j]`` = expert at local slot ``j``);
+    without a map slot ``d*spr + j`` is expert ``d*spr + j``.
+    """
+    p = Path(path)
+    arr = _load_array(p, "moe_load")
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise TraceError(f"{p}: expected moe_load of shape [layers, devices, slots per device] "
+                         f"(or [steps, ...]), got {tuple(arr.shape)}")
+    T, L, D, spr = arr.shape
+    if arr.dtype.kind not in "biuf" or np.any(arr < 0):
+        raise TraceError(f"{p}: moe_load must hold non-negative numbers")
+    phys = arr.reshape(T, L, D * spr).astype(np.float64)
+    if expert_map is None:
+        phy2log, E = np.tile(np.arange(D * spr), (L, 1)), D * spr
+    else:
+        phy2log, E = _ascend_phy2log(expert_map, L, D, spr)
+    counts = np.zeros((T, L, E))
+    np.add.at(counts, (slice(None), np.arange(L)[:, None], phy2log), phys)  # type: ignore[arg-type]
+    rounded = np.round(counts)
+    if np.any(np.abs(counts - rounded) > 1e-6):
+        raise TraceError(f"{p}: moe_load holds non-integer loads")
+    return Trace(rounded.astype(np.int64), (), None, 0, source=f"vllm-ascend:{p}", ep_size=D)
+
+
+def write_vllm_ascend(trace: Trace, path: str | os.PathLike[str], *, ep_size: int | None = None,
+                      placement: Placement | None = None) -> None:
+    """Write ``moe_load`` ``[T, L, D, spr]`` (``[L, D, spr]`` for one step) as ``.npy``/``.pt``/``.json``.
+
+    Slots follow ``placement`` (a slot's load = its expert's count / replicas, uniform split), else the
+    identity layout over ``ep_size`` devices (``E`` divisible by it).
+    """
+    from eplb.metrics import slot_loads
+
+    p = Path(path)
+    if placement is not None:
+        from eplb.stats.report import align_placement
+
+        pl = align_placement(placement, trace.layer_ids, trace.num_experts)
+        loads = slot_loads(trace.counts, pl)
+        D = pl.num_ranks
+    else:
+        D = int(ep_size or trace.ep_size or 0)
+        if D <= 0 or trace.num_experts % D:
+            raise TraceError(f"ep_size: need a device count dividing {trace.num_experts} experts, got {D or 'none'}")
+        loads = trace.counts.astype(np.float64)
+    T, L, S = loads.shape
+    out = loads.reshape(T, L, D, S // D)
+    if np.all(out == np.round(out)):
+        out = out.astype(np.int64)
+    if T == 1:
+        out = out[0]
+    suf = p.suffix.lower()
+    if suf == ".npy":
+        buf = io.BytesIO()
+        np.save(buf, out)
+        atomic_write(p, buf.getvalue())
+    elif suf in (".pt", ".pth"):
+        import torch
+
+        buf = io.BytesIO()
+        torch.save({"moe_load": torch.from_numpy(np.ascontiguousarray(out))}, buf)
+        atomic_write(p, buf.getvalue())
+    elif suf == ".json":
+        atomic_write(p, json.dumps({"moe_load": out.tolist()}).encode())
+    else:
+        raise TraceError(f"{p}: vllm-ascend loads are written as .npy, .pt or .json, not {suf or '(no extension)'!r}")
+
+
+# =========================================================================== plain arrays
+def _trace_from_obj(p: Path, obj: Any) -> Trace:
+    if isinstance(obj, dict):
+        key = next((k for k in ("counts", "logical_count", "load", "loads") if k in obj), None)
+        if key is None:
+            raise TraceError(f"{p}: missing key 'counts' (keys: {sorted(map(str, obj))[:10]})")
+        try:
+            arr = np.asarray(obj[key])
+        except ValueError:
+            raise TraceError(f"{p}: key {key!r} is not a rectangular array") from None
+        if arr.dtype == object:
+            raise TraceError(f"{p}: key {key!r} is not a rectangular numeric array (ragged rows?)")
+        try:
+            return Trace(arr, tuple(obj.get("layer_ids", ())), obj.get("step_ids"), int(obj.get("top_k", 0)),
+                         str(obj.get("model", "")), str(obj.get("source", "") or f"{p.suffix[1:]}:{p}"),
+                         int(obj.get("ep_size", 0)), dict(obj.get("meta", {}) or {}))
+        except ValueError as exc:
+            raise TraceError(f"{p}: key {key!r}: {exc}") from None
+    try:
+        arr = np.asarray(obj)
+    except ValueError:
+        raise TraceError(f"{p}: not a rectangular array") from None
+    if arr.dtype == object:
+        raise TraceError(f"{p}: not a rectangular numeric array (ragged rows?)")
+    try:
+        return Trace(arr, source=f"{p.suffix[1:]}:{p}")
+    except ValueError as exc:
+        raise TraceError(f"{p}: {exc}") from None
+
+
+def _read_plain(p: Path, fmt: str) -> Trace:
+    if fmt == "npy":
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except Exception as exc:
+            raise TraceError(f"{p}: not a readable .npy file ({str(exc).splitlines()[0]})") from None
+        return _trace_from_obj(p, arr)
+    if fmt == "npz":
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                d = {k: z[k] for k in z.files}
+        except Exception as exc:
+            raise TraceError(f"{p}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
+        if "counts" not in d and len(d) == 1:
+            d = {"counts": next(iter(d.values()))}
+        if "meta_json" in d:
+            info = json.loads(str(d.pop("meta_json")))
+            d.update({k: v for k, v in info.items() if k not in d})
+        return _trace_from_obj(p, d)
+    if fmt == "json":
+        try:
+            obj = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise TraceError(f"{p}: not valid JSON ({exc})") from None
+        return _trace_from_obj(p, obj)
+    if fmt == "csv":
+        return _read_csv(p)
+    raise TraceError(f"format: {fmt!r} is not a plain array format")
+
+
+def _read_csv(p: Path) -> Trace:
+    rows = list(csv.reader(p.read_text().splitlines()))
+    rows = [r for r in rows if r and any(c.strip() for c in r)]
+    if not rows:
+        raise TraceError(f"{p}: empty CSV")
+
+    def num(v: str, line: int, col: int) -> float:
+        try:
+            return float(v)
+        except ValueError:
+            raise TraceError(f"{p}: line {line}, column {col + 1}: {v!r} is not a number") from None
+
+    header = None
+    if any(not _isnum(c) for c in rows[0]):
+        header = [c.strip().lower() for c in rows[0]]
+        rows = rows[1:]
+    width = {len(r) for r in rows}
+    if len(width) != 1:
+        raise TraceError(f"{p}: rows have different numbers of columns {sorted(width)}")
+    data = np.array([[num(c, i + 1 + (header is not None), j) for j, c in enumerate(r)] for i, r in enumerate(rows)])
+    if header is None:
+        return _trace_from_obj(p, data)
+    if len(header) != data.shape[1]:
+        raise TraceError(f"{p}: header has {len(header)} columns, rows have {data.shape[1]}")
+    if "layer" not in header:
+        raise TraceError(f"{p}: header must name a 'layer' column (and optionally 'step'), got {header[:4]}...")
+    lc = header.index("layer")
+    sc = header.index("step") if "step" in header else None
+    ecols = [j for j in range(len(header)) if j not in (lc, sc)]
+    layers = sorted({int(v) for v in data[:, lc]})
+    steps = sorted({int(v) for v in data[:, sc]}) if sc is not None else [0]
+    lpos = {v: i for i, v in enumerate(layers)}
+    spos = {v: i for i, v in enumerate(steps)}
+    out = np.zeros((len(steps), len(layers), len(ecols)))
+    seen = np.zeros((len(steps), len(layers)), dtype=bool)
+    for i, row in enumerate(data):
+        s = spos[int(row[sc])] if sc is not None else 0
+        pos = lpos[int(row[lc])]
+        if seen[s, pos]:
+            raise TraceError(f"{p}: line {i + 2}: duplicate row for step {steps[s]}, layer {layers[pos]}")
+        seen[s, pos] = True
+        out[s, pos] = row[ecols]
+    if not seen.all():
+        s, layer_pos = (int(v) for v in np.argwhere(~seen)[0])
+        raise TraceError(f"{p}: no row for step {steps[s]}, layer {layers[layer_pos]}")
+    try:
+        return Trace(out, tuple(layers), np.asarray(steps) if sc is not None else None, source=f"csv:{p}")
+    except ValueError as exc:
+        raise TraceError(f"{p}: {exc}") from None
+
+
+def _isnum(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _write_plain(trace: Trace, p: Path, fmt: str) -> None:
+    assert trace.step_ids is not None
+    if fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, trace.counts)
+        atomic_write(p, buf.getvalue())
+    elif fmt == "npz":
+        buf = io.BytesIO()
+        info = {k: v for k, v in _eplb_info(trace).items()}
+        np.savez_compressed(buf, counts=trace.counts, step_ids=trace.step_ids,
+                            layer_ids=np.asarray(trace.layer_ids, dtype=np.int64), meta_json=np.asarray(json.dumps(info)))
+        atomic_write(p, buf.getvalue())
+    elif fmt == "json":
+        obj = {**_eplb_info(trace), "num_experts": trace.num_experts, "step_ids": trace.step_ids.tolist(),
+               "counts": trace.counts.tolist()}
+        atomic_write(p, json.dumps(obj).encode())
+    elif fmt == "csv":
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(["step", "layer", *range(trace.num_experts)])
+        for t, s in enumerate(trace.step_ids):
+            for j, lid in enumerate(trace.layer_ids):
+                w.writerow([int(s), lid, *trace.counts[t, j].tolist()])
+        atomic_write(p, out.getvalue().encode())
+    else:
+        raise TraceError(f"format: {fmt!r} is not a plain array format")
