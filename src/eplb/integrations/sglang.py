@@ -1,0 +1,377 @@
+"""eplb for SGLang: its ``rebalance_experts`` shape, ``--init-expert-location`` files, and stats from a server.
+
+* :func:`rebalance_experts` -- the same signature and return value as SGLang's
+  ``sglang.srt.eplb.eplb_algorithms.rebalance_experts`` (``tokens_per_expert`` ``[steps, layers, E]``
+  or ``[layers, E]``), backed by eplb's planner; SGLang's DeepSeek algorithm names give DeepSeek's
+  exact results.
+* :func:`write_init_expert_location` -- a ``{"physical_to_logical_map": ...}`` file (JSON or
+  ``.pt``) for ``--init-expert-location``, written by :mod:`eplb.formats` (format ``"sglang"``).
+* :func:`pull` -- record the expert distribution of a running SGLang server over HTTP
+  (``/start_expert_distribution_record``, ``/stop_expert_distribution_record``,
+  ``/dump_expert_distribution_record``) and turn the dump into an eplb :class:`~eplb.Trace`.
+
+Facts about SGLang used here (read from its ``expert_distribution.py``, ``http_server.py``,
+``server_args.py``, ``environ.py``): the three endpoints accept GET and POST and answer plain text;
+the dump is not in the response -- rank 0 writes ``expert_distribution_recorder_<unix time>.pt``
+into ``SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR`` (default ``/tmp``) on the server's machine. In the
+``stat`` / ``stat_approx`` modes (``--expert-distribution-recorder-mode stat``) the file is a dict
+with ``logical_count`` ``[buffer steps, num_hidden_layers, E]`` (int, summed over ranks; one row per
+forward pass; dense layers are all-zero rows), ``rank`` and ``average_utilization_rate_over_window``.
+The buffer is a ring of ``--expert-distribution-recorder-buffer-size`` passes (default 1000; ``-1``
+= unbounded): unused rows are zero, and once it wraps the oldest passes are overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eplb._checks import ArrayLike, check_load, check_positive_int, to_numpy
+from eplb.integrations._core import EngineLayoutError, normalize_layout, plan_for_engine, resolve_planner
+from eplb.placement import Placement
+from eplb.stats.trace import Trace, TraceError
+
+__all__ = [
+    "DUMP_DIR_ENV",
+    "DUMP_GLOB",
+    "ENDPOINTS",
+    "PullResult",
+    "SGLangPullError",
+    "algorithm_to_planner",
+    "dump_to_trace",
+    "find_new_dump",
+    "pull",
+    "rebalance_experts",
+    "write_init_expert_location",
+]
+
+log = logging.getLogger("eplb.integrations.sglang")
+
+DUMP_DIR_ENV = "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR"
+DUMP_GLOB = "expert_distribution_recorder_*.pt"
+ENDPOINTS = ("/start_expert_distribution_record", "/stop_expert_distribution_record", "/dump_expert_distribution_record")
+
+_DEEPSEEK_NAMES = {
+    "deepseek": "deepseek-global",
+    "deepseek_vec": "deepseek-global",
+    "deepseek_hierarchical": "deepseek-hierarchical",
+    "deepseek_vec_hierarchical": "deepseek-hierarchical",
+}
+
+
+# ----------------------------------------------------------------------------- the algorithm
+
+
+def algorithm_to_planner(algorithm: Any) -> str:
+    """The eplb policy for an SGLang algorithm value (an ``EplbAlgorithm`` member or a string).
+
+    SGLang's DeepSeek names map to DeepSeek's policies (``deepseek``/``deepseek_vec`` -> global,
+    ``*_hierarchical`` -> hierarchical); ``"auto"``, ``"eplb"`` and ``None`` -> eplb's best policy;
+    any name registered in :data:`eplb.POLICIES` is used as is.
+    """
+    name = getattr(algorithm, "name", algorithm)
+    if name is None or name in ("auto", "eplb"):
+        return resolve_planner(None)
+    if not isinstance(name, str):
+        raise ValueError(f"algorithm: expected an SGLang EplbAlgorithm or a policy name, got {algorithm!r}")
+    if name in _DEEPSEEK_NAMES:
+        return _DEEPSEEK_NAMES[name]
+    try:
+        return resolve_planner(name)
+    except ValueError:
+        raise ValueError(
+            f"algorithm: {name!r} is neither an SGLang DeepSeek algorithm ({sorted(_DEEPSEEK_NAMES)}), 'auto', "
+            "nor an eplb policy"
+        ) from None
+
+
+def rebalance_experts(
+    tokens_per_expert: ArrayLike,
+    num_physical_experts: int,
+    num_local_physical_experts: int,
+    num_groups: int | None,
+    num_nodes: int,
+    algorithm: Any = "auto",
+    *,
+    current_physical_to_logical_map: ArrayLike | None = None,
+) -> tuple[Any, Any, Any]:
+    """SGLang's ``rebalance_experts`` backed by eplb.
+
+    Args:
+        tokens_per_expert: ``[steps, layers, E]`` or ``[layers, E]`` token counts (torch or numpy).
+        num_physical_experts: ``S`` slots per layer.
+        num_local_physical_experts: slots per GPU (``S`` must be a multiple of it).
+        num_groups: expert groups, ``None`` for none.
+        num_nodes: nodes.
+        algorithm: see :func:`algorithm_to_planner` (default ``"auto"`` = eplb's best policy).
+        current_physical_to_logical_map: optional ``[layers, S]`` map served now; when given the
+            plan keeps experts where they are when the balance allows (eplb extension).
+
+    Returns:
+        ``(physical_to_logical_map [L, S], logical_to_all_physical_map [L, E, K] (-1 padded),
+        expert_count [L, E])``, int64 CPU torch tensors -- like SGLang's. The DeepSeek algorithms
+        reproduce DeepSeek's results exactly (``logical_to_all_physical_map`` in replica order);
+        the others list each expert's slots in ascending order (as SGLang's ``init_by_mapping``).
+    """
+    import torch
+
+    tpe = check_load(tokens_per_expert, "tokens_per_expert", ndim=(2, 3))
+    S = check_positive_int(num_physical_experts, "num_physical_experts")
+    local = check_positive_int(num_local_physical_experts, "num_local_physical_experts")
+    if S % local:
+        raise EngineLayoutError(
+            f"num_local_physical_experts: {S} physical experts are not a multiple of {local} per GPU"
+        )
+    num_gpus = S // local
+    planner = algorithm_to_planner(algorithm)
+    weight = tpe.sum(0) if tpe.ndim == 3 else tpe
+    if planner.startswith("deepseek") and current_physical_to_logical_map is None:
+        from eplb.policies.deepseek import rebalance_experts as ds
+
+        layout = normalize_layout(weight, S, num_groups, num_nodes, num_gpus)
+        hier = planner == "deepseek-hierarchical" or (planner == "deepseek" and layout.num_groups % layout.num_nodes == 0)
+        if hier and (num_groups is None or layout.num_groups != int(num_groups)):
+            raise EngineLayoutError(
+                f"num_groups: hierarchical algorithm needs num_groups dividing {weight.shape[1]} experts and divisible "
+                f"by num_nodes={num_nodes}, got {num_groups}"
+            )
+        groups, nodes = (layout.num_groups, layout.num_nodes) if hier else (1, 1)
+        phy2log, log2phy, logcnt = ds(weight.astype(np.float32), S, groups, nodes, num_gpus)
+        return torch.from_numpy(phy2log), torch.from_numpy(log2phy), torch.from_numpy(logcnt)
+    new = plan_for_engine(tpe, S, num_gpus, num_nodes=num_nodes, num_groups=num_groups,
+                          old=current_physical_to_logical_map, planner=planner, name="tokens_per_expert")
+    p = Placement(new, int(tpe.shape[-1]), num_gpus)
+    return (torch.from_numpy(np.ascontiguousarray(p.phy2log)), torch.from_numpy(p.log2phy),
+            torch.from_numpy(p.logcnt))
+
+
+# --------------------------------------------------------------------- --init-expert-location
+
+
+def write_init_expert_location(
+    placement: Placement, path: str | os.PathLike[str], *, num_layers: int | None = None
+) -> Path:
+    """Write ``placement`` as an SGLang ``--init-expert-location`` file (``.pt`` -> torch, else JSON).
+
+    Rows are model layers: a placement whose ``layer_ids`` skip dense layers gets SGLang's trivial
+    row for them (``num_layers`` = the model's ``num_hidden_layers`` when it has trailing dense
+    layers). The bytes come from :mod:`eplb.formats` (format ``"sglang"``); the write is atomic.
+    """
+    from eplb.formats.sglang import encode
+    from eplb.stats.trace import atomic_write
+
+    p = Path(path)
+    container = "pt" if p.suffix == ".pt" else "json"
+    atomic_write(p, encode(placement, container=container, num_layers=num_layers))
+    return p
+
+
+# ------------------------------------------------------------------------------- pull (HTTP)
+
+
+class SGLangPullError(OSError):
+    """Talking to the SGLang server or finding its dump failed; the message names the URL or directory."""
+
+
+@dataclass
+class PullResult:
+    """What :func:`pull` got: the trace, the server-side dump file it read, and the server's info."""
+
+    trace: Trace
+    dump_path: Path
+    server_info: dict[str, Any] = field(default_factory=dict)
+
+
+def _request(url: str, method: str, timeout: float) -> bytes:
+    req = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return bytes(resp.read())
+    except urllib.error.HTTPError as exc:
+        body = exc.read()[:200].decode("utf-8", "replace").strip()
+        raise SGLangPullError(f"sglang: {method} {url} answered HTTP {exc.code} {exc.reason}: {body}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SGLangPullError(f"sglang: {method} {url} failed: {reason}") from None
+
+
+def _server_info(base: str, timeout: float) -> dict[str, Any]:
+    """``/server_info`` (newer SGLang) or ``/get_server_info``; ``{}`` when neither answers JSON."""
+    for ep in ("/server_info", "/get_server_info"):
+        try:
+            obj = json.loads(_request(base + ep, "GET", timeout))
+        except (SGLangPullError, ValueError):
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return {}
+
+
+def _dump_files(d: Path) -> dict[Path, float]:
+    try:
+        return {f: f.stat().st_mtime for f in d.glob(DUMP_GLOB) if f.is_file()}
+    except OSError:
+        return {}
+
+
+def find_new_dump(
+    dump_dir: Path,
+    before: dict[Path, float],
+    *,
+    timeout: float,
+    poll: float = 0.1,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Path:
+    """The dump file that appeared (or changed) in ``dump_dir`` since ``before``, once its size is stable.
+
+    Raises :class:`SGLangPullError` after ``timeout`` seconds without one.
+    """
+    deadline = clock() + timeout
+    last: tuple[Path, int] | None = None
+    while True:
+        now = _dump_files(dump_dir)
+        fresh = [f for f, m in now.items() if f not in before or m > before[f]]
+        if fresh:
+            newest = max(fresh, key=lambda f: (now[f], f.name))
+            size = newest.stat().st_size
+            if size > 0 and last == (newest, size):
+                return newest
+            last = (newest, size)
+        if clock() >= deadline:
+            raise SGLangPullError(
+                f"sglang: no new {DUMP_GLOB} appeared in {dump_dir} within {timeout:g} s after "
+                "/dump_expert_distribution_record. SGLang writes the dump on the server's machine into "
+                f"${DUMP_DIR_ENV} (default /tmp): pass that directory (or a shared mount of it) as --dump-dir"
+            )
+        sleep(poll)
+
+
+def dump_to_trace(obj: Any, *, source: str = "sglang", model: str = "", ep_size: int = 0,
+                  meta: dict[str, Any] | None = None) -> Trace:
+    """An SGLang ``stat`` expert-distribution dump (the loaded dict) as an eplb :class:`Trace`.
+
+    All-zero forward passes (unused ring-buffer rows) are dropped; layers with no tokens at all
+    (dense layers) are dropped and ``layer_ids`` keep the model layer index of the others.
+    """
+    if not isinstance(obj, dict):
+        raise TraceError(f"{source}: expected a dict with 'logical_count', got {type(obj).__name__}")
+    if "logical_count" not in obj:
+        hint = (" (a per_pass/per_token dump: start SGLang with --expert-distribution-recorder-mode stat)"
+                if "records" in obj else "")
+        raise TraceError(f"{source}: missing key 'logical_count'{hint}; found keys {sorted(map(str, obj))[:8]}")
+    counts = check_load(to_numpy(obj["logical_count"]), f"{source}: logical_count", ndim=(2, 3))
+    if counts.ndim == 2:
+        counts = counts[None]
+    if np.any(counts != np.round(counts)):
+        raise TraceError(f"{source}: logical_count: expected integer token counts")
+    passes = counts.sum(axis=(1, 2)) > 0
+    layers = counts.sum(axis=(0, 2)) > 0
+    if not passes.any():
+        raise TraceError(f"{source}: logical_count is all zero: no tokens were routed while recording "
+                         "(send traffic to the server during the recording window)")
+    kept = counts[passes][:, layers]
+    info: dict[str, Any] = {
+        "sglang_buffer_rows": int(counts.shape[0]),
+        "sglang_num_layers": int(counts.shape[1]),
+        "dropped_empty_passes": int((~passes).sum()),
+    }
+    util = obj.get("average_utilization_rate_over_window")
+    if isinstance(util, (int, float)):
+        info["sglang_average_utilization_rate"] = float(util)
+    info.update(meta or {})
+    return Trace(kept.astype(np.int64), tuple(int(i) for i in np.nonzero(layers)[0]), None, 0, model, source,
+                 int(ep_size), info)
+
+
+def _load_dump(path: Path) -> Any:
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for unreadable/unsafe pickles
+        raise TraceError(f"{path}: not a readable SGLang expert-distribution dump ({exc})") from None
+
+
+def pull(
+    url: str,
+    seconds: float,
+    *,
+    dump_dir: str | os.PathLike[str] | None = None,
+    timeout: float = 30.0,
+    dump_timeout: float = 60.0,
+    sleep: Callable[[float], None] = time.sleep,
+    on_event: Callable[[str], None] | None = None,
+) -> PullResult:
+    """Record ``seconds`` of expert routing on the SGLang server at ``url`` and read the dump.
+
+    Args:
+        url: ``http://host:port`` of the SGLang server.
+        seconds: recording window (the server must be serving traffic meanwhile).
+        dump_dir: where the server writes dumps (its ``SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR``);
+            default: that variable here, else ``/tmp``.
+        timeout: per-request HTTP timeout (s).
+        dump_timeout: how long to wait for the dump file to appear (s).
+        sleep: injectable for tests.
+        on_event: called with a short progress line per step.
+
+    Returns:
+        A :class:`PullResult`; ``trace.counts`` is ``[passes, MoE layers, E]``.
+    """
+    base = url.strip().rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise ValueError(f"--sglang: expected an http(s)://host:port URL, got {url!r}")
+    if not (seconds >= 0 and np.isfinite(seconds)):
+        raise ValueError(f"--seconds: expected a non-negative number of seconds, got {seconds!r}")
+    d = Path(dump_dir if dump_dir is not None else os.environ.get(DUMP_DIR_ENV, "/tmp"))
+    if not d.is_dir():
+        raise ValueError(f"--dump-dir: {d} is not a directory (SGLang writes its dumps into ${DUMP_DIR_ENV} on the server)")
+    say = on_event or (lambda _msg: None)
+
+    info = _server_info(base, timeout)
+    mode = info.get("expert_distribution_recorder_mode", "unknown") if info else "unknown"
+    if info and mode is None:
+        raise SGLangPullError(
+            f"sglang: the server at {base} runs without an expert distribution recorder; restart it with "
+            "--expert-distribution-recorder-mode stat"
+        )
+    if mode not in ("stat", "stat_approx", "unknown"):
+        raise SGLangPullError(
+            f"sglang: the server at {base} records in mode {mode!r}; eplb reads 'stat' dumps: restart it with "
+            "--expert-distribution-recorder-mode stat"
+        )
+    start, stop, dump = (base + ep for ep in ENDPOINTS)
+    _request(start, "POST", timeout)
+    say(f"recording expert distribution on {base} for {seconds:g} s")
+    try:
+        if seconds > 0:
+            sleep(seconds)
+    finally:
+        _request(stop, "POST", timeout)
+    before = _dump_files(d)
+    _request(dump, "POST", timeout)
+    path = find_new_dump(d, before, timeout=dump_timeout, sleep=sleep)
+    say(f"reading {path}")
+    obj = _load_dump(path)
+    ep_size = info.get("ep_size", 0) if info else 0
+    model = str(info.get("model_path", "")) if info else ""
+    buf = info.get("expert_distribution_recorder_buffer_size") if info else None
+    tr = dump_to_trace(obj, source=f"sglang: {base} expert distribution ({path.name})", model=model,
+                       ep_size=int(ep_size) if isinstance(ep_size, int) else 0,
+                       meta={"sglang_url": base, "record_seconds": float(seconds), "recorder_mode": mode})
+    if isinstance(buf, int) and buf > 0 and tr.num_steps >= buf:
+        log.warning("eplb: %d forward passes filled SGLang's ring buffer of %d: older passes were overwritten and "
+                    "the pass order may be rotated; start the server with --expert-distribution-recorder-buffer-size "
+                    "-1 for an unbounded record", tr.num_steps, buf)
+        tr.meta["sglang_buffer_wrapped"] = True
+    return PullResult(tr, path, info)
