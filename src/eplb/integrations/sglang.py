@@ -151,7 +151,7 @@ def rebalance_experts(
     new = plan_for_engine(tpe, S, num_gpus, num_nodes=num_nodes, num_groups=num_groups,
                           old=current_physical_to_logical_map, planner=planner, name="tokens_per_expert")
     p = Placement(new, int(tpe.shape[-1]), num_gpus)
-    return (torch.from_numpy(np.ascontiguousarray(p.phy2log)), torch.from_numpy(p.log2phy),
+    return (torch.from_numpy(np.array(p.phy2log, dtype=np.int64)), torch.from_numpy(p.log2phy),
             torch.from_numpy(p.logcnt))
 
 
