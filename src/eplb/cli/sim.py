@@ -1,9 +1,179 @@
-"""CLI commands: sim (filled in by its area)."""
+"""CLI commands of the simulator: ``eplb simulate`` and ``eplb capacity``."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
 import typer
+
+TRACE_HELP = ("trace: 'builtin:NAME' (eplb.datasets), an eplb .safetensors trace, a recording directory, a "
+              "TensorRT-LLM dump directory, an SGLang .pt dump, or a plain .npy/.npz/.csv/.json [T, L, E] array")
+
+
+def load_trace(spec: str, fmt: str | None = None) -> Any:
+    """A :class:`~eplb.stats.trace.Trace` from ``builtin:NAME`` or a trace file/directory."""
+    from eplb.sim.engine import SimInput, as_sim_input
+
+    if spec.startswith("builtin:"):
+        from eplb.datasets import load_builtin
+
+        tr = load_builtin(spec.split(":", 1)[1])
+        name = spec
+    else:
+        from eplb.stats.importers import read_trace
+
+        tr = read_trace(Path(spec), fmt)
+        name = Path(spec).name
+    data = as_sim_input(tr, name=name)
+    return SimInput(data.counts, data.step_ids, data.layer_ids, name, data.top_k, data.synthetic)
+
+
+def _split_list(values: Sequence[str] | None) -> list[str]:
+    out: list[str] = []
+    for v in values or ():
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return out
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar per label; yields ``update(label, done, total)``."""
+    if not enabled:
+        yield lambda label, done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    tasks: dict[str, Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as prog:
+        def update(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = prog.add_task(label, total=total)
+            prog.update(tasks[label], completed=done)
+
+        yield update
+
+
+def simulate_cmd(
+    trace: str = typer.Argument(..., help=TRACE_HELP),
+    ep_size: int = typer.Option(..., "--ep-size", help="EP ranks (GPUs)"),
+    num_slots: int | None = typer.Option(None, "--num-slots", help="physical slots per layer (default: experts, "
+                                                                   "rounded up to a multiple of --ep-size)"),
+    num_nodes: int = typer.Option(1, "--num-nodes", help="nodes (inter-node all-to-all uses inter_node_gbps)"),
+    num_groups: int = typer.Option(1, "--num-groups", help="expert groups (hierarchical policies)"),
+    policy: list[str] | None = typer.Option(None, "--policy", help="policy name(s), repeat or comma-separate; "
+                                                                   "'none' = contiguous layout (default: deepseek)"),
+    placement: list[Path] | None = typer.Option(None, "--placement", help="a placement file of any map format "
+                                                                          "to simulate too (repeatable)"),
+    strategy: str = typer.Option("uniform", "--strategy", help="replica choice: uniform, balanced, round-robin, "
+                                                               "local-first"),
+    online: str | None = typer.Option(None, "--online", help="also simulate the online balancer: key=value,... "
+                                      "(interval=SECONDS, threshold=0-1, layer_updates_per_iter=N, iterations=N, "
+                                      "wait=N, window=N, floor=0-1, gain=0-1, or any BalancerConfig field)"),
+    online_config: Path | None = typer.Option(None, "--online-config", help="TensorRT-LLM load balancer YAML for "
+                                                                            "the online runs"),
+    online_only: bool = typer.Option(False, "--online-only", help="skip the static runs"),
+    cost_model: Path | None = typer.Option(None, "--cost-model", help="cost model JSON (default: the shipped "
+                                                                      "measured one, else reference/gpu.md)"),
+    plan_range: str | None = typer.Option(None, "--plan-range", help="step ids start-stop to plan placements on "
+                                                                     "(default: all steps)"),
+    sim_range: str | None = typer.Option(None, "--sim-range", help="step ids start-stop to replay (default: all)"),
+    fmt: str | None = typer.Option(None, "--format", help="trace format (default: detected)"),
+    out: Path | None = typer.Option(None, "--out", help="directory for simulation.json, summary.md and PNG plots"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="write PNG plots into --out"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
+) -> None:
+    """Replay a trace step by step under placements and the online balancer; print a side-by-side summary."""
+    from rich.console import Console
+
+    from eplb.sim.cost import default_cost_model, load_cost_model
+    from eplb.sim.simulate import simulate
+
+    data = load_trace(trace, fmt)
+    cm = load_cost_model(cost_model) if cost_model is not None else default_cost_model()
+    pols = _split_list(policy) or (["deepseek"] if not placement else [])
+    places = {}
+    for f in placement or ():
+        from eplb.formats import read_placement
+
+        pl = read_placement(f, num_experts=data.num_experts, ep_size=ep_size,
+                            num_nodes=num_nodes if num_nodes > 1 else None)
+        if pl.num_layers != data.num_layers and len(pl.layer_ids) >= data.num_layers:
+            pl = read_placement(f, num_experts=data.num_experts, ep_size=ep_size, layer_ids=list(data.layer_ids))
+        places[f.stem] = pl
+    cfg: Any = None
+    if online_config is not None:
+        from eplb.runtime.manager import BalancerConfig
+        from eplb.sim.online import online_items
+
+        cfg = BalancerConfig.from_trtllm_yaml(online_config, **online_items(online))
+        if num_slots is None:
+            num_slots = cfg.num_slots
+    elif online is not None:
+        cfg = online
+    console = Console()
+    with _progress(progress and console.is_terminal) as update:
+        report = simulate(data, ep_size=ep_size, num_slots=num_slots, num_nodes=num_nodes, num_groups=num_groups,
+                          policies=pols, placements=places, strategy=strategy, online=cfg, cost=cm,
+                          plan_range=plan_range, sim_range=sim_range, static=not online_only, progress=update)
+    console.print(report.table())
+    console.print(f"cost model: {cm.device}, {cm.date}, {cm.source}")
+    if out is not None:
+        files = report.save(out, plots=plots)
+        console.print("wrote " + ", ".join(str(p) for p in files))
+
+
+def capacity_cmd(
+    trace: str = typer.Argument(..., help=TRACE_HELP),
+    ep_size: int = typer.Option(..., "--ep-size", help="EP ranks (GPUs)"),
+    target_imbalance: float = typer.Option(0.1, "--target-imbalance", help="target mean imbalance ratio "
+                                                                           "(max/mean - 1 of rank load)"),
+    held_out: float = typer.Option(0.5, "--held-out", help="fraction of trailing steps held out for evaluation "
+                                                           "(plan on the rest); 0 = in-sample"),
+    policies: list[str] | None = typer.Option(None, "--policies", "--policy", help="policy names, repeat or "
+                                                                                   "comma-separate (default: deepseek)"),
+    num_nodes: int = typer.Option(1, "--num-nodes"),
+    num_groups: int = typer.Option(1, "--num-groups"),
+    strategy: str = typer.Option("uniform", "--strategy", help="replica choice: uniform, balanced, round-robin, "
+                                                               "local-first"),
+    max_slots_per_rank: int | None = typer.Option(None, "--max-slots-per-rank", help="largest slots per rank to try "
+                                                  "(default: twice the minimum)"),
+    fmt: str | None = typer.Option(None, "--format", help="trace format (default: detected)"),
+    out: Path | None = typer.Option(None, "--out", help="directory for capacity.json and capacity.png"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of tables"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Find the fewest redundant slots (per rank and total) that meet an imbalance target on held-out steps."""
+    from rich.console import Console
+
+    from eplb.sim.capacity import capacity
+
+    data = load_trace(trace, fmt)
+    pols = _split_list(policies) or ["deepseek"]
+    console = Console()
+    with _progress(progress and console.is_terminal and not as_json) as update:
+        res = capacity(data, ep_size=ep_size, target_imbalance=target_imbalance, held_out=held_out, policies=pols,
+                       num_nodes=num_nodes, num_groups=num_groups, strategy=strategy,
+                       max_slots_per_rank=max_slots_per_rank,
+                       progress=lambda done, total: update("planning and replaying", done, total))
+    if as_json:
+        print(json.dumps(res.to_dict(), indent=1))
+    else:
+        if res.meta.get("in_sample") and held_out > 0:
+            console.print(f"note: the trace has {data.num_steps} step(s): evaluated in-sample, not held-out")
+        console.print(res.table())
+        console.print(res.curve_table())
+    if out is not None:
+        files = res.save(out)
+        if not as_json:
+            console.print("wrote " + ", ".join(str(p) for p in files))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to ``app``."""
+    """Add ``simulate`` and ``capacity`` to ``app``."""
+    app.command("simulate")(simulate_cmd)
+    app.command("capacity")(capacity_cmd)

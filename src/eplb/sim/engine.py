@@ -236,12 +236,13 @@ def step_chunk(num_layers: int, width: int) -> int:
 
 @dataclass
 class _Block:
-    """Per-step outputs of a contiguous block of steps."""
+    """Per-step outputs of a contiguous block of ``c`` steps: ``compute_ms``, ``comm_ms``, ``tokens`` ``[c]``;
+    ``imbalance``, ``layer_ms`` (without migration) ``[c, L]``."""
 
     compute_ms: np.ndarray
     comm_ms: np.ndarray
     imbalance: np.ndarray
-    layer_ms_sum: np.ndarray
+    layer_ms: np.ndarray
     tokens: np.ndarray
 
 
@@ -258,7 +259,7 @@ def evaluate_block(counts: np.ndarray, placement: Placement, cost: CostModel, st
         comp = cost.compute_ms(loads, spr).max(axis=-1)
     comm = 2.0 * cost.a2a_ms(mx, R, N)
     layer = comp + comm + cost.other_ms_per_layer
-    return _Block(comp.sum(axis=1), comm.sum(axis=1), imb, layer.sum(axis=0), loads.sum(axis=(1, 2)))
+    return _Block(comp.sum(axis=1), comm.sum(axis=1), imb, layer, loads.sum(axis=(1, 2)))
 
 
 def check_fits(placement: Placement, data: SimInput, what: str = "placement") -> None:
@@ -299,7 +300,7 @@ def replay_static(trace: Trace | ArrayLike | SimInput, placement: Placement, *, 
         b = min(T, a + chunk)
         blk = evaluate_block(data.counts[a:b], placement, cm, strategy, share)
         comp[a:b], comm[a:b], imb[a:b], tok[a:b] = blk.compute_ms, blk.comm_ms, blk.imbalance, blk.tokens
-        layer_sum += blk.layer_ms_sum
+        layer_sum += blk.layer_ms.sum(axis=0)
         if progress is not None:
             progress(b)
     step = comp + comm + cm.other_ms_per_layer * L
