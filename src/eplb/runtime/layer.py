@@ -1,0 +1,513 @@
+"""The expert-parallel MoE layer: redundant expert slots served over ``torch.distributed``.
+
+Each of the ``R`` ranks of an EP group holds ``spr = S / R`` physical slots of one MoE layer
+(rank ``r`` owns slots ``r*spr .. (r+1)*spr - 1``), each slot a copy of one logical expert's weights:
+
+* ``w13`` ``[spr, 2*I, H]`` gate and up projections stacked (gate rows first),
+* ``w2`` ``[spr, H, I]`` down projection,
+
+with ``H`` the hidden size and ``I`` the expert intermediate size (transformers' ``gate_up_proj`` /
+``down_proj`` layout). A forward step on every rank:
+
+1. counts its (token, expert) pairs per logical expert (``balanced`` strategy: ``all_gather`` of
+   the ``[E]`` counts, so every rank computes the same global split);
+2. maps each pair to a physical slot (:func:`eplb.dispatch.assign_slots`: ``local-first``,
+   ``round-robin`` or ``balanced``);
+3. exchanges per-slot counts (one ``all_to_all_single`` of ``R x (spr + 1)`` ints; the extra column
+   carries an input-error flag so a bad input on one rank raises on every rank), then sends the
+   tokens (``all_to_all_single`` with uneven splits);
+4. computes its slots with a grouped GEMM + SwiGLU (chunks of at most ``max_num_tokens`` rows);
+5. returns the outputs (second ``all_to_all_single``), weights them by ``topk_weights`` and sums
+   per token (fp32 accumulation).
+
+Device-side counters (no host sync) accumulate every step: ``expert_counts`` ``[E]`` (pairs of this
+rank's tokens per logical expert), ``slot_counts`` ``[S]`` (pairs this rank sent to each physical slot)
+and ``local_slot_counts`` ``[spr]`` (pairs this rank computed per local slot).
+
+The layer is for inference (forward runs under ``torch.no_grad``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from eplb.placement import Placement, PlacementError
+from eplb.runtime.compute import Activation, expert_ffn, resolve_activation, resolve_impl
+from eplb.runtime.distributed import AgreementError, GroupInfo, agree, fingerprint, group_info
+
+__all__ = ["STRATEGIES", "ExpertParallelMoE", "reference_moe"]
+
+STRATEGIES = ("local-first", "round-robin", "balanced")
+
+# error bits carried in the count exchange
+_ERR_IDS = 1  # topk_ids outside [0, E)
+_ERR_SHAPE = 2  # shapes / dtypes of the inputs
+
+
+def reference_moe(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    act: str | Activation | None = "silu",
+) -> torch.Tensor:
+    """The single-process MoE the EP layer must equal: ``sum_j w[n,j] * expert_{ids[n,j]}(hidden[n])``.
+
+    Args: ``hidden`` ``[N, H]``, ``topk_ids`` ``[N, k]``, ``topk_weights`` ``[N, k]``, full
+    ``w13`` ``[E, 2I, H]`` and ``w2`` ``[E, H, I]``. Returns ``[N, H]`` in ``hidden``'s dtype
+    (fp32 accumulation).
+    """
+    fn = resolve_activation(act)
+    inter = w2.shape[2]
+    out = torch.zeros(hidden.shape[0], hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        for e in torch.unique(topk_ids).tolist():
+            tok, pos = torch.nonzero(topk_ids == e, as_tuple=True)
+            x = hidden[tok].to(w13.dtype)
+            h = x @ w13[e].t()
+            y = (fn(h[:, :inter]) * h[:, inter:]) @ w2[e].t()
+            out.index_add_(0, tok, y.float() * topk_weights[tok, pos].float()[:, None])
+    return out.to(hidden.dtype)
+
+
+class ExpertParallelMoE(nn.Module):
+    """One MoE layer's experts, expert-parallel over a process group, with redundant slots.
+
+    Args:
+        w13: ``[spr, 2I, H]`` this rank's slots' gate+up weights (any float dtype, incl. bf16).
+        w2: ``[spr, H, I]`` this rank's slots' down weights (same dtype and device).
+        placement: the model's :class:`~eplb.Placement` (``num_ranks`` must equal the group size).
+        layer_pos: row of ``placement`` this layer serves (0-based position, not the model layer id).
+        group: the EP process group (``None``: WORLD if initialised; without ``torch.distributed``
+            only a one-rank placement is accepted and no collective runs).
+        strategy: replica choice, one of :data:`STRATEGIES`; must be the same on every rank.
+        max_num_tokens: largest number of received (token, expert) rows computed at once
+            (TensorRT-LLM's ``moe max_num_tokens``); ``None``: one chunk.
+        compute: ``"auto"`` (grouped GEMM where supported), ``"grouped"`` or ``"loop"``.
+        activation: ``"silu"`` (SwiGLU, default) or a callable applied to the gate half.
+        verify: check across ranks at construction (one ``all_gather``) that every rank holds the
+            same placement row, sizes and strategy; a mismatch raises on every rank.
+
+    Attributes:
+        placement_row: ``int64 [S]`` (buffer) phy2log of this layer.
+        expert_counts: ``int64 [E]`` (buffer) pairs of this rank's tokens per logical expert,
+            cumulative since the last :meth:`take_counts`.
+        slot_counts: ``int64 [S]`` pairs this rank sent to each physical slot (since :meth:`take_slot_counts`).
+        local_slot_counts: ``int64 [spr]`` pairs this rank computed per local slot (idem).
+        route_override: optional ``fn(num_tokens, top_k) -> topk_ids`` replacing the router's expert ids
+            (trace-driven routing, :class:`eplb.runtime.TraceRouter`).
+    """
+
+    expert_weight_names: tuple[str, ...] = ("w13", "w2")
+    placement_row: torch.Tensor
+    expert_counts: torch.Tensor
+    slot_counts: torch.Tensor
+    local_slot_counts: torch.Tensor
+
+    def __init__(
+        self,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        placement: Placement,
+        layer_pos: int = 0,
+        *,
+        group: Any = None,
+        strategy: str = "local-first",
+        max_num_tokens: int | None = None,
+        compute: str = "auto",
+        activation: str | Activation | None = "silu",
+        verify: bool = True,
+    ) -> None:
+        super().__init__()
+        self._info: GroupInfo = group_info(group)
+        info = self._info
+        error: str | None = None
+        try:
+            self._validate_args(w13, w2, placement, layer_pos, strategy, max_num_tokens)
+        except ValueError as exc:
+            error = str(exc)
+        if verify:
+            digest = self._digest(placement, layer_pos, strategy, w13, w2) if error is None else b"\x00" * 32
+            agree(info, f"ExpertParallelMoE(layer {layer_pos})", digest, error, device=_device_of(w13))
+        elif error is not None:
+            raise PlacementError(f"ExpertParallelMoE(layer {layer_pos}): {error}")
+
+        self.layer_pos = int(layer_pos)
+        self.layer_id = int(placement.layer_ids[layer_pos])
+        self.num_experts = placement.num_experts
+        self.num_slots = placement.num_slots
+        self.num_ranks = placement.num_ranks
+        self.num_nodes = placement.num_nodes
+        self.slots_per_rank = placement.slots_per_rank
+        self.rank = info.rank
+        self.strategy = strategy
+        self.max_num_tokens = max_num_tokens
+        self.hidden_size = int(w13.shape[2])
+        self.intermediate_size = int(w2.shape[2])
+        self.act = resolve_activation(activation)
+        self.w13 = nn.Parameter(w13.detach(), requires_grad=False)
+        self.w2 = nn.Parameter(w2.detach(), requires_grad=False)
+        dev = w13.device
+        self.register_buffer("placement_row", torch.as_tensor(np.array(placement.phy2log[layer_pos]), dtype=torch.int64,
+                                                              device=dev).clone(), persistent=False)
+        self.register_buffer("expert_counts", torch.zeros(self.num_experts, dtype=torch.int64, device=dev),
+                             persistent=False)
+        self.register_buffer("slot_counts", torch.zeros(self.num_slots, dtype=torch.int64, device=dev),
+                             persistent=False)
+        self.register_buffer("local_slot_counts", torch.zeros(self.slots_per_rank, dtype=torch.int64, device=dev),
+                             persistent=False)
+        self._compute_req = compute
+        self._impl: str | None = None
+        self._table: Any = None
+        self._table_placement = placement.select_layers([layer_pos])
+        self.route_override: Callable[[int, int], torch.Tensor] | None = None
+        self.steps = 0
+
+    # ------------------------------------------------------------------ checks
+    def _validate_args(self, w13: torch.Tensor, w2: torch.Tensor, placement: Placement, layer_pos: int,
+                       strategy: str, max_num_tokens: int | None) -> None:
+        info = self._info
+        if not isinstance(placement, Placement):
+            raise ValueError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy: expected one of {list(STRATEGIES)}, got {strategy!r}")
+        if not 0 <= int(layer_pos) < placement.num_layers:
+            raise ValueError(f"layer_pos: {layer_pos} is outside the placement's {placement.num_layers} layers")
+        if placement.num_ranks != info.size:
+            raise PlacementError(
+                f"placement is for ep_size={placement.num_ranks} ranks but the process group has {info.size} ranks"
+            )
+        if max_num_tokens is not None and (isinstance(max_num_tokens, bool) or not isinstance(max_num_tokens, int)
+                                           or max_num_tokens <= 0):
+            raise ValueError(f"max_num_tokens: expected a positive integer or None, got {max_num_tokens!r}")
+        spr = placement.slots_per_rank
+        if not isinstance(w13, torch.Tensor) or not isinstance(w2, torch.Tensor):
+            raise ValueError("w13/w2: expected torch tensors")
+        if w13.ndim != 3 or w2.ndim != 3:
+            raise ValueError(f"w13/w2: expected 3-D [slots, 2I, H] and [slots, H, I], got {tuple(w13.shape)} and "
+                             f"{tuple(w2.shape)}")
+        if w13.shape[0] != spr or w2.shape[0] != spr:
+            raise ValueError(f"w13/w2: expected {spr} local slots (num_slots {placement.num_slots} / ep_size "
+                             f"{placement.num_ranks}), got {w13.shape[0]} and {w2.shape[0]}")
+        if w13.shape[1] != 2 * w2.shape[2] or w13.shape[2] != w2.shape[1]:
+            raise ValueError(f"w13/w2: shapes {tuple(w13.shape)} and {tuple(w2.shape)} are not [spr, 2I, H] and "
+                             f"[spr, H, I]")
+        if w13.dtype != w2.dtype or w13.device != w2.device:
+            raise ValueError(f"w13/w2: dtype/device differ ({w13.dtype}@{w13.device} vs {w2.dtype}@{w2.device})")
+        if not w13.is_floating_point():
+            raise ValueError(f"w13/w2: expected floating-point weights, got {w13.dtype}")
+
+    def _digest(self, placement: Placement, layer_pos: int, strategy: str, w13: torch.Tensor,
+                w2: torch.Tensor) -> bytes:
+        return fingerprint(placement.phy2log[layer_pos].tobytes(), placement.num_experts, placement.num_ranks,
+                           placement.num_nodes, strategy, tuple(w13.shape[1:]), tuple(w2.shape[1:]), str(w13.dtype))
+
+    def verify(self) -> None:
+        """Collective: raise on every rank unless all ranks hold the same placement row and sizes."""
+        agree(self._info, f"ExpertParallelMoE(layer {self.layer_pos})",
+              self._digest(self._table_placement, 0, self.strategy, self.w13, self.w2), None,
+              device=self.w13.device)
+
+    # ------------------------------------------------------------------ tables
+    def _dispatch_table(self) -> Any:
+        from eplb.dispatch import DispatchTable
+
+        dev = self.placement_row.device
+        if self._table is None:
+            self._table = DispatchTable.from_placement(self._table_placement, 0, device=dev)
+        elif self._table.log2phy.device != dev:
+            self._table = self._table.to(dev)
+        return self._table
+
+    @property
+    def placement(self) -> Placement:
+        """This layer's current placement as a one-layer :class:`~eplb.Placement` (host copy)."""
+        return self._table_placement
+
+    @property
+    def compute_impl(self) -> str:
+        """``"grouped"`` or ``"loop"`` (resolved on first use)."""
+        if self._impl is None:
+            self._impl = resolve_impl(self._compute_req, self.w13, self.w2)
+        return self._impl
+
+    # ---------------------------------------------------------------- counters
+    def take_counts(self) -> torch.Tensor:
+        """``int64 [E]`` pairs per logical expert since the last call; zeroes the counter (no host sync)."""
+        out = self.expert_counts.clone()
+        self.expert_counts.zero_()
+        return out
+
+    def take_slot_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sent [S], computed [spr])`` int64 pair counters since the last call; zeroes them (no host sync)."""
+        sent = self.slot_counts.clone()
+        done = self.local_slot_counts.clone()
+        self.slot_counts.zero_()
+        self.local_slot_counts.zero_()
+        return sent, done
+
+    # ------------------------------------------------------------------ commit
+    def commit(self, new_phy2log_row: Any, new_local_weights: Mapping[str, torch.Tensor]) -> None:
+        """Swap this layer's placement row and local weights together (call between steps).
+
+        Args:
+            new_phy2log_row: ``[S]`` the layer's new phy2log (same on every rank).
+            new_local_weights: ``{"w13": [spr, 2I, H], "w2": [spr, H, I]}`` this rank's new slot
+                weights (copied in place; the parameters keep their identity).
+        """
+        row = np.asarray(new_phy2log_row.detach().cpu() if isinstance(new_phy2log_row, torch.Tensor)
+                         else new_phy2log_row, dtype=np.int64).reshape(-1)
+        if row.shape != (self.num_slots,):
+            raise PlacementError(f"commit: new_phy2log_row must have {self.num_slots} slots, got shape {row.shape}")
+        p = self._table_placement
+        newp = Placement(row[None], p.num_experts, p.num_ranks, p.num_nodes, p.layer_ids, p.meta)
+        missing = set(self.expert_weight_names) - set(new_local_weights)
+        extra = set(new_local_weights) - set(self.expert_weight_names)
+        if missing or extra:
+            raise ValueError(f"commit: new_local_weights must have keys {list(self.expert_weight_names)}, "
+                             f"missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for name in self.expert_weight_names:
+            cur = getattr(self, name)
+            new = new_local_weights[name]
+            if tuple(new.shape) != tuple(cur.shape):
+                raise ValueError(f"commit: {name} must have shape {tuple(cur.shape)}, got {tuple(new.shape)}")
+        for name in self.expert_weight_names:
+            getattr(self, name).data.copy_(new_local_weights[name])
+        self.placement_row.copy_(torch.as_tensor(row, device=self.placement_row.device))
+        self._table_placement = newp
+        self._table = None
+
+    # ----------------------------------------------------------------- forward
+    def _check_inputs(self, hidden: Any, topk_ids: Any, topk_weights: Any) -> str | None:
+        H = self.hidden_size
+        if not all(isinstance(t, torch.Tensor) for t in (hidden, topk_ids, topk_weights)):
+            return "hidden, topk_ids and topk_weights must be torch tensors"
+        if hidden.ndim != 2 or hidden.shape[1] != H:
+            return f"hidden must be [num_tokens, {H}], got {tuple(hidden.shape)}"
+        if topk_ids.ndim != 2 or topk_ids.shape[0] != hidden.shape[0]:
+            return f"topk_ids must be [{hidden.shape[0]}, top_k], got {tuple(topk_ids.shape)}"
+        if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+            return f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}"
+        if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+            return f"topk_ids must be an integer tensor, got {topk_ids.dtype}"
+        if not hidden.is_floating_point():
+            return f"hidden must be floating point, got {hidden.dtype}"
+        if hidden.device != self.w13.device or topk_ids.device != self.w13.device:
+            return f"inputs must be on the layer's device {self.w13.device}, got {hidden.device}/{topk_ids.device}"
+        return None
+
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """``[N, H]`` = sum over the ``k`` chosen experts of ``topk_weights * expert(hidden)``.
+
+        Collective: every rank of the group must call it (``N`` may differ per rank, even be 0).
+        Bad input on any rank raises ``ValueError`` on every rank after the count exchange.
+        """
+        with torch.no_grad():
+            return self._forward(hidden, topk_ids, topk_weights)
+
+    def _forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        E, S, R, spr, H = self.num_experts, self.num_slots, self.num_ranks, self.slots_per_rank, self.hidden_size
+        dev = self.w13.device
+        local_err = self._check_inputs(hidden, topk_ids, topk_weights)
+        if local_err is None and self.route_override is not None:
+            topk_ids = self.route_override(int(hidden.shape[0]), int(topk_ids.shape[1])).to(dev)
+            if tuple(topk_ids.shape) != tuple(topk_weights.shape):
+                local_err = f"route_override returned shape {tuple(topk_ids.shape)}, expected {tuple(topk_weights.shape)}"
+        if local_err is not None:  # take part in the collectives with no tokens, then raise everywhere
+            hidden = torch.zeros(0, H, dtype=self.w13.dtype, device=dev)
+            topk_ids = torch.zeros(0, 1, dtype=torch.int64, device=dev)
+            topk_weights = torch.zeros(0, 1, dtype=torch.float32, device=dev)
+        N, k = int(topk_ids.shape[0]), int(topk_ids.shape[1])
+        ids = topk_ids.to(torch.int64)
+        bad_ids = ((ids < 0) | (ids >= E)).any()
+        ids = ids.clamp(0, E - 1)
+        flat_ids = ids.reshape(-1)
+        err_code = bad_ids.to(torch.int64) * _ERR_IDS + (_ERR_SHAPE if local_err is not None else 0)
+
+        table = self._dispatch_table()
+        global_counts = None
+        if self.strategy == "balanced":
+            local = torch.zeros(E, dtype=torch.int64, device=dev).index_add_(
+                0, flat_ids, torch.ones_like(flat_ids))
+            global_counts = self._all_gather_counts(local)
+        from eplb.dispatch import assign_slots
+
+        slots = assign_slots(ids, table, self.strategy, rank=self.rank, global_counts=global_counts)
+        flat = slots.reshape(-1).to(torch.int64)
+        order = torch.argsort(flat, stable=True)
+        sent = torch.zeros(S, dtype=torch.int64, device=dev).index_add_(0, flat, torch.ones_like(flat))
+        self.slot_counts += sent
+        self.expert_counts.index_add_(0, self.placement_row, sent)  # counts per expert from the slot counts
+
+        # exchange per-slot counts + error flag: send[r] = (counts of rank r's slots, err)
+        hdr = torch.cat([sent.view(R, spr), err_code.view(1, 1).expand(R, 1)], dim=1)
+        recv_hdr = self._exchange_header(hdr)  # [R, spr + 1]
+        host = torch.cat([recv_hdr.reshape(-1), sent.view(R, spr).sum(1)]).cpu().numpy()  # the one host sync
+        recv_np = host[: R * (spr + 1)].reshape(R, spr + 1)
+        codes = recv_np[:, spr]
+        if np.any(codes != 0):
+            self._raise_input_error(codes, local_err)
+        send_split = [int(v) for v in host[R * (spr + 1):]]
+        recv_counts_np = recv_np[:, :spr]
+        recv_split = [int(v) for v in recv_counts_np.sum(1)]
+
+        tok = order // k
+        send_x = hidden[tok]
+        recv_x = self._all_to_all(send_x, send_split, recv_split)
+        recv_counts = recv_hdr[:, :spr]
+        y = self._local_compute(recv_x, recv_counts, recv_counts_np)
+        back = self._all_to_all(y.to(hidden.dtype), recv_split, send_split)
+        w = topk_weights.reshape(-1)[order].float()
+        out = torch.zeros(N, H, dtype=torch.float32, device=dev)
+        out.index_add_(0, tok, back.float() * w[:, None])
+        self.steps += 1
+        return out.to(hidden.dtype)
+
+    def _raise_input_error(self, codes: np.ndarray, local_err: str | None) -> None:
+        bad = [int(r) for r in np.nonzero(codes)[0]]
+        what = []
+        if np.any(codes & _ERR_IDS):
+            what.append(f"topk_ids outside [0, {self.num_experts})")
+        if np.any(codes & _ERR_SHAPE):
+            what.append("malformed inputs")
+        mine = f"; this rank ({self.rank}): {local_err}" if local_err else ""
+        raise ValueError(f"ExpertParallelMoE(layer {self.layer_pos}): bad input on rank(s) {bad}: "
+                         f"{', '.join(what)}{mine}")
+
+    # ------------------------------------------------------------ collectives
+    def _all_gather_counts(self, local: torch.Tensor) -> torch.Tensor:
+        info = self._info
+        if not info.distributed:
+            return local.view(1, -1)
+        parts = [torch.empty_like(local) for _ in range(info.size)]
+        dist.all_gather(parts, local.contiguous(), group=info.group)
+        return torch.stack(parts)
+
+    def _exchange_header(self, hdr: torch.Tensor) -> torch.Tensor:
+        info = self._info
+        if not info.distributed:
+            return hdr.clone()
+        out = torch.empty_like(hdr)
+        dist.all_to_all_single(out, hdr.contiguous(), group=info.group)
+        return out
+
+    def _all_to_all(self, x: torch.Tensor, send_split: list[int], recv_split: list[int]) -> torch.Tensor:
+        info = self._info
+        if not info.distributed:
+            return x
+        out = x.new_empty(sum(recv_split), x.shape[1])
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_split, input_split_sizes=send_split,
+                               group=info.group)
+        return out
+
+    # ---------------------------------------------------------- local compute
+    def _local_compute(self, recv_x: torch.Tensor, recv_counts: torch.Tensor,
+                       recv_counts_np: np.ndarray) -> torch.Tensor:
+        """Experts on received rows, ordered by (source rank, local slot); same order out."""
+        spr, R = self.slots_per_rank, self.num_ranks
+        M = int(recv_x.shape[0])
+        dev = recv_x.device
+        out = torch.empty(M, self.hidden_size, dtype=self.w13.dtype, device=dev)
+        if M == 0:
+            return out
+        impl = self.compute_impl
+        slot_of_block = torch.arange(spr, device=dev).repeat(R)
+        lsid = torch.repeat_interleave(slot_of_block, recv_counts.reshape(-1), output_size=M)
+        step = M if self.max_num_tokens is None else self.max_num_tokens
+        # host-side per-chunk counts (for the loop implementation): overlap of each (rank, slot) block with the chunk
+        ends = np.cumsum(recv_counts_np.reshape(-1))
+        starts = ends - recv_counts_np.reshape(-1)
+        for a in range(0, M, step):
+            b = min(a + step, M)
+            ls = lsid[a:b]
+            perm = torch.argsort(ls, stable=True)
+            counts = torch.zeros(spr, dtype=torch.int64, device=dev).index_add_(0, ls, torch.ones_like(ls))
+            host = None
+            if impl == "loop":
+                ov = np.clip(np.minimum(ends, b) - np.maximum(starts, a), 0, None).reshape(R, spr).sum(0)
+                host = [int(v) for v in ov]
+            y = expert_ffn(recv_x[a:b][perm], counts, self.w13, self.w2, act=self.act, impl=impl, counts_host=host)
+            out[a + perm] = y
+            self.local_slot_counts += counts
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"layer_pos={self.layer_pos}, experts={self.num_experts}, slots={self.num_slots}, "
+                f"ranks={self.num_ranks}, rank={self.rank}, slots_per_rank={self.slots_per_rank}, "
+                f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, strategy={self.strategy!r}, "
+                f"max_num_tokens={self.max_num_tokens}")
+
+    # ------------------------------------------------------------ factories
+    @classmethod
+    def from_full_weights(
+        cls,
+        w13_full: torch.Tensor,
+        w2_full: torch.Tensor,
+        placement: Placement,
+        layer_pos: int = 0,
+        *,
+        group: Any = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> ExpertParallelMoE:
+        """Build from all ``E`` experts' weights (``[E, 2I, H]``, ``[E, H, I]``): keeps this rank's slots only.
+
+        Replicated experts become independent copies. ``device``/``dtype`` convert the local slice.
+        """
+        info = group_info(group)
+        error = None
+        w13 = w2 = None
+        try:
+            if not isinstance(placement, Placement):
+                raise ValueError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
+            if not 0 <= int(layer_pos) < placement.num_layers:
+                raise ValueError(f"layer_pos: {layer_pos} is outside the placement's {placement.num_layers} layers")
+            if w13_full.ndim != 3 or w2_full.ndim != 3:
+                raise ValueError(f"w13_full/w2_full: expected [E, 2I, H] and [E, H, I], got {tuple(w13_full.shape)} "
+                                 f"and {tuple(w2_full.shape)}")
+            if w13_full.shape[0] != placement.num_experts or w2_full.shape[0] != placement.num_experts:
+                raise PlacementError(f"placement has {placement.num_experts} experts but the weights hold "
+                                     f"{w13_full.shape[0]}")
+            if placement.num_ranks != info.size:
+                raise PlacementError(f"placement is for ep_size={placement.num_ranks} ranks but the process group "
+                                     f"has {info.size} ranks")
+            w13, w2 = local_slice(w13_full, w2_full, placement, layer_pos, info.rank, device=device, dtype=dtype)
+        except ValueError as exc:
+            error = str(exc)
+        if error is not None:
+            if not kwargs.get("verify", True):
+                raise PlacementError(f"ExpertParallelMoE(layer {layer_pos}): {error}")
+            # take part in the construction agreement so the other ranks raise too
+            agree(info, f"ExpertParallelMoE(layer {layer_pos})", b"\x00" * 32, error,
+                  device=torch.device(device) if device is not None else None)
+            raise AssertionError("unreachable")  # agree raised
+        assert w13 is not None and w2 is not None
+        return cls(w13, w2, placement, layer_pos, group=group, **kwargs)
+
+
+def local_slice(w13_full: torch.Tensor, w2_full: torch.Tensor, placement: Placement, layer_pos: int, rank: int,
+                *, device: Any = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w13 [spr, 2I, H], w2 [spr, H, I])`` copies of the experts in ``rank``'s slots of one layer."""
+    experts = placement.rank_experts()[layer_pos, rank]
+    idx = torch.as_tensor(np.array(experts), dtype=torch.int64, device=w13_full.device)
+    w13 = w13_full.detach().index_select(0, idx)
+    w2 = w2_full.detach().index_select(0, idx)
+    if device is not None or dtype is not None:
+        w13 = w13.to(device=device, dtype=dtype)
+        w2 = w2.to(device=device, dtype=dtype)
+    return w13.contiguous(), w2.contiguous()
+
+
+def _device_of(t: Any) -> torch.device | None:
+    return t.device if isinstance(t, torch.Tensor) else None
+
+
+_ = AgreementError  # re-exported through eplb.runtime
