@@ -91,8 +91,6 @@ def find_experts(model: nn.Module) -> list[ExpertsInfo]:
     """
     found: list[ExpertsInfo] = []
     for name, mod in model.named_modules():
-        if isinstance(mod, ExpertParallelMoE):
-            raise ValueError(f"model: module {name!r} is already an ExpertParallelMoE (patched twice?)")
         gu = getattr(mod, "gate_up_proj", None)
         dn = getattr(mod, "down_proj", None)
         if not (isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.ndim == 3 and dn.ndim == 3):
@@ -160,6 +158,9 @@ def patch_model(
     pl: Placement | None = None
     dig: Any = b""
     try:
+        done = [n for n, m in model.named_modules() if isinstance(m, ExpertParallelMoE)]
+        if done:
+            raise ValueError(f"model: module {done[0]!r} is already an ExpertParallelMoE (patched twice?)")
         experts = find_experts(model)
         if not experts:
             raise ValueError(f"model: no transformers *Experts modules (3-D gate_up_proj/down_proj) found in "
