@@ -368,7 +368,8 @@ class ExpertRecorder:
             assert self.path is not None
             return read_dir(self.path / f"rank{self.rank}")
         if not self._parts:
-            raise TraceError("recorder: no steps recorded yet (call step() after each forward)")
+            rng = f" in iter-range {self.range[0]}-{self.range[1]}" if self.range else ""
+            raise TraceError(f"recorder: no steps recorded{rng} ({self.step_id} steps ran; step() ends each step)")
         return Trace.concat(self._parts)
 
     def __enter__(self) -> ExpertRecorder:

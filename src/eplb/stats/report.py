@@ -30,7 +30,7 @@ from eplb.stats.trace import Trace, TraceError, as_counts
 if TYPE_CHECKING:
     from rich.table import Table
 
-__all__ = ["LoadTable", "align_placement", "load_table", "render", "unit_loads"]
+__all__ = ["LoadTable", "align_placement", "load_table", "merge_tables", "render", "unit_loads"]
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,27 @@ def load_table(
         layer_ids=tuple(int(i) for i in lids), mean=mean.mean(0), std=std.mean(0), imbalance=imb.mean(0),
         ep_size=int(ep_size), num_steps=T, per_expert=per_expert, placement=label, meta=meta,
     )
+
+
+def merge_tables(tables: Sequence[LoadTable]) -> LoadTable:
+    """One table from tables of consecutive step chunks (each row weighted by its number of steps).
+
+    Exact: every statistic is a per-step average, so chunking a trace does not change the result.
+    """
+    if not tables:
+        raise ValueError("tables: nothing to merge")
+    first = tables[0]
+    for t in tables[1:]:
+        if t.layer_ids != first.layer_ids or t.ep_size != first.ep_size or t.per_expert != first.per_expert:
+            raise ValueError("tables: chunks disagree on layers, ep_size or per_expert")
+    w = np.asarray([t.num_steps for t in tables], dtype=np.float64)
+    tot = float(w.sum())
+
+    def avg(name: str) -> np.ndarray:
+        return np.sum([getattr(t, name) * wi for t, wi in zip(tables, w, strict=True)], axis=0) / tot
+
+    return LoadTable(first.layer_ids, avg("mean"), avg("std"), avg("imbalance"), first.ep_size, int(tot),
+                     first.per_expert, first.placement, dict(first.meta))
 
 
 def render(table: LoadTable, title: str | None = None) -> Table:
