@@ -138,7 +138,7 @@ def serve_bench(
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if tdtype is None:
         raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
-    net = build_model(model, checkpoint=checkpoint, overrides=overrides, dtype=tdtype, device=dev, seed=seed)
+    net: Any = build_model(model, checkpoint=checkpoint, overrides=overrides, dtype=tdtype, device=dev, seed=seed)
     from eplb.runtime.models import find_experts
 
     experts = find_experts(net)
