@@ -131,14 +131,15 @@ class SimResult:
         step_ms: ``[T]`` simulated MoE time of each step (ms), including exposed migration time.
         compute_ms: ``[T]`` sum over layers of the slowest rank's expert compute (ms).
         comm_ms: ``[T]`` sum over layers of dispatch + combine all-to-all time (ms).
-        migration_ms: ``[T]`` migration time of the layers committed at each step (ms; the exposed
+        migration_ms: ``[T]`` time of the weight transfers running during each step (ms; the exposed
             fraction of it is part of ``step_ms``).
-        bytes_moved: ``[T]`` expert-weight bytes migrated for the layers committed at each step.
-        layer_updates: ``[T]`` layers committed at each step.
+        bytes_moved: ``[T]`` expert-weight bytes transferred during each step.
+        layer_updates: ``[T]`` layers whose transfers run during each step (committed at the next boundary).
         imbalance: ``[T, L]`` ``max / mean - 1`` of rank loads per step and layer.
         layer_ms: ``[L]`` mean simulated time per layer (ms, without migration).
         tokens: ``[T]`` token-expert pairs per step (summed over layers).
-        events: rebalance events: ``{"step", "layers", "committed_step", "bytes", "ms"}``.
+        events: accepted online plans (see :func:`eplb.sim.online.replay_online`); a plan with
+            ``migrating`` layers is a rebalance.
         final_placement: the placement at the end of the run.
         meta: provenance (trace, cost model, options).
     """
@@ -181,7 +182,8 @@ class SimResult:
             "compute_ms_mean": float(self.compute_ms.mean()), "comm_ms_mean": float(self.comm_ms.mean()),
             "imbalance_mean": float(self.imbalance.mean()), "imbalance_p99": float(np.percentile(imb_step, 99)),
             "bytes_moved": int(self.bytes_moved.sum()), "migration_ms": float(self.migration_ms.sum()),
-            "rebalances": len(self.events), "layer_updates": int(self.layer_updates.sum()),
+            "rebalances": sum(1 for e in self.events if e.get("migrating")),
+            "plans": len(self.events), "layer_updates": int(self.layer_updates.sum()),
         }
 
     def series(self) -> dict[str, list[Any]]:
@@ -200,14 +202,6 @@ def expert_rank_share(placement: Placement) -> np.ndarray:
     return placement.expert_rank_count() / placement.logcnt[:, :, None]
 
 
-def _split_counts() -> Callable[..., Any] | None:
-    try:
-        from eplb.dispatch import split_counts  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return split_counts  # type: ignore[no-any-return]
-
-
 def rank_loads(counts: np.ndarray, placement: Placement, strategy: str = "uniform",
                share: np.ndarray | None = None) -> np.ndarray:
     """``[c, L, R]`` per-rank token-expert pairs of ``counts`` ``[c, L, E]`` under ``placement``.
@@ -221,11 +215,9 @@ def rank_loads(counts: np.ndarray, placement: Placement, strategy: str = "unifor
         return np.swapaxes(np.matmul(x, sh), 0, 1)  # [c, L, R]
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: unknown replica-choice strategy {strategy!r}; expected one of {list(STRATEGIES)}")
-    split = _split_counts()
-    if split is None:
-        raise ValueError(f"strategy: {strategy!r} needs eplb.dispatch.split_counts, which is not available in this "
-                         f"install; use 'uniform'")
-    s = np.asarray(to_numpy(split(counts, placement, strategy=strategy)), dtype=np.float64)
+    from eplb.dispatch import split_counts
+
+    s = np.asarray(to_numpy(split_counts(counts, placement, strategy=strategy)), dtype=np.float64)
     return s.reshape(s.shape[:-1] + (placement.num_ranks, placement.slots_per_rank)).sum(-1)
 
 

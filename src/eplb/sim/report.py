@@ -33,6 +33,7 @@ SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
     ("imbalance_mean", "imbalance mean", "{:.4f}"),
     ("imbalance_p99", "imbalance p99", "{:.4f}"),
     ("rebalances", "rebalances", "{:d}"),
+    ("plans", "plans", "{:d}"),
     ("layer_updates", "layer updates", "{:d}"),
     ("bytes_moved", "GB moved", "gb"),
     ("migration_ms", "migration ms", "{:.2f}"),
@@ -167,7 +168,7 @@ class SimReport:
             x = np.arange(r.num_steps)[: max(1, r.num_steps - w + 1)] + (w - 1) / 2
             axes[0].plot(x, _smooth(r.step_ms, w), label=r.label, lw=1)
             axes[1].plot(x, _smooth(r.imbalance.mean(axis=1), w), label=r.label, lw=1)
-            ev = [e["committed_step"] for e in r.events if e.get("committed_step") is not None]
+            ev = [c[0] for e in r.events for c in e.get("commits", [])]
             if ev:
                 axes[1].plot(ev, np.interp(ev, x, _smooth(r.imbalance.mean(axis=1), w)), "v", ms=4,
                              color=axes[1].lines[-1].get_color())

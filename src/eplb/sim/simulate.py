@@ -97,7 +97,6 @@ def simulate(
     plan_data = select_steps(data, plan_range, "plan-range")
     sim_data = select_steps(data, sim_range, "sim-range")
     train = np.asarray(plan_data.counts, dtype=np.float64)
-    planned_for = train.sum(0)
 
     config = None
     if online is not None:
@@ -130,7 +129,7 @@ def simulate(
                                  policy_backend="inline")
             label = f"{p}+online"
             results.append(replay_online(sim_data, pl, cfg, cost=cm, strategy=strategy,
-                                         planned_loads=None if p == "none" else planned_for, label=label,
+                                         label=label,
                                          progress=prog(label), meta=run_meta))
     for label, pl in (placements or {}).items():
         check_fits(pl, data, f"placement {label!r}")
