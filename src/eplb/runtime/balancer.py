@@ -431,10 +431,17 @@ class OnlineBalancer:
         pl = self.placement.with_meta(**meta)
         from eplb.formats import write_placement
 
-        write_placement(pl, p, "vllm-ascend")
+        written = []
         nat = native_record_path(p)
         atomic_write(nat, (json.dumps(pl.to_dict()) + "\n").encode())
-        return [p, nat]
+        written.append(nat)
+        try:
+            write_placement(pl, p, "vllm-ascend")
+            written.append(p)
+        except ValueError as exc:  # e.g. co-located replicas, which vllm-ascend's map cannot express
+            log.warning("eplb: expert_map_record_path %s not written in vllm-ascend format (%s); native file: %s",
+                        p, exc, nat)
+        return written
 
     # ------------------------------------------------------------------ status
     def stats(self) -> dict[str, Any]:

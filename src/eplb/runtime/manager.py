@@ -733,20 +733,45 @@ def _presence(rows: np.ndarray, E: int, groups: int) -> np.ndarray:
     return out
 
 
-def _match_blocks(old: np.ndarray, new: np.ndarray, E: int, groups: int) -> np.ndarray:
-    """Permutation ``perm`` of the ``groups`` blocks of ``new`` maximising experts already present:
-    new block ``a`` goes to position ``perm[a]``."""
+def _assign(score: np.ndarray) -> tuple[np.ndarray, int]:
+    """Maximum-score assignment (ties prefer the identity): ``(perm, value)`` with new block ``a`` -> ``perm[a]``."""
     from scipy.optimize import linear_sum_assignment
 
-    po = _presence(old, E, groups) > 0  # [E, G]
-    pn = _presence(new, E, groups) > 0
-    overlap = pn.T.astype(np.int64) @ po.astype(np.int64)  # [G_new, G_old]: distinct experts in common
-    # prefer the identity on ties (deterministic, and moves nothing when nothing gains)
-    score = overlap * (groups + 1) + np.eye(groups, dtype=np.int64)
-    rows, cols = linear_sum_assignment(score, maximize=True)
-    perm = np.empty(groups, dtype=np.int64)
+    n = score.shape[0]
+    rows, cols = linear_sum_assignment(score * (n + 1) + np.eye(n, dtype=np.int64), maximize=True)
+    perm = np.empty(n, dtype=np.int64)
     perm[rows] = cols
-    return perm
+    return perm, int(score[rows, cols].sum())
+
+
+def _rank_overlap(old: np.ndarray, new: np.ndarray, E: int, num_ranks: int) -> np.ndarray:
+    """``[R_new, R_old]`` number of distinct experts of new rank ``a`` already on old rank ``b``
+    (each one a transfer saved)."""
+    po = (_presence(old, E, num_ranks) > 0).astype(np.int64)  # [E, R]
+    pn = (_presence(new, E, num_ranks) > 0).astype(np.int64)
+    return pn.T @ po
+
+
+def _match_ranks(old: np.ndarray, new: np.ndarray, E: int, num_ranks: int, num_nodes: int) -> np.ndarray:
+    """Rank permutation of ``new`` (ranks move within nodes, nodes move as a whole) maximising the
+    experts each rank already holds: exact over the two-level structure (a rank assignment for every
+    node pair, then a node assignment on their values)."""
+    ov = _rank_overlap(old, new, E, num_ranks)
+    rpn = num_ranks // num_nodes
+    if num_nodes == 1:
+        return _assign(ov)[0]
+    inner: dict[tuple[int, int], np.ndarray] = {}
+    val = np.zeros((num_nodes, num_nodes), dtype=np.int64)
+    for a in range(num_nodes):
+        for b in range(num_nodes):
+            perm, v = _assign(ov[a * rpn:(a + 1) * rpn, b * rpn:(b + 1) * rpn])
+            inner[(a, b)], val[a, b] = perm, v
+    node_perm, _ = _assign(val)
+    out = np.empty(num_ranks, dtype=np.int64)
+    for a in range(num_nodes):
+        b = int(node_perm[a])
+        out[a * rpn:(a + 1) * rpn] = b * rpn + inner[(a, b)]
+    return out
 
 
 def _apply_block_perm(row: np.ndarray, perm: np.ndarray, block: int, base: int = 0) -> np.ndarray:
@@ -772,34 +797,18 @@ def _keep_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
 def keep_in_place(current: Placement, new: Placement) -> Placement:
     """Migration-aware post-processing: the same rank loads as ``new``, moving the fewest experts.
 
-    Per layer: permutes ``new``'s nodes, then its ranks within each node, to maximise the experts each
-    rank already holds under ``current`` (Hungarian assignment, :func:`scipy.optimize.linear_sum_assignment`),
-    then permutes slots within each rank so that the most slots keep their expert. Every rank keeps the
-    multiset of experts ``new`` gave one rank, so balance is unchanged; ranks stay within their node.
+    Per layer: permutes ``new``'s ranks (within nodes; nodes as a whole) to maximise the experts each
+    rank already holds under ``current`` -- the assignment minimising cross-rank transfers
+    (:func:`plan_migration`'s count), exact over node and rank permutations
+    (:func:`scipy.optimize.linear_sum_assignment`) -- then permutes slots within each rank so that the
+    most slots keep their expert (fewest local copies). Every rank gets the multiset of experts of one
+    of ``new``'s ranks, so balance is unchanged; the identity is among the candidates, so it never
+    moves more than ``new`` itself.
     """
     current._check_same_shape(new)
-    E, R, N = new.num_experts, new.num_ranks, new.num_nodes
-    if current.num_experts != E:
-        raise PlacementError(f"keep_in_place: {current.num_experts} vs {E} experts")
-    S, spr, rpn = new.num_slots, new.slots_per_rank, new.ranks_per_node
-    out = np.empty_like(new.phy2log)
-    for li in range(new.num_layers):
-        old, row = current.phy2log[li], new.phy2log[li].copy()
-        if np.array_equal(old, row):
-            out[li] = row
-            continue
-        if N > 1:
-            row = _apply_block_perm(row, _match_blocks(old, row, E, N), S // N)
-        for n in range(N):
-            base = n * rpn * spr
-            seg_o, seg_n = old[base: base + rpn * spr], row[base: base + rpn * spr]
-            perm = _match_blocks(seg_o, seg_n, E, rpn)
-            row = _apply_block_perm(row, perm, spr, base)
-        for r in range(R):
-            sl = slice(r * spr, (r + 1) * spr)
-            row[sl] = _keep_slots(old[sl], row[sl])
-        out[li] = row
-    return Placement(out, E, R, N, new.layer_ids, {**new.meta, "keep_in_place": True})
+    if current.num_experts != new.num_experts:
+        raise PlacementError(f"keep_in_place: {current.num_experts} vs {new.num_experts} experts")
+    return _keep_in_place_rows(current.phy2log, new)
 
 
 # ============================================================================ migration plan
@@ -1009,18 +1018,21 @@ def _serves_all(rows: np.ndarray, E: int) -> bool:
 
 
 def _keep_in_place_rows(old_rows: np.ndarray, new: Placement) -> Placement:
-    """:func:`keep_in_place` against raw old rows that need not serve every expert."""
-    E, R = new.num_experts, new.num_ranks
-    out = np.empty_like(new.phy2log)
+    """:func:`keep_in_place` against raw old rows ``[L, S]`` (which need not serve every expert)."""
+    E, R, N = new.num_experts, new.num_ranks, new.num_nodes
     spr = new.slots_per_rank
+    out = np.empty_like(new.phy2log)
     for li in range(new.num_layers):
-        old, row = old_rows[li], new.phy2log[li].copy()
-        row = _apply_block_perm(row, _match_blocks(np.clip(old, 0, E - 1), row, E, R), spr)
+        old, row = np.clip(old_rows[li], 0, E - 1), new.phy2log[li].copy()
+        if np.array_equal(old, row):
+            out[li] = row
+            continue
+        row = _apply_block_perm(row, _match_ranks(old, row, E, R, N), spr)
         for r in range(R):
             sl = slice(r * spr, (r + 1) * spr)
-            row[sl] = _keep_slots(old[sl], row[sl])
+            row[sl] = _keep_slots(old_rows[li][sl], row[sl])
         out[li] = row
-    return Placement(out, E, R, new.num_nodes, new.layer_ids, {**new.meta, "keep_in_place": True})
+    return Placement(out, E, R, N, new.layer_ids, {**new.meta, "keep_in_place": True})
 
 
 def drain_placement(current: Placement, rank: int | Sequence[int], loads: ArrayLike, *, policy: str = "eplb",
