@@ -67,7 +67,10 @@ def simulate(
         placements: extra ``{label: Placement}`` runs (static).
         strategy: replica-choice strategy (:data:`eplb.sim.engine.STRATEGIES`).
         online: ``None`` (static only), a ``BalancerConfig``, a dict or a ``"key=value,..."`` spec
-            (:func:`eplb.sim.online.parse_online_spec`); adds one online run per policy.
+            (:func:`eplb.sim.online.parse_online_spec`); adds one online run per policy, rebalancing
+            with that policy (``"none"``: with the config's policy) and starting from the config's
+            initial placement (``initial_global_assignments``, ``expert_map_path``, ...) if it has
+            one, else from the policy's static placement.
         cost: cost model (default :func:`eplb.sim.cost.default_cost_model`).
         plan_range: ``"start-stop"`` step ids to plan static placements on (default: all steps).
         sim_range: ``"start-stop"`` step ids to replay (default: all steps).
@@ -114,6 +117,12 @@ def simulate(
             return None
         return lambda done: progress(label, done, sim_data.num_steps)
 
+    start: Placement | None = None
+    if config is not None:
+        start = config.initial_placement(E, R, num_layers=L, layer_ids=data.layer_ids, num_nodes=N)
+        if start is not None and start.num_slots != S:
+            raise ValueError(f"online: the configured initial placement has {start.num_slots} slots, --num-slots is {S}")
+
     results: list[SimResult] = []
     run_meta = {"plan_steps": [int(plan_data.step_ids[0]), int(plan_data.step_ids[-1])]}
     for p in policies:
@@ -127,8 +136,8 @@ def simulate(
             pol = p if p != "none" else config.policy
             cfg = config.replace(policy=pol, policy_options={**dict(config.policy_options), **opts},
                                  policy_backend="inline")
-            label = f"{p}+online"
-            results.append(replay_online(sim_data, pl, cfg, cost=cm, strategy=strategy,
+            label = f"{p}+online" if start is None else f"online:{pol}"
+            results.append(replay_online(sim_data, start if start is not None else pl, cfg, cost=cm, strategy=strategy,
                                          label=label,
                                          progress=prog(label), meta=run_meta))
     for label, pl in (placements or {}).items():
