@@ -44,6 +44,7 @@ from eplb.stats.trace import atomic_write
 
 __all__ = [
     "FORMATS",
+    "EPSizeMissing",
     "FormatInfo",
     "MapFormatError",
     "default_policy",
@@ -196,9 +197,13 @@ def _decode(p: Path, fmt: str, data: bytes) -> Decoded:
     return decoders[fmt](str(p), obj)
 
 
-def _same(path: Path, name: str, recorded: int | None, given: int | None, flag: str) -> int | None:
+class EPSizeMissing(MapFormatError):
+    """The map format does not record the EP size and none was given."""
+
+
+def _same(path: Path, name: str, recorded: int | None, given: int | None) -> int | None:
     if recorded is not None and given is not None and recorded != given:
-        raise MapFormatError(f"{path}: {name} is {recorded} in the file, expected {given} ({flag})")
+        raise MapFormatError(f"{path}: {name} is {recorded} in the file, expected {given}")
     return recorded if recorded is not None else given
 
 
@@ -208,9 +213,9 @@ def _plan_loads(p: Path, d: Decoded, num_experts: int | None, ep_size: int | Non
 
     assert d.loads is not None
     E = d.loads.shape[-1]
-    _same(p, "num_experts", E, num_experts, "--num-experts")
+    _same(p, "num_experts", E, num_experts)
     if ep_size is None:
-        raise MapFormatError(f"{p}: holds load counts (logical_count), not a map; planning needs the EP size (ep_size= / --ep-size)")
+        raise EPSizeMissing(f"{p}: holds load counts (logical_count), not a map; planning needs the EP size (ep_size= / --ep-size)")
     pol = policy or default_policy()
     S = int(num_slots) if num_slots is not None else E
     try:
@@ -247,7 +252,8 @@ def read_placement(
             read (default ``num_slots = E``, the best registered policy).
 
     Returns:
-        A validated :class:`Placement` (``meta`` holds the file's provenance and ``source_format``).
+        A validated :class:`Placement`; ``meta`` holds the file's provenance, ``source_format`` and
+        ``layer_ids_positional`` (True when the rows are MoE-layer positions ``0..L-1``, not model ids).
     """
     p = Path(path)
     data = read_bytes(p)
@@ -257,16 +263,26 @@ def read_placement(
         pl = _plan_loads(p, d, num_experts, ep_size, num_nodes, num_slots, policy, num_groups)
     else:
         assert d.phy2log is not None
-        flag = {"num_experts": "--num-experts", "ep_size": "--ep-size", "num_nodes": "--num-nodes"}
-        E = _same(p, "num_experts", d.num_experts, num_experts, flag["num_experts"])
+        E = _same(p, "num_experts", d.num_experts, num_experts)
         if E is None:
             E = int(d.phy2log.max()) + 1 if d.phy2log.size else 0
             if E <= 0:
                 raise MapFormatError(f"{p}: no expert ids >= 0 in the map")
-        R = _same(p, "ep_size", d.ep_size, ep_size, flag["ep_size"])
+            if E > d.phy2log.shape[1]:
+                i, s = (int(v) for v in np.argwhere(d.phy2log == E - 1)[0])
+                lid = d.layer_ids[i] if d.layer_ids is not None else i
+                raise MapFormatError(
+                    f"{p}: layer {lid}: slot {s} holds expert {E - 1}, but {d.phy2log.shape[1]} slots per layer can "
+                    f"serve at most {d.phy2log.shape[1]} experts (pass num_experts / --num-experts to check ids)"
+                )
+        R = _same(p, "ep_size", d.ep_size, ep_size)
         if R is None:
-            raise MapFormatError(f"{p}: the {fmt} format does not record the EP size; pass it (ep_size= / --ep-size)")
-        N = _same(p, "num_nodes", d.num_nodes, num_nodes, flag["num_nodes"]) or 1
+            raise EPSizeMissing(f"{p}: the file does not record the EP size; pass it (ep_size= / --ep-size)")
+        N = _same(p, "num_nodes", d.num_nodes, num_nodes) or 1
+        S = d.phy2log.shape[1]
+        if S % R:
+            raise MapFormatError(f"{p}: {S} slots per layer are not divisible by ep_size={R} "
+                                 "(every device needs the same number of slots)")
         try:
             pl = Placement(d.phy2log, E, R, N, d.layer_ids or (), {**d.meta})
         except PlacementError as exc:
@@ -285,7 +301,10 @@ def read_placement(
             if missing:
                 raise MapFormatError(f"{p}: no row for layer(s) {missing[:8]} (file has layers {list(pl.layer_ids)[:8]}...)")
             pl = pl.select_layers([pos[i] for i in want])
-    return pl.with_meta(source_format=fmt) if pl.meta.get("source_format") != fmt else pl
+    positional = d.layer_ids is None and layer_ids is None
+    if pl.meta.get("source_format") != fmt or bool(pl.meta.get("layer_ids_positional")) != positional:
+        pl = pl.with_meta(source_format=fmt, layer_ids_positional=positional)
+    return pl
 
 
 def encode_placement(placement: Placement, format: str, *, container: str = "json", **opts: Any) -> bytes:
