@@ -13,7 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eplb.stats.recorder import ExpertRecorder, attach, detach, find_routers, register_router, topk_from_logits
+from eplb.stats.recorder import (
+    ExpertRecorder,
+    attach,
+    detach,
+    find_routers,
+    register_router,
+    topk_from_logits,
+)
 from eplb.stats.store import read_dir
 from eplb.stats.trace import TraceError
 
