@@ -1,0 +1,31 @@
+"""Dispatch: which replica (physical slot) each token's expert choice goes to.
+
+* :class:`DispatchTable` -- one layer's device tables, from a :class:`~eplb.Placement`.
+* :func:`assign_slots` -- token -> slot on one rank: ``"local-first"``, ``"round-robin"``, ``"balanced"``.
+* :func:`plan_quotas` / :func:`source_shares` -- the balanced global plan every rank computes identically.
+* :func:`split_counts` -- slot loads ``[..., L, S]`` of counts ``[..., L, E]`` under a strategy (evaluate/simulate).
+* :func:`per_step_lower_bound` -- LP bound of a fixed placement with perfect dispatch.
+* policy ``"eplb-dispatch"`` -- a placement designed for balanced dispatch (registered on import).
+"""
+
+from eplb.dispatch.assign import STRATEGIES, assign_slots, occurrence, plan_quotas, source_shares
+from eplb.dispatch.solver import balanced_quotas, lp_max_load, waterfill
+from eplb.dispatch.split import SPLIT_STRATEGIES, per_step_lower_bound, split_counts, split_rank_loads
+from eplb.dispatch.table import DispatchTable, layer_tables
+
+__all__ = [
+    "SPLIT_STRATEGIES",
+    "STRATEGIES",
+    "DispatchTable",
+    "assign_slots",
+    "balanced_quotas",
+    "layer_tables",
+    "lp_max_load",
+    "occurrence",
+    "per_step_lower_bound",
+    "plan_quotas",
+    "source_shares",
+    "split_counts",
+    "split_rank_loads",
+    "waterfill",
+]
