@@ -279,7 +279,9 @@ class ExpertParallelMoE(nn.Module):
             if tuple(new.shape) != tuple(cur.shape):
                 raise ValueError(f"commit: {name} must have shape {tuple(cur.shape)}, got {tuple(new.shape)}")
         for name in self.expert_weight_names:
-            getattr(self, name).data.copy_(new_local_weights[name])
+            cur, new = getattr(self, name), new_local_weights[name]
+            if new.data_ptr() != cur.data_ptr():  # the live tensors themselves (updated in place): no copy
+                cur.data.copy_(new)
         self.placement_row.copy_(torch.as_tensor(row, device=self.placement_row.device))
         self._table_placement = newp
         self._table = None
