@@ -427,6 +427,24 @@ def plan_cmd(
     print(line + f"; planned in {dt * 1000:.0f} ms")
 
 
+def _read_for_trace(path: Path, fmt: str | None, tr: Trace, trace_spec: str, **kw: Any) -> Placement:
+    """Read a map that must fit ``tr`` (experts, layers); a misfit names the trace, a bad file its own problem."""
+    from eplb.formats import MapFormatError, read_placement
+    from eplb.stats.report import align_placement
+
+    try:
+        pl = read_placement(path, fmt, num_experts=tr.num_experts, **kw)
+    except MapFormatError as exc:
+        alone = read_placement(path, fmt, **kw)  # raises the file's own problem, if it has one
+        msg = str(exc).removeprefix(f"{path}: ")
+        raise ValueError(f"{path}: does not fit trace {trace_spec} ({tr.num_experts} experts, {alone.num_experts} in the "
+                         f"map): {msg}") from None
+    try:
+        return align_placement(pl, tr.layer_ids, tr.num_experts).with_meta(**pl.meta)
+    except ValueError as exc:
+        raise ValueError(f"{path}: does not fit trace {trace_spec}: {exc}") from None
+
+
 # ============================================================================ validate
 def _describe(pl: Placement) -> str:
     coloc = int(pl.colocated_duplicates().sum())
@@ -454,7 +472,6 @@ def validate_cmd(
 ) -> None:
     """Check a map of any format: every expert served in every layer, ids in range, equal slots per device."""
     from eplb.formats import EPSizeMissing, detect_format, read_placement
-    from eplb.stats.report import align_placement
 
     fmt = format or detect_format(map_file)
     kw: dict[str, Any] = dict(num_experts=num_experts, num_nodes=num_nodes, num_slots=num_slots)
@@ -468,7 +485,7 @@ def validate_cmd(
         note = " (the file does not record the EP size: pass --ep-size to check the slots per rank)"
     if trace is not None:
         tr = load_trace(trace)
-        align_placement(pl, tr.layer_ids, tr.num_experts)
+        _read_for_trace(map_file, fmt, tr, trace, ep_size=pl.num_ranks, num_nodes=num_nodes, num_slots=num_slots)
         note += f"; fits trace {trace} ({tr.num_layers} layers, {tr.num_experts} experts)"
     print(f"OK {map_file} ({fmt}): {desc}{note}")
 
@@ -478,7 +495,7 @@ _MAP_ONLY = ("vllm", "native")
 
 
 def _is_trace_input(path: Path, from_: str | None) -> bool:
-    from eplb.formats import FORMATS, MapFormatError, _parse
+    from eplb.formats import FORMATS, UnknownMapFormat, _parse
     from eplb.formats._common import read_bytes
 
     if from_ is not None:
@@ -500,10 +517,10 @@ def _is_trace_input(path: Path, from_: str | None) -> bool:
         return True
     try:
         fmt, obj = _parse(path, read_bytes(path))
-    except MapFormatError:
+    except UnknownMapFormat:
         if from_ in FORMATS:
             raise
-        return True  # not a map: let the trace readers say what it is
+        return True  # parses, but is no map: let the trace readers say what it is
     return fmt == "sglang" and isinstance(obj, dict) and "logical_count" in obj and from_ != "sglang"
 
 
@@ -584,8 +601,6 @@ def evaluate_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers as JSON here.")] = None,
 ) -> None:
     """Before/after load report of a placement on a trace (TensorRT-LLM's report), bound, gap, held-out."""
-    from eplb.formats import read_placement
-
     if placement is None and held_out is None:
         raise ValueError("evaluate: pass --placement MAP and/or --held-out PLAN:EVAL")
     if held_out is not None and iter_range is not None:
@@ -593,10 +608,7 @@ def evaluate_cmd(
     tr_all = load_trace(trace)
     pl = None
     if placement is not None:
-        pl = read_placement(placement, format, num_experts=tr_all.num_experts, ep_size=ep_size)
-        from eplb.stats.report import align_placement
-
-        pl = align_placement(pl, tr_all.layer_ids, tr_all.num_experts).with_meta(**pl.meta)
+        pl = _read_for_trace(placement, format, tr_all, trace, ep_size=ep_size)
     ep = pl.num_ranks if pl is not None else (ep_size or tr_all.ep_size)
     if not ep:
         raise ValueError("ep-size: pass --ep-size (no placement given and the trace does not record one)")

@@ -47,6 +47,7 @@ __all__ = [
     "EPSizeMissing",
     "FormatInfo",
     "MapFormatError",
+    "UnknownMapFormat",
     "default_policy",
     "detect_format",
     "format_for_path",
@@ -104,6 +105,14 @@ def _check_format_name(format: str) -> str:
     return format
 
 
+class UnknownMapFormat(MapFormatError):
+    """The file parses, but its content matches none of the map formats."""
+
+
+class EPSizeMissing(MapFormatError):
+    """The map format does not record the EP size and none was given."""
+
+
 def _detect_obj(path: Path, obj: Any) -> str:
     if hasattr(obj, "detach") or isinstance(obj, np.ndarray):
         return "vllm"
@@ -121,12 +130,12 @@ def _detect_obj(path: Path, obj: Any) -> str:
         if keys & {"initial_global_assignments", "num_slots", "moe_config"}:
             return "trtllm"
         shown = sorted(str(k) for k in keys)[:8]
-        raise MapFormatError(
+        raise UnknownMapFormat(
             f"{path}: unknown map format: keys {shown} match none of {', '.join(FORMATS)} "
             "(expected e.g. initial_global_assignments, layer_list, physical_to_logical_map, logical_count, "
             "or format: eplb.placement)"
         )
-    raise MapFormatError(f"{path}: unknown map format: top level is a {type(obj).__name__}, expected a mapping")
+    raise UnknownMapFormat(f"{path}: unknown map format: top level is a {type(obj).__name__}, expected a mapping")
 
 
 def _parse(path: Path, data: bytes) -> tuple[str, Any]:
@@ -195,10 +204,6 @@ def _decode(p: Path, fmt: str, data: bytes) -> Decoded:
         "sglang": sglang.decode_obj, "vllm": vllm.decode_obj, "native": native.decode_obj,
     }
     return decoders[fmt](str(p), obj)
-
-
-class EPSizeMissing(MapFormatError):
-    """The map format does not record the EP size and none was given."""
 
 
 def _same(path: Path, name: str, recorded: int | None, given: int | None) -> int | None:
@@ -285,8 +290,8 @@ def read_placement(
                                  "(every device needs the same number of slots)")
         try:
             pl = Placement(d.phy2log, E, R, N, d.layer_ids or (), {**d.meta})
-        except PlacementError as exc:
-            raise MapFormatError(f"{p}: {exc}") from None
+        except PlacementError as exc:  # "phy2log" is our name for the file's map: drop it
+            raise MapFormatError(f"{p}: {str(exc).removeprefix('phy2log: ')}") from None
         if fmt == "native":
             native.check_digest(str(p), pl)
     if layer_ids is not None:
