@@ -138,7 +138,7 @@ class ExpertRecorder:
         self._cur_topk: list[torch.Tensor | None] = [None] * L
         self.step_id = 0
         self.finished = False
-        self._parts: list[Trace] = []  # in-memory recording (path None)
+        self._parts: list[tuple[Any, ...]] = []  # in-memory recording (path None): raw arrays per drained buffer
         self._writer = None
         if self.path is not None:
             from eplb.stats.store import TraceWriter
@@ -146,7 +146,7 @@ class ExpertRecorder:
             self._writer = TraceWriter(
                 self.path, E, self.layer_ids, top_k=self.top_k, model=model, source=source,
                 ep_size=self.world_size, rank=self.rank, world_size=self.world_size, chunk_steps=chunk_steps,
-                overwrite=overwrite, meta={"iter_range": list(self.range) if self.range else None},
+                overwrite=overwrite, meta={"iter_range": list(self.range) if self.range else None}, background=True,
             )
         self.handles: list[Any] = []  # forward-hook handles installed by attach()
         self.active = self._in_range(0)
@@ -309,11 +309,10 @@ class ExpertRecorder:
             per_step = [a if a.shape[2] == k else np.zeros((0, self.num_layers, k), np.int64) for a in per_step]
             ids = np.concatenate(per_step) if per_step else np.zeros((0, self.num_layers, k), np.int64)
             off = np.concatenate([[0], np.cumsum([a.shape[0] for a in per_step])])
-        if self._writer is not None:
-            self._writer.append(counts, steps, cooccurrence=co, topk_ids=ids, topk_offsets=off)
+        if self._writer is not None:  # trusted arrays: validated once per chunk, written by a worker thread
+            self._writer.append(counts, steps, cooccurrence=co, topk_ids=ids, topk_offsets=off, validate=False)
         else:
-            self._parts.append(Trace(counts, self.layer_ids, np.asarray(steps), self.top_k, self.model, self.source,
-                                     self.world_size, {}, co, ids, off))
+            self._parts.append((counts, np.asarray(steps, dtype=np.int64), co, ids, off))
 
     # -------------------------------------------------------------- finishing
     def flush(self) -> None:
@@ -323,6 +322,7 @@ class ExpertRecorder:
         self._drain(force=True)
         if self._writer is not None:
             self._writer.flush()
+            self._writer.sync()
 
     def close(self) -> None:
         """Flush, finish the files (and TensorRT-LLM's layout if asked); further records are ignored."""
@@ -370,7 +370,9 @@ class ExpertRecorder:
         if not self._parts:
             rng = f" in iter-range {self.range[0]}-{self.range[1]}" if self.range else ""
             raise TraceError(f"recorder: no steps recorded{rng} ({self.step_id} steps ran; step() ends each step)")
-        return Trace.concat(self._parts)
+        parts = [Trace(c, self.layer_ids, st, self.top_k, self.model, self.source, self.world_size, {}, co, ids, off)
+                 for c, st, co, ids, off in self._parts]
+        return Trace.concat(parts)
 
     def __enter__(self) -> ExpertRecorder:
         return self

@@ -68,6 +68,7 @@ class TraceWriter:
         chunk_steps: int = 1024,
         max_chunk_bytes: int = 256 << 20,
         overwrite: bool = False,
+        background: bool = False,
     ) -> None:
         if chunk_steps <= 0:
             raise ValueError(f"chunk_steps: expected a positive integer, got {chunk_steps}")
@@ -92,26 +93,32 @@ class TraceWriter:
         }
         self.chunk_steps = int(chunk_steps)
         self.max_chunk_bytes = int(max_chunk_bytes)
-        self._parts: list[Trace] = []
+        # buffered steps: (counts [t,L,E] int64, step ids [t], cooccurrence, topk ids, topk offsets)
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]] = []
         self._buffered_steps = 0
         self._buffered_bytes = 0
+        self._last: int | None = None
+        self._appended = 0
+        self._seq = 0
         self._closed = False
+        self._pool: Any = None
+        self._futures: list[Any] = []
+        if background:  # chunk files written by one worker thread (in order), off the caller's thread
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-trace-writer")
         self._write_meta()
 
     # ------------------------------------------------------------------ state
     @property
     def num_steps(self) -> int:
-        """Steps appended so far (written or buffered)."""
-        return int(self.info["num_steps"]) + self._buffered_steps
+        """Steps appended so far (written, being written or buffered)."""
+        return self._appended
 
     @property
     def last_step(self) -> int | None:
         """Id of the last appended step (None before the first)."""
-        if self._parts:
-            assert self._parts[-1].step_ids is not None
-            return int(self._parts[-1].step_ids[-1])
-        last = self.info["last_step"]
-        return None if last is None else int(last)
+        return self._last
 
     def _write_meta(self) -> None:
         atomic_write(self.dir / "meta.json", json.dumps(self.info, indent=1).encode())
@@ -125,12 +132,15 @@ class TraceWriter:
         cooccurrence: ArrayLike | None = None,
         topk_ids: ArrayLike | None = None,
         topk_offsets: ArrayLike | None = None,
+        validate: bool = True,
     ) -> None:
         """Append ``counts`` ``[t, L, E]`` (or ``[L, E]`` = one step) with ids ``step_ids`` ``[t]``.
 
         Step ids default to continuing after the last one (0 first) and must keep increasing.
         ``cooccurrence`` ``[t, L, E, E]`` and ``topk_ids`` ``[N, L, k]`` + ``topk_offsets``
         ``[t + 1]`` are optional, but once given they must be given for every append.
+        ``validate=False`` (trusted int64 arrays, e.g. from the recorder) defers the checks to the
+        chunk, done once per ``chunk_steps`` steps.
         """
         if self._closed:
             raise TraceError(f"{self.dir}: writer is closed")
@@ -138,42 +148,63 @@ class TraceWriter:
         if c.ndim == 2:
             c = c[None]
         t = c.shape[0] if c.ndim == 3 else 0
-        last = self.last_step
+        last = self._last
         steps = (np.arange(t, dtype=np.int64) + (0 if last is None else last + 1)) if step_ids is None \
             else np.asarray(step_ids, dtype=np.int64).reshape(-1)
         co = None if cooccurrence is None else np.asarray(cooccurrence)
         if co is not None and co.ndim == 3:
             co = co[None]
-        try:
-            part = Trace(c, self.layer_ids, steps, self.info["top_k"], cooccurrence=co,
-                         topk_ids=None if topk_ids is None else np.asarray(topk_ids),
-                         topk_offsets=None if topk_offsets is None else np.asarray(topk_offsets))
-        except ValueError as exc:
-            raise TraceError(f"{self.dir}: append: {exc}") from None
-        if part.num_experts != self.num_experts:
-            raise TraceError(f"{self.dir}: append: counts have {part.num_experts} experts, expected {self.num_experts}")
-        assert part.step_ids is not None
-        if last is not None and int(part.step_ids[0]) <= last:
-            raise TraceError(f"{self.dir}: append: step {int(part.step_ids[0])} does not follow the last step {last}")
+        ids = None if topk_ids is None else np.asarray(topk_ids)
+        off = None if topk_offsets is None else np.asarray(topk_offsets, dtype=np.int64)
+        if validate:
+            try:
+                part = Trace(c, self.layer_ids, steps, self.info["top_k"], cooccurrence=co, topk_ids=ids, topk_offsets=off)
+            except ValueError as exc:
+                raise TraceError(f"{self.dir}: append: {exc}") from None
+            c, co, ids, off = part.counts, part.cooccurrence, part.topk_ids, part.topk_offsets
+        elif c.ndim != 3 or c.shape[1:] != (len(self.layer_ids), self.num_experts) or steps.shape != (c.shape[0],):
+            raise TraceError(f"{self.dir}: append: counts of shape {tuple(c.shape)} / {steps.shape[0]} step ids, "
+                             f"expected [t, {len(self.layer_ids)}, {self.num_experts}]")
+        if c.shape[2] != self.num_experts:
+            raise TraceError(f"{self.dir}: append: counts have {c.shape[2]} experts, expected {self.num_experts}")
+        if steps.size == 0:
+            return
+        if last is not None and int(steps[0]) <= last:
+            raise TraceError(f"{self.dir}: append: step {int(steps[0])} does not follow the last step {last}")
         if self._parts:
             prev = self._parts[0]
-            if (prev.cooccurrence is None) != (part.cooccurrence is None) or (prev.topk_ids is None) != (part.topk_ids is None):
+            if (prev[2] is None) != (co is None) or (prev[3] is None) != (ids is None):
                 raise TraceError(f"{self.dir}: append: cooccurrence/topk_ids must be given for every append or never")
-        self._parts.append(part)
-        self._buffered_steps += part.num_steps
-        self._buffered_bytes += part.counts.nbytes + (0 if part.cooccurrence is None else part.cooccurrence.nbytes) \
-            + (0 if part.topk_ids is None else part.topk_ids.nbytes)
+        self._parts.append((c, steps, co, ids, off))
+        self._last = int(steps[-1])
+        self._appended += int(steps.size)
+        self._buffered_steps += int(steps.size)
+        self._buffered_bytes += c.nbytes + (0 if co is None else co.nbytes) + (0 if ids is None else ids.nbytes)
         if self._buffered_steps >= self.chunk_steps or self._buffered_bytes >= self.max_chunk_bytes:
             self.flush()
 
-    def flush(self) -> None:
-        """Write the buffered steps as one chunk file (atomic) and update ``meta.json``."""
-        if not self._parts:
-            return
-        chunk = Trace.concat(self._parts)
-        chunk.top_k, chunk.model, chunk.source = self.info["top_k"], self.info["model"], self.info["source"]
-        chunk.ep_size = self.info["ep_size"]
-        seq = int(self.info["num_chunks"])
+    def _chunk(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None,
+                                       np.ndarray | None]]) -> Trace:
+        counts = np.concatenate([p[0] for p in parts])
+        steps = np.concatenate([p[1] for p in parts])
+        co = np.concatenate([p[2] for p in parts if p[2] is not None]) if parts[0][2] is not None else None
+        ids = off = None
+        if parts[0][3] is not None:
+            ids = np.concatenate([p[3] for p in parts if p[3] is not None])
+            offs, base = [np.zeros(1, np.int64)], 0
+            for p in parts:
+                assert p[4] is not None
+                offs.append(p[4][1:] + base)
+                base += int(p[4][-1])
+            off = np.concatenate(offs)
+        try:
+            return Trace(counts, self.layer_ids, steps, self.info["top_k"], self.info["model"], self.info["source"],
+                         self.info["ep_size"], {}, co, ids, off)
+        except ValueError as exc:
+            raise TraceError(f"{self.dir}: chunk {self._seq}: {exc}") from None
+
+    def _write_chunk(self, parts: list[Any], seq: int) -> None:
+        chunk = self._chunk(parts)
         chunk.save(self.dir / f"chunk-{seq:06d}.safetensors")
         assert chunk.step_ids is not None
         if self.info["first_step"] is None:
@@ -181,17 +212,53 @@ class TraceWriter:
         self.info["last_step"] = int(chunk.step_ids[-1])
         self.info["num_steps"] = int(self.info["num_steps"]) + chunk.num_steps
         self.info["num_chunks"] = seq + 1
-        self._parts, self._buffered_steps, self._buffered_bytes = [], 0, 0
         self._write_meta()
 
+    def _check_futures(self, wait: bool) -> None:
+        pending = []
+        for f in self._futures:
+            if wait or f.done():
+                f.result()  # re-raises a failed chunk write
+            else:
+                pending.append(f)
+        self._futures = pending
+
+    def flush(self) -> None:
+        """Write the buffered steps as one chunk file (atomic) and update ``meta.json``."""
+        if self._pool is not None:
+            self._check_futures(wait=False)
+        if not self._parts:
+            return
+        parts, seq = self._parts, self._seq
+        self._parts, self._buffered_steps, self._buffered_bytes = [], 0, 0
+        self._seq += 1
+        if self._pool is not None:
+            self._futures.append(self._pool.submit(self._write_chunk, parts, seq))
+        else:
+            self._write_chunk(parts, seq)
+
+    def sync(self) -> None:
+        """Wait until every submitted chunk file is written (re-raises a failed write)."""
+        if self._pool is not None:
+            self._check_futures(wait=True)
+
     def close(self) -> None:
-        """Flush and mark the shard complete."""
+        """Flush, wait for the chunk files and mark the shard complete."""
         if self._closed:
             return
         self.flush()
+        self._finish()
         self.info["complete"] = True
         self._write_meta()
         self._closed = True
+
+    def _finish(self) -> None:
+        if self._pool is not None:
+            try:
+                self._check_futures(wait=True)
+            finally:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def __enter__(self) -> TraceWriter:
         return self
@@ -201,6 +268,7 @@ class TraceWriter:
             self.close()
         else:  # keep what was recorded, but leave the shard marked incomplete
             self.flush()
+            self._finish()
             self._closed = True
 
 
