@@ -78,7 +78,8 @@ def simulate_cmd(
                                                                             "the online runs"),
     online_only: bool = typer.Option(False, "--online-only", help="skip the static runs"),
     cost_model: Path | None = typer.Option(None, "--cost-model", help="cost model JSON (default: the shipped "
-                                                                      "measured one, else reference/gpu.md)"),
+                                           "measured one, else reference/gpu.md); sections it lacks come from "
+                                           "reference/gpu.md"),
     plan_range: str | None = typer.Option(None, "--plan-range", help="step ids start-stop to plan placements on "
                                                                      "(default: all steps)"),
     sim_range: str | None = typer.Option(None, "--sim-range", help="step ids start-stop to replay (default: all)"),
@@ -90,11 +91,11 @@ def simulate_cmd(
     """Replay a trace step by step under placements and the online balancer; print a side-by-side summary."""
     from rich.console import Console
 
-    from eplb.sim.cost import default_cost_model, load_cost_model
+    from eplb.sim.cost import default_cost_model, load_cost_model, reference_cost_model
     from eplb.sim.simulate import simulate
 
     data = load_trace(trace, fmt)
-    cm = load_cost_model(cost_model) if cost_model is not None else default_cost_model()
+    cm = load_cost_model(cost_model, base=reference_cost_model()) if cost_model is not None else default_cost_model()
     pols = _split_list(policy) or (["deepseek"] if not placement else [])
     places = {}
     for f in placement or ():

@@ -358,6 +358,13 @@ def _from_dict(d: Mapping[str, Any], source: str, base: CostModel | None) -> Cos
         if not isinstance(d["notes"], Mapping):
             raise CostModelError(f"{source}: field 'notes' must be an object")
         kw["notes"] = {str(k): str(v) for k, v in d["notes"].items()}
+    if b is not None:
+        notes = dict(kw.get("notes", {}))
+        for sect in ("shape", "compute", "all_to_all", "migration"):
+            if sect not in d:
+                why = f" -- {b.notes[sect]}" if sect in b.notes else ""
+                notes[sect] = f"not in {source}; taken from the base cost model ({b.device}, {b.date}; {b.source}){why}"
+        kw["notes"] = notes
     try:
         if b is None:
             return CostModel(**kw).validate(source)
@@ -393,7 +400,7 @@ def load_cost_model(path_or_dict: str | os.PathLike[str] | Mapping[str, Any], *,
          "other_ms_per_layer": f, "notes": {field: text}}
 
     With ``base``, missing sections are taken from ``base`` (e.g. a compute-only measurement
-    completed with the reference all-to-all figures); without it, ``device``, ``date``,
+    completed with the reference all-to-all figures; ``notes`` says which); without it, ``device``, ``date``,
     ``source`` and ``compute`` are required and other sections use the dataclass defaults.
     """
     if isinstance(path_or_dict, Mapping):
@@ -433,18 +440,11 @@ def default_cost_model() -> CostModel:
     """The default: the runtime benchmark's measured model when one ships, else the reference one.
 
     A measured file may hold only some sections (e.g. compute from the one-GPU benchmark); the
-    rest is completed from :func:`reference_cost_model` and said so in ``notes``.
+    rest is completed from :func:`reference_cost_model` and said so in ``notes``. With several
+    measured files, the one with the newest ``date`` wins.
     """
     ref = reference_cost_model()
-    files = _measured_files()
-    if not files:
+    models = [load_cost_model(p, base=ref) for p in _measured_files()]
+    if not models:
         return ref
-    path = files[-1]
-    model = load_cost_model(path, base=ref)
-    raw = json.loads(path.read_text())
-    missing = [s for s in ("all_to_all", "migration") if s not in raw]
-    if missing:
-        notes = dict(model.notes)
-        notes.update({s: f"from {ref.source} (not in {path.name})" for s in missing})
-        model = replace(model, notes=notes)
-    return model
+    return max(models, key=lambda m: m.date)  # the newest measurement (ties: the last file name)
