@@ -5,17 +5,52 @@ load is its expert's count divided by the expert's replica count (uniform split)
 per-slot split is given.
 
 * imbalance ratio = ``max / mean - 1`` of rank load (TensorRT-LLM), computed per step, then averaged;
-* balancedness = ``mean / max`` of rank load (vLLM, SGLang).
+* balancedness = ``mean / max`` of rank load (vLLM, SGLang);
+* :func:`lower_bound` -- a proven lower bound on the max rank load any placement can reach, and
+  :func:`optimality_gap` of a placement to it; :func:`experts_moved` between two placements.
+
+Ranks listed in ``placement.meta["excluded_ranks"]`` (failed / drained ranks, set by the eplb policies'
+``excluded_ranks=`` option) serve nothing: their slots get no load and an expert's count is split over
+its replicas on the other ranks only (:func:`served_slots`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from eplb._checks import ArrayLike, check_load
+from eplb._checks import ArrayLike, check_layout, check_load
 from eplb.placement import Placement
 
-__all__ = ["balancedness", "imbalance_ratio", "rank_loads", "slot_loads"]
+__all__ = [
+    "balancedness",
+    "experts_moved",
+    "imbalance_ratio",
+    "lower_bound",
+    "max_rank_load",
+    "optimality_gap",
+    "rank_loads",
+    "served_slots",
+    "slot_loads",
+    "step_imbalance",
+]
+
+
+def served_slots(placement: Placement) -> np.ndarray:
+    """``[S]`` bool: slots that serve tokens (False on ranks in ``meta["excluded_ranks"]``)."""
+    mask = np.ones(placement.num_slots, dtype=bool)
+    ex = placement.meta.get("excluded_ranks") or ()
+    if len(ex):
+        mask &= ~np.isin(placement.slot_rank(), np.asarray(list(ex), dtype=np.int64))
+    return mask
+
+
+def _served_counts(placement: Placement, mask: np.ndarray) -> np.ndarray:
+    """``[L, E]`` replicas of each expert on served slots."""
+    L, E = placement.num_layers, placement.num_experts
+    cnt = np.zeros((L, E), dtype=np.int64)
+    rows = np.repeat(np.arange(L), int(mask.sum()))
+    np.add.at(cnt, (rows, placement.phy2log[:, mask].ravel()), 1)
+    return cnt
 
 
 def slot_loads(counts: ArrayLike, placement: Placement) -> np.ndarray:
@@ -23,9 +58,21 @@ def slot_loads(counts: ArrayLike, placement: Placement) -> np.ndarray:
     c = check_load(counts, "counts", ndim=(2, 3, 4), num_experts=placement.num_experts)
     if c.shape[-2] != placement.num_layers:
         raise ValueError(f"counts: {c.shape[-2]} layers, but the placement has {placement.num_layers}")
-    per_replica = c / placement.logcnt  # [..., L, E]
+    mask = served_slots(placement)
+    if mask.all():
+        cnt = placement.logcnt
+    else:
+        cnt = _served_counts(placement, mask)
+        if np.any(cnt == 0):
+            layer, expert = (int(v) for v in np.argwhere(cnt == 0)[0])
+            raise ValueError(f"placement: layer {placement.layer_ids[layer]}: expert {expert} has no replica on a "
+                             f"served rank (excluded_ranks={list(placement.meta.get('excluded_ranks', []))})")
+    per_replica = c / cnt  # [..., L, E]
     idx = np.broadcast_to(placement.phy2log, c.shape[:-1] + (placement.num_slots,)) if c.ndim > 2 else placement.phy2log
-    return np.take_along_axis(per_replica, idx, axis=-1)
+    out = np.take_along_axis(per_replica, idx, axis=-1)
+    if not mask.all():
+        out = out * mask
+    return out
 
 
 def rank_loads(counts: ArrayLike, placement: Placement) -> np.ndarray:
@@ -48,3 +95,170 @@ def balancedness(loads: ArrayLike, axis: int = -1) -> np.ndarray:
     x = np.asarray(loads, dtype=np.float64)
     mx = x.max(axis=axis)
     return np.where(mx > 0, x.mean(axis=axis) / np.where(mx > 0, mx, 1.0), 1.0)
+
+
+# --------------------------------------------------------------------------------- lower bound
+def _lb_feasible(w: np.ndarray, T: np.ndarray, num_slots: int, num_ranks: int, max_m: int) -> np.ndarray:
+    """``[X]`` the necessary condition ``N(T)`` of :func:`lower_bound` for rows ``w [X, E]``, thresholds ``T [X]``."""
+    S, R = num_slots, num_ranks
+    spr = S // R
+    eps = 1e-9
+    x = w / np.maximum(T, 1e-300)[:, None]
+    lo = np.maximum(np.ceil(x * (1 - eps)), 1.0)  # fewest replicas keeping every replica <= T
+    used = lo.sum(axis=1)
+    ok = used <= S
+    budget = S - used
+    pos = w > 0
+    for m in range(1, min(spr - 1, max_m) + 1):
+        h = np.ceil(x * (m + 1) * (1 - eps))  # fewest replicas making every replica <= T/(m+1)
+        counted = pos & (lo < h)
+        base = np.where(counted, lo, 0.0).sum(axis=1)
+        if not np.any(ok & (base > m * R)):
+            continue
+        # fractional knapsack: raising e to h_e costs h_e - lo_e replicas and stops counting its lo_e items
+        cost = np.where(counted, h - lo, 0.0)
+        val = np.where(counted, lo, 0.0)
+        ratio = np.where(counted, val / np.where(counted, cost, 1.0), -1.0)
+        order = np.argsort(-ratio, axis=1)
+        cs = np.take_along_axis(cost, order, axis=1)
+        vs = np.take_along_axis(val, order, axis=1)
+        prev = np.cumsum(cs, axis=1) - cs
+        room = np.clip(budget[:, None] - prev, 0.0, None)
+        frac = np.where(cs > 0, np.clip(room / np.where(cs > 0, cs, 1.0), 0.0, 1.0), 0.0)
+        ok &= base - (vs * frac).sum(axis=1) <= m * R
+    return ok
+
+
+def _lb_rows(w: np.ndarray, num_slots: int, num_ranks: int, *, iters: int = 48, max_m: int = 8) -> np.ndarray:
+    """Lower bound for every row of ``w [X, E]`` (see :func:`lower_bound`)."""
+    S, R = int(num_slots), int(num_ranks)
+    W = w.sum(axis=1)
+    res = W / R
+    need = (W > 0) & ~_lb_feasible(w, res, S, R, max_m)
+    if need.any():
+        sub = w[need]
+        lo_t = res[need].copy()  # N fails here (or it is W/R): a valid bound
+        hi_t = W[need].copy()  # N(W) holds: one replica each, at most m replicas above W/(m+1)
+        for _ in range(iters):
+            mid = 0.5 * (lo_t + hi_t)
+            f = _lb_feasible(sub, mid, S, R, max_m)
+            lo_t = np.where(f, lo_t, mid)
+            hi_t = np.where(f, mid, hi_t)
+        res[need] = lo_t
+    spr = S // R
+    if spr > 1:
+        res = np.maximum(res, _fill_bound(w, S, R, iters))
+    return res
+
+
+def _fill_bound(w: np.ndarray, num_slots: int, num_ranks: int, iters: int) -> np.ndarray:
+    """``[X]`` (smallest possible largest replica) + (``spr - 1`` smallest possible other replicas)."""
+    X, E = w.shape
+    S, spr = num_slots, num_slots // num_ranks
+    B = S - E
+    # g = min over counts of max_e w_e / c_e: bisection on "sum_e max(1, ceil(w_e / T)) <= S"
+    lo_t = np.zeros(X)
+    hi_t = w.max(axis=1)
+    for _ in range(iters):
+        mid = 0.5 * (lo_t + hi_t)
+        need = np.maximum(np.ceil(w / np.maximum(mid, 1e-300)[:, None] * (1 - 1e-9)), 1.0).sum(axis=1)
+        f = need <= S
+        lo_t = np.where(f, lo_t, mid)
+        hi_t = np.where(f, mid, hi_t)
+    # every replica of e is >= w_e / (B + 1) and e has at most B + 1 replicas
+    k = spr - 1
+    small = np.sort(w, axis=1) / (B + 1)
+    reps = min(B + 1, k)
+    fill = np.repeat(small, reps, axis=1)[:, :k].sum(axis=1) if k > 0 else np.zeros(X)
+    return lo_t + fill
+
+
+def lower_bound(counts: ArrayLike, num_slots: int, num_ranks: int) -> np.ndarray:
+    """``[L]`` lower bound on the max rank load of ANY placement of ``num_slots`` slots on ``num_ranks`` ranks.
+
+    Args:
+        counts: ``[L, E]`` loads (tokens), or ``[T, L, E]`` per-step loads; then the bound is on the
+            mean over steps of the per-step max rank load of any single (static) placement.
+        num_slots: ``S`` slots per layer (``>= E``, multiple of ``num_ranks``).
+        num_ranks: ``R``.
+
+    Model: a placement gives expert ``e`` ``c_e >= 1`` replicas (``sum c_e = S``), each carrying
+    ``w_e / c_e`` (uniform split), and every rank holds exactly ``spr = S / R`` replicas.
+
+    Proof (``[L, E]``). Let ``T*`` be the optimal max rank load and ``c`` an optimal placement's counts.
+    The bound returned is ``max(W / R, sup{T : N(T) fails})`` where ``N(T)`` is a necessary condition
+    for "some placement has max rank load ``<= T``", monotone in ``T`` (a placement feasible for ``T`` is
+    feasible for every larger ``T``), so ``N(T*)`` holds and every ``T`` with ``N(T)`` false is ``< T*``:
+
+    * ``W / R``: the rank loads sum to ``W``, so the largest is at least the mean.
+    * replica sizes: every replica lies on some rank, so ``w_e / c_e <= T`` i.e. ``c_e >= lo_e = max(1,
+      ceil(w_e / T))``; ``N`` requires ``sum lo_e <= S`` (this alone gives the greedy replication bound
+      ``min_c max_e w_e / c_e``).
+    * fill: the rank holding the largest replica (``>= g = min_c max_e w_e / c_e``) holds ``spr - 1`` other
+      replicas; a replica of ``e`` is ``>= w_e / (B + 1)`` (``B = S - E``, so ``c_e <= B + 1``) and ``e`` has
+      at most ``B + 1`` of them, so they sum to at least the ``spr - 1`` smallest values of the multiset
+      ``{w_e / (B + 1)}`` with multiplicity ``min(B + 1, spr - 1)``: ``T* >= g + that sum`` (tight when
+      ``S == E``: the hottest expert plus the ``spr - 1`` coldest ones).
+    * pigeonhole: a rank holding ``m + 1`` replicas each ``> T / (m + 1)`` has load ``> T``; so at most
+      ``m`` such replicas per rank and at most ``m R`` in all, for ``m = 1 .. spr - 1``. Expert ``e``
+      contributes ``c_e`` such replicas if ``c_e < h_e = ceil((m + 1) w_e / T)``, else none. For fixed
+      ``m``, the fewest such replicas over all ``c >= lo`` with ``sum c <= S`` is at least the value of a
+      fractional knapsack (start from ``sum lo_e [lo_e < h_e]``, buy savings ``lo_e`` at price ``h_e - lo_e``
+      replicas from the budget ``S - sum lo``; any integer choice of ``c`` is such a purchase and
+      fractional relaxation only lowers the minimum). ``N`` requires that value ``<= m R``.
+
+    ``N(T)`` is evaluated in floating point with ``ceil`` of values shrunk by ``1e-9`` (relative), which
+    only weakens it; the supremum is found by bisection keeping the lower end at a point where ``N``
+    fails (or at ``W / R``), so the returned value is a valid bound up to that rounding margin.
+
+    ``[T, L, E]``: for every step ``t`` and any static placement, ``max_r load_t(r) >= LB(counts_t)``
+    (a placement of the window is a placement of each step), so the mean per-step max is ``>=
+    mean_t LB(counts_t)``; also ``sum_t max_r load_t(r) >= max_r sum_t load_t(r) >= LB(sum_t counts_t)``.
+    The bound is the larger of ``mean_t LB(counts_t)`` and ``LB(sum_t counts_t) / T``.
+    """
+    c = check_load(counts, "counts", ndim=(2, 3))
+    check_layout(c.shape[-1], num_slots, num_ranks)
+    if c.ndim == 2:
+        return _lb_rows(c, num_slots, num_ranks)
+    T, L, E = c.shape
+    per_step = _lb_rows(c.reshape(T * L, E), num_slots, num_ranks).reshape(T, L).mean(axis=0)
+    whole = _lb_rows(c.sum(axis=0), num_slots, num_ranks) / T
+    return np.maximum(per_step, whole)
+
+
+def max_rank_load(counts: ArrayLike, placement: Placement) -> np.ndarray:
+    """``[L]`` max rank load: of ``[L, E]`` loads, or the mean over steps of the per-step max for ``[T, L, E]``."""
+    rl = rank_loads(counts, placement)
+    mx = rl.max(axis=-1)
+    return mx if mx.ndim == 1 else mx.reshape(-1, placement.num_layers).mean(axis=0)
+
+
+def optimality_gap(counts: ArrayLike, placement: Placement) -> np.ndarray:
+    """``[L]`` ``max_rank_load / lower_bound - 1`` (0 where the bound is 0); an upper bound on the
+    true relative distance to the optimal placement."""
+    mx = max_rank_load(counts, placement)
+    lb = lower_bound(counts, placement.num_slots, placement.num_ranks)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(lb > 0, mx / np.where(lb > 0, lb, 1.0) - 1.0, 0.0)
+
+
+def experts_moved(a: Placement, b: Placement) -> np.ndarray:
+    """``[L]`` expert copies that must cross ranks to go from placement ``a`` to ``b`` (``a.moves(b)``)."""
+    return a.moves(b)
+
+
+def step_imbalance(counts: ArrayLike, placement: Placement) -> np.ndarray:
+    """``[L]`` per-step imbalance ratio ``max / mean - 1`` over (served) ranks, averaged over steps.
+
+    TensorRT-LLM's definition. ``counts`` is ``[T, L, E]`` (a ``[L, E]`` array is one step). Steps
+    where a layer has no load count as 0.
+    """
+    c = check_load(counts, "counts", ndim=(2, 3), num_experts=placement.num_experts)
+    if c.ndim == 2:
+        c = c[None]
+    rl = rank_loads(c, placement)  # [T, L, R]
+    ex = placement.meta.get("excluded_ranks") or ()
+    if len(ex):
+        keep = np.setdiff1d(np.arange(placement.num_ranks), np.asarray(list(ex), dtype=np.int64))
+        rl = rl[..., keep]
+    return imbalance_ratio(rl, axis=-1).mean(axis=0)

@@ -105,6 +105,18 @@ def plan(
         raise ValueError(f"num_groups: {E} experts cannot be split into {num_groups} equal groups")
     phy2log = POLICIES[policy](arr, num_slots=int(num_slots), num_ranks=int(num_ranks), num_nodes=int(num_nodes),
                                num_groups=int(num_groups), **options)
-    info = {"policy": policy, "num_groups": int(num_groups), **{k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))}}
+    info: dict[str, Any] = {"policy": policy, "num_groups": int(num_groups)}
+    for k, v in options.items():
+        if isinstance(v, (int, float, str, bool)):
+            info[k] = v
+        elif k == "excluded_ranks" and v is not None:
+            info[k] = sorted({int(r) for r in v})
+        elif k == "current" and isinstance(v, Placement):
+            info["current_digest"] = v.digest()
     info.update(meta or {})
     return Placement(phy2log, E, int(num_ranks), int(num_nodes), tuple(layer_ids), info)
+
+
+# eplb's own policies register themselves on import (they import ``register_policy`` from here).
+from eplb.policies import eplb_policy as _eplb_policy  # noqa: E402,F401
+from eplb.policies import robust as _robust  # noqa: E402,F401

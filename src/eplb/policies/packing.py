@@ -1,0 +1,534 @@
+"""Vectorised building blocks of eplb's own policies: replication, packing, local search, alignment.
+
+Every function works on a batch of independent rows (``X`` rows: layers, or (layer, node) pairs)
+and loops in Python only over items (slots, replicas, swap iterations), never over rows.
+
+Vocabulary: a row has ``E`` experts with loads ``weight [X, E]`` (tokens), ``S`` slots split into
+``P`` packs (ranks) of ``spr = S // P`` consecutive slots; ``phy2log [X, S]`` is the expert of every
+slot; ``counts [X, E]`` the replica count of every expert. A replica carries ``weight / counts``
+(uniform split), so a pack's load is the sum of its replicas' loads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "align_ranks",
+    "dedup_pass",
+    "expert_pack_count",
+    "lpt_place",
+    "pack_loads",
+    "phy2log_counts",
+    "replica_counts",
+    "replica_weights",
+    "swap_search",
+]
+
+_REL_TOL = 1e-12
+
+
+def replica_counts(weight: np.ndarray, num_slots: int, max_replicas: int | None = None) -> np.ndarray:
+    """Greedy replica counts minimising the largest per-replica load (min-max apportionment).
+
+    Args:
+        weight: ``[X, E]`` non-negative expert loads.
+        num_slots: ``S >= E`` replicas per row.
+        max_replicas: optional cap on any expert's replica count (``E * cap >= S`` required).
+
+    Returns:
+        ``[X, E]`` int64 counts, each ``>= 1``, rows summing to ``S``. Each extra replica goes to the
+        expert with the largest ``weight / count``; ties go to the expert with fewer replicas, then
+        the lower id. The result minimises ``max_e weight_e / count_e`` over all count vectors that
+        respect the cap (the classic greedy exchange argument), which makes it a valid ingredient of
+        :func:`eplb.metrics.lower_bound`.
+    """
+    X, E = weight.shape
+    if num_slots < E:
+        raise ValueError(f"num_slots: {num_slots} slots cannot hold {E} experts")
+    if max_replicas is not None and E * max_replicas < num_slots:
+        raise ValueError(
+            f"max_replicas: {E} experts x at most {max_replicas} replicas = {E * max_replicas} < {num_slots} slots to fill"
+        )
+    counts = np.ones((X, E), dtype=np.int64)
+    rows = np.arange(X)
+    big = np.iinfo(np.int64).max
+    for _ in range(num_slots - E):
+        val = weight / counts
+        if max_replicas is not None:
+            val = np.where(counts >= max_replicas, -np.inf, val)
+        top = val.max(axis=1, keepdims=True)
+        cand = val >= top
+        pick = np.argmin(np.where(cand, counts, big), axis=1)
+        counts[rows, pick] += 1
+    return counts
+
+
+def replica_weights(weight: np.ndarray, counts: np.ndarray, phy2log: np.ndarray) -> np.ndarray:
+    """``[X, S]`` load of every slot: its expert's load divided by the expert's replica count."""
+    return np.take_along_axis(weight / np.maximum(counts, 1), phy2log, axis=1)
+
+
+def phy2log_counts(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[X, E]`` replica count of every expert in ``phy2log [X, S]``."""
+    X, S = phy2log.shape
+    out = np.zeros((X, num_experts), dtype=np.int64)
+    np.add.at(out, (np.repeat(np.arange(X), S), phy2log.ravel()), 1)
+    return out
+
+
+def expert_pack_count(phy2log: np.ndarray, num_experts: int, num_packs: int) -> np.ndarray:
+    """``[X, E, P]`` replicas of expert ``e`` in pack ``p``."""
+    X, S = phy2log.shape
+    spr = S // num_packs
+    out = np.zeros((X, num_experts, num_packs), dtype=np.int64)
+    packs = np.tile(np.arange(S) // spr, X)
+    np.add.at(out, (np.repeat(np.arange(X), S), phy2log.ravel(), packs), 1)
+    return out
+
+
+def pack_loads(item_w: np.ndarray, num_packs: int) -> np.ndarray:
+    """``[X, P]`` pack loads from per-slot loads ``[X, S]``."""
+    X, S = item_w.shape
+    return item_w.reshape(X, num_packs, S // num_packs).sum(-1)
+
+
+def lpt_place(weight: np.ndarray, counts: np.ndarray, num_packs: int, *, avoid_duplicates: bool = True) -> np.ndarray:
+    """Greedy LPT with equal slots per pack and no two replicas of an expert in one pack when avoidable.
+
+    Replicas are taken heaviest first; each goes to the lightest pack that still has a free slot and
+    does not hold its expert yet (if every pack with room holds it, the lightest pack with room).
+
+    Args:
+        weight: ``[X, E]`` expert loads.
+        counts: ``[X, E]`` replica counts, rows summing to ``S`` (a multiple of ``num_packs``).
+        num_packs: ``P``.
+
+    Returns:
+        ``phy2log [X, S]``: pack ``p`` owns slots ``p*spr .. (p+1)*spr-1``.
+    """
+    X, E = weight.shape
+    S = int(counts[0].sum())
+    spr = S // num_packs
+    rows = np.arange(X)
+    eids = np.repeat(np.tile(np.arange(E), X), counts.ravel()).reshape(X, S)
+    iw = replica_weights(weight, counts, eids)
+    order = np.argsort(-iw, axis=1, kind="stable")
+    eids = np.take_along_axis(eids, order, axis=1)
+    iw = np.take_along_axis(iw, order, axis=1)
+    load = np.zeros((X, num_packs))
+    fill = np.zeros((X, num_packs), dtype=np.int64)
+    has = np.zeros((X, E, num_packs), dtype=bool)
+    out = np.empty((X, S), dtype=np.int64)
+    for j in range(S):
+        e = eids[:, j]
+        room = fill < spr
+        key = np.where(room, load, np.inf)
+        if avoid_duplicates:
+            ok = room & ~has[rows, e]
+            key = np.where(ok.any(axis=1, keepdims=True), np.where(ok, load, np.inf), key)
+        p = np.argmin(key, axis=1)
+        out[rows, p * spr + fill[rows, p]] = e
+        fill[rows, p] += 1
+        load[rows, p] += iw[:, j]
+        has[rows, e, p] = True
+    return out
+
+
+def swap_search(
+    weight: np.ndarray,
+    phy2log: np.ndarray,
+    num_packs: int,
+    *,
+    max_iters: int | None = None,
+    home: np.ndarray | None = None,
+    target: np.ndarray | None = None,
+    rows_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Local search: swap a replica of the heaviest pack with one of another pack while that lowers it.
+
+    Each iteration, for every still-active row, evaluates every swap of a slot of the heaviest pack
+    with a slot of any other pack (``spr x S`` candidates) that creates no colocated duplicate, and
+    applies the one that minimises the larger of the two new pack loads if that is below the
+    current maximum. Replica counts are unchanged, so every item keeps its load. A row stops when
+    no swap improves its heaviest pack (or when its maximum is ``<= target``).
+
+    Args:
+        weight: ``[X, E]`` expert loads.
+        phy2log: ``[X, S]`` starting placement (not modified).
+        num_packs: ``P``.
+        max_iters: iteration cap (default ``4 * S``).
+        home: optional ``[X, E, P]`` bool, where each expert already is (migration-aware mode):
+            swaps are ranked by the number of new cross-pack copies they add first, and their
+            improvement second.
+        target: optional ``[X]`` loads; a row stops once its heaviest pack is ``<= target``.
+        rows_mask: optional ``[X]`` bool, rows to work on (default all).
+
+    Returns:
+        The improved ``phy2log [X, S]``; the heaviest pack load never increases.
+    """
+    X, S = phy2log.shape
+    E = weight.shape[1]
+    spr = S // num_packs
+    p2l = phy2log.copy()
+    if spr == S or num_packs == 1:
+        return p2l
+    counts = phy2log_counts(p2l, E)
+    per = weight / np.maximum(counts, 1)
+    iw = np.take_along_axis(per, p2l, axis=1)
+    loads = pack_loads(iw, num_packs)
+    has = expert_pack_count(p2l, E, num_packs)
+    slot_pack = np.arange(S) // spr
+    active = np.arange(X) if rows_mask is None else np.flatnonzero(rows_mask)
+    iters = 4 * S if max_iters is None else int(max_iters)
+    local = np.arange(spr)
+    for _ in range(iters):
+        if active.size == 0:
+            break
+        A = active
+        a = A.size
+        ar = np.arange(a)
+        Lr = loads[A]
+        m = np.argmax(Lr, axis=1)
+        Lm = Lr[ar, m]
+        if target is not None:
+            keep = Lm > target[A]
+            A, m, Lm, Lr = A[keep], m[keep], Lm[keep], Lr[keep]
+            a = A.size
+            ar = np.arange(a)
+            if a == 0:
+                break
+        mpos = m[:, None] * spr + local  # [a, spr]
+        aw = iw[A[:, None], mpos]
+        ae = p2l[A[:, None], mpos]
+        bw = iw[A]
+        be = p2l[A]
+        d = aw[:, :, None] - bw[:, None, :]  # [a, spr, S]
+        tol = _REL_TOL * np.maximum(Lm, 1e-300)
+        newm = Lm[:, None, None] - d
+        newr = Lr[:, slot_pack][:, None, :] + d
+        pm = np.maximum(newm, newr)
+        valid = (slot_pack[None, None, :] != m[:, None, None]) & (d > tol[:, None, None])
+        # no new duplicates: a's expert must be absent from b's pack, b's expert absent from the heavy pack
+        a_on = has[A[:, None], ae, :]  # [a, spr, P]
+        valid &= a_on[:, :, slot_pack] == 0
+        b_on_m = has[A[:, None], be, m[:, None]]  # [a, S]
+        valid &= (b_on_m == 0)[:, None, :]
+        improving = valid & (pm < (Lm - tol)[:, None, None])
+        if home is not None:
+            hA = home[A]
+            bp = np.broadcast_to(slot_pack, (a, S))
+            mm = np.broadcast_to(m[:, None], (a, spr))
+            a_home_m = hA[ar[:, None], ae, mm]  # a's expert was on m
+            b_home_b = hA[ar[:, None], be, bp]  # b's expert was on b's pack
+            a_home_b = hA[ar[:, None, None], ae[:, :, None], bp[:, None, :]]
+            b_home_m = hA[ar[:, None], be, m[:, None]]
+            dmoves = (
+                (~a_home_b).astype(np.int64)
+                + (~b_home_m)[:, None, :]
+                - (~a_home_m)[:, :, None]
+                - (~b_home_b)[:, None, :]
+            )
+            key = np.where(improving, dmoves + pm / np.maximum(Lm, 1e-300)[:, None, None], np.inf)
+        else:
+            key = np.where(improving, pm, np.inf)
+        flat = key.reshape(a, -1)
+        best = np.argmin(flat, axis=1)
+        ok = np.isfinite(flat[ar, best])
+        if not ok.any():
+            break
+        A, best, m = A[ok], best[ok], m[ok]
+        j, k = best // S, best % S
+        sa = m * spr + j
+        ea, eb = p2l[A, sa], p2l[A, k]
+        wa, wb = iw[A, sa], iw[A, k]
+        pk = slot_pack[k]
+        p2l[A, sa], p2l[A, k] = eb, ea
+        iw[A, sa], iw[A, k] = wb, wa
+        loads[A, m] += wb - wa
+        loads[A, pk] += wa - wb
+        has[A, ea, m] -= 1
+        has[A, eb, pk] -= 1
+        has[A, ea, pk] += 1
+        has[A, eb, m] += 1
+        active = A
+    return p2l
+
+
+def dedup_pass(weight: np.ndarray, phy2log: np.ndarray, num_packs: int, *, max_iters: int | None = None) -> np.ndarray:
+    """Remove colocated duplicates by swaps that do not raise the row's heaviest pack.
+
+    For a pack holding two replicas of one expert, swap one of them with a slot of a pack that does
+    not hold that expert (and whose expert is absent from the first pack), choosing the swap with the
+    smallest resulting pair maximum, accepted only if that is ``<=`` the row's current maximum.
+    Duplicates that cannot be removed this way (e.g. an expert with more replicas than packs) stay.
+    """
+    X, S = phy2log.shape
+    E = weight.shape[1]
+    spr = S // num_packs
+    p2l = phy2log.copy()
+    if spr == 1:
+        return p2l
+    counts = phy2log_counts(p2l, E)
+    iw = np.take_along_axis(weight / np.maximum(counts, 1), p2l, axis=1)
+    loads = pack_loads(iw, num_packs)
+    has = expert_pack_count(p2l, E, num_packs)
+    slot_pack = np.arange(S) // spr
+    iters = S if max_iters is None else int(max_iters)
+    tried = np.zeros((X, S), dtype=bool)
+    for _ in range(iters):
+        # a duplicate slot: its expert has >= 2 replicas in its pack; take the first untried one per row
+        dup = (has[np.arange(X)[:, None], p2l, slot_pack[None, :]] > 1) & ~tried
+        rows = np.flatnonzero(dup.any(axis=1))
+        if rows.size == 0:
+            break
+        sa = np.argmax(dup[rows], axis=1)
+        tried[rows, sa] = True
+        pa = slot_pack[sa]
+        ea = p2l[rows, sa]
+        wa = iw[rows, sa]
+        d = wa[:, None] - iw[rows]  # [r, S]
+        La = loads[rows, pa]
+        newa = La[:, None] - d
+        newb = loads[rows][:, slot_pack] + d
+        pm = np.maximum(newa, newb)
+        gmax = loads[rows].max(axis=1)
+        valid = slot_pack[None, :] != pa[:, None]
+        valid &= has[rows[:, None], ea[:, None], slot_pack[None, :]] == 0
+        valid &= has[rows[:, None], p2l[rows], pa[:, None]] == 0
+        valid &= pm <= gmax[:, None] * (1 + _REL_TOL)
+        key = np.where(valid, pm, np.inf)
+        k = np.argmin(key, axis=1)
+        ok = np.isfinite(key[np.arange(rows.size), k])
+        rows, sa, k, pa, ea, wa = rows[ok], sa[ok], k[ok], pa[ok], ea[ok], wa[ok]
+        if rows.size == 0:
+            continue
+        eb, wb, pb = p2l[rows, k], iw[rows, k], slot_pack[k]
+        p2l[rows, sa], p2l[rows, k] = eb, ea
+        iw[rows, sa], iw[rows, k] = wb, wa
+        loads[rows, pa] += wb - wa
+        loads[rows, pb] += wa - wb
+        has[rows, ea, pa] -= 1
+        has[rows, eb, pb] -= 1
+        has[rows, ea, pb] += 1
+        has[rows, eb, pa] += 1
+    return p2l
+
+
+def align_ranks(current: np.ndarray, new: np.ndarray, num_packs: int, num_experts: int) -> np.ndarray:
+    """Relabel the packs of ``new`` (and reorder slots inside each) to overlap ``current`` the most.
+
+    Permuting whole packs and slots within a pack leaves every pack's load unchanged, so the
+    result balances exactly as well as ``new`` while needing fewer expert copies from ``current``.
+    Packs are matched greedily (the pair sharing the most experts first, vectorised over rows) and
+    then improved by pairwise exchanges; inside a pack an expert that stays keeps its old slot.
+
+    Args:
+        current, new: ``[X, S]`` phy2log rows.
+
+    Returns:
+        ``[X, S]`` placement equal to ``new`` up to pack relabelling and within-pack slot order.
+    """
+    X, S = new.shape
+    P = num_packs
+    spr = S // P
+    rows = np.arange(X)
+    cur_has = expert_pack_count(current, num_experts, P)  # [X, E, P]
+    new_has = expert_pack_count(new, num_experts, P)
+    # overlap[x, q, p]: replicas of new pack q already present on old pack p (a copy is saved for each)
+    overlap = np.einsum("xeq,xep->xqp", np.minimum(new_has, 1).astype(np.float64), np.minimum(cur_has, 1).astype(np.float64))
+    assign = np.full((X, P), -1, dtype=np.int64)  # new pack q -> old pack p
+    used_q = np.zeros((X, P), dtype=bool)
+    used_p = np.zeros((X, P), dtype=bool)
+    for _ in range(P):
+        score = np.where(used_q[:, :, None] | used_p[:, None, :], -1.0, overlap)
+        flat = np.argmax(score.reshape(X, -1), axis=1)
+        q, p = flat // P, flat % P
+        assign[rows, q] = p
+        used_q[rows, q] = True
+        used_p[rows, p] = True
+    # pairwise improvement of the matching
+    for _ in range(2 * P):
+        val = overlap[rows[:, None], np.arange(P)[None, :], assign]  # [X, P]
+        cross = overlap[rows[:, None, None], np.arange(P)[None, :, None], assign[:, None, :]]  # q1 with p(q2)
+        gain = cross + cross.transpose(0, 2, 1) - val[:, :, None] - val[:, None, :]
+        flat = np.argmax(gain.reshape(X, -1), axis=1)
+        g = gain.reshape(X, -1)[rows, flat]
+        sel = g > 0.5
+        if not sel.any():
+            break
+        r = rows[sel]
+        q1, q2 = flat[sel] // P, flat[sel] % P
+        p1, p2 = assign[r, q1].copy(), assign[r, q2].copy()
+        assign[r, q1], assign[r, q2] = p2, p1
+    # move new pack q into old pack position assign[q]
+    blocks = new.reshape(X, P, spr)
+    out = np.empty_like(blocks)
+    out[rows[:, None], assign] = blocks
+    # within each pack: experts that stay keep their old local slot
+    cur_b = current.reshape(X, P, spr)
+    res = out.copy()
+    free = np.ones((X, P, spr), dtype=bool)  # local slot still free
+    placed = np.zeros((X, P, spr), dtype=bool)  # new item already placed
+    for j in range(spr):  # old local slot j
+        e_old = cur_b[:, :, j]  # [X, P]
+        match = (out == e_old[:, :, None]) & ~placed  # new items equal to the old expert in slot j
+        hit = match.any(axis=2)
+        k = np.argmax(match, axis=2)
+        xs, ps = np.nonzero(hit)
+        ks = k[xs, ps]
+        res[xs, ps, j] = out[xs, ps, ks]
+        placed[xs, ps, ks] = True
+        free[xs, ps, j] = False
+    # remaining new items fill remaining free local slots in order
+    for _ in range(spr):
+        todo = ~placed
+        if not todo.any():
+            break
+        xs, ps = np.nonzero(todo.any(axis=2))
+        ks = np.argmax(todo[xs, ps], axis=1)
+        js = np.argmax(free[xs, ps], axis=1)
+        res[xs, ps, js] = out[xs, ps, ks]
+        placed[xs, ps, ks] = True
+        free[xs, ps, js] = False
+    return res.reshape(X, S)
+
+
+def count_step(
+    weight: np.ndarray,
+    phy2log: np.ndarray,
+    num_packs: int,
+    *,
+    max_replicas: int | None = None,
+    rows_mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One replication move per row: re-assign one slot to another expert if that lowers the max pack.
+
+    Changing slot ``s`` from expert ``j`` (``c_j >= 2``) to expert ``i`` shrinks every replica of ``i``
+    (``w_i / (c_i + 1)``) and grows the other replicas of ``j`` (``w_j / (c_j - 1)``). Two families of
+    moves are evaluated exactly (new load of every pack) for every row:
+
+    * (A) ``i`` is an expert of the heaviest pack, ``s`` any slot of a multi-replica expert elsewhere;
+    * (B) ``s`` is a slot of the heaviest pack holding a multi-replica expert, ``i`` any expert.
+
+    Moves that would put ``i`` twice in a pack, or exceed ``max_replicas``, are skipped. The move whose
+    changed packs end lowest is applied when they all end below the current maximum: the pair (max,
+    number of packs at the max) strictly decreases, so the max never increases.
+
+    Returns:
+        ``(phy2log [X, S], improved [X] bool)``.
+    """
+    X, S = phy2log.shape
+    E = weight.shape[1]
+    P = num_packs
+    spr = S // P
+    p2l = phy2log.copy()
+    improved = np.zeros(X, dtype=bool)
+    if P == 1:
+        return p2l, improved
+    A = np.arange(X) if rows_mask is None else np.flatnonzero(rows_mask)
+    if A.size == 0:
+        return p2l, improved
+    a = A.size
+    ar = np.arange(a)
+    pa = p2l[A]
+    w = weight[A]
+    c = phy2log_counts(pa, E).astype(np.float64)
+    n = expert_pack_count(pa, E, P).astype(np.float64)  # [a, E, P]
+    per = w / np.maximum(c, 1)
+    load = pack_loads(np.take_along_axis(per, pa, axis=1), P)  # [a, P]
+    m = np.argmax(load, axis=1)
+    Lm = load[ar, m]
+    grow = np.where(c >= 2, w / np.maximum(c - 1, 1) - per, 0.0)  # [a, E] growth of j's other replicas
+    gone = np.where(c >= 2, w / np.maximum(c - 1, 1), 0.0)  # what the emptied slot's j turns into (removed)
+    cap_ok = np.ones((a, E), dtype=bool) if max_replicas is None else c + 1 <= max_replicas
+    shrink = per - w / (c + 1)  # [a, E] shrink of i's replicas
+    newi = w / (c + 1)  # [a, E] i's new per-replica load
+    slot_pack = np.arange(S) // spr
+    local = np.arange(spr)
+    tol = _REL_TOL * np.maximum(Lm, 1e-300)
+
+    # ---- (A): i on the heavy pack, donor slot s elsewhere (multi-replica expert)
+    mi = pa[ar[:, None], m[:, None] * spr + local]  # [a, spr] experts of the heavy pack
+    donor = (c[ar[:, None], pa] >= 2) & (slot_pack[None, :] != m[:, None])  # [a, S]
+    D = int(donor.sum(axis=1).max()) if donor.any() else 0
+    bestA = np.full(a, np.inf)
+    argA = np.zeros((a, 2), dtype=np.int64)
+    if D:
+        order = np.argsort(~donor, axis=1, kind="stable")[:, :D]  # donor slots first
+        dval = np.take_along_axis(donor, order, axis=1)  # [a, D]
+        sj = np.take_along_axis(pa, order, axis=1)  # expert j of each donor slot
+        rs = slot_pack[order]  # [a, D]
+        term_j = n[ar[:, None], sj, :] * grow[ar[:, None], sj][:, :, None]  # [a, D, P]
+        term_i = n[ar[:, None], mi, :] * shrink[ar[:, None], mi][:, :, None]  # [a, spr, P]
+        new = load[:, None, None, :] + term_j[:, None, :, :] - term_i[:, :, None, :]  # [a, spr, D, P]
+        at_rs = (-gone[ar[:, None], sj])[:, None, :] + newi[ar[:, None], mi][:, :, None]  # [a, spr, D]
+        onehot = rs[:, :, None] == np.arange(P)[None, None, :]  # [a, D, P]
+        new = new + onehot[:, None, :, :] * at_rs[:, :, :, None]
+        # packs whose load does not change (e.g. others tied at the max) do not count: a move that lowers
+        # the heavy pack without lifting another to the max reduces (max, number of packs at max)
+        touched = (term_j[:, None, :, :] != 0) | (term_i[:, :, None, :] != 0) | onehot[:, None, :, :]
+        nm = np.where(touched, new, -np.inf).max(axis=3)  # [a, spr, D]
+        ok = dval[:, None, :] & cap_ok[ar[:, None], mi][:, :, None]
+        ok &= n[ar[:, None, None], mi[:, :, None], rs[:, None, :]] == 0  # i not yet on s's pack
+        ok &= mi[:, :, None] != sj[:, None, :]
+        nm = np.where(ok, nm, np.inf)
+        flat = nm.reshape(a, -1)
+        k = np.argmin(flat, axis=1)
+        bestA = flat[ar, k]
+        argA[:, 0] = np.take_along_axis(order, (k % D)[:, None], axis=1)[:, 0]  # slot
+        argA[:, 1] = mi[ar, k // D]  # new expert
+    # ---- (B): donor slot on the heavy pack, any receiving expert i
+    sB = m[:, None] * spr + local  # [a, spr]
+    jB = pa[ar[:, None], sB]
+    okB_s = c[ar[:, None], jB] >= 2  # [a, spr]
+    bestB = np.full(a, np.inf)
+    argB = np.zeros((a, 2), dtype=np.int64)
+    if okB_s.any():
+        term_j = n[ar[:, None], jB, :] * grow[ar[:, None], jB][:, :, None]  # [a, spr, P]
+        term_i = n * shrink[:, :, None]  # [a, E, P]
+        new = load[:, None, None, :] + term_j[:, :, None, :] - term_i[:, None, :, :]  # [a, spr, E, P]
+        at_m = (-gone[ar[:, None], jB])[:, :, None] + newi[:, None, :]  # [a, spr, E]
+        new[ar, :, :, m] += at_m
+        touched = (term_j[:, :, None, :] != 0) | (term_i[:, None, :, :] != 0)
+        touched[ar, :, :, m] = True
+        nm = np.where(touched, new, -np.inf).max(axis=3)
+        ok = okB_s[:, :, None] & cap_ok[:, None, :]
+        ok &= (n[ar, :, m] == 0)[:, None, :]  # i not on the heavy pack yet
+        ok &= np.arange(E)[None, None, :] != jB[:, :, None]
+        nm = np.where(ok, nm, np.inf)
+        flat = nm.reshape(a, -1)
+        k = np.argmin(flat, axis=1)
+        bestB = flat[ar, k]
+        argB[:, 0] = sB[ar, k // E]
+        argB[:, 1] = k % E
+    useB = bestB < bestA
+    best = np.where(useB, bestB, bestA)
+    arg = np.where(useB[:, None], argB, argA)
+    good = best < Lm - tol
+    rows = A[good]
+    p2l[rows, arg[good, 0]] = arg[good, 1]
+    improved[rows] = True
+    return p2l, improved
+
+
+def refine(
+    weight: np.ndarray,
+    phy2log: np.ndarray,
+    num_packs: int,
+    *,
+    max_replicas: int | None = None,
+    max_rounds: int = 32,
+    max_iters: int | None = None,
+) -> np.ndarray:
+    """Alternate :func:`swap_search` (packing) and :func:`count_step` (replication) until neither lowers
+    a row's heaviest pack (at most ``max_rounds`` replication moves per row); the max never increases."""
+    p = swap_search(weight, phy2log, num_packs, max_iters=max_iters)
+    active = np.ones(p.shape[0], dtype=bool)
+    for _ in range(max_rounds):
+        p, imp = count_step(weight, p, num_packs, max_replicas=max_replicas, rows_mask=active)
+        if not imp.any():
+            break
+        p = swap_search(weight, p, num_packs, max_iters=max_iters, rows_mask=imp)
+        active = imp
+    return p
