@@ -280,10 +280,10 @@ def _summary_table(evals: Sequence[Evaluation], title: str) -> Any:
     from rich.table import Table
 
     t = Table(title=title)
-    for col, just in (("placement", "left"), ("steps", "right"), ("slots/ranks", "right"), ("imbalance", "right"),
-                      ("max rank load", "right"), ("balanced dispatch imb.", "right"), ("dispatch bound", "right"),
-                      ("lower bound", "right"), ("gap", "right")):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    t.add_column("placement", min_width=30)
+    for col in ("steps", "slots/ranks", "imbalance", "max rank load", "imb. balanced dispatch", "dispatch bound",
+                "lower bound", "gap"):
+        t.add_column(col, justify="right")
 
     def f(v: float | None, spec: str) -> str:
         return "-" if v is None else format(v, spec)
@@ -731,14 +731,21 @@ def demo(
 
     t2 = time.perf_counter()
     files: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
     for fmt, name in DEMO_FILES.items():
         path = out / name
         opts_w: dict[str, Any] = {"layer_updates_per_iter": 0} if fmt == "trtllm" else {}
+        if fmt == "vllm-ascend" and pl.colocated_duplicates().sum():
+            skipped[fmt] = (f"the {pol} placement puts {int(pl.colocated_duplicates().sum())} replica(s) on a rank that "
+                            "already holds that expert; vllm-ascend holds one slot per expert per device")
+            continue
         write_placement(pl, path, fmt, **opts_w)
         _check_read_back(path, fmt, pl)
         files[fmt] = path
     timings["write+validate"] = time.perf_counter() - t2
     echo(f"[3/5] wrote and read back {len(files)} formats in {out}: " + ", ".join(f"{k}={v.name}" for k, v in files.items()))
+    for fmt, why in skipped.items():
+        echo(f"      {fmt} not written: {why}")
 
     t3 = time.perf_counter()
     after = evaluate_placement(tr_eval, pl, label=f"{pol} planned on {plan_range[0]}-{plan_range[1]} (held-out)",
