@@ -43,6 +43,11 @@ def test_compute_table_interpolation_clamp_extrapolation():
     assert m.compute_ms(800, 16) == pytest.approx(2 * 7.0)
     assert m.compute_ms(100, 2) == pytest.approx(0.5 * 2.0)  # t(2, 100) = 0.5 * t_4(200)
     assert m.compute_is_monotone(4)
+    # a measured dip (noise) is flattened: time never decreases with tokens
+    d = CostModel(device="d", date="x", source="s", compute_slots_per_rank=(4,), compute_tokens=(100.0, 200.0, 400.0),
+                  compute_time_ms=((1.0, 3.0, 2.0),))
+    assert d.compute_ms([150, 300, 400, 600], 4) == pytest.approx([2.0, 3.0, 3.0, 3.0])
+    assert d.compute_is_monotone(4)
 
 
 def test_roofline_and_comm_hand_computed():
@@ -77,9 +82,21 @@ def test_json_round_trip_and_partial_files(tmp_path):
     assert m2.compute_ms(30, 2) == pytest.approx(1.5)
 
 
-def test_default_prefers_reference_when_nothing_measured():
+def test_default_is_the_newest_measured_file_completed_from_the_reference():
+    from eplb.sim.cost import _measured_files
+
     m = default_cost_model()
     assert m.device and m.date and m.source
+    files = _measured_files()
+    if not files:
+        assert m == reference_cost_model()
+        return
+    raw = [json.loads(f.read_text()) for f in files]
+    assert m.date == max(r["date"] for r in raw) and m.source in [r["source"] for r in raw]
+    ref = reference_cost_model()
+    newest = next(r for r in raw if r["source"] == m.source)
+    if "all_to_all" not in newest:  # compute-only measurement: the all-to-all comes from reference/gpu.md
+        assert m.a2a_latency_ms == ref.a2a_latency_ms and "reference/gpu.md" in m.notes["all_to_all"]
 
 
 @pytest.mark.parametrize("patch, match", [

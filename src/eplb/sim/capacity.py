@@ -24,7 +24,15 @@ from eplb.placement import Placement
 from eplb.sim.engine import STRATEGIES, SimInput, as_sim_input, expert_rank_share, rank_loads, step_chunk
 from eplb.stats.trace import Trace, atomic_write
 
-__all__ = ["CapacityResult", "capacity", "held_out_imbalance", "plan_placement", "split_steps"]
+__all__ = ["CapacityResult", "capacity", "held_out_imbalance", "known_policies", "plan_placement", "split_steps"]
+
+
+def known_policies() -> dict[str, Any]:
+    """:data:`eplb.policies.POLICIES` after importing the modules that register policies on import."""
+    import eplb.dispatch  # noqa: F401  (registers its dispatch-aware policy, when it has one)
+    from eplb.policies import POLICIES
+
+    return POLICIES
 
 
 def plan_placement(policy: str, train: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int = 1,
@@ -215,8 +223,7 @@ def capacity(
         raise ValueError(f"strategy: unknown replica-choice strategy {strategy!r}; expected one of {list(STRATEGIES)}")
     if not policies:
         raise ValueError("policies: give at least one policy")
-    from eplb.policies import POLICIES
-
+    POLICIES = known_policies()
     for p in policies:
         if p != "none" and p not in POLICIES:
             raise ValueError(f"policies: unknown policy {p!r}; expected 'none' or one of {sorted(POLICIES)}")

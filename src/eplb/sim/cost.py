@@ -9,8 +9,8 @@ measured on, the date and the source of its numbers. For one MoE layer of one st
 
 * ``tokens_r`` is the number of (token, expert) pairs rank ``r`` computes (its rank load);
 * compute time comes from a measured table (``kind: "table"``: time vs tokens per rank, one row
-  per slots-per-rank value, piecewise-linear in tokens, linear beyond the last point, clamped
-  below the first) or from a roofline (``kind: "roofline"``: ``fixed + max(ms_per_slot*spr,
+  per slots-per-rank value, made non-decreasing in tokens, piecewise-linear in tokens, linear
+  beyond the last point, clamped below the first) or from a roofline (``kind: "roofline"``: ``fixed + max(ms_per_slot*spr,
   ms_per_token*tokens)``);
 * all-to-all: tokens are assumed to come uniformly from all ranks (data-parallel attention), so
   rank ``r`` receives ``tokens_r * (R/N - 1)/R`` pairs over intra-node links and
@@ -157,8 +157,9 @@ class CostModel:
     def compute_curve(self, slots_per_rank: int) -> tuple[np.ndarray, np.ndarray]:
         """Breakpoints ``(tokens, ms)`` of the compute time of a rank with ``slots_per_rank`` slots.
 
-        Table rows are used as measured; between two rows the times are interpolated linearly
-        in slots per rank; outside the measured rows, a row is scaled as ``spr`` experts at the
+        Table rows are used as measured, made non-decreasing in tokens (running maximum: a rank
+        never gets faster with more tokens; measured dips are timing noise); between two rows the
+        times are interpolated linearly in slots per rank; outside the measured rows, a row is scaled as ``spr`` experts at the
         same tokens per expert: ``t(spr, n) = spr/s0 * t_s0(n * s0/spr)``.
         A roofline is returned as its exact piecewise-linear breakpoints.
         """
@@ -173,6 +174,7 @@ class CostModel:
         rows = np.asarray(self.compute_slots_per_rank, dtype=np.float64)
         tok = np.asarray(self.compute_tokens, dtype=np.float64)
         tms = np.asarray(self.compute_time_ms, dtype=np.float64)
+        tms = np.maximum.accumulate(tms, axis=1)  # non-decreasing in tokens: measured dips are timing noise
         hit = np.nonzero(rows == spr)[0]
         if hit.size:
             return tok.copy(), tms[hit[0]].copy()

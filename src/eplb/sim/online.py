@@ -183,10 +183,10 @@ def replay_online(
         raise ValueError(f"config: expected a BalancerConfig, got {type(config).__name__}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: unknown replica-choice strategy {strategy!r}; expected one of {list(STRATEGIES)}")
-    from eplb.policies import POLICIES
+    from eplb.sim.capacity import known_policies
 
-    if config.policy not in POLICIES:
-        raise ValueError(f"BalancerConfig.policy: unknown policy {config.policy!r}; expected one of {sorted(POLICIES)}")
+    if config.policy not in known_policies():
+        raise ValueError(f"BalancerConfig.policy: unknown policy {config.policy!r}; expected one of {sorted(known_policies())}")
     data = as_sim_input(trace)
     check_fits(initial, data, "initial placement")
     cm = cost or default_cost_model()

@@ -15,7 +15,7 @@ import numpy as np
 
 from eplb._checks import ArrayLike, check_layout, check_positive_int
 from eplb.placement import Placement
-from eplb.sim.capacity import plan_placement
+from eplb.sim.capacity import known_policies, plan_placement
 from eplb.sim.cost import CostModel, default_cost_model
 from eplb.sim.engine import STRATEGIES, SimInput, SimResult, as_sim_input, check_fits, replay_static
 from eplb.sim.online import parse_online_spec, replay_online
@@ -89,8 +89,7 @@ def simulate(
     check_layout(E, S, R, N)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: unknown replica-choice strategy {strategy!r}; expected one of {list(STRATEGIES)}")
-    from eplb.policies import POLICIES
-
+    POLICIES = known_policies()
     for p in policies:
         if p != "none" and p not in POLICIES:
             raise ValueError(f"policy: unknown policy {p!r}; expected 'none' or one of {sorted(POLICIES)}")
