@@ -34,8 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
-def rebuild(d: dict[str, Any]) -> tuple[np.ndarray, dict[tuple[str, int], Any], list[int]]:
-    """Group counts ``[steps, layers, E]`` of the timed steps and the placements, as runtime_ep.py built them."""
+def rebuild(d: dict[str, Any]) -> tuple[dict[int, np.ndarray], dict[tuple[str, int], Any], list[int]]:
+    """As runtime_ep.py built them: ``{batch: group counts [rounds * steps, layers, E]}`` of the timed steps (in
+    the order of each row's ``step_ms``), the placements, and the timed trace steps of one round."""
     from eplb.datasets import load_builtin
     from eplb.placement import Placement
     from eplb.policies import plan
@@ -48,11 +49,15 @@ def rebuild(d: dict[str, Any]) -> tuple[np.ndarray, dict[tuple[str, int], Any], 
     chosen = [int(v) for v in d["trace_layers"]]
     fit = (int(d["fit_steps"][0]), int(d["fit_steps"][1]))
     eval_steps = [s for s in range(T) if not fit[0] <= s < fit[1]] or list(range(T))
-    world, N, k = int(d["ep_size"]), int(d["batch_per_rank"]), int(d["top_k"])
-    warm, steps = int(d["warmup"]), int(d["steps"])
+    world, k = int(d["ep_size"]), int(d["top_k"])
+    warm, steps, rounds = int(d["warmup"]), int(d["steps"]), int(d.get("rounds", 1))
     timed = [eval_steps[s % len(eval_steps)] for s in range(warm, warm + steps)]
     router = TraceRouter(trace, num_ranks=world, rank=0, seed=7, layer_map=chosen)
-    counts = np.stack([np.stack([router.group_counts(t, pos, N, k) for pos in range(len(chosen))]) for t in timed])
+    batches = {int(r.get("batch", d.get("batch_per_rank", 0))) for r in d["results"]}
+    counts = {}
+    for N in batches:
+        one = np.stack([np.stack([router.group_counts(t, pos, N, k) for pos in range(len(chosen))]) for t in timed])
+        counts[N] = np.concatenate([one] * rounds)
     loads_fit = trace.counts[fit[0]:fit[1]][:, chosen]
     placements: dict[tuple[str, int], Any] = {}
     for r in d["results"]:
@@ -99,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in d["results"]:
         pl = placements[(r["placement"], int(r["slots"]))]
         meas = np.asarray(r["step_ms"], dtype=np.float64)
-        sim = replay_static(counts, pl, cost=cm, strategy=r["strategy"])
+        N = int(r.get("batch", d.get("batch_per_rank", 0)))
+        sim = replay_static(counts[N], pl, cost=cm, strategy=r["strategy"])
         pairs = np.asarray(r["pairs"], dtype=np.float64).transpose(1, 2, 0)  # [steps, layers, R]
         from_meas = layer_time_ms(cm, pairs, pl.slots_per_rank, world)
-        pred_loads = rank_loads(counts, pl, r["strategy"])
+        pred_loads = rank_loads(counts[N], pl, r["strategy"])
         mi = np.where(pairs.mean(-1) > 0, pairs.max(-1) / np.maximum(pairs.mean(-1), 1e-12) - 1, 0).mean()
         load_err = float(np.abs(pred_loads.max(-1) - pairs.max(-1)).sum() / pairs.max(-1).sum())
-        rows.append({"placement": r["placement"], "strategy": r["strategy"], "slots": int(r["slots"]),
+        rows.append({"placement": r["placement"], "strategy": r["strategy"], "slots": int(r["slots"]), "batch": N,
                      "measured_ms": float(meas.mean()), "measured_p99": float(np.percentile(meas, 99)),
                      "sim_ms": float(sim.step_ms.mean()), "from_pairs_ms": float(from_meas.mean()),
                      "measured_imbalance": float(mi), "sim_imbalance": float(sim.imbalance.mean()),
@@ -121,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Simulator validation: predicted vs measured EP step time", "",
         f"- date: {datetime.date.today().isoformat()}", f"- command: `{cmd}`",
         f"- measured: `{mpath.name}` from bench/runtime_ep.py on {d['device']} ({d['date']}; `{d['command']}`)",
-        f"- configuration: {d['experts']} experts, top-{d['top_k']}, {d['batch_per_rank']} tokens/rank/step, {L} MoE "
+        f"- configuration: {d['experts']} experts, top-{d['top_k']}, "
+        f"{d.get('batches', [d.get('batch_per_rank')])} tokens/rank/step, {L} MoE "
         f"layers (hidden {d['hidden']}, intermediate {d['intermediate']}, {d['dtype']}), ep_size {world}; REAL routing "
         f"`{d['trace']}` trace steps {timed[0]}..{timed[-1]} (group counts rebuilt with TraceRouter.group_counts)",
         f"- cost model: {cm.device}, {cm.date}, {cm.source}",
@@ -130,11 +137,19 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"- WARNING: the cost model's shape (hidden {cm.hidden_size}, intermediate "
                      f"{cm.moe_intermediate_size}, {cm.dtype_bytes} B) differs from the benchmark's: its compute "
                      f"table does not describe these experts")
-    lines += ["", "| placement | strategy | slots | measured mean ms | sim ms | sim error | cost model on measured "
+    sprs = sorted({placements[(r["placement"], int(r["slots"]))].slots_per_rank for r in d["results"]})
+    if cm.compute_kind == "table" and any(s not in cm.compute_slots_per_rank for s in sprs):
+        lines.append(f"- note: slots per rank {sprs} are not all rows of the compute table "
+                     f"{list(cm.compute_slots_per_rank)}: interpolated/scaled (measure those rows with "
+                     f"`bench/runtime_compute.py --slots ...` for a direct reading)")
+    gpu = [g for g in ("H200", "H100", "B200", "A100") if g in d["device"]]
+    if gpu and gpu[0] not in cm.device:
+        lines.append(f"- note: measured on {gpu[0]} but the cost model's compute is from {cm.device}")
+    lines += ["", "| placement | strategy | slots | tokens/rank | measured mean ms | sim ms | sim error | cost model on measured "
               "loads ms | error | measured imbalance | sim imbalance | busiest-rank load error |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['placement']} | {r['strategy']} | {r['slots']} | {r['measured_ms']:.3f} | "
+        lines.append(f"| {r['placement']} | {r['strategy']} | {r['slots']} | {r['batch']} | {r['measured_ms']:.3f} | "
                      f"{r['sim_ms']:.3f} | {r['sim_err']:+.1%} | {r['from_pairs_ms']:.3f} | {r['pairs_err']:+.1%} | "
                      f"{r['measured_imbalance']:.3f} | {r['sim_imbalance']:.3f} | {r['busiest_load_err']:.1%} |")
     e1 = np.abs([r["sim_err"] for r in rows])

@@ -103,3 +103,32 @@ def test_cli_errors_exit_2(tmp_path):
     assert r.returncode == 2 and "key=value" in r.stderr
     r = run("capacity", "builtin:llama4_maverick_mmlu_decode", "--ep-size", "8", "--held-out", "1.5")
     assert r.returncode == 2 and "held-out" in r.stderr
+
+
+def test_sim_validate_rebuilds_runtime_ep_configurations(tmp_path):
+    """bench/sim_validate.py on the runtime benchmark's CPU results: the rebuilt rank loads match the counted ones."""
+    from pathlib import Path
+
+    import pytest
+
+    repo = Path(__file__).resolve().parents[1]
+    measured = repo / "bench/results/runtime_ep_cpu.json"
+    if not measured.is_file():
+        pytest.skip("bench/results/runtime_ep_cpu.json not present")
+    d = json.loads(measured.read_text())
+    cm = tmp_path / "cm.json"
+    cm.write_text(json.dumps({"device": "toy", "date": "2026-01-01", "source": "test",
+                              "shape": {"hidden_size": d["hidden"], "moe_intermediate_size": d["intermediate"],
+                                        "dtype_bytes": 2},
+                              "compute": {"kind": "roofline", "ms_per_token": 0.001}}))
+    out = tmp_path / "v.md"
+    r = subprocess.run([sys.executable, str(repo / "bench/sim_validate.py"), "--measured", str(measured),
+                        "--cost-model", str(cm), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == len(d["results"])
+    for row in rows:
+        if row["strategy"] == "balanced" or row["placement"] == "identity":
+            assert row["busiest_load_err"] == 0.0, row  # the same placement, counts and split as on the devices
+        assert row["busiest_load_err"] < 0.1
+    assert "| identity |" in out.read_text()
