@@ -69,10 +69,8 @@ def load_trace(spec: str, iter_range: str | None = None) -> Trace:
     p = Path(spec)
     if not p.exists():
         raise ValueError(f"trace: {spec}: no such file or directory (or use builtin:NAME for a shipped trace)")
-    try:
-        from eplb.stats.importers import read_trace
-    except ImportError:  # the importers are optional for this command: fall back to eplb's own files
-        return Trace.load(p, iter_range)
+    from eplb.stats.importers import read_trace
+
     return read_trace(p, iter_range=iter_range)
 
 
@@ -199,17 +197,15 @@ class Evaluation:
         return d
 
 
-def _bound_and_gap(counts: np.ndarray, placement: Placement) -> tuple[float, float] | None:
-    """(lower bound, gap), each averaged over layers, from :mod:`eplb.metrics` (``None`` if it lacks them).
+def _bound_and_gap(counts: np.ndarray, placement: Placement) -> tuple[float, float]:
+    """(lower bound, gap), each averaged over layers.
 
     The bound (:func:`eplb.metrics.lower_bound`) is on the mean per-step max rank load of ANY static
     placement with this slot and rank count; the gap (:func:`eplb.metrics.optimality_gap`) is
     ``max rank load / bound - 1`` per layer.
     """
-    try:
-        from eplb.metrics import lower_bound, optimality_gap  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        return None
+    from eplb.metrics import lower_bound, optimality_gap
+
     lb = np.asarray(lower_bound(counts, placement.num_slots, placement.num_ranks), dtype=np.float64)
     gap = np.asarray(optimality_gap(counts, placement), dtype=np.float64)
     return float(lb.mean()), float(gap.mean())
@@ -252,27 +248,21 @@ def evaluate_placement(
         max_load=float(rl.max(-1).mean()), mean_load=float(rl.mean()), num_slots=pl.num_slots, num_ranks=pl.num_ranks,
     )
     if dispatch and pl.num_slots > E:
-        try:
-            from eplb.dispatch import per_step_lower_bound, split_rank_loads
-        except ImportError:
-            pass
-        else:
-            from eplb.metrics import imbalance_ratio
+        from eplb.dispatch import per_step_lower_bound, split_rank_loads
+        from eplb.metrics import imbalance_ratio
 
-            brl = np.asarray(split_rank_loads(c, pl, "balanced"), dtype=np.float64)
-            per_layer = imbalance_ratio(brl).mean(0)
-            ev.balanced_layers = per_layer
-            ev.balanced_imbalance = float(per_layer.mean())
-            ev.balanced_max_load = float(brl.max(-1).mean())
-            if bound:
-                ev.dispatch_bound = float(np.asarray(per_step_lower_bound(c, pl)).mean())
-    elif dispatch:  # no replicas: balanced dispatch is the static split
+        brl = np.asarray(split_rank_loads(c, pl, "balanced"), dtype=np.float64)  # [T, L, R]
+        per_layer = imbalance_ratio(brl).mean(0)
+        ev.balanced_layers = per_layer
+        ev.balanced_imbalance = float(per_layer.mean())
+        ev.balanced_max_load = float(brl.max(-1).mean())
+        if bound:
+            ev.dispatch_bound = float(np.asarray(per_step_lower_bound(c, pl)).mean())
+    elif dispatch:  # no replicas: every token has one slot, balanced dispatch is the static split
         ev.balanced_layers = table.imbalance
         ev.balanced_imbalance, ev.balanced_max_load = ev.imbalance, ev.max_load
     if bound:
-        bg = _bound_and_gap(c, pl)
-        if bg is not None:
-            ev.lower_bound, ev.gap = bg
+        ev.lower_bound, ev.gap = _bound_and_gap(c, pl)
     return ev
 
 
@@ -501,17 +491,12 @@ def _is_trace_input(path: Path, from_: str | None) -> bool:
     if from_ is not None:
         if from_ in FORMATS and from_ not in ("trtllm", "sglang", "vllm-ascend"):
             return False
-        trace_formats: tuple[str, ...] = ("eplb",)
-        try:
-            from eplb.stats.importers import FORMATS as TRACE_FORMATS
+        from eplb.stats.importers import FORMATS as TRACE_FORMATS
 
-            trace_formats = tuple(TRACE_FORMATS)
-        except ImportError:
-            pass
         if from_ not in FORMATS:
-            if from_ not in trace_formats:
+            if from_ not in TRACE_FORMATS:
                 raise ValueError(f"from: unknown format {from_!r}; map formats: {', '.join(FORMATS)}; "
-                                 f"trace formats: {', '.join(trace_formats)}")
+                                 f"trace formats: {', '.join(TRACE_FORMATS)}")
             return True
     if path.is_dir() or path.suffix.lower() in TRACE_ONLY_SUFFIXES:
         return True
@@ -546,13 +531,8 @@ def convert_cmd(
     if not builtin and not input.exists():
         raise ValueError(f"{input}: no such file or directory")
     if builtin or _is_trace_input(input, from_):
-        try:
-            from eplb.stats.importers import read_trace, write_trace
-        except ImportError:
-            if input.suffix != ".safetensors" or output.suffix != ".safetensors":
-                raise ValueError("convert: trace conversion needs eplb.stats.importers") from None
-            Trace.load(input).save(output)
-            return
+        from eplb.stats.importers import read_trace, write_trace
+
         tr = load_trace(str(input)) if builtin else read_trace(input, from_ if from_ not in (None, "native") else None)
         write_trace(tr, output, to, overwrite=force, ep_size=ep_size)
         print(f"wrote trace {output}: {tr.num_steps} steps x {tr.num_layers} layers x {tr.num_experts} experts")
@@ -619,7 +599,7 @@ def evaluate_cmd(
     else:
         tr_eval = tr_all.slice(iter_range) if iter_range else tr_all
     evals: list[Evaluation] = []
-    before = evaluate_placement(tr_eval, None, ep, label="no EPLB", dispatch=False, bound=True) \
+    before = evaluate_placement(tr_eval, None, ep, label="no EPLB", dispatch=dispatch, bound=True) \
         if tr_all.num_experts % ep == 0 else None
     if before is not None:
         evals.append(before)
@@ -715,7 +695,7 @@ def demo(
     pol = _best_policy(policy)
     echo(f"[1/5] trace {spec}: {tr.model}, {tr.num_steps} steps x {tr.num_layers} MoE layers x {tr.num_experts} experts "
          f"(top-{tr.top_k}, REAL routing; {tr.source})")
-    before = evaluate_placement(tr_eval, None, ep_size, label="no EPLB", dispatch=False)
+    before = evaluate_placement(tr_eval, None, ep_size, label="no EPLB", dispatch=dispatch)
     timings["report"] = time.perf_counter() - t0
     echo(f"      without EPLB on {ep_size} ranks: imbalance {before.imbalance:.3f} on steps {before.window}")
 
@@ -760,12 +740,9 @@ def demo(
     t4 = time.perf_counter()
     plot_files: list[Path] = []
     if plots:
-        try:
-            from eplb.stats.plots import plot_report  # type: ignore[import-not-found]
-        except ImportError:
-            echo("      (plots skipped: eplb.stats.plots is not available)")
-        else:
-            plot_files = list(plot_report(tr_eval.counts, {"no EPLB": None, pol: pl}, ep_size, out / "plots"))
+        from eplb.stats.plots import plot_report
+
+        plot_files = list(plot_report(tr_eval.counts, {"no EPLB": None, pol: pl}, ep_size, out / "plots"))
     golden = _golden_text(before, after, extra)
     atomic_write(out / "summary.txt", golden.encode())
     summary = {"trace": spec, "policy": pol, "ep_size": ep_size, "num_slots": num_slots,
