@@ -128,6 +128,10 @@ class ExpertRecorder:
         self._host_co = [torch.zeros(W, L, E, E, dtype=torch.int64, pin_memory=pin) for _ in range(nbuf)] \
             if self.cooccurrence else []
         self._ones = torch.ones(4096, dtype=torch.int64, device=self.device)
+        self._ones_n: dict[int, torch.Tensor] = {}  # views of _ones by length (no slicing per call)
+        # one prebuilt [E] view per (step slot, layer) of each buffer: record() does no tensor indexing
+        self._rows = [list(buf.view(W * L, E).unbind(0)) for buf in self._bufs]
+        self._base = 0  # = _slot * L
         self._events: list[Any] = [None] * nbuf  # copy-done event per buffer (CUDA)
         self._pending: list[tuple[int, list[int], list[list[torch.Tensor]] | None]] = []  # (buffer, step ids, topk)
         self._copy_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
@@ -178,20 +182,24 @@ class ExpertRecorder:
     def record(self, layer: int, topk_ids: torch.Tensor) -> None:
         """Count the routed expert ids ``topk_ids`` (``[tokens, k]``, any integer dtype) of MoE layer ``layer``.
 
-        Runs entirely on the device (one ``index_add_``); ids must lie in ``[0, E)``.
+        Runs entirely on the device (one ``index_add_`` into a prebuilt row view); ids must lie in ``[0, E)``.
         """
         if not self.active:
             return
-        pos = self._layer_pos(layer)
+        pos = self._pos.get(layer)
+        if pos is None:
+            self._layer_pos(layer)  # raises
+            return
         ids = topk_ids.reshape(-1)
-        if ids.dtype not in (torch.int64, torch.int32):
+        if ids.dtype is not torch.int64 and ids.dtype is not torch.int32:
             ids = ids.long()
         if ids.device != self.device:
             ids = ids.to(self.device, non_blocking=True)
         n = ids.numel()
-        if n > self._ones.numel():
-            self._ones = torch.ones(max(n, 2 * self._ones.numel()), dtype=torch.int64, device=self.device)
-        self._bufs[self._b][self._slot, pos].index_add_(0, ids, self._ones[:n])
+        ones = self._ones_n.get(n)
+        if ones is None:
+            ones = self._ones_of(n)
+        self._rows[self._b][self._base + pos].index_add_(0, ids, ones)
         if self.cooccurrence:
             k = topk_ids.shape[-1] if topk_ids.dim() > 1 else 1
             oh = torch.zeros(n // k, self.num_experts, dtype=torch.float32, device=self.device)
@@ -202,17 +210,31 @@ class ExpertRecorder:
             t = ids.view(-1, topk_ids.shape[-1] if topk_ids.dim() > 1 else 1).detach().clone()
             self._cur_topk[pos] = t if prev is None else torch.cat([prev, t])
 
+    def _ones_of(self, n: int) -> torch.Tensor:
+        if n > self._ones.numel():
+            self._ones = torch.ones(max(n, 2 * self._ones.numel()), dtype=torch.int64, device=self.device)
+            self._ones_n.clear()
+        if len(self._ones_n) > 256:
+            self._ones_n.clear()
+        v = self._ones_n[n] = self._ones[:n]
+        return v
+
     def add_counts(self, layer: int, counts: torch.Tensor) -> None:
         """Add per-expert token counts ``counts`` (``[E]``, on any device) of MoE layer ``layer``."""
         if not self.active:
             return
-        pos = self._layer_pos(layer)
-        if counts.shape[-1] != self.num_experts or counts.numel() != self.num_experts:
+        pos = self._pos.get(layer)
+        if pos is None:
+            self._layer_pos(layer)  # raises
+            return
+        if counts.numel() != self.num_experts:
             raise ValueError(f"counts: expected shape [{self.num_experts}], got {tuple(counts.shape)}")
         c = counts.reshape(-1)
         if c.device != self.device:
             c = c.to(self.device, non_blocking=True)
-        self._bufs[self._b][self._slot, pos].add_(c.to(torch.int64) if c.dtype != torch.int64 else c)
+        if c.dtype is not torch.int64:
+            c = c.to(torch.int64)
+        self._rows[self._b][self._base + pos].add_(c)
 
     def step(self) -> None:
         """End the current step (every ``flush_every`` recorded steps the buffer goes to the host)."""
@@ -221,6 +243,7 @@ class ExpertRecorder:
             if self.record_topk:
                 self._topk.append(self._close_topk())
             self._slot += 1
+            self._base = self._slot * self.num_layers
             if self._slot == self.flush_every:
                 self._swap()
         self.step_id += 1
@@ -244,6 +267,7 @@ class ExpertRecorder:
             return
         steps, topk = list(self._slot_steps), (list(self._topk) if self.record_topk else None)
         self._slot, self._slot_steps, self._topk = 0, [], []
+        self._base = 0
         if self._copy_stream is None:  # CPU: synchronous
             self._host[b][:n].copy_(self._bufs[b][:n])
             if self.cooccurrence:
