@@ -142,7 +142,17 @@ class OnlineBalancer:
                 f"BalancerConfig.max_staging_bytes: {self.config.max_staging_bytes} bytes cannot stage one layer's local "
                 f"weights ({self.executor.layer_bytes} bytes = {self.executor.slots_per_rank} slots x "
                 f"{self.executor.bytes_per_expert} bytes)")
+        if self.config.dispatch_strategy is None:
+            strategies = {str(getattr(layer, "strategy", "uniform")) for layer in self.layers}
+            if len(strategies) != 1:
+                raise ValueError(f"layers: mixed replica strategies {sorted(strategies)}; set "
+                                 f"BalancerConfig.dispatch_strategy")
+            self.config = self.config.replace(dispatch_strategy=strategies.pop())
         self.trigger = RebalanceTrigger(self.config, L, E)
+        # import what the policy needs now, not in the worker thread while serving (imports hold the GIL)
+        import scipy.optimize  # noqa: F401
+
+        import eplb.dispatch  # noqa: F401
         self.worker = PolicyWorker(self.config.policy_backend)
         self.policy_delay_s = float(policy_delay_s)
         self.clock = clock
@@ -162,6 +172,8 @@ class OnlineBalancer:
         self.excluded_ranks: set[int] = set()
         self._last_step_t: float | None = None
         self._migrating = False
+        self.last_committed: list[int] = []  # layers committed at the last boundary
+        self.last_launched: list[int] = []  # layers whose transfers were posted at the last boundary
         self.metrics = BalancerMetrics(placement.layer_ids) if metrics else None
         if self.metrics is not None and self.config.metrics_port is not None and self.rank == 0:
             self.metrics.serve(self.config.metrics_port)
@@ -192,6 +204,12 @@ class OnlineBalancer:
         return busy
 
     @property
+    def migrating(self) -> bool:
+        """Whether the last :meth:`step` committed or launched a migration (the step it opened is a
+        migration step)."""
+        return self._migrating
+
+    @property
     def idle(self) -> bool:
         """No plan in progress, nothing queued or in flight."""
         return (not self.worker.busy and self._result is None and not self._queue and self._inflight is None
@@ -211,6 +229,7 @@ class OnlineBalancer:
         self._launch_stats(now)
         launched = self._launch_migrations()
         self._migrating = bool(committed) or bool(launched)
+        self.last_committed, self.last_launched = committed, launched
         if self.metrics is not None:
             self.metrics.observe_staging(self.executor.staging_bytes, self.executor.peak_staging_bytes)
             if self.config.log_interval and self.rank == 0 and self.step_idx % self.config.log_interval == 0:
@@ -220,7 +239,7 @@ class OnlineBalancer:
 
     # ------------------------------------------------------------------ commit
     def _commit(self) -> list[int]:
-        if self._inflight is None:
+        if self._inflight is None or self.executor.pending(self._inflight):
             return []
         inflight, self._inflight = self._inflight, None
         rows = {j.mig.layer: j.mig.new_row for j in inflight.jobs}
@@ -346,7 +365,7 @@ class OnlineBalancer:
             window = self.placement.logcnt[layers][None]
         req = PlanRequest(self._plan_id, tuple(layers), window, self.placement.select_layers(layers),
                           self.config.policy, dict(self.config.policy_options), tuple(sorted(self.excluded_ranks)),
-                          self.config.min_balancedness_gain, self.policy_delay_s)
+                          self.config.min_balancedness_gain, self.policy_delay_s, self.config.dispatch_strategy)
         self._plan_layers = tuple(layers)
         self.worker.submit(req)
 
@@ -379,6 +398,10 @@ class OnlineBalancer:
 
     # --------------------------------------------------------------- migration
     def _launch_migrations(self) -> list[int]:
+        cap = self.config.max_migration_bytes_per_step
+        if self._inflight is not None:  # a byte-capped batch still posting its chunks
+            self.executor.post_next(self._inflight, cap)
+            return list(self._inflight.layers)
         n = self.config.layer_updates_per_iter
         if not self._queue or n == 0:
             return []
@@ -389,7 +412,7 @@ class OnlineBalancer:
             if budget is not None and batch and self.executor.max_staging_need(cand) > budget:
                 break
             batch.append(self._queue.popleft())
-        self._inflight = self.executor.launch(batch)
+        self._inflight = self.executor.launch(batch, cap)
         return [m.layer for m in batch]
 
     # -------------------------------------------------------------- resilience
@@ -466,6 +489,8 @@ class OnlineBalancer:
         if self.closed:
             return
         if self._inflight is not None:
+            while self.executor.pending(self._inflight):
+                self.executor.post_next(self._inflight)
             self._commit()
         for _, _, work in self._pending:
             if work is not None:

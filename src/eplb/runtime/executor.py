@@ -60,7 +60,8 @@ class _LayerJob:
 
 @dataclass
 class InFlight:
-    """Layers whose transfers were launched at one step boundary; :meth:`MigrationExecutor.finish` commits them."""
+    """Layers being migrated together: transfers are posted in chunks (:meth:`MigrationExecutor.launch`,
+    :meth:`MigrationExecutor.post_next`), then :meth:`MigrationExecutor.finish` commits them."""
 
     jobs: list[_LayerJob]
     reqs: list[Any]
@@ -70,6 +71,8 @@ class InFlight:
     bytes_received: int
     event: Any = None
     layers: tuple[int, ...] = field(default=())
+    todo: list[tuple[int, int]] = field(default_factory=list)  # (job index, transfer index) not posted yet
+    chunks: int = 0
 
 
 class MigrationExecutor:
@@ -136,14 +139,16 @@ class MigrationExecutor:
         return {"group_peer": r, "group": self.group}
 
     # ----------------------------------------------------------------- launch
-    def launch(self, migrations: Sequence[LayerMigration]) -> InFlight:
-        """Post the transfers of ``migrations`` (the same list, in the same order, on every rank)."""
+    def launch(self, migrations: Sequence[LayerMigration], max_bytes: int | None = None) -> InFlight:
+        """Allocate staging for ``migrations`` and post their first chunk of transfers (the same list,
+        in the same order, on every rank). ``max_bytes``: cap on the bytes of one chunk (all ranks'
+        transfers together; at least one transfer per chunk); ``None``: everything at once. Further
+        chunks go out with :meth:`post_next` at later step boundaries."""
         me, spr = self.rank, self.slots_per_rank
         lo = me * spr
         t0 = time.perf_counter()
         jobs: list[_LayerJob] = []
-        ops: list[dist.P2POp] = []
-        stage_bytes = sent = received = 0
+        stage_bytes = 0
         main = torch.cuda.current_stream(self.device) if self.cuda else None
         for mig in migrations:
             if not 0 <= mig.layer < len(self.layers):
@@ -151,52 +156,89 @@ class MigrationExecutor:
             if mig.num_ranks != self.num_ranks or mig.slots_per_rank != spr:
                 raise ValueError(f"migration: planned for {mig.num_ranks} ranks x {mig.slots_per_rank} slots, the "
                                  f"group has {self.num_ranks} x {spr}")
-        if self._stream is not None and main is not None:
-            self._stream.wait_stream(main)  # staging is allocated on the serving stream, filled on the side one
-        ctx: Any = torch.cuda.stream(self._stream) if self._stream is not None else _nullctx()
-        for mig in migrations:
+        todo: list[tuple[int, int]] = []
+        for j, mig in enumerate(migrations):
             layer = self.layers[mig.layer]
             recvs = mig.recvs(me)
             staging = None
-            if recvs:
-                with _nullctx() if main is None else torch.cuda.stream(main):
-                    staging = {n: getattr(layer, n).new_empty((len(recvs), *getattr(layer, n).shape[1:]))
-                               for n in self.names}
+            if recvs:  # allocated on the serving stream (its caching-allocator owner)
+                staging = {n: getattr(layer, n).new_empty((len(recvs), *getattr(layer, n).shape[1:]))
+                           for n in self.names}
             local = [(d - lo, s - lo) for d, s in mig.local_copies if lo <= d < lo + spr]
             stage_bytes += (len(recvs) + len(local)) * self.bytes_per_expert
             recv_dst: list[int] = []
             recv_idx: list[int] = []
             k = 0
-            with ctx:
-                for t in mig.transfers:
-                    if t.src == me:
-                        for n in self.names:
-                            ops.append(dist.P2POp(dist.isend, getattr(layer, n)[t.src_slot - lo], **self._peer(t.dst)))
-                        sent += self.bytes_per_expert
-                    elif t.dst == me:
-                        assert staging is not None
-                        for n in self.names:
-                            ops.append(dist.P2POp(dist.irecv, staging[n][k], **self._peer(t.src)))
-                        recv_dst += [d - lo for d in t.dst_slots]
-                        recv_idx += [k] * len(t.dst_slots)
-                        received += self.bytes_per_expert
-                        k += 1
+            for t in mig.transfers:
+                if t.dst == me:
+                    recv_dst += [d - lo for d in t.dst_slots]
+                    recv_idx += [k] * len(t.dst_slots)
+                    k += 1
             jobs.append(_LayerJob(mig, staging, recv_dst, recv_idx, [d for d, _ in local], [s for _, s in local]))
-        with ctx:
-            reqs = dist.batch_isend_irecv(ops) if ops else []
+            todo += [(j, i) for i in range(len(mig.transfers))]
+        if self._stream is not None and main is not None:
+            self._stream.wait_stream(main)  # staging allocations and the weights are ready for the side stream
         self.staging_bytes += stage_bytes
         self.peak_staging_bytes = max(self.peak_staging_bytes, self.staging_bytes)
+        inflight = InFlight(jobs, [], t0, stage_bytes, 0, 0, layers=tuple(j.mig.layer for j in jobs), todo=todo)
+        self.post_next(inflight, max_bytes)
+        return inflight
+
+    def pending(self, inflight: InFlight) -> bool:
+        """Transfers of ``inflight`` not posted yet (the layers cannot commit before they are)."""
+        return bool(inflight.todo)
+
+    def post_next(self, inflight: InFlight, max_bytes: int | None = None) -> int:
+        """Post the next chunk of ``inflight``'s transfers (at most ``max_bytes`` over all ranks, at least
+        one transfer) as one ``batch_isend_irecv``; returns the number of transfers in the chunk."""
+        me, spr, bpe = self.rank, self.slots_per_rank, self.bytes_per_expert
+        lo = me * spr
+        n = len(inflight.todo) if max_bytes is None else max(1, min(len(inflight.todo), int(max_bytes) // bpe))
+        chunk, inflight.todo = inflight.todo[:n], inflight.todo[n:]
+        if not chunk:
+            return 0
+        ops: list[dist.P2POp] = []
+        sent = received = 0
+        recv_pos: dict[tuple[int, int], int] = {}
+        for j, job in enumerate(inflight.jobs):  # staging index of each transfer this rank receives
+            k = 0
+            for i, t in enumerate(job.mig.transfers):
+                if t.dst == me:
+                    recv_pos[(j, i)] = k
+                    k += 1
+        for j, i in chunk:
+            job = inflight.jobs[j]
+            t = job.mig.transfers[i]
+            layer = self.layers[job.mig.layer]
+            if t.src == me:
+                for name in self.names:
+                    ops.append(dist.P2POp(dist.isend, getattr(layer, name)[t.src_slot - lo], **self._peer(t.dst)))
+                sent += bpe
+            elif t.dst == me:
+                assert job.staging is not None
+                for name in self.names:
+                    ops.append(dist.P2POp(dist.irecv, job.staging[name][recv_pos[(j, i)]], **self._peer(t.src)))
+                received += bpe
+        if ops:
+            ctx: Any = torch.cuda.stream(self._stream) if self._stream is not None else _nullctx()
+            with ctx:
+                inflight.reqs += list(dist.batch_isend_irecv(ops))
+        inflight.chunks += 1
+        inflight.bytes_sent += sent
+        inflight.bytes_received += received
         self.bytes_sent += sent
         self.bytes_received += received
-        return InFlight(jobs, list(reqs), t0, stage_bytes, sent, received,
-                        layers=tuple(j.mig.layer for j in jobs))
+        return len(chunk)
 
     # ----------------------------------------------------------------- finish
     def finish(self, inflight: InFlight) -> list[int]:
         """Wait for ``inflight``'s transfers and commit its layers; returns the committed layer positions.
 
-        Must be called on every rank at the same step boundary (between two forward steps).
+        Must be called on every rank at the same step boundary (between two forward steps), after every
+        chunk was posted (:meth:`pending` is false).
         """
+        if inflight.todo:
+            raise RuntimeError(f"finish: {len(inflight.todo)} transfers of layers {list(inflight.layers)} not posted yet")
         main = torch.cuda.current_stream(self.device) if self.cuda else None
         ctx: Any = torch.cuda.stream(self._stream) if self._stream is not None else _nullctx()
         with ctx:

@@ -60,6 +60,7 @@ __all__ = [
     "drain_placement",
     "keep_in_place",
     "layer_balancedness",
+    "window_balancedness",
     "plan_excluding",
     "plan_migration",
     "recover_placement",
@@ -91,6 +92,9 @@ IGNORED: frozenset[str] = frozenset({"gate_eplb", "use_async", "communicator", "
                                      "expert_parallel_degree", "log_balancedness", "enable_eplb_algorithm"})
 
 _POLICY_BACKENDS = ("thread", "process", "inline")
+#: How a layer splits an expert's tokens over its replicas (the runtime's replica strategies plus
+#: ``"uniform"``, count / replicas); balancedness is judged under it (:func:`window_balancedness`).
+DISPATCH_STRATEGIES = ("uniform", "round-robin", "local-first", "balanced")
 
 
 def _norm_key(key: str) -> str:
@@ -119,7 +123,9 @@ class BalancerConfig:
     Migration: ``layer_updates_per_iter`` (TensorRT-LLM; SGLang ``eplb_rebalance_layers_per_chunk``)
     layers are committed per step at most; 0 means static (no online update). ``max_staging_bytes``
     bounds the staging memory of layers in flight per rank (``None``: only ``layer_updates_per_iter``
-    bounds it).
+    bounds it). ``max_migration_bytes_per_step`` caps the expert bytes posted per step (all ranks
+    together, at least one expert): a layer's transfers are then spread over several steps and it
+    commits once all have landed (``None``: a layer's transfers all go out in one step).
 
     Placement: ``num_slots`` (TensorRT-LLM) or ``num_redundant_experts`` (vLLM / SGLang /
     vllm-ascend ``init_redundancy_expert``) physical slots per layer; the initial placement from
@@ -133,7 +139,10 @@ class BalancerConfig:
     e.g. ``{"num_groups": 8}``), ``policy_backend`` ``"thread"`` | ``"process"`` | ``"inline"``
     (inline = synchronous, for simulation and tests only), ``window_size`` steps of load history
     (vLLM), ``min_balancedness_gain``: a layer only migrates when the new placement's balancedness
-    on the window beats the current one by more than this.
+    on the window beats the current one by more than this. ``dispatch_strategy``: how the layers split an
+    expert's tokens over its replicas (``"uniform"``, ``"round-robin"``, ``"local-first"``,
+    ``"balanced"``); balancedness (floor, gain) is judged under it; ``None``: the layers' own strategy in
+    the runtime balancer, ``"uniform"`` elsewhere.
 
     Reporting: ``log_interval`` steps between log lines (0: off), ``metrics_port`` for a Prometheus
     HTTP endpoint (``None``: no server; the registry is still readable).
@@ -148,6 +157,7 @@ class BalancerConfig:
     eplb_update_threshold: float = 1.0
     balancedness_floor: float | None = None
     min_balancedness_gain: float = 0.0
+    dispatch_strategy: str | None = None
     window_size: int = 1000
     policy: str = "eplb"
     policy_options: Mapping[str, Any] = field(default_factory=dict)
@@ -157,6 +167,7 @@ class BalancerConfig:
     expert_map_record_path: str | None = None
     init_expert_location: str | None = None
     max_staging_bytes: int | None = None
+    max_migration_bytes_per_step: int | None = None
     ep_size: int | None = None
     log_interval: int = 0
     metrics_port: int | None = None
@@ -210,11 +221,14 @@ class BalancerConfig:
         float_field("min_balancedness_gain", 0.0, 1.0)
         int_field("window_size", minimum=1)
         int_field("max_staging_bytes", minimum=1, optional=True)
+        int_field("max_migration_bytes_per_step", minimum=1, optional=True)
         int_field("ep_size", minimum=1, optional=True)
         int_field("log_interval", minimum=0)
         int_field("metrics_port", minimum=0, optional=True)
         if not isinstance(self.policy, str) or not self.policy:
             raise bad("policy", "a policy name (see eplb.POLICIES)", self.policy)
+        if self.dispatch_strategy is not None and self.dispatch_strategy not in DISPATCH_STRATEGIES:
+            raise bad("dispatch_strategy", f"one of {list(DISPATCH_STRATEGIES)} or null", self.dispatch_strategy)
         if self.policy_backend not in _POLICY_BACKENDS:
             raise bad("policy_backend", f"one of {list(_POLICY_BACKENDS)}", self.policy_backend)
         if not isinstance(self.policy_options, Mapping):
@@ -573,9 +587,32 @@ def cosine_similarity(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     return np.clip(sim, 0.0, 1.0)
 
 
-def layer_balancedness(loads: ArrayLike, placement: Placement) -> np.ndarray:
-    """``[L]`` balancedness (mean/max rank load) of ``[L, E]`` loads under ``placement`` (uniform split)."""
-    return balancedness(rank_loads(np.asarray(loads, dtype=np.float64), placement))
+def layer_balancedness(loads: ArrayLike, placement: Placement, strategy: str | None = "uniform") -> np.ndarray:
+    """``[..., L]`` balancedness (mean/max rank load) of ``[..., L, E]`` loads under ``placement``.
+
+    ``strategy`` (see :data:`DISPATCH_STRATEGIES`): ``"uniform"``/``"round-robin"`` split each expert's
+    load evenly over its replicas (numpy); ``"local-first"`` and ``"balanced"`` use
+    :func:`eplb.dispatch.split_rank_loads` (the runtime's dispatch code; imports torch).
+    """
+    x = np.asarray(loads, dtype=np.float64)
+    if strategy in (None, "uniform", "round-robin"):
+        return balancedness(rank_loads(x, placement))
+    if strategy not in DISPATCH_STRATEGIES:
+        raise ValueError(f"strategy: expected one of {list(DISPATCH_STRATEGIES)}, got {strategy!r}")
+    from eplb.dispatch import split_rank_loads
+
+    if strategy == "balanced":
+        x = np.rint(x)
+    return balancedness(np.asarray(split_rank_loads(x, placement, strategy), dtype=np.float64))
+
+
+def window_balancedness(window: ArrayLike, placement: Placement, strategy: str | None = "uniform") -> np.ndarray:
+    """``[L]`` mean over the window's steps of the per-step balancedness of ``window [T, L, E]``
+    (what serving steps see: each step waits for its busiest rank)."""
+    w = np.asarray(window, dtype=np.float64)
+    if w.ndim == 2:
+        w = w[None]
+    return layer_balancedness(w, placement, strategy).mean(0)
 
 
 @dataclass(frozen=True)
@@ -713,7 +750,7 @@ class RebalanceTrigger:
             if placement.num_layers != L or placement.num_experts != x.shape[1]:
                 raise ValueError(f"placement: {placement.num_layers} layers x {placement.num_experts} experts, "
                                  f"loads are {L} x {x.shape[1]}")
-            bal = layer_balancedness(wsum, placement)
+            bal = layer_balancedness(wsum, placement, c.dispatch_strategy)
             hit |= bal < c.balancedness_floor
         hit &= wsum.sum(-1) > 0  # nothing to plan from
         busy_set = {int(b) for b in busy}
@@ -947,6 +984,7 @@ class PlanRequest:
     excluded_ranks: tuple[int, ...] = ()
     min_gain: float = 0.0
     delay_s: float = 0.0  # artificial slowness (tests of the non-blocking property)
+    strategy: str | None = "uniform"  # dispatch strategy balancedness is judged under
 
 
 @dataclass
@@ -954,7 +992,7 @@ class PlanResult:
     """Output of one policy run (rows of the selected layers; unchanged rows equal the current ones).
 
     ``planned_loads`` ``[L', E]``: the window sum the plan was made for. ``balancedness_before/after``
-    ``[L']`` on that sum. ``changed`` ``[L']``: layers that will migrate. ``transfers`` ``[L']``:
+    ``[L']`` on the window (mean per-step, under the request's strategy). ``changed`` ``[L']``: layers that will migrate. ``transfers`` ``[L']``:
     cross-rank expert copies per layer. ``checksum``: identical on every rank for identical plans.
     """
 
@@ -1087,7 +1125,8 @@ def compute_plan(req: PlanRequest) -> PlanResult:
 
     Migration-aware: the policy gets ``current=`` (incremental policies use it), the result is
     post-processed by :func:`keep_in_place`, and a layer only changes when its balancedness on the
-    window improves by more than ``min_gain`` (or when it must, to drain ``excluded_ranks``).
+    window (mean of per-step balancedness under ``req.strategy``) improves by more than ``min_gain``
+    (or when it must, to drain ``excluded_ranks``).
     """
     from eplb.policies import plan
 
@@ -1107,8 +1146,8 @@ def compute_plan(req: PlanRequest) -> PlanResult:
         new = plan(window, cur.num_slots, cur.num_ranks, num_nodes=cur.num_nodes, num_groups=num_groups,
                    policy=req.policy, layer_ids=cur.layer_ids, current=cur, **opts)
         new = keep_in_place(cur, new)
-    before = layer_balancedness(wsum, cur)
-    after = layer_balancedness(wsum, new)
+    before = window_balancedness(window, cur, req.strategy)
+    after = window_balancedness(window, new, req.strategy)
     changed = np.any(new.phy2log != cur.phy2log, axis=1) & (after > before + req.min_gain)
     if req.excluded_ranks:  # layers whose excluded ranks still hold an expert served nowhere else must change
         spr = cur.slots_per_rank

@@ -1,0 +1,391 @@
+"""Online EPLB while serving: no EPLB vs a static placement vs the online balancer, on a drifting load.
+
+A decode-style loop over a stack of :class:`eplb.runtime.ExpertParallelMoE` layers (random weights,
+trace-driven routing via :class:`eplb.runtime.TraceRouter`), expert parallel over 2 ranks:
+
+* ``none``:   the identity placement, ``E`` slots (no redundancy, no balancing);
+* ``static``: ``S`` slots planned once (policy ``eplb``) on a calibration segment before the run;
+* ``online``: starts from the static placement; :class:`eplb.runtime.balancer.OnlineBalancer`
+  re-plans layers whose load drifted and migrates ``layer_updates_per_iter`` layers per step;
+* ``oracle``  (computed, not served): per window of ``--window`` steps, a placement planned on that very
+  window's counts (in-sample, knows the future) -- the balancedness target.
+
+Load: ``--trace synthetic`` = :func:`eplb.synthetic.drifting_hot_set` (SYNTHETIC Zipf routing whose hot set is
+redrawn every ``--period`` steps), or ``--trace llama4`` = the REAL Llama-4 Maverick MMLU decode counts shipped
+with eplb (128 steps x 24 layers x 128 experts, top-1) replayed in a loop with the expert ids permuted per
+layer every ``--period`` steps (the shift is synthetic, the skew is real).
+
+Reported per mode: mean balancedness (mean/max rank load, per step and layer, then averaged) modelled with
+:func:`eplb.dispatch.split_rank_loads` for the layers' dispatch strategy and also *measured* from the layers'
+per-rank computed-token counters; ratio to the oracle; step time p50/p99 (max over ranks); for online the
+p99 of migration steps (a boundary that launched or committed a layer) vs the other steps; rebalances, layers
+migrated, bytes moved, peak staging memory, policy and migration time.
+
+GPU (lead):  torchrun --nproc-per-node 2 bench/online.py --device cuda
+CPU check:   python bench/online.py --device cpu --quick        (spawns 2 gloo processes itself)
+             torchrun --nproc-per-node 2 bench/online.py --device cpu --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import eplb  # noqa: E402
+import eplb.datasets  # noqa: E402
+import eplb.synthetic  # noqa: E402
+from eplb import Placement  # noqa: E402
+from eplb.dispatch import split_rank_loads  # noqa: E402
+from eplb.metrics import balancedness  # noqa: E402
+from eplb.runtime.balancer import OnlineBalancer  # noqa: E402
+from eplb.runtime.layer import ExpertParallelMoE  # noqa: E402
+from eplb.runtime.manager import BalancerConfig  # noqa: E402
+from eplb.runtime.trace_router import TraceRouter  # noqa: E402
+from eplb.stats.trace import atomic_write  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ------------------------------------------------------------------------------------------- args
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--quick", action="store_true", help="small sizes (CPU check)")
+    ap.add_argument("--trace", default="synthetic", help="comma list of: synthetic, llama4")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per mode")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--experts", type=int, default=None, help="E (synthetic; llama4 has 128)")
+    ap.add_argument("--redundant-per-rank", type=int, default=None, help="extra slots per rank over E/R")
+    ap.add_argument("--hidden", type=int, default=None)
+    ap.add_argument("--inter", type=int, default=None, help="expert intermediate size")
+    ap.add_argument("--tokens", type=int, default=None, help="tokens per rank per step")
+    ap.add_argument("--top-k", type=int, default=None, help="synthetic top-k (llama4 is top-1)")
+    ap.add_argument("--skew", type=float, default=1.2, help="synthetic Zipf skew")
+    ap.add_argument("--period", type=int, default=None, help="steps between hot-set shifts")
+    ap.add_argument("--window", type=int, default=None, help="rebalance cadence = load window = oracle window (steps)")
+    ap.add_argument("--layer-updates-per-iter", type=int, default=1)
+    ap.add_argument("--threshold", type=float, default=0.95, help="eplb_update_threshold (cosine)")
+    ap.add_argument("--strategy", default="balanced", choices=["local-first", "round-robin", "balanced"])
+    ap.add_argument("--policy-backend", default=None, choices=["thread", "process"])
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps before each mode")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="markdown output (default bench/results/online[_cpu].md)")
+    a = ap.parse_args(argv)
+    q = a.quick
+    d = {"steps": 90 if q else 600, "layers": 2 if q else 8, "experts": 8 if q else 64,
+         "redundant_per_rank": 2 if q else 4, "hidden": 64 if q else 7168, "inter": 32 if q else 2048,
+         "tokens": 32 if q else 2048, "top_k": 2 if q else 8, "period": 30 if q else 200, "window": 10 if q else 50,
+         "dtype": "fp32" if a.device == "cpu" else "bf16", "warmup": 3 if q else 10,
+         "policy_backend": "thread" if a.device == "cpu" else "process"}
+    for k, v in d.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a
+
+
+# ------------------------------------------------------------------------------------------ loads
+def make_loads(kind: str, a: argparse.Namespace, total_steps: int) -> tuple[np.ndarray, int, int, str]:
+    """``(counts [T, L, E], E, top_k, label)`` for the run (calibration segment first)."""
+    if kind == "synthetic":
+        c = eplb.synthetic.drifting_hot_set(total_steps, a.layers, a.experts, tokens_per_step=256, top_k=a.top_k,
+                                            skew=a.skew, period=a.period, seed=a.seed)
+        return c, a.experts, a.top_k, (f"SYNTHETIC drifting hot set (Zipf skew {a.skew}, hot set redrawn every "
+                                       f"{a.period} steps, eplb.synthetic.drifting_hot_set)")
+    if kind == "llama4":
+        tr = eplb.datasets.load_builtin("llama4_maverick_mmlu_decode")
+        base = tr.counts  # [128, 24, 128] real
+        T0, L0, E = base.shape
+        rng = np.random.default_rng(a.seed)
+        out = np.empty((total_steps, a.layers, E), dtype=np.int64)
+        perms = None
+        for t in range(total_steps):
+            if t % a.period == 0:
+                perms = [np.arange(E) if t == 0 else rng.permutation(E) for _ in range(a.layers)]
+            assert perms is not None
+            for li in range(a.layers):
+                row = base[t % T0, li % L0]
+                shifted = np.empty_like(row)
+                shifted[perms[li]] = row
+                out[t, li] = shifted
+        return out, E, int(tr.top_k or 1), (f"REAL Llama-4 Maverick MMLU decode counts ({T0} steps x {L0} layers x "
+                                            f"{E} experts, looped), expert ids permuted per layer every {a.period} "
+                                            f"steps (SYNTHETIC shift)")
+    raise SystemExit(f"--trace: unknown trace {kind!r} (expected synthetic or llama4)")
+
+
+# -------------------------------------------------------------------------------------------- run
+def build_layers(pl: Placement, a: argparse.Namespace, dev: torch.device, dtype: torch.dtype,
+                 strategy: str) -> list[ExpertParallelMoE]:
+    layers = []
+    for li in range(pl.num_layers):
+        g = torch.Generator(device=dev).manual_seed(1234 + li)  # identical full weights on every rank
+        E = pl.num_experts
+        w13 = torch.randn(E, 2 * a.inter, a.hidden, generator=g, device=dev, dtype=torch.float32).mul_(0.02).to(dtype)
+        w2 = torch.randn(E, a.hidden, a.inter, generator=g, device=dev, dtype=torch.float32).mul_(0.02).to(dtype)
+        layers.append(ExpertParallelMoE.from_full_weights(w13, w2, pl, li, strategy=strategy))
+        del w13, w2
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return layers
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.current_stream(dev).synchronize()  # the serving stream only (a decode loop's sampling sync)
+
+
+def run_mode(mode: str, pl: Placement, counts: np.ndarray, top_k: int, a: argparse.Namespace, dev: torch.device,
+             dtype: torch.dtype, rank: int, world: int, start: int) -> dict[str, Any]:
+    """Serve ``a.steps`` steps of ``counts[start:]``; returns per-step times, placements and measured loads."""
+    layers = build_layers(pl, a, dev, dtype, a.strategy)
+    router = TraceRouter(counts, num_ranks=world, rank=rank, seed=a.seed, step_offset=start - a.warmup)
+    router.attach(layers)
+    hidden = torch.randn(a.tokens, a.hidden, device=dev, dtype=dtype, generator=torch.Generator(device=dev).manual_seed(rank))
+    ids = torch.zeros(a.tokens, top_k, dtype=torch.int64, device=dev)
+    wts = torch.full((a.tokens, top_k), 1.0 / top_k, device=dev, dtype=torch.float32)
+
+    def forward() -> None:
+        for layer in layers:
+            layer(hidden, ids, wts)
+
+    for _ in range(a.warmup):
+        forward()
+        router.next_step()
+    sync(dev)
+    for layer in layers:
+        layer.take_counts()
+        layer.take_slot_counts()
+    bal = None
+    if mode == "online":
+        cfg = BalancerConfig(num_wait_worker_iterations=0, num_iterations_eplb_update=a.window, window_size=a.window,
+                             eplb_update_threshold=a.threshold, layer_updates_per_iter=a.layer_updates_per_iter,
+                             policy="eplb", policy_backend=a.policy_backend)
+        bal = OnlineBalancer(layers, cfg, placement=pl)
+    T, L = a.steps, pl.num_layers
+    step_s = np.zeros(T)
+    migrating = np.zeros(T, dtype=bool)
+    rows = np.zeros((T, L, pl.num_slots), dtype=np.int64)
+    done = torch.zeros(T, L, dtype=torch.int64, device=dev)
+    dist.barrier()
+    for t in range(T):
+        t0 = time.perf_counter()
+        if bal is not None:
+            bal.step()
+            migrating[t] = bal.migrating
+        forward()
+        sync(dev)
+        step_s[t] = time.perf_counter() - t0
+        rows[t] = bal.placement.phy2log if bal is not None else pl.phy2log
+        for li, layer in enumerate(layers):
+            done[t, li] = layer.take_slot_counts()[1].sum()
+        router.next_step()
+    if bal is not None:
+        bal.close(record=False)
+    # measured per-rank computed pairs [R, T, L] and per-step max time over ranks
+    parts = [torch.empty_like(done) for _ in range(world)]
+    dist.all_gather(parts, done)
+    times = torch.as_tensor(step_s, dtype=torch.float64, device=dev)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    measured = torch.stack(parts).cpu().numpy()
+    out = {"mode": mode, "step_s": times.cpu().numpy(), "migrating": migrating, "rows": rows,
+           "measured": measured, "slots": pl.num_slots}
+    if bal is not None:
+        st = bal.stats()
+        out.update(history=bal.history, stats=st)
+        tot = torch.tensor([st["peak_staging_bytes"]], dtype=torch.int64, device=dev)
+        dist.all_reduce(tot, op=dist.ReduceOp.MAX)
+        out["peak_staging_max"] = int(tot.item())
+        out["bytes_per_expert"] = bal.bytes_per_expert
+    layers.clear()
+    bal = None
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def modelled_balancedness(counts: np.ndarray, rows: np.ndarray, E: int, R: int, strategy: str) -> np.ndarray:
+    """``[T, L]`` balancedness of ``counts [T, L, E]`` under the per-step placements ``rows [T, L, S]``."""
+    T = counts.shape[0]
+    out = np.zeros(counts.shape[:2])
+    t = 0
+    while t < T:  # segments of constant placement
+        u = t + 1
+        while u < T and np.array_equal(rows[u], rows[t]):
+            u += 1
+        pl = Placement(rows[t], E, R)
+        rl = np.asarray(split_rank_loads(counts[t:u].astype(np.float64), pl, strategy))
+        out[t:u] = balancedness(rl)
+        t = u
+    return out
+
+
+def oracle_balancedness(counts: np.ndarray, S: int, E: int, R: int, window: int, strategy: str) -> np.ndarray:
+    T = counts.shape[0]
+    out = np.zeros(counts.shape[:2])
+    for w0 in range(0, T, window):
+        seg = counts[w0:w0 + window]
+        pl = eplb.plan(seg, S, R, policy="eplb")
+        out[w0:w0 + window] = balancedness(np.asarray(split_rank_loads(seg.astype(np.float64), pl, strategy)))
+    return out
+
+
+def q(x: np.ndarray, p: float) -> float:
+    return float(np.percentile(x, p)) if len(x) else float("nan")
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda}, torch {torch.__version__})"
+    return f"CPU {platform.processor() or platform.machine()} (torch {torch.__version__})"
+
+
+# ------------------------------------------------------------------------------------------- main
+def bench(a: argparse.Namespace, rank: int, world: int) -> str | None:
+    dev = torch.device("cuda", torch.cuda.current_device()) if a.device == "cuda" else torch.device("cpu")
+    dtype = DTYPES[a.dtype]
+    lines: list[str] = []
+    tables: list[str] = []
+    for kind in [k.strip() for k in a.trace.split(",") if k.strip()]:
+        calib = a.window * 2
+        total = calib + a.warmup + a.steps
+        counts, E, top_k, label = make_loads(kind, a, total)
+        R = world
+        spr = E // R + a.redundant_per_rank
+        if E % R:
+            raise SystemExit(f"--experts: {E} experts are not divisible by {R} ranks")
+        S = spr * R
+        static = eplb.plan(counts[:calib], S, R, policy="eplb")
+        start = calib + a.warmup
+        group = np.stack([[TraceRouter(counts, num_ranks=R, rank=0, seed=a.seed).group_counts(t, li, a.tokens, top_k)
+                           for li in range(a.layers)] for t in range(start, start + a.steps)])  # routed [T, L, E]
+        results = []
+        for mode, pl in (("none", Placement.contiguous(a.layers, E, R)), ("static", static), ("online", static)):
+            results.append(run_mode(mode, pl, counts, top_k, a, dev, dtype, rank, world, start))
+        if rank != 0:
+            continue
+        oracle = oracle_balancedness(group, S, E, R, a.window, a.strategy)
+        tables.append(f"\n### {kind}: {label}\n")
+        tables.append(f"E={E} experts, top-{top_k}, {a.layers} layers, {R} ranks, {a.tokens} tokens per rank per step, "
+                      f"online/static/oracle: {S} slots ({spr} per rank), none: {E} slots; strategy `{a.strategy}`; "
+                      f"{a.steps} timed steps after {a.warmup} warm-up; static planned on {calib} calibration steps; "
+                      f"online cadence/window {a.window} steps, threshold {a.threshold}, layer_updates_per_iter "
+                      f"{a.layer_updates_per_iter}, policy `eplb` ({a.policy_backend} backend).\n")
+        tables.append("| mode | slots | balancedness (model) | vs oracle | balancedness (measured) | step p50 ms | "
+                      "step p99 ms | mean ms |")
+        tables.append("|---|---|---|---|---|---|---|---|")
+        ob = float(oracle.mean())
+        rows_out = {}
+        for res in results:
+            mb = modelled_balancedness(group, res["rows"], E, R, a.strategy)
+            meas = res["measured"].astype(np.float64)  # [R, T, L]
+            mx = meas.max(0)
+            measured = float(np.where(mx > 0, meas.mean(0) / np.where(mx > 0, mx, 1), 1.0).mean())
+            st = res["step_s"] * 1e3
+            rows_out[res["mode"]] = (float(mb.mean()), measured)
+            tables.append(f"| {res['mode']} | {res['slots']} | {mb.mean():.4f} | {mb.mean() / ob:.3f} | {measured:.4f} | "
+                          f"{q(st, 50):.3f} | {q(st, 99):.3f} | {st.mean():.3f} |")
+        tables.append(f"| oracle (per-window plan, in-sample) | {S} | {ob:.4f} | 1.000 | - | - | - | - |")
+        on = results[2]
+        st = on["step_s"] * 1e3
+        mig, non = st[on["migrating"]], st[~on["migrating"]]
+        hist = on["history"]
+        moved = [h for h in hist if h["migrating"]]
+        bpe = on["bytes_per_expert"]
+        p99_ratio = q(mig, 99) / q(non, 99) if len(mig) and len(non) else float("nan")
+        tables.append("")
+        tables.append("| online migration | value |")
+        tables.append("|---|---|")
+        for k, v in (
+            ("rebalances (plans that moved layers)", f"{len(moved)} of {len(hist)} plans"),
+            ("layers migrated", str(on["stats"]["layers_migrated"])),
+            ("bytes moved (all ranks)", f"{on['stats']['bytes_moved'] / 1e9:.3f} GB ({on['stats']['bytes_moved'] // max(1, bpe)} experts x {bpe / 1e6:.1f} MB)"),
+            ("bytes moved per rebalance (mean)", f"{np.mean([h['bytes'] for h in moved]) / 1e6:.1f} MB" if moved else "-"),
+            ("peak staging memory per rank (max over ranks)", f"{on['peak_staging_max'] / 1e6:.1f} MB"),
+            ("policy time per plan (mean, off the step)", f"{np.mean([h['policy_s'] for h in hist]) * 1e3:.1f} ms" if hist else "-"),
+            ("migration time per rebalance (mean, first launch to last commit)",
+             f"{np.mean([h.get('migration_s', 0.0) for h in moved]) * 1e3:.1f} ms" if moved else "-"),
+            ("migration steps / other steps", f"{len(mig)} / {len(non)}"),
+            ("step p50 ms: migration steps / other steps", f"{q(mig, 50):.3f} / {q(non, 50):.3f}"),
+            ("step p99 ms: migration steps / other steps", f"{q(mig, 99):.3f} / {q(non, 99):.3f} (ratio {p99_ratio:.3f})"),
+            ("online balancedness / oracle", f"{rows_out['online'][0] / ob:.3f} (target >= 0.95)"),
+            ("static balancedness / oracle", f"{rows_out['static'][0] / ob:.3f}"),
+        ):
+            tables.append(f"| {k} | {v} |")
+        lines.append(f"{kind}: online/oracle {rows_out['online'][0] / ob:.3f}, static/oracle {rows_out['static'][0] / ob:.3f}, "
+                     f"none/oracle {rows_out['none'][0] / ob:.3f}; p99 migration/other {p99_ratio:.3f}")
+        # per-window view
+        W = a.window
+        nwin = (a.steps + W - 1) // W
+        tables.append("\nPer-window mean balancedness (model):\n")
+        tables.append("| window | " + " | ".join(f"{w * W}-{min(a.steps, (w + 1) * W) - 1}" for w in range(nwin)) + " |")
+        tables.append("|---|" + "---|" * nwin)
+        for res in results:
+            mb = modelled_balancedness(group, res["rows"], E, R, a.strategy).mean(1)
+            tables.append(f"| {res['mode']} | " + " | ".join(f"{mb[w * W:(w + 1) * W].mean():.3f}" for w in range(nwin)) + " |")
+        orw = oracle.mean(1)
+        tables.append("| oracle | " + " | ".join(f"{orw[w * W:(w + 1) * W].mean():.3f}" for w in range(nwin)) + " |")
+    if rank != 0:
+        return None
+    cmd = " ".join(shlex.quote(x) for x in ([os.environ["EPLB_BENCH_CMD"]] if "EPLB_BENCH_CMD" in os.environ
+                                            else ["python", "bench/online.py", *sys.argv[1:]]))
+    head = [f"# online: no EPLB vs static vs online balancer{' (QUICK CPU CHECK)' if a.quick else ''}", "",
+            f"- device: {device_name(dev)} x {world} ranks ({dist.get_backend()})",
+            f"- date: {_dt.date.today().isoformat()}",
+            f"- command: `{cmd}`",
+            f"- expert shape: hidden {a.hidden}, intermediate {a.inter}, {a.dtype}; NCCL_NVLS_ENABLE="
+            f"{os.environ.get('NCCL_NVLS_ENABLE')}",
+            "- balancedness = mean/max of per-rank (token, expert) pairs per layer and step, averaged; 'model' = "
+            "eplb.dispatch.split_rank_loads of the routed counts under the placement in service at each step, "
+            "'measured' = the layers' per-rank computed-pair counters. Step time = wall time of balancer.step() + "
+            "the forward of all layers + a sync of the serving stream, max over ranks.",
+            "", "## Summary", "", *[f"- {x}" for x in lines], "", "## Details", *tables, ""]
+    return "\n".join(head)
+
+
+def _worker(rank: int, world: int, argv: list[str]) -> str | None:
+    a = parse_args(argv)
+    torch.set_num_threads(1)
+    return bench(a, rank, world)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse_args(argv)
+    out = Path(a.out) if a.out else REPO / "bench" / "results" / ("online.md" if a.device == "cuda" else "online_cpu.md")
+    if "WORLD_SIZE" in os.environ:
+        from eplb.runtime.distributed import init_from_env
+
+        info = init_from_env(device=a.device)
+        text = bench(a, info.rank, info.size)
+        dist.barrier()
+        dist.destroy_process_group()
+    else:
+        if a.device == "cuda":
+            raise SystemExit("launch the GPU benchmark with: torchrun --nproc-per-node 2 bench/online.py --device cuda")
+        from eplb.runtime.testing import run_distributed
+
+        text = run_distributed(_worker, 2, argv, timeout_s=3600)[0]
+    if text is not None:
+        print(text)
+        atomic_write(out, text.encode())
+        print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
