@@ -15,6 +15,16 @@ from eplb.runtime.layer import ExpertParallelMoE
 from eplb.runtime.trace_router import TraceRouter, scale_counts, topk_from_counts
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (much slower on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 @settings(max_examples=50, deadline=None)
 @given(counts=st.lists(st.integers(0, 1000), min_size=2, max_size=40), tokens=st.integers(1, 60),
        k=st.integers(1, 4))
