@@ -10,8 +10,11 @@ from eplb.stats.trace import Trace
 
 
 def run(*args):
+    import os
+
     code = "import sys; from eplb.cli import main; sys.argv = ['eplb'] + sys.argv[1:]; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
 
 
 def test_simulate_builtin_with_online_and_outputs(tmp_path):
@@ -20,7 +23,7 @@ def test_simulate_builtin_with_online_and_outputs(tmp_path):
             "--policy", "none,deepseek", "--online", "every=16,wait=8,window=32,layer_updates_per_iter=4",
             "--plan-range", "0-64", "--sim-range", "64-128", "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert "deepseek+online" in r.stdout and "imbalance mean" in r.stdout and "reference/gpu.md" in r.stdout
+    assert "deepseek+online" in r.stdout and "imbalance mean" in r.stdout and "cost model:" in r.stdout
     d = json.loads((out / "simulation.json").read_text())
     assert list(d["summary"]) == ["none", "none+online", "deepseek", "deepseek+online"]
     assert d["meta"]["steps"] == 64 and d["meta"]["plan_steps"] == [0, 63] and not d["meta"]["in_sample"]

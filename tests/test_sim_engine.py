@@ -144,3 +144,16 @@ def test_bad_arguments():
         simulate(counts, ep_size=2, plan_range="5-9")
     with pytest.raises(ValueError, match="ep-size"):
         simulate(counts, ep_size=0)
+
+
+def test_num_nodes_prices_inter_node_bytes():
+    counts = np.array([[[8, 0, 0, 0]]])  # one hot expert: rank 0 gets 8 pairs
+    cm = rate_model(ms_per_token=1e-12, latency=0.0, gbps=1.0)  # inter-node 0.5 GB/s
+    one = replay_static(counts, Placement([[0, 1, 2, 3]], 4, 4, 1), cost=cm)
+    two = replay_static(counts, Placement([[0, 1, 2, 3]], 4, 4, 2), cost=cm)
+    # 4 ranks: 1 node -> 3/4 of 8 pairs intra; 2 nodes -> 1/4 intra, 2/4 inter at half the bandwidth
+    assert one.comm_ms[0] == pytest.approx(2 * 6 * 2000 / 1e6)
+    assert two.comm_ms[0] == pytest.approx(2 * max(2 * 2000 / 1e6, 4 * 2000 / 0.5e6))
+    rep = simulate(np.repeat(counts, 3, 0), ep_size=4, num_nodes=2, num_groups=2, policies=["deepseek-hierarchical"],
+                   cost=cm)
+    assert rep.results[0].num_nodes == 2 and rep.meta["num_nodes"] == 2

@@ -287,12 +287,11 @@ def _from_dict(d: Mapping[str, Any], source: str, base: CostModel | None) -> Cos
     b = base
     kw: dict[str, Any] = {}
     for key in ("device", "date", "source"):
-        if key in d:
-            if not isinstance(d[key], str):
-                raise CostModelError(f"{source}: field '{key}' must be a string")
-            kw[key] = d[key]
-        elif b is None:
+        if key not in d:
             raise CostModelError(f"{source}: missing field '{key}' (every cost model names its device, date and source)")
+        if not isinstance(d[key], str) or not d[key].strip():
+            raise CostModelError(f"{source}: field '{key}' must be a non-empty string")
+        kw[key] = d[key]
     shape = d.get("shape", {})
     if not isinstance(shape, Mapping):
         raise CostModelError(f"{source}: field 'shape' must be an object")
@@ -402,8 +401,9 @@ def load_cost_model(path_or_dict: str | os.PathLike[str] | Mapping[str, Any], *,
          "other_ms_per_layer": f, "notes": {field: text}}
 
     With ``base``, missing sections are taken from ``base`` (e.g. a compute-only measurement
-    completed with the reference all-to-all figures; ``notes`` says which); without it, ``device``, ``date``,
-    ``source`` and ``compute`` are required and other sections use the dataclass defaults.
+    completed with the reference all-to-all figures; ``notes`` says which); without it, ``compute``
+    is required and other sections use the dataclass defaults. ``device``, ``date`` and ``source``
+    are always required.
     """
     if isinstance(path_or_dict, Mapping):
         return _from_dict(path_or_dict, "cost model", base)
