@@ -363,7 +363,7 @@ def test_register_installs_policy_and_logs(fake_vllm, monkeypatch, caplog):
     monkeypatch.setenv(ev.ENV_POLICY, "eplb")
     cls = ev.register()
     assert cls is not None and fake_vllm.EPLB_POLICIES["default"] is cls
-    assert issubclass(cls, EplbPolicy) and cls.planner == _core.resolve_planner(None)
+    assert issubclass(cls, ev.EplbPolicy) and cls.planner == _core.resolve_planner(None)
     line = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert any("vLLM EPLB policy 'default' -> eplb" in m for m in line)
     assert ev.register() is cls  # idempotent: plug-ins load once per process, maybe more
@@ -392,7 +392,7 @@ def test_register_records_load_windows(fake_vllm, monkeypatch, tmp_path):
     assert "vllm" in tr.source
 
 
-def test_policy_subclasses_vllm_abstract_when_importable(fake_vllm):
+def test_policy_subclasses_vllm_abstract_when_importable(fake_vllm, monkeypatch):
     mod = importlib.reload(ev)
     try:
         assert mod.VLLM_AVAILABLE
@@ -400,9 +400,7 @@ def test_policy_subclasses_vllm_abstract_when_importable(fake_vllm):
         mod.EplbPolicy()  # implements the abstract method: instantiable
         check_map(mod.EplbPolicy.rebalance_experts(torch.tensor(README_W), 16, 4, 2, 8), 2, 16, 12)
     finally:
-        sys.modules.pop("vllm", None)
-        for name in [n for n in sys.modules if n.startswith("vllm.")]:
-            sys.modules.pop(name, None)
+        monkeypatch.undo()  # the real modules (or none) back in sys.modules, then rebuild the class
         importlib.reload(ev)
 
 
@@ -452,3 +450,22 @@ def test_real_vllm_default_and_ours_agree_on_deepseek_planner():
     w = torch.tensor(README_W)
     assert torch.equal(make_policy("deepseek").rebalance_experts(w, 16, 4, 2, 8),
                        DefaultEplbPolicy.rebalance_experts(w, 16, 4, 2, 8))
+
+
+@needs_vllm[0]
+@needs_vllm[1]
+def test_real_vllm_logical_maps_accept_our_maps():
+    """vLLM's own compute_logical_maps (what EplbState runs on a new map) on our policy's output."""
+    from vllm.distributed.eplb.eplb_state import compute_logical_maps
+
+    cases = [(README_W, 16, 4, 2, 8), ([[10, 20, 30, 40]], 4, 1, 1, 1), ([[1000, 1, 1, 1, 1, 1, 1, 1]], 12, 2, 2, 4),
+             ([[10, 20, 30, 40, 50, 60], [60, 50, 40, 30, 20, 10], [25] * 6], 8, 2, 2, 4),
+             ([[10, 20, 30, 40]], 8, 3, 2, 4), ([[50, 100, 75, 120, 90, 60, 80, 110, 40, 70, 95, 85, 65, 55, 45, 35]],
+                                                 24, 8, 4, 8)]
+    for w, S, G, N, R in cases:
+        wt = torch.tensor(w)
+        p = EplbPolicy.rebalance_experts(wt, S, G, N, R)
+        log2phy, logcnt = compute_logical_maps(p, wt.shape[-1])
+        assert torch.all(logcnt >= 1) and torch.all(logcnt.sum(1) == S)
+        ours, cnt = logical_maps(p, wt.shape[-1])
+        assert torch.equal(logcnt, cnt) and torch.equal(log2phy[..., : ours.shape[-1]], ours)

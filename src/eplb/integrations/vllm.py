@@ -210,10 +210,12 @@ def register() -> type[EplbPolicy] | None:
     registry["default"] = cls
     record = os.environ.get(ENV_RECORD, "").strip()
     _recorder = _Recorder(record) if record else None
-    _vllm_logger().info(
-        "eplb: vLLM EPLB policy 'default' -> eplb %s (planner=%s, min_gain=%s%s); set %s= to disable",
-        cls.__name__, planner, min_gain, f", recording load windows to {record}" if record else "", ENV_POLICY,
-    )
+    args = (cls.__name__, planner, min_gain, f", recording load windows to {record}" if record else "", ENV_POLICY)
+    msg = "eplb: vLLM EPLB policy 'default' -> eplb %s (planner=%s, min_gain=%s%s); set %s= to disable"
+    log.info(msg, *args)
+    vlog = _vllm_logger()
+    if vlog is not log:  # vLLM's logger does not propagate: say it there too, so it shows in vLLM's output
+        vlog.info(msg, *args)
     return cls
 
 
