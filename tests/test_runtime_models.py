@@ -164,3 +164,20 @@ def test_find_experts_layouts_and_positional_placement():
         patch_model(model, pl)
     with pytest.raises(ValueError, match="neither a built-in config"):
         build_model("no-such-model")
+
+
+@pytest.mark.parametrize("fmt,suffix", [("native", ".json"), ("vllm-ascend", ".json"), ("trtllm", ".yaml"),
+                                        ("vllm", ".json")])
+def test_load_placement_from_every_map_format(tmp_path, fmt, suffix):
+    from eplb.formats import write_placement
+
+    rng = np.random.default_rng(0)
+    perms = [rng.permutation(8) for _ in range(2)]
+    rows = np.stack([np.concatenate([q, q[:2]]) for q in perms])  # replicas of rank 0's experts on rank 1
+    pl = Placement(rows, 8, 2, layer_ids=[1, 2])
+    path = tmp_path / f"map{suffix}"
+    write_placement(pl, path, fmt)
+    got = load_placement(path, num_experts=8, ep_size=2, layer_ids=[1, 2])
+    assert np.array_equal(got.phy2log, pl.phy2log) and got.layer_ids == (1, 2)
+    with pytest.raises(ValueError):
+        load_placement(path, num_experts=8, ep_size=5, layer_ids=[1, 2])
