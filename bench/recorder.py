@@ -15,8 +15,8 @@ Timed variants (same layer; ``--layers-per-step`` forwards per step, then ``reco
 * ``add_counts``: + ``recorder.add_counts(layer, counts)`` reusing the dispatch's per-expert counts;
 * ``trtllm``: + TensorRT-LLM-style ``bincount(...).cpu()`` per layer (a host sync), for comparison.
 
-Blocks of one step are timed with CUDA events (wall clock on CPU), variants interleaved round-robin,
-median over ``--repeats`` blocks; overhead = median(variant) / median(base) - 1.
+Blocks of one step are timed with CUDA events (wall clock on CPU), each starting from an idle device,
+variants interleaved round-robin, median over ``--repeats`` blocks; overhead = median(variant) / median(base) - 1.
 
 GPU:  python bench/recorder.py --device cuda
 CPU:  python bench/recorder.py --device cpu --quick
@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         sync()
         for _ in range(args.repeats):
             for v in variants:
+                sync()  # every block starts from an idle GPU (the trtllm variant leaves it idle after each sync)
                 if dev.type == "cuda":
                     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     a.record()
