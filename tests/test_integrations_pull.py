@@ -222,11 +222,19 @@ def test_pull_requires_a_server(tmp_path):
     assert isinstance(res.exception, ValueError) and "--sglang" in str(res.exception)
 
 
-def test_dump_to_trace_direct():
-    c = make_counts(3, 3)
-    tr = sg.dump_to_trace({"logical_count": c[0]})  # [layers, E] form: one pass
-    assert tr.counts.shape == (1, 3, E)
-    with pytest.raises(TraceError, match="integer"):
-        sg.dump_to_trace({"logical_count": c.astype(float) + 0.5})
-    with pytest.raises(TraceError, match="expected a dict"):
-        sg.dump_to_trace([1, 2])
+def test_read_dump_uses_stats_importer_and_tidies(tmp_path):
+    c = make_counts(6, 4)
+    f = tmp_path / "expert_distribution_recorder_5.pt"
+    torch.save({"rank": 0, "logical_count": torch.from_numpy(c)}, str(f))
+    tr = sg.read_dump(f)
+    np.testing.assert_array_equal(tr.counts, c[:4, 1:4])
+    assert tr.layer_ids == (1, 2, 3) and tr.step_ids.tolist() == [0, 1, 2, 3]
+    assert tr.meta["dropped_empty_passes"] == 2
+    torch.save({"logical_count": torch.from_numpy(c[0])}, str(f))  # [layers, E]: one pass
+    assert sg.read_dump(f).counts.shape == (1, 3, E)
+    torch.save({"logical_count": torch.from_numpy(c) - 1}, str(f))
+    with pytest.raises(TraceError, match="negative"):
+        sg.read_dump(f)
+    f.write_bytes(b"not a torch file")
+    with pytest.raises(TraceError, match=str(f.name)):
+        sg.read_dump(f)

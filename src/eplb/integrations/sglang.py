@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from eplb._checks import ArrayLike, check_load, check_positive_int, to_numpy
+from eplb._checks import ArrayLike, check_load, check_positive_int
 from eplb.integrations._core import EngineLayoutError, normalize_layout, plan_for_engine, resolve_planner
 from eplb.placement import Placement
 from eplb.stats.trace import Trace, TraceError
@@ -48,10 +48,11 @@ __all__ = [
     "PullResult",
     "SGLangPullError",
     "algorithm_to_planner",
-    "dump_to_trace",
+    "read_dump",
     "find_new_dump",
     "pull",
     "rebalance_experts",
+    "tidy_dump_trace",
     "write_init_expert_location",
 ]
 
@@ -167,13 +168,10 @@ def write_init_expert_location(
     row for them (``num_layers`` = the model's ``num_hidden_layers`` when it has trailing dense
     layers). The bytes come from :mod:`eplb.formats` (format ``"sglang"``); the write is atomic.
     """
-    from eplb.formats.sglang import encode
-    from eplb.stats.trace import atomic_write
+    from eplb.formats import write_placement
 
-    p = Path(path)
-    container = "pt" if p.suffix == ".pt" else "json"
-    atomic_write(p, encode(placement, container=container, num_layers=num_layers))
-    return p
+    write_placement(placement, path, "sglang", num_layers=num_layers)
+    return Path(path)
 
 
 # ------------------------------------------------------------------------------- pull (HTTP)
@@ -257,50 +255,49 @@ def find_new_dump(
         sleep(poll)
 
 
-def dump_to_trace(obj: Any, *, source: str = "sglang", model: str = "", ep_size: int = 0,
-                  meta: dict[str, Any] | None = None) -> Trace:
-    """An SGLang ``stat`` expert-distribution dump (the loaded dict) as an eplb :class:`Trace`.
+def tidy_dump_trace(trace: Trace, *, source: str | None = None, model: str = "", ep_size: int = 0,
+                    meta: dict[str, Any] | None = None) -> Trace:
+    """A trace read from an SGLang ``stat`` dump, without the rows and layers that hold no data.
 
-    All-zero forward passes (unused ring-buffer rows) are dropped; layers with no tokens at all
-    (dense layers) are dropped and ``layer_ids`` keep the model layer index of the others.
+    Unused ring-buffer rows (all-zero forward passes) are dropped; layers with no tokens at all
+    (SGLang's dump has a row per model layer, dense layers included) are dropped and ``layer_ids``
+    keep the model layer index of the others. Raises :class:`TraceError` when nothing was routed.
     """
-    if not isinstance(obj, dict):
-        raise TraceError(f"{source}: expected a dict with 'logical_count', got {type(obj).__name__}")
-    if "logical_count" not in obj:
-        hint = (" (a per_pass/per_token dump: start SGLang with --expert-distribution-recorder-mode stat)"
-                if "records" in obj else "")
-        raise TraceError(f"{source}: missing key 'logical_count'{hint}; found keys {sorted(map(str, obj))[:8]}")
-    counts = check_load(to_numpy(obj["logical_count"]), f"{source}: logical_count", ndim=(2, 3))
-    if counts.ndim == 2:
-        counts = counts[None]
-    if np.any(counts != np.round(counts)):
-        raise TraceError(f"{source}: logical_count: expected integer token counts")
+    counts = trace.counts
+    src = source or trace.source
     passes = counts.sum(axis=(1, 2)) > 0
     layers = counts.sum(axis=(0, 2)) > 0
     if not passes.any():
-        raise TraceError(f"{source}: logical_count is all zero: no tokens were routed while recording "
+        raise TraceError(f"{src}: logical_count is all zero: no tokens were routed while recording "
                          "(send traffic to the server during the recording window)")
-    kept = counts[passes][:, layers]
-    info: dict[str, Any] = {
+    info: dict[str, Any] = dict(trace.meta)
+    info.update({
         "sglang_buffer_rows": int(counts.shape[0]),
         "sglang_num_layers": int(counts.shape[1]),
         "dropped_empty_passes": int((~passes).sum()),
-    }
-    util = obj.get("average_utilization_rate_over_window")
-    if isinstance(util, (int, float)):
-        info["sglang_average_utilization_rate"] = float(util)
+    })
     info.update(meta or {})
-    return Trace(kept.astype(np.int64), tuple(int(i) for i in np.nonzero(layers)[0]), None, 0, model, source,
-                 int(ep_size), info)
+    lids = np.asarray(trace.layer_ids)[layers]
+    assert trace.step_ids is not None
+    return Trace(counts[passes][:, layers], tuple(int(i) for i in lids), trace.step_ids[passes], trace.top_k,
+                 model or trace.model, src, int(ep_size) or trace.ep_size, info)
 
 
-def _load_dump(path: Path) -> Any:
-    import torch
+def read_dump(path: str | os.PathLike[str], **tidy: Any) -> Trace:
+    """Read an SGLang expert-distribution dump with :func:`eplb.stats.importers.read_sglang` and tidy it.
+
+    ``tidy`` goes to :func:`tidy_dump_trace` (``source``, ``model``, ``ep_size``, ``meta``).
+    """
+    from eplb.stats.importers import read_sglang
 
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for unreadable/unsafe pickles
-        raise TraceError(f"{path}: not a readable SGLang expert-distribution dump ({exc})") from None
+        tr = read_sglang(path)
+    except TraceError as exc:
+        if "records" in str(exc):  # per_pass / per_token dumps hold 'records', not 'logical_count'
+            raise TraceError(f"{exc}: a per_pass/per_token dump; start SGLang with "
+                             "--expert-distribution-recorder-mode stat") from None
+        raise
+    return tidy_dump_trace(tr, **tidy)
 
 
 def pull(
@@ -362,13 +359,12 @@ def pull(
     _request(dump, "POST", timeout)
     path = find_new_dump(d, before, timeout=dump_timeout, sleep=sleep)
     say(f"reading {path}")
-    obj = _load_dump(path)
     ep_size = info.get("ep_size", 0) if info else 0
-    model = str(info.get("model_path", "")) if info else ""
     buf = info.get("expert_distribution_recorder_buffer_size") if info else None
-    tr = dump_to_trace(obj, source=f"sglang: {base} expert distribution ({path.name})", model=model,
-                       ep_size=int(ep_size) if isinstance(ep_size, int) else 0,
-                       meta={"sglang_url": base, "record_seconds": float(seconds), "recorder_mode": mode})
+    tr = read_dump(path, source=f"sglang: {base} expert distribution ({path.name})",
+                   model=str(info.get("model_path", "")) if info else "",
+                   ep_size=int(ep_size) if isinstance(ep_size, int) else 0,
+                   meta={"sglang_url": base, "record_seconds": float(seconds), "recorder_mode": mode})
     if isinstance(buf, int) and buf > 0 and tr.num_steps >= buf:
         log.warning("eplb: %d forward passes filled SGLang's ring buffer of %d: older passes were overwritten and "
                     "the pass order may be rotated; start the server with --expert-distribution-recorder-buffer-size "
