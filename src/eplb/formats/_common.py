@@ -94,7 +94,8 @@ def parse_yaml(path: PathLike, data: bytes) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(data.decode("utf-8"))
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: 10x faster
+        return yaml.load(data.decode("utf-8"), Loader=loader)  # noqa: S506 (a safe loader)
     except UnicodeDecodeError as exc:
         raise MapFormatError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:

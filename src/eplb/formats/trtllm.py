@@ -97,7 +97,9 @@ class _FlowListDumper:
         if cls.cls is None:
             import yaml
 
-            class Dumper(yaml.SafeDumper):
+            base = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when available: 10x faster
+
+            class Dumper(base):  # type: ignore[valid-type,misc]
                 pass
 
             def _flow_list(dumper: Any, data: Any) -> Any:
@@ -131,5 +133,5 @@ def encode(placement: Placement, *, layer_updates_per_iter: int | None = None, w
     }
     if with_ep_size:
         cfg["ep_size"] = placement.num_ranks
-    text = yaml.dump(cfg, Dumper=_FlowListDumper.get(), width=float("inf"), sort_keys=True, default_flow_style=False)
+    text = yaml.dump(cfg, Dumper=_FlowListDumper.get(), width=2**30, sort_keys=True, default_flow_style=False)
     return text.encode("utf-8")
