@@ -270,10 +270,10 @@ def _summary_table(evals: Sequence[Evaluation], title: str) -> Any:
     from rich.table import Table
 
     t = Table(title=title)
-    t.add_column("placement", min_width=30)
-    for col in ("steps", "slots/ranks", "imbalance", "max rank load", "imb. balanced dispatch", "dispatch bound",
-                "lower bound", "gap"):
-        t.add_column(col, justify="right")
+    t.add_column("placement", min_width=26)
+    for col in ("steps", "slots/ranks", "imbalance", "max rank load", "imbalance, balanced dispatch",
+                "dispatch bound", "lower bound", "gap"):
+        t.add_column(col, justify="right", max_width=14)
 
     def f(v: float | None, spec: str) -> str:
         return "-" if v is None else format(v, spec)
