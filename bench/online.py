@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--quick", action="store_true", help="small sizes (CPU check)")
-    ap.add_argument("--trace", default="synthetic", help="comma list of: synthetic, llama4")
+    ap.add_argument("--trace", default=None, help="comma list of: synthetic, llama4 (default: both; --quick: synthetic)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per mode")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--experts", type=int, default=None, help="E (synthetic; llama4 has 128)")
@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--window", type=int, default=None, help="rebalance cadence = load window = oracle window (steps)")
     ap.add_argument("--layer-updates-per-iter", type=int, default=1)
     ap.add_argument("--threshold", type=float, default=0.95, help="eplb_update_threshold (cosine)")
-    ap.add_argument("--strategy", default="balanced", choices=["local-first", "round-robin", "balanced"])
+    ap.add_argument("--strategy", default="round-robin,balanced",
+                    help="comma list of the layers' replica strategies: local-first, round-robin, balanced")
     ap.add_argument("--policy-backend", default=None, choices=["thread", "process"])
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps before each mode")
@@ -87,11 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="markdown output (default bench/results/online[_cpu].md)")
     a = ap.parse_args(argv)
     q = a.quick
-    d = {"steps": 90 if q else 600, "layers": 2 if q else 8, "experts": 8 if q else 64,
+    d = {"steps": 120 if q else 600, "layers": 2 if q else 8, "experts": 16 if q else 64,
          "redundant_per_rank": 2 if q else 4, "hidden": 64 if q else 7168, "inter": 32 if q else 2048,
-         "tokens": 32 if q else 2048, "top_k": 2 if q else 8, "period": 30 if q else 200, "window": 10 if q else 50,
+         "tokens": 64 if q else 2048, "top_k": 4 if q else 8, "period": 40 if q else 200, "window": 10 if q else 50,
          "dtype": "fp32" if a.device == "cpu" else "bf16", "warmup": 3 if q else 10,
-         "policy_backend": "thread" if a.device == "cpu" else "process"}
+         "policy_backend": "thread" if a.device == "cpu" else "process",
+         "trace": "synthetic" if q else "synthetic,llama4"}
     for k, v in d.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -135,8 +137,8 @@ def build_layers(pl: Placement, a: argparse.Namespace, dev: torch.device, dtype:
     for li in range(pl.num_layers):
         g = torch.Generator(device=dev).manual_seed(1234 + li)  # identical full weights on every rank
         E = pl.num_experts
-        w13 = torch.randn(E, 2 * a.inter, a.hidden, generator=g, device=dev, dtype=torch.float32).mul_(0.02).to(dtype)
-        w2 = torch.randn(E, a.hidden, a.inter, generator=g, device=dev, dtype=torch.float32).mul_(0.02).to(dtype)
+        w13 = torch.randn(E, 2 * a.inter, a.hidden, generator=g, device=dev, dtype=dtype).mul_(0.02)
+        w2 = torch.randn(E, a.hidden, a.inter, generator=g, device=dev, dtype=dtype).mul_(0.02)
         layers.append(ExpertParallelMoE.from_full_weights(w13, w2, pl, li, strategy=strategy))
         del w13, w2
     if dev.type == "cuda":
@@ -149,23 +151,21 @@ def sync(dev: torch.device) -> None:
         torch.cuda.current_stream(dev).synchronize()  # the serving stream only (a decode loop's sampling sync)
 
 
-def run_mode(mode: str, pl: Placement, counts: np.ndarray, top_k: int, a: argparse.Namespace, dev: torch.device,
-             dtype: torch.dtype, rank: int, world: int, start: int) -> dict[str, Any]:
-    """Serve ``a.steps`` steps of ``counts[start:]``; returns per-step times, placements and measured loads."""
-    layers = build_layers(pl, a, dev, dtype, a.strategy)
-    router = TraceRouter(counts, num_ranks=world, rank=rank, seed=a.seed, step_offset=start - a.warmup)
-    router.attach(layers)
+def run_mode(mode: str, pl: Placement, ids: torch.Tensor, a: argparse.Namespace, dev: torch.device,
+             dtype: torch.dtype, rank: int, world: int, strategy: str) -> dict[str, Any]:
+    """Serve ``a.warmup`` untimed then ``a.steps`` timed steps routed by ``ids [warmup + steps, L, N, k]``
+    (this rank's expert ids, on the device); returns per-step times, placements and measured loads."""
+    layers = build_layers(pl, a, dev, dtype, strategy)
+    top_k = int(ids.shape[-1])
     hidden = torch.randn(a.tokens, a.hidden, device=dev, dtype=dtype, generator=torch.Generator(device=dev).manual_seed(rank))
-    ids = torch.zeros(a.tokens, top_k, dtype=torch.int64, device=dev)
     wts = torch.full((a.tokens, top_k), 1.0 / top_k, device=dev, dtype=torch.float32)
 
-    def forward() -> None:
-        for layer in layers:
-            layer(hidden, ids, wts)
+    def forward(t: int) -> None:
+        for li, layer in enumerate(layers):
+            layer(hidden, ids[t, li], wts)
 
-    for _ in range(a.warmup):
-        forward()
-        router.next_step()
+    for t in range(a.warmup):
+        forward(t)
     sync(dev)
     for layer in layers:
         layer.take_counts()
@@ -187,13 +187,12 @@ def run_mode(mode: str, pl: Placement, counts: np.ndarray, top_k: int, a: argpar
         if bal is not None:
             bal.step()
             migrating[t] = bal.migrating
-        forward()
+        forward(a.warmup + t)
         sync(dev)
         step_s[t] = time.perf_counter() - t0
         rows[t] = bal.placement.phy2log if bal is not None else pl.phy2log
         for li, layer in enumerate(layers):
             done[t, li] = layer.take_slot_counts()[1].sum()
-        router.next_step()
     if bal is not None:
         bal.close(record=False)
     # measured per-rank computed pairs [R, T, L] and per-step max time over ranks
@@ -261,85 +260,35 @@ def bench(a: argparse.Namespace, rank: int, world: int) -> str | None:
     dtype = DTYPES[a.dtype]
     lines: list[str] = []
     tables: list[str] = []
+    strategies = [x.strip() for x in a.strategy.split(",") if x.strip()]
+    for x in strategies:
+        if x not in ("local-first", "round-robin", "balanced"):
+            raise SystemExit(f"--strategy: unknown replica strategy {x!r}")
     for kind in [k.strip() for k in a.trace.split(",") if k.strip()]:
         calib = a.window * 2
         total = calib + a.warmup + a.steps
         counts, E, top_k, label = make_loads(kind, a, total)
         R = world
-        spr = E // R + a.redundant_per_rank
         if E % R:
             raise SystemExit(f"--experts: {E} experts are not divisible by {R} ranks")
+        spr = E // R + a.redundant_per_rank
         S = spr * R
         static = eplb.plan(counts[:calib], S, R, policy="eplb")
         start = calib + a.warmup
-        group = np.stack([[TraceRouter(counts, num_ranks=R, rank=0, seed=a.seed).group_counts(t, li, a.tokens, top_k)
-                           for li in range(a.layers)] for t in range(start, start + a.steps)])  # routed [T, L, E]
-        results = []
-        for mode, pl in (("none", Placement.contiguous(a.layers, E, R)), ("static", static), ("online", static)):
-            results.append(run_mode(mode, pl, counts, top_k, a, dev, dtype, rank, world, start))
-        if rank != 0:
-            continue
-        oracle = oracle_balancedness(group, S, E, R, a.window, a.strategy)
-        tables.append(f"\n### {kind}: {label}\n")
-        tables.append(f"E={E} experts, top-{top_k}, {a.layers} layers, {R} ranks, {a.tokens} tokens per rank per step, "
-                      f"online/static/oracle: {S} slots ({spr} per rank), none: {E} slots; strategy `{a.strategy}`; "
-                      f"{a.steps} timed steps after {a.warmup} warm-up; static planned on {calib} calibration steps; "
-                      f"online cadence/window {a.window} steps, threshold {a.threshold}, layer_updates_per_iter "
-                      f"{a.layer_updates_per_iter}, policy `eplb` ({a.policy_backend} backend).\n")
-        tables.append("| mode | slots | balancedness (model) | vs oracle | balancedness (measured) | step p50 ms | "
-                      "step p99 ms | mean ms |")
-        tables.append("|---|---|---|---|---|---|---|---|")
-        ob = float(oracle.mean())
-        rows_out = {}
-        for res in results:
-            mb = modelled_balancedness(group, res["rows"], E, R, a.strategy)
-            meas = res["measured"].astype(np.float64)  # [R, T, L]
-            mx = meas.max(0)
-            measured = float(np.where(mx > 0, meas.mean(0) / np.where(mx > 0, mx, 1), 1.0).mean())
-            st = res["step_s"] * 1e3
-            rows_out[res["mode"]] = (float(mb.mean()), measured)
-            tables.append(f"| {res['mode']} | {res['slots']} | {mb.mean():.4f} | {mb.mean() / ob:.3f} | {measured:.4f} | "
-                          f"{q(st, 50):.3f} | {q(st, 99):.3f} | {st.mean():.3f} |")
-        tables.append(f"| oracle (per-window plan, in-sample) | {S} | {ob:.4f} | 1.000 | - | - | - | - |")
-        on = results[2]
-        st = on["step_s"] * 1e3
-        mig, non = st[on["migrating"]], st[~on["migrating"]]
-        hist = on["history"]
-        moved = [h for h in hist if h["migrating"]]
-        bpe = on["bytes_per_expert"]
-        p99_ratio = q(mig, 99) / q(non, 99) if len(mig) and len(non) else float("nan")
-        tables.append("")
-        tables.append("| online migration | value |")
-        tables.append("|---|---|")
-        for k, v in (
-            ("rebalances (plans that moved layers)", f"{len(moved)} of {len(hist)} plans"),
-            ("layers migrated", str(on["stats"]["layers_migrated"])),
-            ("bytes moved (all ranks)", f"{on['stats']['bytes_moved'] / 1e9:.3f} GB ({on['stats']['bytes_moved'] // max(1, bpe)} experts x {bpe / 1e6:.1f} MB)"),
-            ("bytes moved per rebalance (mean)", f"{np.mean([h['bytes'] for h in moved]) / 1e6:.1f} MB" if moved else "-"),
-            ("peak staging memory per rank (max over ranks)", f"{on['peak_staging_max'] / 1e6:.1f} MB"),
-            ("policy time per plan (mean, off the step)", f"{np.mean([h['policy_s'] for h in hist]) * 1e3:.1f} ms" if hist else "-"),
-            ("migration time per rebalance (mean, first launch to last commit)",
-             f"{np.mean([h.get('migration_s', 0.0) for h in moved]) * 1e3:.1f} ms" if moved else "-"),
-            ("migration steps / other steps", f"{len(mig)} / {len(non)}"),
-            ("step p50 ms: migration steps / other steps", f"{q(mig, 50):.3f} / {q(non, 50):.3f}"),
-            ("step p99 ms: migration steps / other steps", f"{q(mig, 99):.3f} / {q(non, 99):.3f} (ratio {p99_ratio:.3f})"),
-            ("online balancedness / oracle", f"{rows_out['online'][0] / ob:.3f} (target >= 0.95)"),
-            ("static balancedness / oracle", f"{rows_out['static'][0] / ob:.3f}"),
-        ):
-            tables.append(f"| {k} | {v} |")
-        lines.append(f"{kind}: online/oracle {rows_out['online'][0] / ob:.3f}, static/oracle {rows_out['static'][0] / ob:.3f}, "
-                     f"none/oracle {rows_out['none'][0] / ob:.3f}; p99 migration/other {p99_ratio:.3f}")
-        # per-window view
-        W = a.window
-        nwin = (a.steps + W - 1) // W
-        tables.append("\nPer-window mean balancedness (model):\n")
-        tables.append("| window | " + " | ".join(f"{w * W}-{min(a.steps, (w + 1) * W) - 1}" for w in range(nwin)) + " |")
-        tables.append("|---|" + "---|" * nwin)
-        for res in results:
-            mb = modelled_balancedness(group, res["rows"], E, R, a.strategy).mean(1)
-            tables.append(f"| {res['mode']} | " + " | ".join(f"{mb[w * W:(w + 1) * W].mean():.3f}" for w in range(nwin)) + " |")
-        orw = oracle.mean(1)
-        tables.append("| oracle | " + " | ".join(f"{orw[w * W:(w + 1) * W].mean():.3f}" for w in range(nwin)) + " |")
+        router = TraceRouter(counts, num_ranks=R, rank=rank, seed=a.seed)
+        group = np.stack([[router.group_counts(t, li, a.tokens, top_k) for li in range(a.layers)]
+                          for t in range(start, start + a.steps)])  # what is routed: [T, L, E]
+        ids = torch.as_tensor(np.stack([[router.draw(t, li, a.tokens, top_k) for li in range(a.layers)]
+                                        for t in range(start - a.warmup, start + a.steps)]).astype(np.int32),
+                              device=dev)  # this rank's ids, precomputed: no host work in the timed loop
+        for strategy in strategies:
+            results = [run_mode(mode, pl, ids, a, dev, dtype, rank, world, strategy)
+                       for mode, pl in (("none", Placement.contiguous(a.layers, E, R)), ("static", static),
+                                        ("online", static))]
+            if rank == 0:
+                line, tab = report(kind, label, strategy, results, group, a, E, R, S, spr, top_k, calib)
+                lines.append(line)
+                tables += tab
     if rank != 0:
         return None
     cmd = " ".join(shlex.quote(x) for x in ([os.environ["EPLB_BENCH_CMD"]] if "EPLB_BENCH_CMD" in os.environ
@@ -353,9 +302,79 @@ def bench(a: argparse.Namespace, rank: int, world: int) -> str | None:
             "- balancedness = mean/max of per-rank (token, expert) pairs per layer and step, averaged; 'model' = "
             "eplb.dispatch.split_rank_loads of the routed counts under the placement in service at each step, "
             "'measured' = the layers' per-rank computed-pair counters. Step time = wall time of balancer.step() + "
-            "the forward of all layers + a sync of the serving stream, max over ranks.",
+            "the forward of all layers + a sync of the serving stream, max over ranks. Migration step = a step "
+            "whose boundary launched, posted or committed a layer migration.",
             "", "## Summary", "", *[f"- {x}" for x in lines], "", "## Details", *tables, ""]
     return "\n".join(head)
+
+
+def report(kind: str, label: str, strategy: str, results: list[dict[str, Any]], group: np.ndarray,
+           a: argparse.Namespace, E: int, R: int, S: int, spr: int, top_k: int, calib: int) -> tuple[str, list[str]]:
+    """One (trace, strategy) section: summary line and markdown tables."""
+    split = strategy  # split_counts names the runtime strategies the same way
+    oracle = oracle_balancedness(group, S, E, R, a.window, split)
+    tables = [f"\n### {kind}, strategy `{strategy}`\n", f"Load: {label}.\n",
+              f"E={E} experts, top-{top_k}, {a.layers} layers, {R} ranks, {a.tokens} tokens per rank per step; "
+              f"online/static/oracle: {S} slots ({spr} per rank), none: {E} slots; {a.steps} timed steps after "
+              f"{a.warmup} warm-up; static planned on {calib} calibration steps; online cadence = window = "
+              f"{a.window} steps, threshold {a.threshold}, layer_updates_per_iter {a.layer_updates_per_iter}, "
+              f"policy `eplb` ({a.policy_backend} backend).\n",
+              "| mode | slots | balancedness (model) | vs oracle | balancedness (measured) | step p50 ms | "
+              "step p99 ms | mean ms |", "|---|---|---|---|---|---|---|---|"]
+    ob = float(oracle.mean())
+    model: dict[str, np.ndarray] = {}
+    for res in results:
+        mb = modelled_balancedness(group, res["rows"], E, R, split)
+        model[res["mode"]] = mb
+        meas = res["measured"].astype(np.float64)  # [R, T, L]
+        mx = meas.max(0)
+        measured = float(np.where(mx > 0, meas.mean(0) / np.where(mx > 0, mx, 1), 1.0).mean())
+        st = res["step_s"] * 1e3
+        tables.append(f"| {res['mode']} | {res['slots']} | {mb.mean():.4f} | {mb.mean() / ob:.3f} | {measured:.4f} | "
+                      f"{q(st, 50):.3f} | {q(st, 99):.3f} | {st.mean():.3f} |")
+    tables.append(f"| oracle (per-window plan, in-sample) | {S} | {ob:.4f} | 1.000 | - | - | - | - |")
+    on = results[2]
+    st = on["step_s"] * 1e3
+    mig, non = st[on["migrating"]], st[~on["migrating"]]
+    hist = on["history"]
+    moved = [h for h in hist if h["migrating"]]
+    bpe = on["bytes_per_expert"]
+    p99_ratio = q(mig, 99) / q(non, 99) if len(mig) and len(non) else float("nan")
+    static_st = results[1]["step_s"] * 1e3
+    tables += ["", "| online migration | value |", "|---|---|"]
+    for k, v in (
+        ("rebalances (plans that moved layers)", f"{len(moved)} of {len(hist)} plans"),
+        ("layers migrated", str(on["stats"]["layers_migrated"])),
+        ("bytes moved (all ranks)", f"{on['stats']['bytes_moved'] / 1e9:.3f} GB ({on['stats']['bytes_moved'] // max(1, bpe)} "
+                                    f"experts x {bpe / 1e6:.2f} MB)"),
+        ("bytes moved per rebalance (mean)", f"{np.mean([h['bytes'] for h in moved]) / 1e6:.2f} MB" if moved else "-"),
+        ("peak staging memory per rank (max over ranks)", f"{on['peak_staging_max'] / 1e6:.2f} MB"),
+        ("policy time per plan (mean, off the step)", f"{np.mean([h['policy_s'] for h in hist]) * 1e3:.1f} ms" if hist else "-"),
+        ("migration time per rebalance (mean, first launch to last commit)",
+         f"{np.mean([h.get('migration_s', 0.0) for h in moved]) * 1e3:.1f} ms" if moved else "-"),
+        ("migration steps / other steps", f"{len(mig)} / {len(non)}"),
+        ("step p50 ms: migration steps / other steps", f"{q(mig, 50):.3f} / {q(non, 50):.3f}"),
+        ("step p99 ms: migration steps / other steps", f"{q(mig, 99):.3f} / {q(non, 99):.3f} (ratio {p99_ratio:.3f}, "
+                                                       f"target <= 1.05)"),
+        ("step p99 ms: online other steps / static", f"{q(non, 99):.3f} / {q(static_st, 99):.3f}"),
+        ("online balancedness / oracle", f"{model['online'].mean() / ob:.3f} (target >= 0.95)"),
+        ("static balancedness / oracle", f"{model['static'].mean() / ob:.3f}"),
+    ):
+        tables.append(f"| {k} | {v} |")
+    W = a.window
+    nwin = (a.steps + W - 1) // W
+    tables += ["\nPer-window mean balancedness (model):\n",
+               "| window | " + " | ".join(f"{w * W}-{min(a.steps, (w + 1) * W) - 1}" for w in range(nwin)) + " |",
+               "|---|" + "---|" * nwin]
+    for mode, mb in model.items():
+        m = mb.mean(1)
+        tables.append(f"| {mode} | " + " | ".join(f"{m[w * W:(w + 1) * W].mean():.3f}" for w in range(nwin)) + " |")
+    orw = oracle.mean(1)
+    tables.append("| oracle | " + " | ".join(f"{orw[w * W:(w + 1) * W].mean():.3f}" for w in range(nwin)) + " |")
+    line = (f"{kind}, `{strategy}`: balancedness online/oracle {model['online'].mean() / ob:.3f}, static/oracle "
+            f"{model['static'].mean() / ob:.3f}, none/oracle {model['none'].mean() / ob:.3f}; step p99 migration/other "
+            f"{p99_ratio:.3f}; {on['stats']['bytes_moved'] / 1e9:.3f} GB moved in {len(moved)} rebalances")
+    return line, tables
 
 
 def _worker(rank: int, world: int, argv: list[str]) -> str | None:

@@ -136,6 +136,8 @@ class OnlineBalancer:
         self.comm_group = comm_group
         self.executor = MigrationExecutor(self.layers, group=comm_group, rank=self.rank, num_ranks=self.world)
         self.device = self.executor.device
+        if self.distributed and self.world > 1:
+            self._warm_up_comm()
         if (self.config.max_staging_bytes is not None and self.config.online
                 and self.config.max_staging_bytes < self.executor.layer_bytes):
             raise ValueError(
@@ -182,6 +184,23 @@ class OnlineBalancer:
         self.closed = False
 
     # ----------------------------------------------------------------- helpers
+    def _warm_up_comm(self) -> None:
+        """One all-reduce and one ring of P2P transfers on the balancer's group, so communicator set-up
+        (NCCL: lazy) happens here and not in a served step."""
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        x = torch.ones(1, dtype=torch.int64, device=dev)
+        dist.all_reduce(x, group=self.comm_group)
+        peer = self.executor._peer
+        send = torch.full((1,), self.rank, dtype=self.layers[0].w13.dtype if hasattr(self.layers[0], "w13")
+                          else torch.float32, device=dev)
+        recv = torch.empty_like(send)
+        ops = [dist.P2POp(dist.isend, send, **peer((self.rank + 1) % self.world)),
+               dist.P2POp(dist.irecv, recv, **peer((self.rank - 1) % self.world))]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+        if int(x.item()) != self.world or int(recv.item()) != (self.rank - 1) % self.world:
+            raise RuntimeError("OnlineBalancer: the balancer's process group does not work as expected")
+
     def _placement_from_layers(self) -> Placement:
         rows, first = [], self.layers[0]
         for layer in self.layers:

@@ -25,6 +25,7 @@ name                                        type    meaning
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 __all__ = ["BalancerMetrics"]
 
 _BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def _pct(xs: Any, q: float) -> float:
+    return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
 class BalancerMetrics:
@@ -71,6 +76,9 @@ class BalancerMetrics:
         self.c_steps = Counter(f"{ns}_steps", "steps seen by the balancer", registry=r)
         self._times: collections.deque[float] = collections.deque(maxlen=history)
         self._mtimes: collections.deque[float] = collections.deque(maxlen=history)
+        for qv, name in ((50.0, "0.5"), (99.0, "0.99")):  # computed when scraped, not every step
+            self.g_step.labels(quantile=name).set_function(functools.partial(_pct, self._times, qv))
+            self.g_mstep.labels(quantile=name).set_function(functools.partial(_pct, self._mtimes, qv))
         self.balancedness = np.ones(len(self.layer_ids))
         self.imbalance = np.zeros(len(self.layer_ids))
         self.rebalances = 0
@@ -86,10 +94,6 @@ class BalancerMetrics:
         self._times.append(float(seconds))
         if migrating:
             self._mtimes.append(float(seconds))
-        for q, name in ((50, "0.5"), (99, "0.99")):
-            self.g_step.labels(quantile=name).set(float(np.percentile(self._times, q)))
-            if self._mtimes:
-                self.g_mstep.labels(quantile=name).set(float(np.percentile(self._mtimes, q)))
 
     def observe_balance(self, balancedness: np.ndarray, imbalance: np.ndarray) -> None:
         """``[L]`` balancedness and imbalance ratio of each layer (last window)."""
