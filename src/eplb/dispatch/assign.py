@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from eplb.dispatch.kernel import HAVE_TRITON, balanced_quotas_triton
 from eplb.dispatch.solver import balanced_quotas, slot_quotas
 from eplb.dispatch.table import DispatchTable
 
@@ -37,17 +38,27 @@ def occurrence(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return occ
 
 
-def plan_quotas(global_counts: torch.Tensor, table: DispatchTable, **solver_options: int) -> torch.Tensor:
+def plan_quotas(global_counts: torch.Tensor, table: DispatchTable, *, backend: str = "auto",
+                **solver_options: int) -> torch.Tensor:
     """``[E, K]`` tokens each replica (slot ``table.log2phy[e, k]``) receives this step under balanced dispatch.
 
     ``global_counts`` ``[R, E]`` (or ``[E]`` totals). Deterministic integer arithmetic: identical on every
-    rank and device. ``solver_options`` go to :func:`eplb.dispatch.solver.balanced_quotas`.
+    rank and device. ``backend``: ``"torch"`` (:func:`~eplb.dispatch.solver.balanced_quotas`), ``"triton"``
+    (:func:`~eplb.dispatch.kernel.balanced_quotas_triton`, one kernel, CUDA) or ``"auto"`` (Triton on CUDA when
+    available); both give the same quotas. ``solver_options`` go to the solver (``frac_bits``, ``sweeps``, ...).
     """
     c = global_counts.to(torch.int64)
     if c.ndim == 2:
         c = c.sum(0)
-    q = balanced_quotas(c, table.fl_expert, table.fl_rank, table.fl_color, table.single_rank, table.num_colors,
-                        table.num_ranks, **solver_options)
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    use_triton = backend == "triton" or (backend == "auto" and c.is_cuda and HAVE_TRITON)
+    if use_triton:
+        q = balanced_quotas_triton(c, table.fl_expert, table.fl_rank, table.fl_color, table.single_rank,
+                                   table.num_colors, table.num_ranks, **solver_options)
+    else:
+        q = balanced_quotas(c, table.fl_expert, table.fl_rank, table.color_members, table.single_rank,
+                            table.num_ranks, **solver_options)
     return slot_quotas(q, c, table.slot_f, table.rep_kd, table.rep_mult, table.rep_pos, table.log2phy >= 0)
 
 

@@ -17,7 +17,8 @@ Two solvers live here:
   of this problem is also the minimiser of the sum of squared loads that block descent
   converges to), then rounds to whole tokens and finishes with whole-token sweeps. Each update
   never raises the max over the ranks it touches, so the result is never worse than its start
-  (the uniform round-robin split). All arithmetic is integer: CPU and GPU give identical results.
+  (the uniform round-robin split), and the result is checked against that start (kept if it were
+  better). All arithmetic is integer: CPU and GPU give identical results.
 * :func:`lp_max_load` -- the exact LP optimum with HiGHS (reference and bound).
 """
 
@@ -70,15 +71,22 @@ def waterfill(other: torch.Tensor, amount: torch.Tensor, valid: torch.Tensor) ->
 
 
 def _sweeps(q: torch.Tensor, c: torch.Tensor, base: torch.Tensor, rr: torch.Tensor, valid: torch.Tensor,
-            color: torch.Tensor, num_colors: int, n: int) -> torch.Tensor:
-    """``n`` block-descent sweeps; a block is a fluid expert; one colour's experts are updated together."""
+            members: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` block-descent sweeps; a block is a fluid expert; one colour's experts (``members[..., col, :]``,
+    sharing no rank) are water-filled together."""
+    Kd = q.shape[-1]
     rr_flat = rr.flatten(-2)
+    lead = q.shape[:-2]
     for _ in range(n):
-        for col in range(num_colors):
+        for col in range(members.shape[-2]):
+            idx = members[..., col, :].expand(lead + members.shape[-1:])  # [..., Fc]
+            idx_k = idx.unsqueeze(-1).expand(lead + (idx.shape[-1], Kd))
             loads = base.scatter_add(-1, rr_flat, q.flatten(-2))
-            other = loads.gather(-1, rr_flat).view(q.shape) - q
-            y = waterfill(other, c, valid)
-            q = torch.where((color == col).unsqueeze(-1), y, q)
+            rr_c = rr.gather(-2, idx_k)
+            q_c = q.gather(-2, idx_k)
+            other = loads.gather(-1, rr_c.flatten(-2)).view(q_c.shape) - q_c
+            y = waterfill(other, c.gather(-1, idx), valid.gather(-2, idx_k))
+            q = q.scatter(-2, idx_k, y)
     return q
 
 
@@ -86,9 +94,8 @@ def balanced_quotas(
     counts: torch.Tensor,
     fl_expert: torch.Tensor,
     fl_rank: torch.Tensor,
-    fl_color: torch.Tensor,
+    color_members: torch.Tensor,
     single_rank: torch.Tensor,
-    num_colors: int,
     num_ranks: int,
     *,
     frac_bits: int = 8,
@@ -99,10 +106,9 @@ def balanced_quotas(
 
     Args:
         counts: ``[..., E]`` tokens per expert this step (whole numbers >= 0).
-        fl_expert, fl_rank, fl_color, single_rank: the compact solver view of
-            :func:`eplb.dispatch.table.layer_tables` (``[..., F]``, ``[..., F, Kd]``, ``[..., F]``, ``[..., E]``;
+        fl_expert, fl_rank, color_members, single_rank: the compact solver view of
+            :func:`eplb.dispatch.table.layer_tables` (``[..., F]``, ``[..., F, Kd]``, ``[..., C, Fc]``, ``[..., E]``;
             broadcastable against ``counts``' leading dimensions).
-        num_colors: number of colours of ``fl_color``.
         num_ranks: ``R``.
         frac_bits: fixed-point bits below one token for the fractional phase (0 skips it).
         sweeps: block-descent sweeps of the fractional phase (each updates every colour once).
@@ -116,16 +122,17 @@ def balanced_quotas(
     fe = fl_expert.expand(lead + fl_expert.shape[-1:])
     valid = (fl_rank >= 0).expand(lead + fl_rank.shape[-2:])
     rr = fl_rank.clamp(min=0).expand(valid.shape)
-    color = fl_color.expand(lead + fl_color.shape[-1:])
     sr = single_rank.expand(c.shape)
     base = torch.zeros(lead + (num_ranks,), dtype=torch.int64, device=c.device)
     base.scatter_add_(-1, sr.clamp(min=0), c * (sr >= 0))
     cf = c.gather(-1, fe.clamp(min=0)) * (fe >= 0)  # [..., F]
-    if num_colors == 0:
+    if color_members.shape[-2] == 0:
         return uniform_quotas(cf, valid)
+    q0 = uniform_quotas(cf, valid)
+    rr_flat = rr.flatten(-2)
     if frac_bits:
         scale = 1 << frac_bits
-        q = _sweeps(uniform_quotas(cf * scale, valid), cf * scale, base * scale, rr, valid, color, num_colors, sweeps)
+        q = _sweeps(uniform_quotas(cf * scale, valid), cf * scale, base * scale, rr, valid, color_members, sweeps)
         # whole tokens: floor, then each expert's remaining tokens to its largest fractions (ties: lower index)
         whole = torch.div(q, scale, rounding_mode="floor")
         frac = torch.where(valid, q - whole * scale, torch.full_like(q, -1))
@@ -134,8 +141,11 @@ def balanced_quotas(
         got = torch.zeros_like(q).scatter_(-1, order, (torch.arange(q.shape[-1], device=q.device) < rem.unsqueeze(-1)).to(q.dtype).expand(q.shape).contiguous())
         q = whole + got * valid
     else:
-        q = uniform_quotas(cf, valid)
-    return _sweeps(q, cf, base, rr, valid, color, num_colors, int_sweeps)
+        q = q0
+    q = _sweeps(q, cf, base, rr, valid, color_members, int_sweeps)
+    # never worse than the static (uniform) split it started from
+    worse = base.scatter_add(-1, rr_flat, q.flatten(-2)).amax(-1) > base.scatter_add(-1, rr_flat, q0.flatten(-2)).amax(-1)
+    return torch.where(worse[..., None, None], q0, q)
 
 
 def slot_quotas(q: torch.Tensor, counts: torch.Tensor, slot_f: torch.Tensor, rep_kd: torch.Tensor,

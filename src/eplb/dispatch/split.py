@@ -71,15 +71,26 @@ def split_counts(counts: ArrayLike, placement: Placement, strategy: str = "balan
 
 
 def _balanced_slots(c: torch.Tensor, placement: Placement, **solver_options: int) -> torch.Tensor:
-    t = layer_tables(placement)
-    tt = {k: torch.as_tensor(v) for k, v in t.items() if isinstance(v, np.ndarray)}
-    q = balanced_quotas(c, tt["fl_expert"], tt["fl_rank"], tt["fl_color"], tt["single_rank"], int(t["num_colors"]),
-                        placement.num_ranks, **solver_options)
-    valid = tt["log2phy"] >= 0
-    qs = slot_quotas(q, c, tt["slot_f"], tt["rep_kd"], tt["rep_mult"], tt["rep_pos"], valid)  # [..., L, E, K]
-    idx = tt["log2phy"].clamp(min=0).flatten(-2).expand(qs.shape[:-2] + (-1,))
-    out = torch.zeros(qs.shape[:-2] + (placement.num_slots,), dtype=torch.int64)
-    return out.scatter_add_(-1, idx, qs.flatten(-2))
+    """``[..., L, S]`` balanced slot quotas. Layers are solved in a few buckets of similar table width (the
+    widest layer would otherwise pad every layer), each bucket batched over steps and its layers."""
+    logcnt = placement.logcnt
+    width = (np.maximum(logcnt.max(1), 2) - 1).astype(np.int64)
+    bucket = np.ceil(np.log2(width)).astype(np.int64)
+    out = torch.zeros(c.shape[:-1] + (placement.num_slots,), dtype=torch.int64)
+    for b in np.unique(bucket):  # buckets of layers (at most ~log2(R) of them), not single layers
+        pos = np.nonzero(bucket == b)[0]
+        sub = placement.select_layers(pos.tolist())
+        t = layer_tables(sub)
+        tt = {k: torch.as_tensor(v) for k, v in t.items() if isinstance(v, np.ndarray)}
+        cb = c[..., torch.as_tensor(pos), :]
+        q = balanced_quotas(cb, tt["fl_expert"], tt["fl_rank"], tt["color_members"], tt["single_rank"],
+                            placement.num_ranks, **solver_options)
+        valid = tt["log2phy"] >= 0
+        qs = slot_quotas(q, cb, tt["slot_f"], tt["rep_kd"], tt["rep_mult"], tt["rep_pos"], valid)  # [..., Lb, E, K]
+        idx = tt["log2phy"].clamp(min=0).flatten(-2).expand(qs.shape[:-2] + (-1,))
+        part = torch.zeros(qs.shape[:-2] + (placement.num_slots,), dtype=torch.int64).scatter_add_(-1, idx, qs.flatten(-2))
+        out[..., torch.as_tensor(pos), :] = part
+    return out
 
 
 def expert_ranks(placement: Placement) -> np.ndarray:

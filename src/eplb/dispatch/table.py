@@ -28,7 +28,8 @@ def layer_tables(placement: Placement) -> dict[str, Any]:
     * the balanced solver's compact view of the ``F`` experts with replicas on two or more ranks ("fluid"):
       ``fl_expert`` ``[L, F]`` (expert id, ``-1`` padded), ``fl_rank`` ``[L, F, Kd]`` (their distinct ranks,
       ``-1`` padded), ``fl_color`` ``[L, F]`` (a colouring: fluid experts of one colour share no rank),
-      ``num_colors`` (int, max over layers); ``single_rank`` ``[L, E]`` (the one rank of a non-fluid expert, else
+      ``num_colors`` (int, max over layers), ``color_members`` ``[L, C, Fc]`` (fluid indices of each colour, padded
+      with ``F - 1``, always a padding row); ``single_rank`` ``[L, E]`` (the one rank of a non-fluid expert, else
       ``-1``);
     * back to slots: ``slot_f`` ``[L, E]`` (fluid index of the expert or ``-1``), ``rep_kd`` ``[L, E, K]`` (distinct-rank
       index of replica ``k``), ``rep_mult``/``rep_pos`` ``[L, E, K]`` (the expert's replicas on that rank and this
@@ -59,10 +60,13 @@ def layer_tables(placement: Placement) -> dict[str, Any]:
     fluid = n_ranks > 1
 
     # compact solver view: fluid experts only, their distinct ranks
-    F = max(int(fluid.sum(1).max()), 1)
+    F = int(fluid.sum(1).max()) + 1  # at least one padding row (a harmless target for padded colour members)
     Kd = max(int(n_ranks.max()), 1)
-    fl_order = np.argsort(~fluid, axis=1, kind="stable")[:, :F]  # fluid experts first, ascending id
+    fl_order = np.argsort(~fluid, axis=1, kind="stable")  # fluid experts first, ascending id
     fl_ok = np.take_along_axis(fluid, fl_order, 1)
+    pad = max(F - E, 0)
+    fl_order = np.pad(fl_order, ((0, 0), (0, pad)))[:, :F]
+    fl_ok = np.pad(fl_ok, ((0, 0), (0, pad)))[:, :F]
     fl_expert = np.where(fl_ok, fl_order, -1)
     slot_f = np.full((L, E), -1, dtype=np.int64)
     li, fi = np.nonzero(fl_ok)
@@ -86,6 +90,11 @@ def layer_tables(placement: Placement) -> dict[str, Any]:
         mark = (fl_rank[:, f] >= 0) & ok[:, None]
         used[np.broadcast_to(lidx, (L, Kd))[mark], rr[mark], np.broadcast_to(col[:, None], (L, Kd))[mark]] = True
     num_colors = int(fl_color.max()) + 1 if fluid.any() else 0
+    # members of each colour: [L, C, Fc] fluid indices, padded with the padding row F - 1
+    per_color = (fl_color[:, None, :] == np.arange(num_colors)[None, :, None])  # [L, C, F]
+    Fc = max(int(per_color.sum(-1).max()), 1) if num_colors else 1
+    srt = np.argsort(~per_color, axis=-1, kind="stable")[..., :Fc]
+    color_members = np.where(np.take_along_axis(per_color, srt, -1), srt, F - 1)
 
     # local-first static map
     r = np.arange(R)
@@ -109,6 +118,7 @@ def layer_tables(placement: Placement) -> dict[str, Any]:
         "fl_rank": fl_rank,
         "fl_color": fl_color,
         "num_colors": num_colors,
+        "color_members": color_members,
         "single_rank": single_rank,
         "slot_f": slot_f,
         "rep_kd": np.where(valid, rep_kd, 0),
@@ -123,7 +133,7 @@ class DispatchTable:
     """One layer's device tables for :func:`eplb.dispatch.assign_slots`.
 
     Tensors (``int64``): ``phy2log [S]``, ``log2phy [E, K]`` (``-1`` padded), ``logcnt [E]``,
-    ``slot_rank [S]``, and the balanced solver's view (``fl_expert [F]``, ``fl_rank [F, Kd]``, ``fl_color [F]``,
+    ``slot_rank [S]``, and the balanced solver's view (``fl_expert [F]``, ``fl_rank [F, Kd]``, ``fl_color [F]``, ``color_members [C, Fc]``,
     ``single_rank [E]``, ``slot_f [E]``, ``rep_kd``/``rep_mult``/``rep_pos`` ``[E, K]``; see :func:`layer_tables`), ``static_map [R, E]`` (local-first slot of each
     source rank and expert). Ints: ``num_ranks``, ``slots_per_rank``, ``ranks_per_node``, ``num_colors``.
     """
@@ -135,6 +145,7 @@ class DispatchTable:
     fl_expert: torch.Tensor
     fl_rank: torch.Tensor
     fl_color: torch.Tensor
+    color_members: torch.Tensor
     single_rank: torch.Tensor
     slot_f: torch.Tensor
     rep_kd: torch.Tensor
@@ -183,6 +194,7 @@ class DispatchTable:
             fl_expert=tt(t["fl_expert"][0]),
             fl_rank=tt(t["fl_rank"][0]),
             fl_color=tt(t["fl_color"][0]),
+            color_members=tt(t["color_members"][0]),
             single_rank=tt(t["single_rank"][0]),
             slot_f=tt(t["slot_f"][0]),
             rep_kd=tt(t["rep_kd"][0]),
