@@ -238,3 +238,24 @@ def test_read_dump_uses_stats_importer_and_tidies(tmp_path):
     f.write_bytes(b"not a torch file")
     with pytest.raises(TraceError, match=str(f.name)):
         sg.read_dump(f)
+
+
+def test_documented_sglang_flow_pull_plan_init_location(server, tmp_path):
+    """docs/engines/sglang.md: pull -> report -> plan --format sglang -> --init-expert-location file."""
+    srv = server(counts=make_counts(32, 20, seed=4))
+    trace = tmp_path / "sglang_trace.safetensors"
+    run = CliRunner()
+    res = run.invoke(app, ["pull", "--sglang", srv.url, "--seconds", "0", "--output", str(trace),
+                           "--dump-dir", str(srv.dump_dir), "--dump-timeout", "5"])
+    assert res.exit_code == 0, res.output
+    assert run.invoke(app, ["report", str(trace), "-q"]).exit_code == 0
+    init = tmp_path / "init_expert_location.json"
+    res = run.invoke(app, ["plan", str(trace), "--ep-size", "4", "--num-slots", "12", "--format", "sglang",
+                           "--num-layers", str(L_MODEL), "--output", str(init)])
+    assert res.exit_code == 0, res.output
+    rows = np.array(json.loads(init.read_text())["physical_to_logical_map"])
+    assert rows.shape == (L_MODEL, 12)
+    np.testing.assert_array_equal(rows[[0, 4]], np.tile(np.arange(12) % E, (2, 1)))  # dense layers: trivial
+    for layer in (1, 2, 3):
+        assert set(rows[layer].tolist()) == set(range(E))  # every expert served
+    assert run.invoke(app, ["validate", str(init), "--ep-size", "4"]).exit_code == 0
