@@ -449,4 +449,4 @@ def default_cost_model() -> CostModel:
     models = [load_cost_model(p, base=ref) for p in _measured_files()]
     if not models:
         return ref
-    return max(models, key=lambda m: m.date)  # the newest measurement (ties: the last file name)
+    return max(reversed(models), key=lambda m: m.date)  # the newest measurement (ties: the last file name)
