@@ -43,6 +43,7 @@ from eplb.policies.packing import (
     expert_pack_count,
     lpt_place,
     pack_loads,
+    perturb_search,
     phy2log_counts,
     refine,
     replica_counts,
@@ -98,9 +99,11 @@ def _pick(weight: np.ndarray, cands: Sequence[np.ndarray], num_packs: int, allow
 
 
 def _improve(weight: np.ndarray, p2l: np.ndarray, num_packs: int, max_iters: int | None,
-             max_replicas: int | None = None, rounds: int = 0) -> np.ndarray:
+             max_replicas: int | None = None, rounds: int = 0, perturb: int = 0) -> np.ndarray:
     if rounds > 0:
         p = refine(weight, p2l, num_packs, max_replicas=max_replicas, max_rounds=rounds, max_iters=max_iters)
+        if perturb > 0:
+            p = perturb_search(weight, p, num_packs, max_replicas=max_replicas, rounds=perturb, max_iters=max_iters)
     else:
         p = swap_search(weight, p2l, num_packs, max_iters=max_iters)
     return dedup_pass(weight, p, num_packs)
@@ -115,6 +118,7 @@ def eplb_rows(
     start: np.ndarray | None = None,
     max_iters: int | None = None,
     rounds: int = 16,
+    perturb: int = 4,
 ) -> np.ndarray:
     """eplb's plan for independent rows.
 
@@ -127,6 +131,7 @@ def eplb_rows(
             same local search and competes per row.
         max_iters: local-search iteration cap.
         rounds: replication moves per row (:func:`~eplb.policies.packing.refine`; 0 = packing only).
+        perturb: rounds of iterated local search (:func:`~eplb.policies.packing.perturb_search`).
 
     Returns:
         ``phy2log [X, S]`` int64.
@@ -137,10 +142,10 @@ def eplb_rows(
     if max_replicas is not None:
         cap = min(cap, max_replicas) if cap is not None else max_replicas
     counts = replica_counts(weight, num_slots, cap)
-    ours = _improve(weight, lpt_place(weight, counts, num_packs), num_packs, max_iters, cap, rounds)
+    ours = _improve(weight, lpt_place(weight, counts, num_packs), num_packs, max_iters, cap, rounds, perturb)
     if start is None:
         return ours
-    other = _improve(weight, start, num_packs, max_iters, cap, rounds)
+    other = _improve(weight, start, num_packs, max_iters, cap, 0, 0)  # the safety net: swaps only
     allowed: list[np.ndarray | None] = [None, None]
     if max_replicas is not None:
         allowed[1] = np.asarray((phy2log_counts(other, weight.shape[1]) <= max_replicas).all(axis=1))

@@ -15,11 +15,14 @@ import numpy as np
 
 __all__ = [
     "align_ranks",
+    "count_step",
     "dedup_pass",
     "expert_pack_count",
     "lpt_place",
     "pack_loads",
+    "perturb_search",
     "phy2log_counts",
+    "refine",
     "replica_counts",
     "replica_weights",
     "swap_search",
@@ -394,6 +397,25 @@ def align_ranks(current: np.ndarray, new: np.ndarray, num_packs: int, num_expert
     return res.reshape(X, S)
 
 
+def _top2_by_expert(val: np.ndarray, p2l: np.ndarray, counts: np.ndarray, slot_pack: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per expert, over its slots: (largest ``val``, that slot's pack, second largest ``val``; ``-inf`` if none).
+
+    ``val [a, S]`` per slot, ``p2l [a, S]``, ``counts [a, E]``.
+    """
+    S = val.shape[1]
+    order = np.lexsort((-val, p2l), axis=1)
+    sv = np.take_along_axis(val, order, axis=1)
+    start = np.cumsum(counts, axis=1) - counts  # [a, E] first sorted position of each expert
+    st = np.minimum(start, S - 1).astype(np.int64)
+    v1 = np.take_along_axis(sv, st, axis=1)
+    p1 = slot_pack[np.take_along_axis(order, st, axis=1)]
+    st2 = np.minimum(st + 1, S - 1)
+    v2 = np.where(counts >= 2, np.take_along_axis(sv, st2, axis=1), -np.inf)
+    v1 = np.where(counts >= 1, v1, -np.inf)
+    return v1, p1, v2
+
+
 def count_step(
     weight: np.ndarray,
     phy2log: np.ndarray,
@@ -401,19 +423,27 @@ def count_step(
     *,
     max_replicas: int | None = None,
     rows_mask: np.ndarray | None = None,
+    pick: int = 0,
+    force: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One replication move per row: re-assign one slot to another expert if that lowers the max pack.
 
-    Changing slot ``s`` from expert ``j`` (``c_j >= 2``) to expert ``i`` shrinks every replica of ``i``
-    (``w_i / (c_i + 1)``) and grows the other replicas of ``j`` (``w_j / (c_j - 1)``). Two families of
-    moves are evaluated exactly (new load of every pack) for every row:
+    Changing slot ``s`` (pack ``r_s``) from expert ``j`` (``c_j >= 2``) to expert ``i`` shrinks every
+    replica of ``i`` to ``w_i / (c_i + 1)`` and grows the other replicas of ``j`` to ``w_j / (c_j - 1)``.
+    Two families of moves are scored for every row:
 
-    * (A) ``i`` is an expert of the heaviest pack, ``s`` any slot of a multi-replica expert elsewhere;
-    * (B) ``s`` is a slot of the heaviest pack holding a multi-replica expert, ``i`` any expert.
+    * (A) ``i`` is an expert of the heaviest pack ``m``, ``s`` any slot of a multi-replica expert elsewhere;
+    * (B) ``s`` is a slot of ``m`` holding a multi-replica expert, ``i`` the expert with the smallest new
+      replica load that is not on ``m`` (any other ``i`` only leaves ``m`` heavier).
 
-    Moves that would put ``i`` twice in a pack, or exceed ``max_replicas``, are skipped. The move whose
-    changed packs end lowest is applied when they all end below the current maximum: the pair (max,
-    number of packs at the max) strictly decreases, so the max never increases.
+    The score of a move is an upper bound on the largest new load among the packs it changes: ``m``
+    (shrunk), ``r_s``, and the packs of ``j``'s other replicas (grown; the shrink of ``i``'s packs is
+    ignored there). Moves that put ``i`` twice in a pack or exceed ``max_replicas`` are skipped. The best
+    move is applied when its score is below the current maximum, so the pair (max, number of packs at
+    the max) strictly decreases and the max never increases.
+
+    With ``force=True`` the ``pick``-th best move (0-based) is applied whatever its score: a perturbation
+    for :func:`perturb_search`.
 
     Returns:
         ``(phy2log [X, S], improved [X] bool)``.
@@ -434,80 +464,77 @@ def count_step(
     pa = p2l[A]
     w = weight[A]
     c = phy2log_counts(pa, E).astype(np.float64)
-    n = expert_pack_count(pa, E, P).astype(np.float64)  # [a, E, P]
+    n = expert_pack_count(pa, E, P)  # [a, E, P]
     per = w / np.maximum(c, 1)
     load = pack_loads(np.take_along_axis(per, pa, axis=1), P)  # [a, P]
     m = np.argmax(load, axis=1)
     Lm = load[ar, m]
-    grow = np.where(c >= 2, w / np.maximum(c - 1, 1) - per, 0.0)  # [a, E] growth of j's other replicas
-    gone = np.where(c >= 2, w / np.maximum(c - 1, 1), 0.0)  # what the emptied slot's j turns into (removed)
+    multi = c >= 2
+    grow = np.where(multi, w / np.maximum(c - 1, 1) - per, 0.0)  # [a, E]
+    newi = w / (c + 1)
+    shrink = per - newi
     cap_ok = np.ones((a, E), dtype=bool) if max_replicas is None else c + 1 <= max_replicas
-    shrink = per - w / (c + 1)  # [a, E] shrink of i's replicas
-    newi = w / (c + 1)  # [a, E] i's new per-replica load
+    # heaviest / second heaviest pack of each expert after growing its replicas there (for j's other packs)
     slot_pack = np.arange(S) // spr
+    gv = load[:, slot_pack] + n[ar[:, None], pa, slot_pack[None, :]] * grow[ar[:, None], pa]  # [a, S]
+    j1, jp1, j2 = _top2_by_expert(gv, pa, c.astype(np.int64), slot_pack)
     local = np.arange(spr)
     tol = _REL_TOL * np.maximum(Lm, 1e-300)
-
-    # ---- (A): i on the heavy pack, donor slot s elsewhere (multi-replica expert)
-    mi = pa[ar[:, None], m[:, None] * spr + local]  # [a, spr] experts of the heavy pack
-    donor = (c[ar[:, None], pa] >= 2) & (slot_pack[None, :] != m[:, None])  # [a, S]
+    # ---- (A): i on the heavy pack, donor slot s elsewhere
+    mi = pa[ar[:, None], m[:, None] * spr + local]  # [a, spr]
+    donor = multi[ar[:, None], pa] & (slot_pack[None, :] != m[:, None])  # [a, S]
     D = int(donor.sum(axis=1).max()) if donor.any() else 0
-    bestA = np.full(a, np.inf)
-    argA = np.zeros((a, 2), dtype=np.int64)
     if D:
-        order = np.argsort(~donor, axis=1, kind="stable")[:, :D]  # donor slots first
+        order = np.argsort(~donor, axis=1, kind="stable")[:, :D]
         dval = np.take_along_axis(donor, order, axis=1)  # [a, D]
-        sj = np.take_along_axis(pa, order, axis=1)  # expert j of each donor slot
-        rs = slot_pack[order]  # [a, D]
-        term_j = n[ar[:, None], sj, :] * grow[ar[:, None], sj][:, :, None]  # [a, D, P]
-        term_i = n[ar[:, None], mi, :] * shrink[ar[:, None], mi][:, :, None]  # [a, spr, P]
-        new = load[:, None, None, :] + term_j[:, None, :, :] - term_i[:, :, None, :]  # [a, spr, D, P]
-        at_rs = (-gone[ar[:, None], sj])[:, None, :] + newi[ar[:, None], mi][:, :, None]  # [a, spr, D]
-        onehot = rs[:, :, None] == np.arange(P)[None, None, :]  # [a, D, P]
-        new = new + onehot[:, None, :, :] * at_rs[:, :, :, None]
-        # packs whose load does not change (e.g. others tied at the max) do not count: a move that lowers
-        # the heavy pack without lifting another to the max reduces (max, number of packs at max)
-        touched = (term_j[:, None, :, :] != 0) | (term_i[:, :, None, :] != 0) | onehot[:, None, :, :]
-        nm = np.where(touched, new, -np.inf).max(axis=3)  # [a, spr, D]
+        sj = np.take_along_axis(pa, order, axis=1)
+        rs = slot_pack[order]
+        jmax = np.where(jp1[ar[:, None], sj] == rs, j2[ar[:, None], sj], j1[ar[:, None], sj])  # j's other packs
+        nj_rs = n[ar[:, None], sj, rs] - 1  # other replicas of j on s's own pack grow too
+        rs_new = (load[ar[:, None], rs] - per[ar[:, None], sj] + nj_rs * grow[ar[:, None], sj])[:, None, :]
+        rs_new = rs_new + newi[ar[:, None], mi][:, :, None]
+        m_new = (Lm[:, None] - n[ar[:, None], mi, m[:, None]] * shrink[ar[:, None], mi])[:, :, None]
+        score = np.maximum(np.maximum(rs_new, m_new), jmax[:, None, :])  # [a, spr, D]
         ok = dval[:, None, :] & cap_ok[ar[:, None], mi][:, :, None]
-        ok &= n[ar[:, None, None], mi[:, :, None], rs[:, None, :]] == 0  # i not yet on s's pack
+        ok &= n[ar[:, None, None], mi[:, :, None], rs[:, None, :]] == 0
         ok &= mi[:, :, None] != sj[:, None, :]
-        nm = np.where(ok, nm, np.inf)
-        flat = nm.reshape(a, -1)
-        k = np.argmin(flat, axis=1)
-        bestA = flat[ar, k]
-        argA[:, 0] = np.take_along_axis(order, (k % D)[:, None], axis=1)[:, 0]  # slot
-        argA[:, 1] = mi[ar, k // D]  # new expert
-    # ---- (B): donor slot on the heavy pack, any receiving expert i
-    sB = m[:, None] * spr + local  # [a, spr]
-    jB = pa[ar[:, None], sB]
-    okB_s = c[ar[:, None], jB] >= 2  # [a, spr]
-    bestB = np.full(a, np.inf)
-    argB = np.zeros((a, 2), dtype=np.int64)
-    if okB_s.any():
-        term_j = n[ar[:, None], jB, :] * grow[ar[:, None], jB][:, :, None]  # [a, spr, P]
-        term_i = n * shrink[:, :, None]  # [a, E, P]
-        new = load[:, None, None, :] + term_j[:, :, None, :] - term_i[:, None, :, :]  # [a, spr, E, P]
-        at_m = (-gone[ar[:, None], jB])[:, :, None] + newi[:, None, :]  # [a, spr, E]
-        new[ar, :, :, m] += at_m
-        touched = (term_j[:, :, None, :] != 0) | (term_i[:, None, :, :] != 0)
-        touched[ar, :, :, m] = True
-        nm = np.where(touched, new, -np.inf).max(axis=3)
-        ok = okB_s[:, :, None] & cap_ok[:, None, :]
-        ok &= (n[ar, :, m] == 0)[:, None, :]  # i not on the heavy pack yet
-        ok &= np.arange(E)[None, None, :] != jB[:, :, None]
-        nm = np.where(ok, nm, np.inf)
-        flat = nm.reshape(a, -1)
-        k = np.argmin(flat, axis=1)
-        bestB = flat[ar, k]
-        argB[:, 0] = sB[ar, k // E]
-        argB[:, 1] = k % E
-    useB = bestB < bestA
-    best = np.where(useB, bestB, bestA)
-    arg = np.where(useB[:, None], argB, argA)
+        score = np.where(ok, score, np.inf).reshape(a, -1)
+        sA = order[:, None, :].repeat(spr, axis=1).reshape(a, -1)
+        iA = mi[:, :, None].repeat(D, axis=2).reshape(a, -1)
+    else:
+        score = np.full((a, 0), np.inf)
+        sA = iA = np.zeros((a, 0), dtype=np.int64)
+    # ---- (B): donor slot on the heavy pack, receiver = smallest new replica not on m
+    sB = m[:, None] * spr + local
+    jB = pa[ar[:, None], sB]  # [a, spr]
+    recv_ok = cap_ok & (n[ar, :, m] == 0)
+    iv = np.where(recv_ok, newi, np.inf)
+    istar = np.argmin(iv, axis=1)
+    ival = iv[ar, istar]
+    jmaxB = np.where(jp1[ar[:, None], jB] == m[:, None], j2[ar[:, None], jB], j1[ar[:, None], jB])
+    nj_m = n[ar[:, None], jB, m[:, None]] - 1
+    scoreB = np.maximum((Lm[:, None] - per[ar[:, None], jB] + nj_m * grow[ar[:, None], jB]) + ival[:, None], jmaxB)
+    scoreB = np.where(multi[ar[:, None], jB] & np.isfinite(ival)[:, None], scoreB, np.inf)
+    allscore = np.concatenate([score, scoreB], axis=1)
+    alls = np.concatenate([sA, sB], axis=1)
+    alli = np.concatenate([iA, np.broadcast_to(istar[:, None], (a, spr))], axis=1)
+    if pick == 0:
+        k = np.argmin(allscore, axis=1)
+    else:
+        kk = min(pick, allscore.shape[1] - 1)
+        k = np.argpartition(allscore, kk, axis=1)[:, kk]
+    best = allscore[ar, k]
+    arg_s = alls[ar, k]
+    arg_i = alli[ar, k]
+    if force:
+        good = np.isfinite(best)
+        rows = A[good]
+        p2l[rows, arg_s[good]] = arg_i[good]
+        improved[rows] = True
+        return p2l, improved
     good = best < Lm - tol
     rows = A[good]
-    p2l[rows, arg[good, 0]] = arg[good, 1]
+    p2l[rows, arg_s[good]] = arg_i[good]
     improved[rows] = True
     return p2l, improved
 
@@ -520,11 +547,12 @@ def refine(
     max_replicas: int | None = None,
     max_rounds: int = 32,
     max_iters: int | None = None,
+    rows_mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Alternate :func:`swap_search` (packing) and :func:`count_step` (replication) until neither lowers
     a row's heaviest pack (at most ``max_rounds`` replication moves per row); the max never increases."""
-    p = swap_search(weight, phy2log, num_packs, max_iters=max_iters)
-    active = np.ones(p.shape[0], dtype=bool)
+    p = swap_search(weight, phy2log, num_packs, max_iters=max_iters, rows_mask=rows_mask)
+    active = np.ones(p.shape[0], dtype=bool) if rows_mask is None else rows_mask.copy()
     for _ in range(max_rounds):
         p, imp = count_step(weight, p, num_packs, max_replicas=max_replicas, rows_mask=active)
         if not imp.any():
@@ -532,3 +560,34 @@ def refine(
         p = swap_search(weight, p, num_packs, max_iters=max_iters, rows_mask=imp)
         active = imp
     return p
+
+
+def perturb_search(
+    weight: np.ndarray,
+    phy2log: np.ndarray,
+    num_packs: int,
+    *,
+    max_replicas: int | None = None,
+    rounds: int = 6,
+    max_iters: int | None = None,
+) -> np.ndarray:
+    """Iterated local search: force the ``k``-th best replication move (round ``k``), re-run :func:`refine`,
+    keep the result per row only if its heaviest pack is lower. The max never increases."""
+    E = weight.shape[1]
+    best = phy2log.copy()
+
+    def max_load(p: np.ndarray) -> np.ndarray:
+        return pack_loads(replica_weights(weight, phy2log_counts(p, E), p), num_packs).max(axis=1)
+
+    bmx = max_load(best)
+    for k in range(rounds):
+        cand, moved = count_step(weight, best, num_packs, max_replicas=max_replicas, pick=k, force=True)
+        if not moved.any():
+            break
+        cand = refine(weight, cand, num_packs, max_replicas=max_replicas, max_rounds=4, max_iters=max_iters,
+                      rows_mask=moved)
+        mx = max_load(cand)
+        better = moved & (mx < bmx * (1 - _REL_TOL))
+        best[better] = cand[better]
+        bmx = np.where(better, mx, bmx)
+    return best
