@@ -9,6 +9,7 @@
 """
 
 from eplb.dispatch.assign import STRATEGIES, assign_slots, occurrence, plan_quotas, source_shares
+from eplb.dispatch.policy import dispatch_aware_placement
 from eplb.dispatch.solver import balanced_quotas, lp_max_load, waterfill
 from eplb.dispatch.split import SPLIT_STRATEGIES, per_step_lower_bound, split_counts, split_rank_loads
 from eplb.dispatch.table import DispatchTable, layer_tables
@@ -19,6 +20,7 @@ __all__ = [
     "DispatchTable",
     "assign_slots",
     "balanced_quotas",
+    "dispatch_aware_placement",
     "layer_tables",
     "lp_max_load",
     "occurrence",
