@@ -259,3 +259,7 @@ def test_documented_sglang_flow_pull_plan_init_location(server, tmp_path):
     for layer in (1, 2, 3):
         assert set(rows[layer].tolist()) == set(range(E))  # every expert served
     assert run.invoke(app, ["validate", str(init), "--ep-size", "4"]).exit_code == 0
+    res = run.invoke(app, ["evaluate", str(trace), "--placement", str(init), "--ep-size", "4", "--held-out", "0-10:10-20"])
+    assert res.exit_code == 0, res.output
+    res = run.invoke(app, ["report", str(trace), "-q", "--ep-size", "4", "--placement", str(init)])
+    assert res.exit_code == 0, res.output
