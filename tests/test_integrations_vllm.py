@@ -22,6 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import eplb
 from eplb import Placement
 from eplb.integrations import _core
 from eplb.integrations import vllm as ev
@@ -183,6 +184,20 @@ def test_unchanged_loads_nothing_moves(layout, seed, planner):
     shuffled = torch.from_numpy(blocks.reshape(L, S).copy())
     assert torch.equal(make_policy(planner, None).rebalance_experts(w, S, G, N, R, shuffled), shuffled)
     assert torch.equal(pol.rebalance_experts(w, S, G, N, R, shuffled), shuffled)
+
+
+@pytest.mark.parametrize("planner", sorted(eplb.POLICIES))
+def test_every_registered_policy_as_vllm_planner(planner):
+    """Policies that refuse current= (robust) or need it (incremental, with an incomplete map) still work."""
+    rng = np.random.default_rng(2)
+    w = torch.from_numpy(rng.integers(0, 300, (3, 16)))
+    pol = make_policy(planner)
+    first = pol.rebalance_experts(w, 24, 4, 2, 4)
+    check_map(first, 3, 24, 16)
+    assert torch.equal(pol.rebalance_experts(w, 24, 4, 2, 4, first.clone()), first)
+    holes = first.clone()
+    holes[:, 18:] = -1  # an incomplete current map: never handed to the planner as the placement
+    check_map(pol.rebalance_experts(w, 24, 4, 2, 4, holes), 3, 24, 16)
 
 
 def test_min_gain_keeps_current_map_unless_it_is_worse():

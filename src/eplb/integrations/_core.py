@@ -245,6 +245,30 @@ def _valid_current(old: np.ndarray | None, layout: Layout) -> Placement | None:
         return None
 
 
+def _plan(arr: np.ndarray, layout: Layout, policy: str, options: dict[str, Any]) -> np.ndarray:
+    """``eplb.plan`` with the current placement when the policy takes one.
+
+    A policy that is not migration-aware refuses ``current=`` (``"current: ..."`` error): plan
+    without it. A policy that needs it (``eplb-incremental``) while the engine has no complete
+    current map: plan with the default planner instead.
+    """
+    def run(name: str, opts: dict[str, Any]) -> np.ndarray:
+        return plan(arr, layout.num_slots, layout.num_ranks, num_nodes=layout.num_nodes,
+                    num_groups=layout.num_groups, policy=name, **opts).phy2log.copy()
+
+    try:
+        return run(policy, options)
+    except ValueError as exc:
+        if not str(exc).startswith(f"{INCREMENTAL_OPTION}:"):
+            raise
+        if options:
+            log.debug("eplb: policy %r is not migration-aware (%s); planning without the current map", policy, exc)
+            return run(policy, {})
+        fallback = resolve_planner(None)
+        log.debug("eplb: policy %r needs a complete current map (%s); planning with %r", policy, exc, fallback)
+        return run(fallback, {})
+
+
 def plan_for_engine(
     loads: ArrayLike,
     num_slots: int,
@@ -291,8 +315,7 @@ def plan_for_engine(
     options: dict[str, Any] = {}
     if current is not None and policy not in ("deepseek", "deepseek-global", "deepseek-hierarchical"):
         options[INCREMENTAL_OPTION] = current
-    new = plan(arr, layout.num_slots, layout.num_ranks, num_nodes=layout.num_nodes, num_groups=layout.num_groups,
-               policy=policy, **options).phy2log.copy()
+    new = _plan(arr, layout, policy, options)
     if old_arr is None:
         return new
     have = old_rank_counts(old_arr, layout)
