@@ -484,3 +484,24 @@ def test_real_vllm_logical_maps_accept_our_maps():
         assert torch.all(logcnt >= 1) and torch.all(logcnt.sum(1) == S)
         ours, cnt = logical_maps(p, wt.shape[-1])
         assert torch.equal(logcnt, cnt) and torch.equal(log2phy[..., : ours.shape[-1]], ours)
+
+
+def test_same_map_in_separate_processes(tmp_path):
+    """vLLM runs the policy on every EP rank: separate processes must compute identical maps."""
+    import subprocess
+
+    code = (
+        "import sys, numpy as np, torch\n"
+        "from eplb.integrations.vllm import EplbPolicy\n"
+        "rng = np.random.default_rng(123)\n"
+        "w = torch.from_numpy(rng.gamma(0.5, 100.0, (8, 64)))\n"
+        "cur = EplbPolicy.rebalance_experts(w, 80, 8, 2, 8)\n"
+        "new = EplbPolicy.rebalance_experts(w * torch.from_numpy(rng.uniform(0.5, 1.5, (8, 64))), 80, 8, 2, 8, cur)\n"
+        "np.save(sys.argv[1], np.stack([cur.numpy(), new.numpy()]))\n"
+    )
+    outs = [tmp_path / f"rank{r}.npy" for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(o)]) for o in outs]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    a, b = (np.load(o) for o in outs)
+    assert np.array_equal(a, b)
