@@ -121,7 +121,7 @@ def test_cli_report_with_placement_plots_and_html(tmp_path: Path) -> None:
     assert page.count("data:image/png;base64,") == 3 and "3 steps" in page
 
 
-def test_cli_merge_and_convert(tmp_path: Path) -> None:
+def test_cli_merge_and_convert_helper(tmp_path: Path) -> None:
     a, b = (Trace(np.full((2, 1, 4), v), (0,)) for v in (1, 2))
     a.save(tmp_path / "a.safetensors")
     b.save(tmp_path / "b.safetensors")
@@ -129,9 +129,11 @@ def test_cli_merge_and_convert(tmp_path: Path) -> None:
                               "-o", str(tmp_path / "m.npy")])
     assert res.exit_code == 0, res.output
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), np.full((2, 1, 4), 3))
-    res = runner.invoke(app, ["convert-trace", "builtin:llama4_maverick_mmlu_decode", str(tmp_path / "trt"),
-                              "--to", "trtllm", "--ep-size", "16", "--iter-range", "0-4"])
-    assert res.exit_code == 0, res.output
+    from eplb.cli.stats import convert_trace
+
+    tr = convert_trace("builtin:llama4_maverick_mmlu_decode", tmp_path / "trt", to_format="trtllm", ep_size=16,
+                       iter_range="0-4")
+    assert tr.num_steps == 4
     assert len(list((tmp_path / "trt").glob("rank*.safetensors"))) == 16
     res = runner.invoke(app, ["report", str(tmp_path / "trt"), "-q"])
     assert res.exit_code == 0 and "16" in res.output

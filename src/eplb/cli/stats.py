@@ -1,7 +1,8 @@
 """CLI commands of the statistics area: ``eplb record``, ``eplb report``, ``eplb merge``.
 
-Also the trace helpers the offline ``eplb convert`` command calls: :func:`load_trace_arg`
-(``builtin:NAME`` or any trace file/directory) and :func:`convert_trace`.
+Also trace helpers for other commands: :func:`load_trace_arg` (``builtin:NAME`` or any trace
+file/directory) and :func:`convert_trace` (``eplb convert`` of traces does the same through
+:mod:`eplb.stats.importers`).
 """
 
 from __future__ import annotations
@@ -202,22 +203,6 @@ def merge(
                f"summed from {len(trs)} shard(s), {int(out.counts.sum())} routed tokens")
 
 
-def convert(
-    src: Annotated[str, typer.Argument(help="Input trace (any format, or builtin:NAME).")],
-    dst: Annotated[Path, typer.Argument(help="Output trace path.")],
-    to: Annotated[str | None, typer.Option("--to", help=f"Output format ({TRACE_FORMATS}); default: extension.")] = None,
-    frm: Annotated[str | None, typer.Option("--from", help="Input format (default: detected).")] = None,
-    iter_range: Annotated[str | None, typer.Option("--iter-range", help="Steps start-stop to keep.")] = None,
-    ep_size: Annotated[int | None, typer.Option("--ep-size", help="trtllm: number of rank files; vllm-ascend: devices.")] = None,
-    expert_map: Annotated[str | None, typer.Option("--expert-map", help="vllm-ascend expert map (input).")] = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
-) -> None:
-    """Convert an expert-load trace between formats (TensorRT-LLM dump, SGLang .pt, eplb, npy/csv/json, ...)."""
-    tr = convert_trace(src, dst, from_format=frm, to_format=to, iter_range=iter_range, ep_size=ep_size,
-                       expert_map=expert_map, overwrite=force)
-    typer.echo(f"wrote {dst}: {tr.num_steps} steps x {tr.num_layers} layers x {tr.num_experts} experts")
-
-
 # --------------------------------------------------------------------------- record
 def record(
     model: Annotated[str, typer.Option("--model", help="Preset (mixtral, qwen2-moe, qwen3-moe, deepseek-v2, deepseek-v3, "
@@ -281,4 +266,3 @@ def register(app: typer.Typer) -> None:
     app.command("record")(record)
     app.command("report")(report)
     app.command("merge")(merge)
-    app.command("convert-trace")(convert)
