@@ -36,13 +36,16 @@ def step_max_mean(loads: np.ndarray, phy2log: np.ndarray, num_packs: int) -> np.
     return rl.max(axis=2).mean(axis=0)
 
 
-def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_iters: int | None = None) -> np.ndarray:
+def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_iters: int | None = None,
+                cand: int = 256) -> np.ndarray:
     """Local search on ``mean_t max_r`` for every row (see the module docstring).
 
     Args:
         loads: ``[T, X, E]`` per-step loads.
         start: ``[X, S]`` starting placement (its replica counts are kept).
         num_packs: ``P`` ranks.
+        cand: swaps per row scored exactly per step each iteration: the ``cand`` swaps (of a slot of the
+            chosen rank with any other slot) that best even the two ranks' window-mean loads.
 
     Returns:
         ``[X, S]`` phy2log whose objective is ``<=`` the start's.
@@ -88,27 +91,40 @@ def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_ite
             excl = np.where(okj, topv[:, :, j][:, :, None], excl)
             filled |= okj
         mpos = ra[:, None] * spr + local  # [a, spr]
+        ae = p2l[A[:, None], mpos]  # [a, spr]
+        be = p2l[A]  # [a, S]
         aw = iw[A[:, None], :, mpos]  # [a, spr, T]
-        bw = iw[A]  # [a, T, S]
-        d = aw[:, :, None, :] - bw.transpose(0, 2, 1)[:, None, :, :]  # [a, spr, S, T]
-        Ra = R[ar, :, ra]  # [a, T]
-        Rb = R[:, :, slot_pack].transpose(0, 2, 1)  # [a, S, T]
-        ex_b = excl[:, :, slot_pack].transpose(0, 2, 1)  # [a, S, T]
-        newmax = np.maximum(np.maximum(Ra[:, None, None, :] - d, Rb[:, None, :, :] + d), ex_b[:, None, :, :])
-        newobj = newmax.mean(axis=3)  # [a, spr, S]
-        ae = p2l[A[:, None], mpos]
-        be = p2l[A]
+        # prefilter on the window mean: the K partners whose swap best evens the two ranks on average
+        am_mean = aw.mean(axis=2)  # [a, spr]
+        bw_mean = iw[A].mean(axis=1)  # [a, S]
+        Rm = R.mean(axis=1)  # [a, P]
+        dm = am_mean[:, :, None] - bw_mean[:, None, :]
+        static = np.maximum(Rm[ar, ra][:, None, None] - dm, Rm[:, slot_pack][:, None, :] + dm)
         valid = np.broadcast_to(slot_pack[None, None, :] != ra[:, None, None], (a, spr, S)).copy()
         valid &= has[A[:, None], ae, :][:, :, slot_pack] == 0
         valid &= (has[A[:, None], be, ra[:, None]] == 0)[:, None, :]
         valid &= ae[:, :, None] != be[:, None, :]
+        static = np.where(valid, static, np.inf).reshape(a, -1)
+        K = min(cand, static.shape[1])
+        sel = np.argpartition(static, K - 1, axis=1)[:, :K] if K < static.shape[1] else np.argsort(static, axis=1)
+        sel_ok = np.isfinite(np.take_along_axis(static, sel, axis=1))  # [a, K]
+        sj, sk = sel // S, sel % S  # slot of ra (local), partner slot
+        awk = aw[ar[:, None], sj]  # [a, K, T]
+        bwk = iw[A[:, None], :, sk]  # [a, K, T]
+        d = awk - bwk
+        Ra = R[ar, :, ra]  # [a, T]
+        pb = slot_pack[sk]  # [a, K]
+        Rb = R[ar[:, None], :, pb]  # [a, K, T]
+        ex_b = excl[ar[:, None], :, pb]  # [a, K, T]
+        newmax = np.maximum(np.maximum(Ra[:, None, :] - d, Rb + d), ex_b)
+        newobj = newmax.mean(axis=2)  # [a, K]
         tol = 1e-12 * np.maximum(obj, 1e-300)
-        key = np.where(valid & (newobj < (obj - tol)[:, None, None]), newobj, np.inf)
-        flat = key.reshape(a, -1)
-        best = np.argmin(flat, axis=1)
-        ok = np.isfinite(flat[ar, best])
+        key = np.where(sel_ok & (newobj < (obj - tol)[:, None]), newobj, np.inf)
+        kbest = np.argmin(key, axis=1)
+        ok = np.isfinite(key[ar, kbest])
         if not ok.any():
             break
+        best = sel[ar, kbest]
         A, best, ra = A[ok], best[ok], ra[ok]
         j, k = best // S, best % S
         sa = ra * spr + j
