@@ -247,3 +247,23 @@ def test_every_supported_family_is_found_and_counted(preset: str) -> None:
     tr = record_model(model, [[1, 2, 3], [4, 5]], batch_size=2, device="cpu")
     assert tr is not None and tr.layer_ids == tuple(r.layer_id for r in routers)
     assert tr.counts.sum(-1).tolist() == [[5 * k] * len(routers)]
+
+
+def test_build_model_from_config_file_and_checkpoint(tmp_path: Path) -> None:
+    import json as _json
+
+    from eplb.stats.hf import PRESETS, build_model
+
+    cfg = {**PRESETS["qwen3-moe"], "hidden_size": 256, "num_attention_heads": 8, "head_dim": 32}
+    (tmp_path / "config.json").write_text(_json.dumps(cfg))
+    m, tok, desc = build_model(str(tmp_path / "config.json"))
+    assert "shrunk" in desc and "SYNTHETIC" in desc and tok is None
+    assert m.config.hidden_size == 64 and m.config.num_experts == 16 and m.config.num_experts_per_tok == 4
+    ckpt = tmp_path / "ckpt"
+    m.save_pretrained(ckpt)
+    m2, _, desc2 = build_model(str(ckpt))
+    assert desc2 == f"checkpoint {ckpt}"
+    for (n1, p1), (n2, p2) in zip(m.state_dict().items(), m2.state_dict().items(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2)
+    with pytest.raises(ValueError, match="neither a preset"):
+        build_model(str(tmp_path / "nope"))
