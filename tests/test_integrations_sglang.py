@@ -62,7 +62,7 @@ def test_deepseek_global_is_the_global_policy():
         rebalance_experts(w, 16, 2, None, 2, EplbAlgorithm.deepseek_hierarchical)
 
 
-@pytest.mark.parametrize("algorithm", ["auto", "eplb", None, "deepseek-global"])
+@pytest.mark.parametrize("algorithm", ["auto", "eplb", None, "eplb-robust", "deepseek-global"])
 def test_eplb_planner_in_sglang_shape(algorithm):
     rng = np.random.default_rng(5)
     tpe = torch.from_numpy(rng.poisson(rng.gamma(0.5, 40.0, (1, 4, 32)), (6, 4, 32)))
