@@ -176,13 +176,16 @@ def test_unchanged_loads_nothing_moves(layout, seed, planner):
     again = pol.rebalance_experts(w, S, G, N, R, first.clone())
     assert torch.equal(again, first)
     # the same placement with its ranks relabelled (within nodes) and slots shuffled in each rank:
-    # balance is identical, so the engine's current map is kept exactly (even without the min-gain rule)
+    # balance is identical, so the engine's current map is kept exactly. For the DeepSeek planner
+    # this holds without the min-gain rule too (relabelling and slot restoration alone); eplb's
+    # planner, handed the current map, may search past the fresh plan, which the rule keeps in check.
     rpn = R // N
     perm = np.concatenate([n * rpn + rng.permutation(rpn) for n in rng.permutation(N)])
     blocks = first.numpy().reshape(L, R, S // R)[:, perm]
     blocks = np.stack([np.stack([b[rng.permutation(S // R)] for b in lay]) for lay in blocks])
     shuffled = torch.from_numpy(blocks.reshape(L, S).copy())
-    assert torch.equal(make_policy(planner, None).rebalance_experts(w, S, G, N, R, shuffled), shuffled)
+    if planner == "deepseek":
+        assert torch.equal(make_policy(planner, None).rebalance_experts(w, S, G, N, R, shuffled), shuffled)
     assert torch.equal(pol.rebalance_experts(w, S, G, N, R, shuffled), shuffled)
 
 

@@ -12,8 +12,8 @@ ranks that elastic EP just added). :func:`plan_for_engine` turns that into a new
    maximise the replicas that stay on their rank -- ranks of one node are interchangeable for
    the load, so this never changes the balance;
 3. keeps an expert that stays on a rank in its old slot (no local copy either);
-4. keeps the old row of a layer whose old placement is already as good as the new one
-   (max rank load within ``min_gain``), so with unchanged loads nothing moves.
+4. keeps the old row of a layer whose old placement is already as good as the new one or as a
+   fresh plan (max rank load within ``min_gain``), so with unchanged loads nothing moves.
 
 All arrays are numpy; shapes: ``L`` layers, ``E`` experts, ``S`` slots, ``R`` ranks,
 ``spr = S // R`` slots per rank. Loads are tokens.
@@ -292,7 +292,8 @@ def plan_for_engine(
         old: the engine's current map ``[L, S_old]`` (``-1`` = empty slot), or ``None``.
         planner: eplb policy name (default ``"eplb"``, else ``"deepseek"``).
         min_gain: keep a layer's old row when its max rank load is within ``(1 + min_gain)`` of the
-            new row's (``None`` disables this; only for a complete old map of the same shape).
+            new row's or of a fresh plan's (``None`` disables this; only for a complete old map of
+            the same shape).
         name: argument name used in error messages.
     """
     arr = check_load(loads, name, ndim=(2, 3))
@@ -326,11 +327,20 @@ def plan_for_engine(
         old_full[:, :width] = old_arr[:, :width]
         new = preserve_slots(new, old_full, layout.num_ranks, layout.num_experts)
     if current is not None and min_gain is not None:
-        new_p = Placement(new.copy(), layout.num_experts, layout.num_ranks, layout.num_nodes)
         w = arr if arr.ndim == 3 else arr[None]
-        old_max = rank_loads(w, current).max(-1).mean(0)  # [L] per-step max rank load, averaged
-        new_max = rank_loads(w, new_p).max(-1).mean(0)
-        keep = old_max <= new_max * (1.0 + float(min_gain))
+
+        def max_load(p2l: np.ndarray) -> np.ndarray:  # [L] per-step max rank load, averaged over steps
+            p = Placement(p2l.copy(), layout.num_experts, layout.num_ranks, layout.num_nodes)
+            return rank_loads(w, p).max(-1).mean(0)
+
+        old_max = max_load(current.phy2log)
+        tol = 1.0 + float(min_gain)
+        keep = old_max <= max_load(new) * tol
+        if options and not keep.all() and np.any(new != current.phy2log):
+            # The current map is also kept where it is as good as a fresh plan: a planner handed the
+            # current map may search further than a fresh plan does, but a map as good as a fresh
+            # plan is not worth moving weights for (and re-planning unchanged loads moves nothing).
+            keep |= old_max <= max_load(_plan(arr, layout, policy, {})) * tol
         new[keep] = current.phy2log[keep]
         if keep.any():
             log.debug("eplb: kept the current map of %d/%d layers (no gain above %.3g)", int(keep.sum()),
