@@ -19,8 +19,8 @@ calls :func:`register` in every process. It does nothing unless ``EPLB_VLLM_POLI
 * ``EPLB_VLLM_POLICY=eplb`` (or any registered eplb policy name, e.g. ``deepseek``): replace
   ``vllm.distributed.eplb.policy.EPLB_POLICIES["default"]`` with :class:`EplbPolicy` using that
   planner, and log ``eplb: vLLM EPLB policy 'default' -> eplb ...`` at INFO;
-* ``EPLB_VLLM_MIN_GAIN`` (float, default ``0``): keep a layer's current map unless the new one
-  lowers its max rank load by more than this fraction (``-1`` disables the check);
+* ``EPLB_VLLM_MIN_GAIN`` (float, default ``0``): keep a layer's current map unless both the new
+  plan and a fresh plan lower its max rank load by more than this fraction (``-1`` disables it);
 * ``EPLB_VLLM_RECORD=PATH``: also save every load window the policy sees as one step of an eplb
   trace (safetensors, rewritten atomically, global rank 0 only) -- vLLM's expert statistics.
 """
@@ -116,8 +116,8 @@ class EplbPolicy(_Base):
 
     Class attributes (set by :func:`make_policy` / :func:`register`):
         planner: eplb policy name (``None``: ``"eplb"``, or ``"deepseek"`` if that is not registered).
-        min_gain: keep a layer's current map unless the new one lowers its max rank load by more
-            than this fraction (``None`` disables it).
+        min_gain: keep a layer's current map unless both the new plan and a fresh plan lower its
+            max rank load by more than this fraction (``None`` disables it).
     """
 
     planner: str | None = None
