@@ -5,9 +5,10 @@ SYNTHETIC routing (Zipf-skewed popularity, DeepSeek-V3 shape: 256 experts, top-8
 the device result equals the CPU torch reference bit for bit, compares the max rank load with the LP bound
 (HiGHS, CPU) and times, median of ``--iters`` after warm-up (CUDA events on GPU):
 
-* ``solver``: :func:`eplb.dispatch.plan_quotas` for one layer ([R, E] global counts in, per-slot quotas out),
-  eager and captured in a CUDA graph (Triton backend on CUDA when available, and the pure-torch backend);
-* ``solver, all layers``: one Triton launch for every layer of a step (per-layer time = total / L);
+* ``solver``: :func:`eplb.dispatch.plan_quotas` for one layer ([R, E] global counts in, per-replica quotas out),
+  eager and captured in a CUDA graph (the fused Triton kernel on CUDA when available, and the pure-torch backend);
+  also with fewer sweeps (3+1) and none (0+0: the kernel's fixed cost);
+* ``fused kernel, all layers``: one Triton launch for every layer of a step (per-layer time = total / L);
 * ``assign_slots``: the whole balanced assignment of one rank's tokens (plan + shares + slot lookup), eager and
   CUDA graph; local-first and round-robin for reference.
 
@@ -33,7 +34,7 @@ import torch
 
 import eplb
 from eplb.dispatch import DispatchTable, assign_slots, layer_tables, lp_max_load, plan_quotas
-from eplb.dispatch.kernel import HAVE_TRITON, balanced_quotas_triton
+from eplb.dispatch.kernel import HAVE_TRITON, plan_quotas_triton
 from eplb.dispatch.split import expert_ranks
 from eplb.stats.trace import atomic_write
 from eplb.synthetic import zipf_popularity
@@ -152,18 +153,19 @@ def run_config(name: str, E: int, R: int, S: int, layers: int, steps: int, token
     timings["solver (torch backend), CUDA graph"] = timeit(gr, device, iters) if gr else None
     if device.type == "cuda" and HAVE_TRITON:
         t_all = layer_tables(p)
-        dev_t = {k: torch.as_tensor(t_all[k], device=device) for k in ("fl_expert", "fl_rank", "fl_color", "single_rank")}
-        c_all = g_all[-1].sum(1).to(device)  # [L, E]
+        dev_t = {k: torch.as_tensor(v, device=device) for k, v in t_all.items() if isinstance(v, np.ndarray)}
+        g_layers = g_all[-1].to(device).contiguous()  # [L, R, E]
 
         def all_layers() -> torch.Tensor:
-            return balanced_quotas_triton(c_all, dev_t["fl_expert"], dev_t["fl_rank"], dev_t["fl_color"],
-                                          dev_t["single_rank"], int(t_all["num_colors"]), R)
+            return plan_quotas_triton(g_layers, dev_t, int(t_all["num_colors"]), R)
 
-        timings[f"solver kernel, all {layers} layers in one launch (total)"] = timeit(all_layers, device, iters)
-        # and the kernel alone for one layer (no slot expansion)
-        timings["solver kernel alone, one layer"] = timeit(
-            lambda: balanced_quotas_triton(g.sum(0), tab.fl_expert, tab.fl_rank, tab.fl_color, tab.single_rank,
-                                           tab.num_colors, R), device, iters)
+        assert torch.equal(all_layers()[0].cpu(), plan_quotas(g_all[-1, 0], tabs_cpu[0], backend="torch"))
+        gr = graphed(all_layers, device)
+        total = timeit(gr, device, iters) if gr else float("nan")
+        timings[f"fused kernel, all {layers} layers in one launch, CUDA graph, per layer"] = total / layers
+        for sw, isw in ((3, 1), (0, 0)):
+            gr = graphed(lambda sw=sw, isw=isw: plan_quotas(g, tab, sweeps=sw, int_sweeps=isw), device)
+            timings[f"solver sweeps={sw}+{isw} (default 6+2), CUDA graph"] = timeit(gr, device, iters) if gr else None
     for strat in ("balanced", "local-first", "round-robin"):
         def fn(strat: str = strat) -> torch.Tensor:
             return assign_slots(ids, tab, strat, rank=0, global_counts=g)

@@ -311,3 +311,27 @@ def test_gpu_and_cpu_give_the_same_assignment(backend: str) -> None:
                 a = assign_slots(ids[r], cpu, strat, rank=r, global_counts=g)
                 b = assign_slots(ids[r].cuda(), gpu, strat, rank=r, global_counts=g.cuda())
                 assert torch.equal(a, b.cpu())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_triton_kernels_batched_over_layers_equal_torch() -> None:
+    from eplb.dispatch.kernel import HAVE_TRITON, balanced_quotas_triton, plan_quotas_triton
+
+    if not HAVE_TRITON:
+        pytest.skip("needs Triton")
+    rng = np.random.default_rng(12)
+    for R, spr, E in ((4, 3, 10), (8, 2, 16), (6, 1, 6), (72, 4, 256)):  # (6, 1, 6): no replicas, no colours
+        p = random_placement(rng, R, spr, E, L=3)
+        t = layer_tables(p)
+        tt = {k: torch.as_tensor(v) for k, v in t.items() if isinstance(v, np.ndarray)}
+        dev = {k: v.cuda() for k, v in tt.items()}
+        g = torch.as_tensor(rng.integers(0, 30, (3, R, E)))
+        c = g.sum(1)
+        ref = balanced_quotas(c, tt["fl_expert"], tt["fl_rank"], tt["color_members"], tt["single_rank"], R)
+        got = balanced_quotas_triton(c.cuda(), dev["fl_expert"], dev["fl_rank"], dev["fl_color"], dev["single_rank"],
+                                     int(t["num_colors"]), R)
+        assert torch.equal(ref, got.cpu())
+        slots = plan_quotas_triton(g.cuda(), dev, int(t["num_colors"]), R).cpu()
+        for layer in range(3):
+            assert torch.equal(slots[layer], plan_quotas(g[layer], DispatchTable.from_placement(p, layer),
+                                                         backend="torch"))

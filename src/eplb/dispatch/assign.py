@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from eplb.dispatch.kernel import HAVE_TRITON, balanced_quotas_triton
+from eplb.dispatch.kernel import HAVE_TRITON, plan_quotas_triton
 from eplb.dispatch.solver import balanced_quotas, slot_quotas
 from eplb.dispatch.table import DispatchTable
 
@@ -47,18 +47,15 @@ def plan_quotas(global_counts: torch.Tensor, table: DispatchTable, *, backend: s
     (:func:`~eplb.dispatch.kernel.balanced_quotas_triton`, one kernel, CUDA) or ``"auto"`` (Triton on CUDA when
     available); both give the same quotas. ``solver_options`` go to the solver (``frac_bits``, ``sweeps``, ...).
     """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "triton" or (backend == "auto" and global_counts.is_cuda and HAVE_TRITON):
+        return plan_quotas_triton(global_counts, table, **solver_options)  # one fused kernel
     c = global_counts.to(torch.int64)
     if c.ndim == 2:
         c = c.sum(0)
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
-    use_triton = backend == "triton" or (backend == "auto" and c.is_cuda and HAVE_TRITON)
-    if use_triton:
-        q = balanced_quotas_triton(c, table.fl_expert, table.fl_rank, table.fl_color, table.single_rank,
-                                   table.num_colors, table.num_ranks, **solver_options)
-    else:
-        q = balanced_quotas(c, table.fl_expert, table.fl_rank, table.color_members, table.single_rank,
-                            table.num_ranks, **solver_options)
+    q = balanced_quotas(c, table.fl_expert, table.fl_rank, table.color_members, table.single_rank,
+                        table.num_ranks, **solver_options)
     return slot_quotas(q, c, table.slot_f, table.rep_kd, table.rep_mult, table.rep_pos, table.log2phy >= 0)
 
 

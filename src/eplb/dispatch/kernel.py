@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["HAVE_TRITON", "balanced_quotas_triton"]
+__all__ = ["HAVE_TRITON", "balanced_quotas_triton", "plan_quotas_triton"]
 
 try:  # pragma: no cover - exercised on GPU machines only
     import triton
@@ -60,20 +60,33 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
 
     @triton.jit
     def _balanced_kernel(
-        c_ptr, fe_ptr, rr_ptr, col_ptr, sr_ptr, out_ptr, scratch_ptr,
-        c_bstride, t_bstride_e, t_bstride_f, t_bstride_fk, o_bstride,
-        E, F, Kd, R, num_colors, sweeps, int_sweeps,
+        g_ptr, fe_ptr, rr_ptr, col_ptr, sr_ptr, sf_ptr, kd_ptr, mult_ptr, pos_ptr, l2p_ptr,
+        out_ptr, slot_out_ptr, scratch_ptr,
+        G_ROWS, g_bstride, t_bstride_e, t_bstride_f, t_bstride_fk, t_bstride_ek, o_bstride, so_bstride,
+        E, F, Kd, K, R, num_colors, sweeps, int_sweeps,
         FRAC_BITS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_R: tl.constexpr, BIG: tl.constexpr,
+        BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BIG: tl.constexpr,
+        SLOTS: tl.constexpr,
     ):
         b = tl.program_id(0)
         offs_e = tl.arange(0, BLOCK_E)
         offs_f = tl.arange(0, BLOCK_F)
         offs_k = tl.arange(0, BLOCK_K)
         offs_r = tl.arange(0, BLOCK_R)
-        loads_ptr = scratch_ptr + b * BLOCK_R
+        offs_g = tl.arange(0, BLOCK_G)
+        # scratch row: [BLOCK_R] rank loads | [BLOCK_E] expert counts | [BLOCK_F * BLOCK_K] quotas
+        loads_ptr = scratch_ptr + b * (BLOCK_R + BLOCK_E + BLOCK_F * BLOCK_K)
+        cnt_ptr = loads_ptr + BLOCK_R
+        q_ptr = cnt_ptr + BLOCK_E
         me = offs_e < E
-        c = tl.load(c_ptr + b * c_bstride + offs_e, mask=me, other=0).to(tl.int64)
+        # expert counts: the sum of the G_ROWS source-rank rows
+        c = tl.zeros([BLOCK_E], dtype=tl.int64)
+        for r0 in range(0, G_ROWS, BLOCK_G):
+            rows = r0 + offs_g
+            tile = tl.load(g_ptr + b * g_bstride + rows[:, None] * E + offs_e[None, :],
+                           mask=(rows < G_ROWS)[:, None] & me[None, :], other=0)
+            c += tl.sum(tile.to(tl.int64), axis=0)
+        tl.store(cnt_ptr + offs_e, c)
         sr = tl.load(sr_ptr + b * t_bstride_e + offs_e, mask=me, other=-1).to(tl.int32)
         # base loads: experts with a single rank
         tl.store(loads_ptr + offs_r, tl.zeros([BLOCK_R], dtype=tl.int64))
@@ -81,10 +94,10 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
         tl.atomic_add(loads_ptr + tl.maximum(sr, 0), c, mask=me & (sr >= 0))
         tl.debug_barrier()
         base = tl.load(loads_ptr + offs_r)
-        tl.debug_barrier()
         mf = offs_f < F
         fe = tl.load(fe_ptr + b * t_bstride_f + offs_f, mask=mf, other=-1).to(tl.int32)
-        cf = tl.load(c_ptr + b * c_bstride + tl.maximum(fe, 0), mask=fe >= 0, other=0).to(tl.int64)
+        cf = tl.load(cnt_ptr + tl.maximum(fe, 0), mask=fe >= 0, other=0)
+        tl.debug_barrier()
         color = tl.load(col_ptr + b * t_bstride_f + offs_f, mask=mf, other=-1).to(tl.int32)
         mfk = mf[:, None] & (offs_k < Kd)[None, :]
         rr = tl.load(rr_ptr + b * t_bstride_fk + offs_f[:, None] * Kd + offs_k[None, :], mask=mfk, other=-1).to(tl.int32)
@@ -120,6 +133,8 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
                 srt = tl.sort(key, dim=1, descending=True)
                 thr = tl.sum(tl.where(offs_k[None, :] == (rem - 1)[:, None], srt, 0), axis=1)
                 q = whole + (valid & (rem > 0)[:, None] & (key >= thr[:, None])).to(tl.int64)
+            else:
+                q = q0
             tl.debug_barrier()
             tl.store(loads_ptr + offs_r, base)
             tl.debug_barrier()
@@ -129,7 +144,88 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
             max1 = tl.max(tl.load(loads_ptr + offs_r), axis=0)
             if max1 > max0:
                 q = q0
+        else:
+            q = q0
         tl.store(out_ptr + b * o_bstride + offs_f[:, None] * Kd + offs_k[None, :], q, mask=mfk)
+        if SLOTS:
+            # per-replica quotas [E, K]: a rank's quota split evenly over the expert's replicas on it
+            tl.store(q_ptr + offs_f[:, None] * BLOCK_K + offs_k[None, :], q)
+            tl.debug_barrier()
+            offs_kk = tl.arange(0, BLOCK_KK)
+            mek = me[:, None] & (offs_kk < K)[None, :]
+            ek = b * t_bstride_ek + offs_e[:, None] * K + offs_kk[None, :]
+            v = tl.load(l2p_ptr + ek, mask=mek, other=-1) >= 0
+            sf = tl.load(sf_ptr + b * t_bstride_e + offs_e, mask=me, other=-1)
+            kd = tl.load(kd_ptr + ek, mask=mek, other=0)
+            mult = tl.load(mult_ptr + ek, mask=mek, other=1)
+            rpos = tl.load(pos_ptr + ek, mask=mek, other=0)
+            qf = tl.load(q_ptr + tl.maximum(sf, 0)[:, None] * BLOCK_K + kd, mask=v & (sf >= 0)[:, None], other=0)
+            qr = tl.where((sf >= 0)[:, None], qf, c[:, None])
+            per = qr // mult
+            slot_q = tl.where(v, per + (rpos < qr - per * mult).to(tl.int64), 0)
+            tl.store(slot_out_ptr + b * so_bstride + offs_e[:, None] * K + offs_kk[None, :], slot_q, mask=mek)
+
+
+def _launch(g: torch.Tensor, tabs: dict[str, torch.Tensor], num_colors: int, num_ranks: int, *, slots: bool,
+            frac_bits: int, sweeps: int, int_sweeps: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g`` ``[B, G, E]`` counts (summed over ``G`` in the kernel); ``tabs`` with a leading ``B`` or none."""
+    B, G, E = g.shape
+    fl_rank = tabs["fl_rank"]
+    F, Kd = fl_rank.shape[-2:]
+    batched = fl_rank.ndim == 3
+    l2p = tabs["log2phy"]
+    K = l2p.shape[-1]
+    block = {"BLOCK_E": triton.next_power_of_2(E), "BLOCK_F": triton.next_power_of_2(F),
+             "BLOCK_K": triton.next_power_of_2(Kd), "BLOCK_KK": triton.next_power_of_2(K),
+             "BLOCK_R": triton.next_power_of_2(num_ranks), "BLOCK_G": min(16, triton.next_power_of_2(G))}
+    out = torch.empty((B, F, Kd), dtype=torch.int64, device=g.device)
+    slot_out = torch.empty((B, E, K) if slots else (1,), dtype=torch.int64, device=g.device)
+    scratch = torch.empty((B, block["BLOCK_R"] + block["BLOCK_E"] + block["BLOCK_F"] * block["BLOCK_K"]),
+                          dtype=torch.int64, device=g.device)
+    _balanced_kernel[(B,)](
+        g, tabs["fl_expert"], fl_rank, tabs["fl_color"], tabs["single_rank"], tabs["slot_f"], tabs["rep_kd"],
+        tabs["rep_mult"], tabs["rep_pos"], l2p, out, slot_out, scratch,
+        G, G * E, E if batched else 0, F if batched else 0, F * Kd if batched else 0, E * K if batched else 0,
+        F * Kd, E * K if slots else 0,
+        E, F, Kd, K, num_ranks, int(num_colors), int(sweeps), int(int_sweeps),
+        FRAC_BITS=int(frac_bits), BIG=1 << 60, SLOTS=bool(slots), num_warps=num_warps, **block,
+    )
+    return out, slot_out
+
+
+_TABLE_KEYS = ("fl_expert", "fl_rank", "fl_color", "single_rank", "slot_f", "rep_kd", "rep_mult", "rep_pos", "log2phy")
+
+
+def plan_quotas_triton(global_counts: torch.Tensor, tables: Any, num_colors: int | None = None,
+                       num_ranks: int | None = None, *, frac_bits: int = 8, sweeps: int = 6, int_sweeps: int = 2,
+                       num_warps: int = 4) -> torch.Tensor:
+    """Per-replica quotas ``[..., E, K]`` in one kernel launch (the sum over source ranks, the solver and the
+    split over co-located replicas all fused), equal to :func:`eplb.dispatch.plan_quotas`'s torch backend.
+
+    ``global_counts``: ``[R_src, E]`` or ``[E]`` for one layer (``tables`` a :class:`DispatchTable`), or
+    ``[B, R_src, E]`` / ``[B, E]`` with ``tables`` a dict of ``[B, ...]`` device tensors from
+    :func:`eplb.dispatch.layer_tables` (then give ``num_colors`` and ``num_ranks``). Contiguous int64 (any
+    integer dtype is converted).
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("plan_quotas_triton: Triton is not installed")
+    if isinstance(tables, dict):
+        tabs = {k: tables[k] for k in _TABLE_KEYS}
+        assert num_colors is not None and num_ranks is not None
+        batched = tabs["fl_rank"].ndim == 3
+    else:
+        tabs = {k: getattr(tables, k) for k in _TABLE_KEYS}
+        num_colors, num_ranks = tables.num_colors, tables.num_ranks
+        batched = False
+    g = global_counts.to(torch.int64)
+    if batched:
+        g = g if g.ndim == 3 else g.unsqueeze(1)
+    else:
+        g = g.view(1, 1, -1) if g.ndim == 1 else g.unsqueeze(0)
+    _, slot_q = _launch(g.contiguous(), {k: v.contiguous() for k, v in tabs.items()}, int(num_colors),
+                        int(num_ranks), slots=True, frac_bits=frac_bits, sweeps=sweeps, int_sweeps=int_sweeps,
+                        num_warps=num_warps)
+    return slot_q if batched else slot_q[0]
 
 
 def balanced_quotas_triton(
@@ -155,29 +251,14 @@ def balanced_quotas_triton(
     if not HAVE_TRITON:
         raise RuntimeError("balanced_quotas_triton: Triton is not installed")
     one = counts.ndim == 1
-    c = counts.reshape(-1, counts.shape[-1]).contiguous()
-    B, E = c.shape
-    F, Kd = fl_rank.shape[-2:]
-    batched_tables = fl_rank.ndim == 3
-    fe = fl_expert.contiguous()
-    rr = fl_rank.contiguous()
-    col = fl_color.contiguous()
-    sr = single_rank.contiguous()
-    out = torch.empty((B, F, Kd), dtype=torch.int64, device=c.device)
-    block_r = triton.next_power_of_2(num_ranks)
-    scratch = torch.empty((B, block_r), dtype=torch.int64, device=c.device)
-    meta: dict[str, Any] = {
-        "FRAC_BITS": int(frac_bits),
-        "BLOCK_E": triton.next_power_of_2(E),
-        "BLOCK_F": triton.next_power_of_2(F),
-        "BLOCK_K": triton.next_power_of_2(Kd),
-        "BLOCK_R": block_r,
-        "BIG": 1 << 60,
-    }
-    _balanced_kernel[(B,)](
-        c, fe, rr, col, sr, out, scratch,
-        E, E if batched_tables else 0, F if batched_tables else 0, F * Kd if batched_tables else 0, F * Kd,
-        E, F, Kd, num_ranks, int(num_colors), int(sweeps), int(int_sweeps),
-        num_warps=num_warps, **meta,
-    )
+    c = counts.reshape(-1, 1, counts.shape[-1]).to(torch.int64).contiguous()
+    E = c.shape[-1]
+    K = 1
+    tabs = {"fl_expert": fl_expert, "fl_rank": fl_rank, "fl_color": fl_color, "single_rank": single_rank}
+    dummy = torch.zeros((1,), dtype=torch.int64, device=c.device)
+    tabs.update({k: dummy for k in ("slot_f", "rep_kd", "rep_mult", "rep_pos")})
+    tabs["log2phy"] = torch.zeros((E, K) if fl_rank.ndim == 2 else (fl_rank.shape[0], E, K), dtype=torch.int64,
+                                  device=c.device)
+    out, _ = _launch(c, {k: v.contiguous() for k, v in tabs.items()}, num_colors, num_ranks, slots=False,
+                     frac_bits=frac_bits, sweeps=sweeps, int_sweeps=int_sweeps, num_warps=num_warps)
     return out[0] if one else out

@@ -41,8 +41,8 @@ def uniform_quotas(counts: torch.Tensor, valid: torch.Tensor, offset: torch.Tens
     base = torch.div(counts, n1, rounding_mode="floor")
     rem = counts - base * n1
     k_idx = torch.cumsum(vi, -1) - 1  # index among the valid replicas
-    off = torch.as_tensor(offset, device=counts.device)
-    pos = torch.remainder(k_idx - off.unsqueeze(-1), n1.unsqueeze(-1))
+    shift = k_idx - (offset.unsqueeze(-1) if isinstance(offset, torch.Tensor) else offset)
+    pos = torch.remainder(shift, n1.unsqueeze(-1))
     extra = (pos < rem.unsqueeze(-1)) & valid
     return (base.unsqueeze(-1) * valid + extra).to(torch.int64)
 
