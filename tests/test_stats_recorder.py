@@ -267,3 +267,34 @@ def test_build_model_from_config_file_and_checkpoint(tmp_path: Path) -> None:
         assert n1 == n2 and torch.equal(p1, p2)
     with pytest.raises(ValueError, match="neither a preset"):
         build_model(str(tmp_path / "nope"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_double_buffered_copies_keep_every_step(tmp_path: Path) -> None:
+    """Asynchronous device->pinned copies on a side stream: per-step counts exact, in order, on every path."""
+    E, L, steps = 32, 3, 50
+    g = torch.Generator().manual_seed(5)
+    recs = [ExpertRecorder(L, E, device="cuda", flush_every=3, cooccurrence=True),
+            ExpertRecorder(L, E, device="cuda", flush_every=4, path=tmp_path / "rec", chunk_steps=7)]
+    want = np.zeros((steps, L, E), dtype=np.int64)
+    want_co = np.zeros((steps, L, E, E), dtype=np.int64)
+    for s in range(steps):
+        for lid in range(L):
+            ids = torch.stack([torch.randperm(E, generator=g)[:4] for _ in range(1 + (s * 7 + lid) % 40)])
+            want[s, lid] = np.bincount(ids.ravel().numpy(), minlength=E)
+            oh = np.zeros((ids.shape[0], E))
+            np.put_along_axis(oh, ids.numpy(), 1, axis=1)
+            want_co[s, lid] = oh.T @ oh
+            big = torch.randn(2048, 2048, device="cuda")
+            (big @ big).sum()  # keep the compute stream busy while copies run
+            for r in recs:
+                r.record(lid, ids.cuda())
+        for r in recs:
+            r.step()
+    for r in recs:
+        tr = r.trace()
+        np.testing.assert_array_equal(tr.counts, want)
+        np.testing.assert_array_equal(tr.step_ids, np.arange(steps))
+        r.close()
+    np.testing.assert_array_equal(recs[0].trace().cooccurrence, want_co)
+    np.testing.assert_array_equal(read_dir(tmp_path / "rec").counts, want)
