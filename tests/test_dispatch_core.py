@@ -315,7 +315,12 @@ def test_gpu_and_cpu_give_the_same_assignment(backend: str) -> None:
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_triton_kernels_batched_over_layers_equal_torch() -> None:
-    from eplb.dispatch.kernel import HAVE_TRITON, balanced_quotas_triton, plan_quotas_triton
+    from eplb.dispatch.kernel import (
+        HAVE_TRITON,
+        balanced_quotas_triton,
+        plan_quotas_triton,
+        rank_share_cum_triton,
+    )
 
     if not HAVE_TRITON:
         pytest.skip("needs Triton")
@@ -333,5 +338,10 @@ def test_triton_kernels_batched_over_layers_equal_torch() -> None:
         assert torch.equal(ref, got.cpu())
         slots = plan_quotas_triton(g.cuda(), dev, int(t["num_colors"]), R).cpu()
         for layer in range(3):
-            assert torch.equal(slots[layer], plan_quotas(g[layer], DispatchTable.from_placement(p, layer),
-                                                         backend="torch"))
+            tab = DispatchTable.from_placement(p, layer)
+            q = plan_quotas(g[layer], tab, backend="torch")
+            assert torch.equal(slots[layer], q)
+            for r in (0, R // 2, R - 1):
+                q_dev, cum = rank_share_cum_triton(g[layer].cuda(), tab.to("cuda"), r)
+                assert torch.equal(q_dev.cpu(), q)
+                assert torch.equal(cum.cpu(), torch.cumsum(source_shares(g[layer], q, tab, r), -1))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from eplb.dispatch.kernel import HAVE_TRITON, plan_quotas_triton
+from eplb.dispatch.kernel import HAVE_TRITON, plan_quotas_triton, rank_share_cum_triton
 from eplb.dispatch.solver import balanced_quotas, slot_quotas
 from eplb.dispatch.table import DispatchTable
 
@@ -145,9 +145,12 @@ def assign_slots(topk_ids: torch.Tensor, table: DispatchTable, strategy: str = "
         rep = torch.remainder(occ + rank, table.logcnt[ids])
         return table.log2phy[ids, rep].view(topk_ids.shape)
     assert global_counts is not None
-    quotas = plan_quotas(global_counts, table)
-    share = source_shares(global_counts, quotas, table, rank)  # [E, K]
-    cum = torch.cumsum(share, -1)[ids]  # [M, K]
+    if global_counts.is_cuda and HAVE_TRITON:
+        _, cum_e = rank_share_cum_triton(global_counts, table, rank)  # plan + this rank's shares: one kernel
+    else:
+        quotas = plan_quotas(global_counts, table)
+        cum_e = torch.cumsum(source_shares(global_counts, quotas, table, rank), -1)  # [E, K]
+    cum = cum_e[ids]  # [M, K]
     rep = (cum <= occ.unsqueeze(-1)).sum(-1)
     # tokens beyond this rank's announced count (inconsistent global_counts) fall back to round-robin
     over = rep >= table.logcnt[ids]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["HAVE_TRITON", "balanced_quotas_triton", "plan_quotas_triton"]
+__all__ = ["HAVE_TRITON", "balanced_quotas_triton", "plan_quotas_triton", "rank_share_cum_triton"]
 
 try:  # pragma: no cover - exercised on GPU machines only
     import triton
@@ -61,12 +61,12 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
     @triton.jit
     def _balanced_kernel(
         g_ptr, fe_ptr, rr_ptr, col_ptr, sr_ptr, sf_ptr, kd_ptr, mult_ptr, pos_ptr, l2p_ptr,
-        out_ptr, slot_out_ptr, scratch_ptr,
-        G_ROWS, g_bstride, t_bstride_e, t_bstride_f, t_bstride_fk, t_bstride_ek, o_bstride, so_bstride,
+        out_ptr, slot_out_ptr, share_out_ptr, scratch_ptr,
+        G_ROWS, g_bstride, src_rank, spr, t_bstride_e, t_bstride_f, t_bstride_fk, t_bstride_ek, o_bstride, so_bstride,
         E, F, Kd, K, R, num_colors, sweeps, int_sweeps,
         FRAC_BITS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BIG: tl.constexpr,
-        SLOTS: tl.constexpr,
+        SLOTS: tl.constexpr, SHARES: tl.constexpr,
     ):
         b = tl.program_id(0)
         offs_e = tl.arange(0, BLOCK_E)
@@ -81,11 +81,14 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
         me = offs_e < E
         # expert counts: the sum of the G_ROWS source-rank rows
         c = tl.zeros([BLOCK_E], dtype=tl.int64)
+        g_lo = tl.zeros([BLOCK_E], dtype=tl.int64)  # tokens of source ranks before src_rank
         for r0 in range(0, G_ROWS, BLOCK_G):
             rows = r0 + offs_g
             tile = tl.load(g_ptr + b * g_bstride + rows[:, None] * E + offs_e[None, :],
-                           mask=(rows < G_ROWS)[:, None] & me[None, :], other=0)
-            c += tl.sum(tile.to(tl.int64), axis=0)
+                           mask=(rows < G_ROWS)[:, None] & me[None, :], other=0).to(tl.int64)
+            c += tl.sum(tile, axis=0)
+            if SHARES:
+                g_lo += tl.sum(tl.where((rows < src_rank)[:, None], tile, 0), axis=0)
         tl.store(cnt_ptr + offs_e, c)
         sr = tl.load(sr_ptr + b * t_bstride_e + offs_e, mask=me, other=-1).to(tl.int32)
         # base loads: experts with a single rank
@@ -164,10 +167,29 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
             per = qr // mult
             slot_q = tl.where(v, per + (rpos < qr - per * mult).to(tl.int64), 0)
             tl.store(slot_out_ptr + b * so_bstride + offs_e[:, None] * K + offs_kk[None, :], slot_q, mask=mek)
+            if SHARES:
+                # src_rank's share of every replica (same rule as eplb.dispatch.source_shares): each replica
+                # first takes its own rank's tokens (replicas on one rank in slot order), then the rest is
+                # matched in source-rank order (overlap of prefix sums); stored as a running sum over k
+                rk = tl.load(l2p_ptr + ek, mask=mek, other=0) // spr
+                extra = qr - per * mult
+                prior = rpos * per + tl.minimum(rpos, extra)
+                g_at = tl.load(g_ptr + b * g_bstride + rk * E + offs_e[:, None], mask=v, other=0).to(tl.int64)
+                local = tl.where(v, tl.maximum(tl.minimum(g_at - prior, slot_q), 0), 0)
+                g_me = tl.load(g_ptr + b * g_bstride + src_rank * E + offs_e, mask=me, other=0).to(tl.int64)
+                s_lo = g_lo - tl.sum(tl.where(rk < src_rank, local, 0), axis=1)
+                s_hi = s_lo + g_me - tl.sum(tl.where(rk == src_rank, local, 0), axis=1)
+                u = slot_q - local
+                u_cum = tl.cumsum(u, axis=1)
+                amount = tl.maximum(tl.minimum(s_hi[:, None], u_cum) - tl.maximum(s_lo[:, None], u_cum - u), 0)
+                share = amount + tl.where(rk == src_rank, local, 0)
+                tl.store(share_out_ptr + b * so_bstride + offs_e[:, None] * K + offs_kk[None, :],
+                         tl.cumsum(share, axis=1), mask=mek)
 
 
 def _launch(g: torch.Tensor, tabs: dict[str, torch.Tensor], num_colors: int, num_ranks: int, *, slots: bool,
-            frac_bits: int, sweeps: int, int_sweeps: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+            frac_bits: int, sweeps: int, int_sweeps: int, num_warps: int, src_rank: int = -1,
+            spr: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``g`` ``[B, G, E]`` counts (summed over ``G`` in the kernel); ``tabs`` with a leading ``B`` or none."""
     B, G, E = g.shape
     fl_rank = tabs["fl_rank"]
@@ -180,17 +202,20 @@ def _launch(g: torch.Tensor, tabs: dict[str, torch.Tensor], num_colors: int, num
              "BLOCK_R": triton.next_power_of_2(num_ranks), "BLOCK_G": min(16, triton.next_power_of_2(G))}
     out = torch.empty((B, F, Kd), dtype=torch.int64, device=g.device)
     slot_out = torch.empty((B, E, K) if slots else (1,), dtype=torch.int64, device=g.device)
+    shares = src_rank >= 0
+    share_out = torch.empty((B, E, K) if shares else (1,), dtype=torch.int64, device=g.device)
     scratch = torch.empty((B, block["BLOCK_R"] + block["BLOCK_E"] + block["BLOCK_F"] * block["BLOCK_K"]),
                           dtype=torch.int64, device=g.device)
     _balanced_kernel[(B,)](
         g, tabs["fl_expert"], fl_rank, tabs["fl_color"], tabs["single_rank"], tabs["slot_f"], tabs["rep_kd"],
-        tabs["rep_mult"], tabs["rep_pos"], l2p, out, slot_out, scratch,
-        G, G * E, E if batched else 0, F if batched else 0, F * Kd if batched else 0, E * K if batched else 0,
+        tabs["rep_mult"], tabs["rep_pos"], l2p, out, slot_out, share_out, scratch,
+        G, G * E, max(src_rank, 0), spr, E if batched else 0, F if batched else 0, F * Kd if batched else 0, E * K if batched else 0,
         F * Kd, E * K if slots else 0,
         E, F, Kd, K, num_ranks, int(num_colors), int(sweeps), int(int_sweeps),
-        FRAC_BITS=int(frac_bits), BIG=1 << 60, SLOTS=bool(slots), num_warps=num_warps, **block,
+        FRAC_BITS=int(frac_bits), BIG=1 << 60, SLOTS=bool(slots or shares), SHARES=shares, num_warps=num_warps,
+        **block,
     )
-    return out, slot_out
+    return out, slot_out, share_out
 
 
 _TABLE_KEYS = ("fl_expert", "fl_rank", "fl_color", "single_rank", "slot_f", "rep_kd", "rep_mult", "rep_pos", "log2phy")
@@ -222,10 +247,25 @@ def plan_quotas_triton(global_counts: torch.Tensor, tables: Any, num_colors: int
         g = g if g.ndim == 3 else g.unsqueeze(1)
     else:
         g = g.view(1, 1, -1) if g.ndim == 1 else g.unsqueeze(0)
-    _, slot_q = _launch(g.contiguous(), {k: v.contiguous() for k, v in tabs.items()}, int(num_colors),
+    _, slot_q, _ = _launch(g.contiguous(), {k: v.contiguous() for k, v in tabs.items()}, int(num_colors),
                         int(num_ranks), slots=True, frac_bits=frac_bits, sweeps=sweeps, int_sweeps=int_sweeps,
                         num_warps=num_warps)
     return slot_q if batched else slot_q[0]
+
+
+def rank_share_cum_triton(global_counts: torch.Tensor, table: Any, rank: int, *, frac_bits: int = 8,
+                          sweeps: int = 6, int_sweeps: int = 2, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch for :func:`eplb.dispatch.assign_slots`' balanced plan on ``rank``: returns the per-replica
+    quotas ``[E, K]`` and ``rank``'s shares of them as a running sum over replicas ``[E, K]``
+    (``cumsum(source_shares(g, quotas, table, rank), -1)``). ``global_counts`` ``[R, E]``."""
+    if not HAVE_TRITON:
+        raise RuntimeError("rank_share_cum_triton: Triton is not installed")
+    tabs = {k: getattr(table, k).contiguous() for k in _TABLE_KEYS}
+    g = global_counts.to(torch.int64).unsqueeze(0).contiguous()
+    _, slot_q, cum = _launch(g, tabs, table.num_colors, table.num_ranks, slots=True, frac_bits=frac_bits,
+                             sweeps=sweeps, int_sweeps=int_sweeps, num_warps=num_warps, src_rank=int(rank),
+                             spr=int(table.slots_per_rank))
+    return slot_q[0], cum[0]
 
 
 def balanced_quotas_triton(
@@ -259,6 +299,6 @@ def balanced_quotas_triton(
     tabs.update({k: dummy for k in ("slot_f", "rep_kd", "rep_mult", "rep_pos")})
     tabs["log2phy"] = torch.zeros((E, K) if fl_rank.ndim == 2 else (fl_rank.shape[0], E, K), dtype=torch.int64,
                                   device=c.device)
-    out, _ = _launch(c, {k: v.contiguous() for k, v in tabs.items()}, num_colors, num_ranks, slots=False,
+    out, _, _ = _launch(c, {k: v.contiguous() for k, v in tabs.items()}, num_colors, num_ranks, slots=False,
                      frac_bits=frac_bits, sweeps=sweeps, int_sweeps=int_sweeps, num_warps=num_warps)
     return out[0] if one else out
