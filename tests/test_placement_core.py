@@ -83,3 +83,11 @@ def test_diff_and_moves():
 def test_plan_returns_valid_placement():
     pl = eplb.plan(np.array(README_W), 16, 8, num_nodes=2, num_groups=4, policy="deepseek")
     assert pl.phy2log.tolist() == README_P and pl.meta["policy"] == "deepseek"
+
+
+def test_placement_does_not_freeze_callers_array():
+    row = np.array([[0, 1, 2, 3]], dtype=np.int64)
+    pl = Placement(row, 4, 2)
+    row[0, 0] = 1  # the caller's array stays writable and the placement keeps its own copy
+    assert pl.phy2log[0, 0] == 0
+    assert not pl.phy2log.flags.writeable

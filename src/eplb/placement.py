@@ -68,7 +68,7 @@ class Placement:
                 arr = arr.astype(np.int64)
             elif arr.size:
                 raise PlacementError(f"phy2log: expected integer expert ids, got dtype {arr.dtype}")
-        arr = np.ascontiguousarray(arr, dtype=np.int64)
+        arr = np.array(arr, dtype=np.int64, order="C", copy=True)  # own copy: never freeze the caller's array
         arr.setflags(write=False)
         object.__setattr__(self, "phy2log", arr)
         object.__setattr__(self, "num_experts", check_positive_int(self.num_experts, "num_experts"))
