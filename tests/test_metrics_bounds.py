@@ -153,3 +153,20 @@ def test_excluded_ranks_get_no_load():
     assert rl.tolist() == [8.0, 0.0, 8.0]
     assert slot_loads(w, p)[0, 2:4].tolist() == [0.0, 0.0]
     assert step_imbalance(w[None], p)[0] == pytest.approx(0.0)
+
+
+def test_hierarchical_lower_bound_exact_and_valid():
+    from eplb.metrics import hierarchical_lower_bound
+
+    # group loads 10, 2, 6, 6 on 2 nodes of 2 ranks: best pairing {10, 2} {6, 6} -> node 12 -> rank >= 6
+    w = np.array([[5.0, 5.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0]])
+    assert hierarchical_lower_bound(w, 8, 4, 2, 4)[0] == pytest.approx(6.0)
+    rng = np.random.default_rng(7)
+    w = np.floor(rng.pareto(1.0, (4, 32)) * 30)
+    hl = hierarchical_lower_bound(w, 48, 8, 2, 8)
+    assert np.all(hl >= lower_bound(w, 48, 8) - 1e-9)
+    for pol in ("deepseek-hierarchical", "eplb-hierarchical"):
+        p = eplb.plan(w, 48, 8, num_nodes=2, num_groups=8, policy=pol)
+        assert np.all(hl <= max_rank_load(w, p) * (1 + 1e-9))
+    with pytest.raises(ValueError, match="num_groups"):
+        hierarchical_lower_bound(w, 48, 8, 2, 3)

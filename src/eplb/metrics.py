@@ -24,6 +24,7 @@ from eplb.placement import Placement
 __all__ = [
     "balancedness",
     "experts_moved",
+    "hierarchical_lower_bound",
     "imbalance_ratio",
     "lower_bound",
     "max_rank_load",
@@ -262,3 +263,59 @@ def step_imbalance(counts: ArrayLike, placement: Placement) -> np.ndarray:
         keep = np.setdiff1d(np.arange(placement.num_ranks), np.asarray(list(ex), dtype=np.int64))
         rl = rl[..., keep]
     return imbalance_ratio(rl, axis=-1).mean(axis=0)
+
+
+def _equal_partitions(n: int, k: int, limit: int) -> np.ndarray | None:
+    """All partitions of ``range(n)`` into ``k`` unordered blocks of ``n // k`` as ``[P, n]`` block labels
+    (``None`` when there are more than ``limit``)."""
+    size = n // k
+    out: list[list[int]] = []
+
+    def rec(label: list[int], counts: list[int], item: int, used: int) -> bool:
+        if len(out) > limit:
+            return False
+        if item == n:
+            out.append(label.copy())
+            return True
+        for b in range(min(used + 1, k)):
+            if counts[b] < size:
+                label[item] = b
+                counts[b] += 1
+                ok = rec(label, counts, item + 1, max(used, b + 1))
+                counts[b] -= 1
+                if not ok:
+                    return False
+        return True
+
+    rec([0] * n, [0] * k, 0, 0)
+    return None if len(out) > limit else np.asarray(out, dtype=np.int64)
+
+
+def hierarchical_lower_bound(counts: ArrayLike, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
+                             *, max_partitions: int = 20000) -> np.ndarray:
+    """``[L]`` lower bound on the max rank load of any placement that keeps every expert group, with all
+    replicas of its experts, on one node, equal group count per node (DeepSeek's hierarchical layout).
+
+    Proof: a node's ranks carry exactly the load of its groups, so its heaviest rank carries at least
+    ``node load / (R / N)``; minimising the heaviest node over every partition of the groups into
+    ``N`` equal blocks (enumerated exactly, up to ``max_partitions``) bounds every such placement. The
+    global :func:`lower_bound` also holds, so the larger of the two is returned. ``counts`` ``[L, E]``
+    (a ``[T, L, E]`` input is summed).
+    """
+    c = check_load(counts, "counts", ndim=(2, 3))
+    if c.ndim == 3:
+        c = c.sum(axis=0)
+    L, E = c.shape
+    check_layout(E, num_slots, num_ranks, num_nodes)
+    if num_groups <= 0 or E % num_groups or num_groups % num_nodes:
+        raise ValueError(f"num_groups: {num_groups} groups must divide {E} experts and be divisible by "
+                         f"num_nodes={num_nodes}")
+    base = _lb_rows(c, num_slots, num_ranks)
+    parts = _equal_partitions(num_groups, num_nodes, max_partitions)
+    if parts is None or num_nodes == 1:
+        return base
+    gl = c.reshape(L, num_groups, E // num_groups).sum(-1)  # [L, G]
+    onehot = parts[:, :, None] == np.arange(num_nodes)[None, None, :]  # [P, G, N]
+    node = np.einsum("lg,pgn->lpn", gl, onehot.astype(np.float64))
+    best = node.max(axis=2).min(axis=1) / (num_ranks // num_nodes)
+    return np.maximum(base, best)

@@ -106,7 +106,7 @@ def _improve(weight: np.ndarray, p2l: np.ndarray, num_packs: int, max_iters: int
             p = perturb_search(weight, p, num_packs, max_replicas=max_replicas, rounds=perturb, max_iters=max_iters)
     else:
         p = swap_search(weight, p2l, num_packs, max_iters=max_iters)
-    return dedup_pass(weight, p, num_packs)
+    return dedup_pass(weight, p, num_packs, max_replicas=max_replicas)
 
 
 def eplb_rows(

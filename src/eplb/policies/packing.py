@@ -258,13 +258,17 @@ def swap_search(
     return p2l
 
 
-def dedup_pass(weight: np.ndarray, phy2log: np.ndarray, num_packs: int, *, max_iters: int | None = None) -> np.ndarray:
-    """Remove colocated duplicates by swaps that do not raise the row's heaviest pack.
+def dedup_pass(weight: np.ndarray, phy2log: np.ndarray, num_packs: int, *, max_iters: int | None = None,
+               max_replicas: int | None = None) -> np.ndarray:
+    """Remove colocated duplicates by moves that do not raise the row's heaviest pack.
 
-    For a pack holding two replicas of one expert, swap one of them with a slot of a pack that does
-    not hold that expert (and whose expert is absent from the first pack), choosing the swap with the
-    smallest resulting pair maximum, accepted only if that is ``<=`` the row's current maximum.
-    Duplicates that cannot be removed this way (e.g. an expert with more replicas than packs) stay.
+    For a pack holding two replicas of one expert ``e``, first try to swap one of them with a slot of a
+    pack that does not hold ``e`` (and whose expert is absent from the first pack), choosing the swap
+    with the smallest resulting pair maximum; else try to *merge* it: give the slot to the expert ``f``
+    (absent from the pack, within ``max_replicas``) with the smallest new replica load, which makes
+    ``e``'s other replicas heavier. Either is accepted only if no pack ends above the row's current
+    maximum (``e``'s grown packs are bounded without ``f``'s shrink). Duplicates that cannot be removed
+    this way (e.g. an expert with more replicas than packs) stay.
     """
     X, S = phy2log.shape
     E = weight.shape[1]
@@ -303,6 +307,8 @@ def dedup_pass(weight: np.ndarray, phy2log: np.ndarray, num_packs: int, *, max_i
         key = np.where(valid, pm, np.inf)
         k = np.argmin(key, axis=1)
         ok = np.isfinite(key[np.arange(rows.size), k])
+        if (~ok).any():
+            _merge_dups(weight, p2l, counts, iw, loads, has, rows[~ok], sa[~ok], slot_pack, max_replicas)
         rows, sa, k, pa, ea, wa = rows[ok], sa[ok], k[ok], pa[ok], ea[ok], wa[ok]
         if rows.size == 0:
             continue
@@ -316,6 +322,45 @@ def dedup_pass(weight: np.ndarray, phy2log: np.ndarray, num_packs: int, *, max_i
         has[rows, ea, pb] += 1
         has[rows, eb, pa] += 1
     return p2l
+
+
+def _merge_dups(weight: np.ndarray, p2l: np.ndarray, counts: np.ndarray, iw: np.ndarray, loads: np.ndarray,
+                has: np.ndarray, rows: np.ndarray, sa: np.ndarray, slot_pack: np.ndarray,
+                max_replicas: int | None) -> None:
+    """In place: give duplicate slot ``sa`` of each row in ``rows`` to another expert if no pack ends
+    above the row's maximum (see :func:`dedup_pass`); updates every state array of changed rows."""
+    P = loads.shape[1]
+    r = rows
+    ar = np.arange(r.size)
+    pa = slot_pack[sa]
+    e = p2l[r, sa]
+    w = weight[r]
+    c = counts[r].astype(np.float64)
+    ce = c[ar, e]
+    we = w[ar, e]
+    grow = np.where(ce >= 2, we / np.maximum(ce - 1, 1) - we / ce, np.inf)
+    ne = has[r, e, :]  # [r, P]
+    La = loads[r, pa]
+    newi = w / (c + 1)
+    elig = has[r[:, None], np.arange(w.shape[1])[None, :], pa[:, None]] == 0
+    if max_replicas is not None:
+        elig &= c + 1 <= max_replicas
+    f = np.argmin(np.where(elig, newi, np.inf), axis=1)
+    fv = newi[ar, f]
+    new_pa = La - we / ce + (ne[ar, pa] - 1) * grow + fv
+    other = np.where((ne > 0) & (np.arange(P)[None, :] != pa[:, None]), loads[r] + ne * grow[:, None], -np.inf)
+    gmax = loads[r].max(axis=1)
+    ok = np.isfinite(fv) & (np.maximum(new_pa, other.max(axis=1)) <= gmax * (1 + _REL_TOL))
+    if not ok.any():
+        return
+    rr = r[ok]
+    p2l[rr, sa[ok]] = f[ok]
+    # recompute the changed rows' state
+    E = weight.shape[1]
+    counts[rr] = phy2log_counts(p2l[rr], E)
+    iw[rr] = np.take_along_axis(weight[rr] / np.maximum(counts[rr], 1), p2l[rr], axis=1)
+    loads[rr] = pack_loads(iw[rr], P)
+    has[rr] = expert_pack_count(p2l[rr], E, P)
 
 
 def align_ranks(current: np.ndarray, new: np.ndarray, num_packs: int, num_experts: int) -> np.ndarray:
