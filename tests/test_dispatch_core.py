@@ -340,7 +340,8 @@ def test_triton_kernels_batched_over_layers_equal_torch() -> None:
         for layer in range(3):
             tab = DispatchTable.from_placement(p, layer)
             q = plan_quotas(g[layer], tab, backend="torch")
-            assert torch.equal(slots[layer], q)
+            k = q.shape[-1]  # the batched tables pad replicas to the widest layer
+            assert torch.equal(slots[layer, :, :k], q) and not slots[layer, :, k:].any()
             for r in (0, R // 2, R - 1):
                 q_dev, cum = rank_share_cum_triton(g[layer].cuda(), tab.to("cuda"), r)
                 assert torch.equal(q_dev.cpu(), q)
