@@ -201,3 +201,17 @@ def test_bad_input(pol):
     with pytest.raises(ValueError, match="cannot serve 8 logical experts"):
         eplb.plan(np.ones((1, 8)), 6, 2, policy=pol)
     assert pol in POLICIES
+
+
+def test_effort_levels():
+    w = zipf_counts(1, 4, 64, tokens_per_step=2048, seed=6).sum(0)
+    ds = max_rank_load(w, eplb.plan(w, 80, 16, policy="deepseek"))
+    res = {}
+    for ef in ("fast", "default", "high"):
+        p = eplb.plan(w, 80, 16, policy="eplb", effort=ef)
+        assert p.meta["effort"] == ef
+        res[ef] = max_rank_load(w, p)
+        assert np.all(res[ef] <= ds * (1 + 1e-12))
+    assert res["high"].sum() <= res["fast"].sum() * (1 + 1e-12)
+    with pytest.raises(ValueError, match="effort: expected one of"):
+        eplb.plan(w, 80, 16, policy="eplb", effort="max")

@@ -130,7 +130,7 @@ def _lb_feasible(w: np.ndarray, T: np.ndarray, num_slots: int, num_ranks: int, m
     return ok
 
 
-def _lb_rows(w: np.ndarray, num_slots: int, num_ranks: int, *, iters: int = 48, max_m: int = 8) -> np.ndarray:
+def _lb_rows(w: np.ndarray, num_slots: int, num_ranks: int, *, iters: int = 32, max_m: int = 8) -> np.ndarray:
     """Lower bound for every row of ``w [X, E]`` (see :func:`lower_bound`)."""
     S, R = int(num_slots), int(num_ranks)
     W = w.sum(axis=1)

@@ -24,6 +24,8 @@ Options accepted by ``eplb`` (and the other eplb policies where they make sense)
   hottest experts (a :class:`~eplb.Placement` has no empty slot) and the ranks are recorded in
   ``meta["excluded_ranks"]``: :func:`eplb.metrics.slot_loads` and dispatch must send them nothing.
 * ``max_iters=<int>``: local-search iteration cap (default ``4 * S``).
+* ``effort="fast" | "default" | "high"``: how long to search (``fast``: LPT + swaps only, ~4x faster;
+  ``high``: more replication rounds and iterated-local-search restarts, ~2-3x slower).
 """
 
 from __future__ import annotations
@@ -171,6 +173,8 @@ def hierarchical_rows(
     *,
     max_replicas: int | None = None,
     max_iters: int | None = None,
+    rounds: int = 16,
+    perturb: int = 4,
 ) -> np.ndarray:
     """Node-aware plan: every expert group and all replicas of its experts stay on one node.
 
@@ -189,7 +193,8 @@ def hierarchical_rows(
     gorder = np.argsort(node, axis=1, kind="stable")  # groups sorted by node
     experts = (gorder[:, :, None] * gs + np.arange(gs)).reshape(L, N, E // N)
     w_local = np.take_along_axis(weight, experts.reshape(L, E), axis=1).reshape(L * N, E // N)
-    loc = eplb_rows(w_local, num_slots // N, num_ranks // N, max_replicas=max_replicas, max_iters=max_iters)
+    loc = eplb_rows(w_local, num_slots // N, num_ranks // N, max_replicas=max_replicas, max_iters=max_iters,
+                    rounds=rounds, perturb=perturb)
     ours = np.take_along_axis(experts.reshape(L * N, E // N), loc, axis=1).reshape(L, num_slots)
     # DeepSeek hierarchical, improved inside each node (global ids, rows = (layer, node))
     ds, _, _ = rebalance_experts_hierarchical(weight.astype(np.float32), num_slots, G, N, num_ranks)
@@ -284,6 +289,16 @@ def _check_cap(max_replicas: Any, E: int, S: int) -> int | None:
     return int(max_replicas)
 
 
+EFFORT = {"fast": (0, 0), "default": (16, 4), "high": (32, 12)}
+"""``effort`` option -> (replication rounds, iterated-local-search rounds) of :func:`eplb_rows`."""
+
+
+def _effort(effort: Any) -> tuple[int, int]:
+    if effort not in EFFORT:
+        raise ValueError(f"effort: expected one of {sorted(EFFORT)}, got {effort!r}")
+    return EFFORT[effort]
+
+
 def _solve(
     loads: np.ndarray,
     *,
@@ -297,7 +312,9 @@ def _solve(
     excluded_ranks: Iterable[int] | None = None,
     tolerance: float = 0.01,
     max_iters: int | None = None,
+    effort: str = "default",
 ) -> np.ndarray:
+    rounds, perturb = _effort(effort)
     w = loads.sum(axis=0)
     L, E = w.shape
     S, R = num_slots, num_ranks
@@ -309,8 +326,8 @@ def _solve(
         Sa, Ra = alive.size * spr, alive.size
         if cap is not None and E * cap < Sa:
             pass  # fewer slots: cap is easier to meet
-        fresh = eplb_rows(w, Sa, Ra, max_replicas=cap, start=None if cap else
-                          _deepseek_start(w, Sa, Ra, 1, 1), max_iters=max_iters)
+        fresh = eplb_rows(w, Sa, Ra, max_replicas=cap, start=None if cap else _deepseek_start(w, Sa, Ra, 1, 1),
+                          max_iters=max_iters, rounds=rounds, perturb=perturb)
         if cur is not None:
             cur_sub = cur.reshape(L, R, spr)[:, alive].reshape(L, Sa)
             # experts only found on excluded ranks must be re-placed: incremental handles missing experts
@@ -319,10 +336,11 @@ def _solve(
             sub = fresh
         return _embed(sub, w, alive, S, R, cur)
     if mode == "hierarchical":
-        fresh = hierarchical_rows(w, S, R, num_nodes, num_groups, max_replicas=cap, max_iters=max_iters)
+        fresh = hierarchical_rows(w, S, R, num_nodes, num_groups, max_replicas=cap, max_iters=max_iters,
+                                  rounds=rounds, perturb=perturb)
     else:
         fresh = eplb_rows(w, S, R, max_replicas=cap, start=_deepseek_start(w, S, R, num_nodes, num_groups),
-                          max_iters=max_iters)
+                          max_iters=max_iters, rounds=rounds, perturb=perturb)
     if cur is None:
         return fresh
     out, _ = incremental_rows(w, cur, R, fresh, tolerance=tolerance, max_replicas=cap)
