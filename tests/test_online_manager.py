@@ -393,3 +393,32 @@ def test_policy_worker_backends_and_errors():
         w.close()
     with pytest.raises(ValueError, match="policy_backend"):
         PolicyWorker("gpu")
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_metrics_exposition_over_http_and_log_line():
+    from urllib.request import urlopen
+
+    from eplb.runtime.metrics_export import BalancerMetrics
+
+    m = BalancerMetrics([3, 5])
+    m.observe_balance(np.array([0.5, 1.0]), np.array([1.0, 0.0]))
+    for i in range(100):
+        m.observe_step(0.05 if i % 10 == 0 else 0.01, migrating=i % 10 == 0)
+    m.observe_rebalance(2, 4096)
+    m.observe_commit(2)
+    m.observe_migration_done(0.2)
+    m.serve(0)
+    try:
+        text = urlopen(f"http://127.0.0.1:{m.port}/metrics", timeout=10).read().decode()
+    finally:
+        m.close()
+    for line in ('eplb_layer_balancedness{layer="3"} 0.5', 'eplb_layer_imbalance_ratio{layer="3"} 1.0',
+                 "eplb_balancedness 0.75", "eplb_rebalances_total 1.0", "eplb_bytes_moved_total 4096.0",
+                 "eplb_layers_migrated_total 2.0", "eplb_migration_seconds_count 1.0", "eplb_steps_total 100.0",
+                 'eplb_step_time_seconds{quantile="0.5"} 0.01', 'eplb_migration_step_time_seconds{quantile="0.5"} 0.05'):
+        assert line in text, line
+    p99 = float(text.split('eplb_step_time_seconds{quantile="0.99"} ')[1].split()[0])
+    assert 0.01 < p99 <= 0.05
+    log = m.log_line(100)
+    assert "balancedness=0.750 (worst layer 3: 0.500)" in log and "bytes_moved=4096" in log

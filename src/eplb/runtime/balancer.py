@@ -182,6 +182,7 @@ class OnlineBalancer:
         self.history: list[dict[str, Any]] = []  # one entry per accepted plan
         self.commits: list[tuple[int, tuple[int, ...]]] = []  # (step index, layers committed then)
         self.closed = False
+        self._warned_record = False
 
     # ----------------------------------------------------------------- helpers
     def _warm_up_comm(self) -> None:
@@ -481,8 +482,10 @@ class OnlineBalancer:
             write_placement(pl, p, "vllm-ascend")
             written.append(p)
         except ValueError as exc:  # e.g. co-located replicas, which vllm-ascend's map cannot express
-            log.warning("eplb: expert_map_record_path %s not written in vllm-ascend format (%s); native file: %s",
-                        p, exc, nat)
+            if not self._warned_record:
+                log.warning("eplb: expert_map_record_path %s not written in vllm-ascend format (%s); native file: %s "
+                            "(warned once)", p, exc, nat)
+                self._warned_record = True
         return written
 
     # ------------------------------------------------------------------ status
