@@ -95,7 +95,7 @@ def _synthetic_cases(quick: bool) -> list[Case]:
     layouts = [(288, 32), (288, 36), (288, 72), (320, 32), (320, 64)] if not quick else [(288, 32)]
     for S, R in layouts:
         for N in (1, 4) if not quick else (1,):
-            pols = ("deepseek", "eplb") + (("deepseek-hierarchical", "eplb-hierarchical") if N > 1 else ())
+            pols = ("deepseek", "eplb") + (("deepseek-hierarchical", "eplb-hierarchical") if N > 1 else ("eplb-robust",))
             out.append(Case(f"DeepSeek-V3 shape S={S} R={R} N={N}", "SYNTHETIC", c[:8], c[8:], S, R, N, 8, pols))
     return out
 
@@ -265,6 +265,35 @@ def main(argv: list[str] | None = None) -> int:
         " incremental max/mean | unchanged moves | ms |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *migration_rows(cases),
+    ]
+    # held-out summary
+    ho_lines = []
+    for data in ("REAL", "SYNTHETIC"):
+        sel = [c for c in cases if c.data == data and c.eval_counts is not None]
+        for pol in ("deepseek", "eplb", "eplb-robust"):
+            vals = [c.results[pol]["heldout"] for c in sel if pol in c.results]
+            ins = [c.results[pol]["insample_step"] for c in sel if pol in c.results]
+            if vals:
+                wins = sum(c.results[pol]["heldout"] <= c.results["deepseek"]["heldout"] for c in sel if pol in c.results)
+                ho_lines.append(f"| {data} | {pol} | {len(vals)} | {np.mean(ins):.4f} | {np.mean(vals):.4f} | "
+                                f"{wins}/{len(vals)} |")
+    dup_cases = [f"{c.name} ({c.results['eplb']['dups']})" for c in cases if c.results["eplb"]["dups"]]
+    lines += [
+        "",
+        "## Held-out per-step imbalance (what a serving step waits for)",
+        "",
+        "Mean over the cases with per-step data of the per-step imbalance (max/mean - 1 per step, averaged), in-sample"
+        " (planning half) and held-out (second half); <= deepseek = cases where the policy's held-out value is not above"
+        " deepseek's.",
+        "",
+        "| data | policy | cases | in-sample | held-out | <= deepseek |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+        *ho_lines,
+        "",
+        "Colocated duplicates kept by eplb (all layers): " + (", ".join(dup_cases) if dup_cases else "none") + ". Rule:"
+        " eplb must never be worse than deepseek, so in a layer where DeepSeek's placement (which has the duplicate,"
+        " improved by swaps) has a lower max load than every duplicate-free placement eplb found, that one is kept;"
+        " otherwise the placement with the fewest duplicates within 0.1% of the best max load wins.",
     ]
     t_ds = max(ds_times) if ds_times else float("nan")
     t_ep = max(eplb_times) if eplb_times else float("nan")
