@@ -23,6 +23,8 @@ Options accepted by ``eplb`` (and the other eplb policies where they make sense)
   placed on the surviving ranks; the excluded ranks' slots are filled with spare copies of the
   hottest experts (a :class:`~eplb.Placement` has no empty slot) and the ranks are recorded in
   ``meta["excluded_ranks"]``: :func:`eplb.metrics.slot_loads` and dispatch must send them nothing.
+  With ``current=`` the excluded ranks keep their current experts instead (no copy to a leaving rank).
+  The survivors are planned as one node (``eplb-hierarchical`` drops the node constraint then).
 * ``max_iters=<int>``: local-search iteration cap (default ``4 * S``).
 * ``effort="fast" | "default" | "high"``: how long to search (``fast``: LPT + swaps only, ~4x faster;
   ``high``: more replication rounds and iterated-local-search restarts, ~2-3x slower).
