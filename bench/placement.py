@@ -272,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         sel = [c for c in cases if c.data == data and c.eval_counts is not None]
         for pol in ("deepseek", "eplb", "eplb-robust"):
             vals = [c.results[pol]["heldout"] for c in sel if pol in c.results]
-            ins = [c.results[pol]["insample_step"] for c in sel if pol in c.results]
+            ins_vals = [c.results[pol]["insample_step"] for c in sel if pol in c.results]
             if vals:
                 wins = sum(c.results[pol]["heldout"] <= c.results["deepseek"]["heldout"] for c in sel if pol in c.results)
-                ho_lines.append(f"| {data} | {pol} | {len(vals)} | {np.mean(ins):.4f} | {np.mean(vals):.4f} | "
+                ho_lines.append(f"| {data} | {pol} | {len(vals)} | {np.mean(ins_vals):.4f} | {np.mean(vals):.4f} | "
                                 f"{wins}/{len(vals)} |")
     dup_cases = [f"{c.name} ({c.results['eplb']['dups']})" for c in cases if c.results["eplb"]["dups"]]
     lines += [
