@@ -185,6 +185,8 @@ def run_mode(mode: str, pl: Placement, ids: torch.Tensor, a: argparse.Namespace,
                              eplb_update_threshold=a.threshold, layer_updates_per_iter=a.layer_updates_per_iter,
                              policy="eplb", policy_backend=a.policy_backend)
         bal = OnlineBalancer(layers, cfg, placement=pl)
+        if not bal.worker.ready(300):  # the policy process starts (and imports) before the timed steps
+            raise SystemExit("online: the policy worker did not start within 300 s")
     T, L = a.steps, pl.num_layers
     step_s = np.zeros(T)
     migrating = np.zeros(T, dtype=bool)

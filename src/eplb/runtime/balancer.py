@@ -129,8 +129,10 @@ class OnlineBalancer:
         self.placement = placement
         L, E = placement.num_layers, placement.num_experts
         self.num_layers, self.num_experts = L, E
+        self._own_group = False
         if comm_group == "new":
             comm_group = _new_group_like(group) if self.distributed else None
+            self._own_group = comm_group is not None and comm_group is not group
         elif comm_group is None:
             comm_group = group
         self.comm_group = comm_group
@@ -156,6 +158,8 @@ class OnlineBalancer:
 
         import eplb.dispatch  # noqa: F401
         self.worker = PolicyWorker(self.config.policy_backend)
+        if self.config.online:
+            self.worker.start(self.config.dispatch_strategy)
         self.policy_delay_s = float(policy_delay_s)
         self.clock = clock
         self._t0 = clock()
@@ -524,6 +528,8 @@ class OnlineBalancer:
             self.record()
         if self.metrics is not None:
             self.metrics.close()
+        if self._own_group and self.distributed:
+            dist.destroy_process_group(self.comm_group)
         self.closed = True
 
     def __enter__(self) -> OnlineBalancer:

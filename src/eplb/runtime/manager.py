@@ -1163,6 +1163,16 @@ def compute_plan(req: PlanRequest) -> PlanResult:
                       _checksum(req.layers, rows))
 
 
+def _warm_up(strategy: str | None) -> None:
+    """Imports a policy run needs (run once in the worker at start)."""
+    import scipy.optimize  # noqa: F401
+
+    import eplb.policies  # noqa: F401
+
+    if strategy in ("local-first", "balanced"):
+        import eplb.dispatch  # noqa: F401
+
+
 class PolicyWorker:
     """Runs :func:`compute_plan` off the critical path: ``"thread"`` (a daemon thread), ``"process"``
     (a spawned process: no GIL contention with the step loop) or ``"inline"`` (synchronous).
@@ -1179,11 +1189,37 @@ class PolicyWorker:
         self._future: cf.Future[PlanResult] | None = None
         self._inline: PlanResult | None = None
         self._inline_exc: BaseException | None = None
+        self._warm: cf.Future[None] | None = None
 
     @property
     def busy(self) -> bool:
         """A submitted plan has not been collected by :meth:`poll` yet."""
         return self._future is not None or self._inline is not None or self._inline_exc is not None
+
+    def start(self, strategy: str | None = None) -> None:
+        """Start the worker now (a process pays its start-up and imports here, not at the first plan)."""
+        if self.backend == "inline" or self._pool is not None:
+            return
+        self._ensure_pool()
+        assert self._pool is not None
+        self._warm = self._pool.submit(_warm_up, strategy)
+
+    def ready(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`start`'s warm-up finished (benchmarks: keep process start-up out of timed steps)."""
+        if self._warm is None:
+            return True
+        cf.wait([self._warm], timeout=timeout)
+        if self._warm.done():
+            self._warm.result()  # re-raise a failed start
+            return True
+        return False
+
+    def _ensure_pool(self) -> None:
+        if self._pool is None:
+            if self.backend == "thread":
+                self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-policy")
+            else:
+                self._pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
 
     def submit(self, req: PlanRequest) -> None:
         if self.busy:
@@ -1194,11 +1230,8 @@ class PolicyWorker:
             except Exception as exc:  # noqa: BLE001 - re-raised by poll()
                 self._inline_exc = exc
             return
-        if self._pool is None:
-            if self.backend == "thread":
-                self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-policy")
-            else:
-                self._pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
+        self._ensure_pool()
+        assert self._pool is not None
         self._future = self._pool.submit(compute_plan, req)
 
     def done(self) -> bool:
