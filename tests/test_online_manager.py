@@ -116,7 +116,7 @@ def test_initial_placement_from_map_files(tmp_path):
     write_placement(pl, path, "vllm-ascend")
     got = BalancerConfig(expert_map_path=str(path)).initial_placement(4, 2, num_layers=2)
     assert got is not None and np.array_equal(got.phy2log, pl.phy2log)
-    with pytest.raises(ValueError, match="laid out for 2 ranks"):
+    with pytest.raises(ValueError, match="expert_map_path: .*ep_size is 2 in the file, expected 3"):
         BalancerConfig(expert_map_path=str(path)).initial_placement(4, 3)
     with pytest.raises(ValueError, match="does not exist"):
         BalancerConfig(expert_map_path=str(tmp_path / "none.json")).initial_placement(4, 2)
@@ -125,6 +125,11 @@ def test_initial_placement_from_map_files(tmp_path):
     got = BalancerConfig(init_expert_location=inline).initial_placement(4, 2)
     assert got is not None and np.array_equal(got.phy2log, pl.phy2log)
     assert BalancerConfig(init_expert_location="trivial").initial_placement(4, 2) is None
+    for suffix in (".json", ".pt"):  # SGLang's own files (formats records no EP size: taken from the group)
+        sg = tmp_path / f"init{suffix}"
+        write_placement(pl, sg, "sglang")
+        got = BalancerConfig(init_expert_location=str(sg)).initial_placement(4, 2)
+        assert got is not None and np.array_equal(got.phy2log, pl.phy2log)
     counts = json.dumps({"logical_count": [[100, 1, 1, 1], [1, 1, 1, 100]]})
     got = BalancerConfig(init_expert_location=counts, num_slots=6, policy="deepseek").initial_placement(4, 2)
     assert got is not None and got.logcnt[0, 0] == 3 and got.logcnt[1, 3] == 3

@@ -352,8 +352,8 @@ class BalancerConfig:
         """
         pl: Placement | None = None
         if self.expert_map_path is not None:
-            pl = read_map(self.expert_map_path, num_experts=num_experts, num_ranks=num_ranks, num_nodes=num_nodes,
-                          what="expert_map_path")
+            pl = read_map(self.expert_map_path, num_experts=num_experts, num_ranks=num_ranks,
+                          num_nodes=num_nodes if num_nodes > 1 else None, what="expert_map_path")
         elif self.init_expert_location is not None:
             pl = _init_expert_location(self.init_expert_location, num_experts, num_ranks, num_nodes,
                                        num_layers, layer_ids, self, what="init_expert_location")
@@ -407,92 +407,41 @@ def _check_assignments(ga: Any, num_slots: int | None, what: str) -> dict[int, t
 
 
 def read_map(path: str | Path, *, num_experts: int | None = None, num_ranks: int | None = None,
-             num_nodes: int = 1, what: str = "expert_map_path") -> Placement:
-    """Read a placement file of any supported format (``eplb.formats`` when available, else our
-    native JSON or vllm-ascend JSON); errors name ``what`` and the file."""
+             num_nodes: int | None = None, what: str = "expert_map_path", num_slots: int | None = None,
+             policy: str | None = None, num_groups: int = 1) -> Placement:
+    """Read a placement file of any format :func:`eplb.formats.read_placement` knows (vllm-ascend, native,
+    TensorRT-LLM, SGLang, vLLM; SGLang ``logical_count`` files are planned with ``policy`` for
+    ``num_slots``); errors name ``what`` and the file."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{what}: {p} does not exist (record one first with expert_map_record_path)")
+    from eplb.formats import read_placement
+
     try:
-        from eplb import formats as _formats
-
-        reader = getattr(_formats, "read_placement", None)
-    except ImportError:  # pragma: no cover - formats is part of the package
-        reader = None
-    if reader is not None:
-        kwargs: dict[str, Any] = {}
-        import inspect
-
-        params = inspect.signature(reader).parameters
-        if "num_experts" in params and num_experts is not None:
-            kwargs["num_experts"] = num_experts
-        if "num_ranks" in params and num_ranks is not None:
-            kwargs["num_ranks"] = num_ranks
-        try:
-            pl = reader(p, **kwargs)
-        except ValueError as exc:
-            raise ValueError(f"{what}: {exc}") from None
-        if not isinstance(pl, Placement):  # some readers return (placement, info)
-            pl = pl[0]
-        return pl
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{what}: {p}: not a readable JSON map ({exc})") from None
-    if isinstance(data, Mapping) and "phy2log" in data:
-        return Placement.from_dict(data, source=f"{what}: {p}")
-    if isinstance(data, Mapping) and "layer_list" in data:
-        return _from_vllm_ascend(data, num_experts, num_nodes, f"{what}: {p}")
-    raise ValueError(f"{what}: {p}: unknown map format (expected native eplb JSON or vllm-ascend expert-map JSON)")
-
-
-def _from_vllm_ascend(data: Mapping[str, Any], num_experts: int | None, num_nodes: int, src: str) -> Placement:
-    """Minimal vllm-ascend expert-map reader (used only when :mod:`eplb.formats` has none)."""
-    try:
-        layers = sorted(data["layer_list"], key=lambda x: int(x["layer_id"]))
-        rows, ranks = [], None
-        for layer in layers:
-            devs = sorted(layer["device_list"], key=lambda x: int(x["device_id"]))
-            ranks = len(devs)
-            rows.append([int(e) for d in devs for e in d["device_expert"]])
-        arr = np.array(rows, dtype=np.int64)
-        E = int(num_experts) if num_experts is not None else int(arr.max()) + 1
-        return Placement(arr, E, int(ranks or 1), num_nodes, tuple(int(x["layer_id"]) for x in layers),
-                         {"source": "vllm-ascend"})
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{src}: malformed vllm-ascend expert map ({exc})") from None
+        return read_placement(p, num_experts=num_experts, ep_size=num_ranks, num_nodes=num_nodes,
+                              num_slots=num_slots, policy=policy, num_groups=num_groups)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
 
 
 def _init_expert_location(spec: str, num_experts: int, num_ranks: int, num_nodes: int, num_layers: int | None,
                           layer_ids: Sequence[int], cfg: BalancerConfig, what: str) -> Placement | None:
-    """SGLang's ``--init-expert-location``: ``"trivial"``, a path, or inline JSON with
-    ``physical_to_logical_map`` or ``logical_count`` (then planned with ``cfg.policy``)."""
+    """SGLang's ``--init-expert-location``: ``"trivial"``, a path (any map format, incl. SGLang ``.pt`` /
+    ``.json`` with ``physical_to_logical_map`` or ``logical_count``), or inline JSON of those two forms
+    (``logical_count`` is planned with ``cfg.policy`` for ``cfg``'s slot count)."""
     s = spec.strip()
     if s == "trivial":
         return None
-    if s.startswith("{"):
-        try:
-            data = json.loads(s)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{what}: inline JSON is malformed ({exc})") from None
-    else:
-        p = Path(s)
-        if p.suffix == ".pt":
-            import torch  # optional: only for .pt inputs
-
-            try:
-                data = torch.load(p, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - torch raises many types
-                raise ValueError(f"{what}: {p}: cannot load ({exc})") from None
-        else:
-            if not p.exists():
-                raise ValueError(f"{what}: {p} does not exist")
-            try:
-                data = json.loads(p.read_text())
-            except json.JSONDecodeError:
-                return read_map(p, num_experts=num_experts, num_ranks=num_ranks, num_nodes=num_nodes, what=what)
-            if isinstance(data, Mapping) and ("phy2log" in data or "layer_list" in data):
-                return read_map(p, num_experts=num_experts, num_ranks=num_ranks, num_nodes=num_nodes, what=what)
+    S = cfg.resolve_num_slots(num_experts)
+    opts = dict(cfg.policy_options)
+    groups = int(opts.pop("num_groups", 1))
+    if not s.startswith("{"):
+        return read_map(s, num_experts=num_experts, num_ranks=num_ranks, num_nodes=num_nodes if num_nodes > 1 else None, what=what,
+                        num_slots=S, policy=cfg.policy, num_groups=groups)
+    try:
+        data = json.loads(s)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what}: inline JSON is malformed ({exc})") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"{what}: expected a mapping with physical_to_logical_map or logical_count")
     ids = tuple(int(i) for i in layer_ids)
@@ -507,9 +456,8 @@ def _init_expert_location(spec: str, num_experts: int, num_ranks: int, num_nodes
         counts = check_load(data["logical_count"], f"{what}: logical_count", ndim=(2, 3), num_experts=num_experts)
         from eplb.policies import plan
 
-        S = cfg.resolve_num_slots(num_experts)
-        return plan(counts, S, num_ranks, num_nodes=num_nodes, policy=cfg.policy, layer_ids=ids,
-                    **dict(cfg.policy_options))
+        return plan(counts, S, num_ranks, num_nodes=num_nodes, num_groups=groups, policy=cfg.policy,
+                    layer_ids=ids, **opts)
     raise ValueError(f"{what}: expected key 'physical_to_logical_map' or 'logical_count', got {sorted(data)}")
 
 
