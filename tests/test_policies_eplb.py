@@ -215,3 +215,36 @@ def test_effort_levels():
     assert res["high"].sum() <= res["fast"].sum() * (1 + 1e-12)
     with pytest.raises(ValueError, match="effort: expected one of"):
         eplb.plan(w, 80, 16, policy="eplb", effort="max")
+
+
+def groups_on_one_node(p: Placement, G: int) -> bool:
+    gs = p.num_experts // G
+    sn = p.slot_node()
+    grp = p.phy2log // gs  # [L, S]
+    for g in range(G):
+        nodes = np.where(grp == g, sn[None, :], -1)
+        for row in nodes:
+            if len(set(row[row >= 0].tolist())) != 1:
+                return False
+    return True
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([(8, 10, 2, 2, 4), (16, 18, 2, 2, 2), (32, 36, 4, 2, 8),
+                                                      (16, 24, 4, 4, 4), (32, 48, 8, 2, 4)]),
+       st.sampled_from(["pareto", "zero-layer"]))
+def test_hierarchical_node_property_and_bound(seed, layout, kind):
+    from eplb.metrics import hierarchical_lower_bound
+
+    E, S, R, N, G = layout
+    rng = np.random.default_rng(seed)
+    w = np.floor(rng.pareto(rng.uniform(0.5, 2.0), (3, E)) * 50)
+    if kind == "zero-layer":
+        w[1] = 0
+    p = eplb.plan(w, S, R, num_nodes=N, num_groups=G, policy="eplb-hierarchical")
+    check_invariants(p, w, S, R, eplb.plan(w, S, R, num_nodes=N, num_groups=G, policy="deepseek-hierarchical"))
+    assert groups_on_one_node(p, G)
+    got = max_rank_load(w, p)
+    ds = max_rank_load(w, eplb.plan(w, S, R, num_nodes=N, num_groups=G, policy="deepseek-hierarchical"))
+    assert np.all(got <= ds * (1 + 1e-9) + 1e-9)
+    assert np.all(hierarchical_lower_bound(w, S, R, N, G) <= got * (1 + 1e-9) + 1e-12)

@@ -342,11 +342,13 @@ def _merge_dups(weight: np.ndarray, p2l: np.ndarray, counts: np.ndarray, iw: np.
     ne = has[r, e, :]  # [r, P]
     La = loads[r, pa]
     newi = w / (c + 1)
-    elig = has[r[:, None], np.arange(w.shape[1])[None, :], pa[:, None]] == 0
+    # only experts this row already serves (rows may be one node's part of a layer)
+    elig = (has[r[:, None], np.arange(w.shape[1])[None, :], pa[:, None]] == 0) & (c >= 1)
     if max_replicas is not None:
         elig &= c + 1 <= max_replicas
-    f = np.argmin(np.where(elig, newi, np.inf), axis=1)
-    fv = newi[ar, f]
+    cand = np.where(elig, newi, np.inf)
+    f = np.argmin(cand, axis=1)
+    fv = cand[ar, f]  # inf where no expert is eligible
     new_pa = La - we / ce + (ne[ar, pa] - 1) * grow + fv
     other = np.where((ne > 0) & (np.arange(P)[None, :] != pa[:, None]), loads[r] + ne * grow[:, None], -np.inf)
     gmax = loads[r].max(axis=1)
@@ -552,7 +554,7 @@ def count_step(
     # ---- (B): donor slot on the heavy pack, receiver = smallest new replica not on m
     sB = m[:, None] * spr + local
     jB = pa[ar[:, None], sB]  # [a, spr]
-    recv_ok = cap_ok & (n[ar, :, m] == 0)
+    recv_ok = cap_ok & (n[ar, :, m] == 0) & (c >= 1)  # only experts this row already serves
     iv = np.where(recv_ok, newi, np.inf)
     istar = np.argmin(iv, axis=1)
     ival = iv[ar, istar]
