@@ -86,9 +86,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--window", type=int, default=None, help="rebalance cadence = load window = oracle window (steps)")
     ap.add_argument("--layer-updates-per-iter", type=int, default=1)
     ap.add_argument("--threshold", type=float, default=0.95, help="eplb_update_threshold (cosine)")
+    ap.add_argument("--max-migration-mb-per-step", type=float, default=None,
+                    help="max_migration_bytes_per_step in MB (spread a layer's transfers over steps)")
     ap.add_argument("--strategy", default="round-robin,balanced",
                     help="comma list of the layers' replica strategies: local-first, round-robin, balanced")
     ap.add_argument("--policy-backend", default=None, choices=["thread", "process"])
+    ap.add_argument("--comm-group", default="new", choices=["new", "shared"],
+                    help="balancer traffic on its own process group (new communicator, concurrent with the model's "
+                         "all-to-alls) or on the EP group (serialised with them)")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps before each mode")
     ap.add_argument("--seed", type=int, default=0)
@@ -183,8 +188,10 @@ def run_mode(mode: str, pl: Placement, ids: torch.Tensor, a: argparse.Namespace,
     if mode == "online":
         cfg = BalancerConfig(num_wait_worker_iterations=0, num_iterations_eplb_update=a.window, window_size=a.window,
                              eplb_update_threshold=a.threshold, layer_updates_per_iter=a.layer_updates_per_iter,
-                             policy="eplb", policy_backend=a.policy_backend)
-        bal = OnlineBalancer(layers, cfg, placement=pl)
+                             policy="eplb", policy_backend=a.policy_backend,
+                             max_migration_bytes_per_step=(None if a.max_migration_mb_per_step is None
+                                                           else max(1, int(a.max_migration_mb_per_step * 1e6))))
+        bal = OnlineBalancer(layers, cfg, placement=pl, comm_group="new" if a.comm_group == "new" else None)
         if not bal.worker.ready(300):  # the policy process starts (and imports) before the timed steps
             raise SystemExit("online: the policy worker did not start within 300 s")
     T, L = a.steps, pl.num_layers
@@ -329,7 +336,8 @@ def report(kind: str, label: str, strategy: str, results: list[dict[str, Any]], 
               f"online/static/oracle: {S} slots ({spr} per rank), none: {E} slots; {a.steps} timed steps after "
               f"{a.warmup} warm-up; static planned on {calib} calibration steps; online cadence = window = "
               f"{a.window} steps, threshold {a.threshold}, layer_updates_per_iter {a.layer_updates_per_iter}, "
-              f"policy `eplb` ({a.policy_backend} backend).\n",
+              f"policy `eplb` ({a.policy_backend} backend), balancer traffic on the {a.comm_group} process group, max migration per step "
+              f"{'unlimited' if a.max_migration_mb_per_step is None else f'{a.max_migration_mb_per_step} MB'}.\n",
               "| mode | slots | balancedness (model) | vs oracle | balancedness (measured) | step p50 ms | "
               "step p99 ms | mean ms |", "|---|---|---|---|---|---|---|---|"]
     ob = float(oracle.mean())
