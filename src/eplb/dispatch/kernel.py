@@ -79,6 +79,13 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
         cnt_ptr = loads_ptr + BLOCK_R
         q_ptr = cnt_ptr + BLOCK_E
         me = offs_e < E
+        # tables first (independent loads, their latency overlaps the count reduction)
+        mf = offs_f < F
+        fe = tl.load(fe_ptr + b * t_bstride_f + offs_f, mask=mf, other=-1).to(tl.int32)
+        color = tl.load(col_ptr + b * t_bstride_f + offs_f, mask=mf, other=-1).to(tl.int32)
+        mfk = mf[:, None] & (offs_k < Kd)[None, :]
+        rr = tl.load(rr_ptr + b * t_bstride_fk + offs_f[:, None] * Kd + offs_k[None, :], mask=mfk, other=-1).to(tl.int32)
+        sr = tl.load(sr_ptr + b * t_bstride_e + offs_e, mask=me, other=-1).to(tl.int32)
         # expert counts: the sum of the G_ROWS source-rank rows
         c = tl.zeros([BLOCK_E], dtype=tl.int64)
         g_lo = tl.zeros([BLOCK_E], dtype=tl.int64)  # tokens of source ranks before src_rank
@@ -90,20 +97,14 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
             if SHARES:
                 g_lo += tl.sum(tl.where((rows < src_rank)[:, None], tile, 0), axis=0)
         tl.store(cnt_ptr + offs_e, c)
-        sr = tl.load(sr_ptr + b * t_bstride_e + offs_e, mask=me, other=-1).to(tl.int32)
         # base loads: experts with a single rank
         tl.store(loads_ptr + offs_r, tl.zeros([BLOCK_R], dtype=tl.int64))
         tl.debug_barrier()
         tl.atomic_add(loads_ptr + tl.maximum(sr, 0), c, mask=me & (sr >= 0))
         tl.debug_barrier()
         base = tl.load(loads_ptr + offs_r)
-        mf = offs_f < F
-        fe = tl.load(fe_ptr + b * t_bstride_f + offs_f, mask=mf, other=-1).to(tl.int32)
         cf = tl.load(cnt_ptr + tl.maximum(fe, 0), mask=fe >= 0, other=0)
         tl.debug_barrier()
-        color = tl.load(col_ptr + b * t_bstride_f + offs_f, mask=mf, other=-1).to(tl.int32)
-        mfk = mf[:, None] & (offs_k < Kd)[None, :]
-        rr = tl.load(rr_ptr + b * t_bstride_fk + offs_f[:, None] * Kd + offs_k[None, :], mask=mfk, other=-1).to(tl.int32)
         valid = rr >= 0
         rrc = tl.maximum(rr, 0)
         vi = valid.to(tl.int64)
@@ -152,8 +153,6 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
         tl.store(out_ptr + b * o_bstride + offs_f[:, None] * Kd + offs_k[None, :], q, mask=mfk)
         if SLOTS:
             # per-replica quotas [E, K]: a rank's quota split evenly over the expert's replicas on it
-            tl.store(q_ptr + offs_f[:, None] * BLOCK_K + offs_k[None, :], q)
-            tl.debug_barrier()
             offs_kk = tl.arange(0, BLOCK_KK)
             mek = me[:, None] & (offs_kk < K)[None, :]
             ek = b * t_bstride_ek + offs_e[:, None] * K + offs_kk[None, :]
@@ -162,6 +161,8 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
             kd = tl.load(kd_ptr + ek, mask=mek, other=0)
             mult = tl.load(mult_ptr + ek, mask=mek, other=1)
             rpos = tl.load(pos_ptr + ek, mask=mek, other=0)
+            tl.store(q_ptr + offs_f[:, None] * BLOCK_K + offs_k[None, :], q)
+            tl.debug_barrier()
             qf = tl.load(q_ptr + tl.maximum(sf, 0)[:, None] * BLOCK_K + kd, mask=v & (sf >= 0)[:, None], other=0)
             qr = tl.where((sf >= 0)[:, None], qf, c[:, None])
             per = qr // mult
