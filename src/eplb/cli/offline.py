@@ -326,10 +326,11 @@ def _golden_text(before: Evaluation, after: Evaluation, extra: Sequence[Evaluati
 # ============================================================================ plan
 def _best_policy(policy: str | None) -> str:
     from eplb.formats import default_policy
-    from eplb.policies import POLICIES
+    from eplb.policies import load_policy_plugins
 
     if policy is None:
         return default_policy()
+    POLICIES = load_policy_plugins()
     if policy not in POLICIES:
         raise ValueError(f"policy: unknown policy {policy!r}; expected one of {sorted(POLICIES)}")
     return policy

@@ -24,7 +24,7 @@ from eplb._checks import ArrayLike, check_layout, check_load, check_positive_int
 from eplb.placement import Placement
 from eplb.policies.deepseek import rebalance_experts, rebalance_experts_hierarchical
 
-__all__ = ["POLICIES", "PolicyFn", "plan", "rebalance_experts", "register_policy"]
+__all__ = ["POLICIES", "PolicyFn", "load_policy_plugins", "plan", "rebalance_experts", "register_policy"]
 
 PolicyFn = Callable[..., np.ndarray]
 POLICIES: dict[str, PolicyFn] = {}
@@ -66,6 +66,20 @@ def _deepseek_hier(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nod
     return phy2log
 
 
+# Modules *above* policies that register policies of their own (e.g. "eplb-dispatch", which plans for
+# balanced dispatch). They are imported on demand, so ``import eplb`` stays light (no torch import).
+_PLUGIN_MODULES = ("eplb.dispatch",)
+
+
+def load_policy_plugins() -> dict[str, PolicyFn]:
+    """Import the modules that register further policies; returns the full registry."""
+    import importlib
+
+    for mod in _PLUGIN_MODULES:
+        importlib.import_module(mod)
+    return POLICIES
+
+
 def plan(
     loads: ArrayLike,
     num_slots: int,
@@ -93,6 +107,8 @@ def plan(
     Returns:
         A validated :class:`Placement` whose ``meta`` records the policy and parameters.
     """
+    if policy not in POLICIES:
+        load_policy_plugins()
     if policy not in POLICIES:
         raise ValueError(f"policy: unknown policy {policy!r}; expected one of {sorted(POLICIES)}")
     arr = check_load(loads, "loads", ndim=(2, 3))

@@ -29,10 +29,9 @@ __all__ = ["CapacityResult", "capacity", "held_out_imbalance", "known_policies",
 
 def known_policies() -> dict[str, Any]:
     """:data:`eplb.policies.POLICIES` after importing the modules that register policies on import."""
-    import eplb.dispatch  # noqa: F401  (registers its dispatch-aware policy, when it has one)
-    from eplb.policies import POLICIES
+    from eplb.policies import load_policy_plugins
 
-    return POLICIES
+    return load_policy_plugins()
 
 
 def plan_placement(policy: str, train: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int = 1,
