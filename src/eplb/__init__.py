@@ -7,11 +7,35 @@ Public API (small on purpose):
 * :func:`plan` -- any registered policy (``"deepseek"``, ``"eplb"``, ...) to a :class:`Placement`.
 * :class:`Trace` -- per-step expert loads ``[T, L, E]`` with metadata.
 * :mod:`eplb.metrics` -- rank loads, imbalance ratio, balancedness, lower bounds.
+* :func:`read_placement` / :func:`write_placement` -- every engine's map format (validated on read).
+* :func:`read_trace` / :func:`write_trace` -- every engine's statistics format.
+
+Larger areas are subpackages: :mod:`eplb.dispatch`, :mod:`eplb.runtime`, :mod:`eplb.sim`,
+:mod:`eplb.integrations`. Names from them are imported lazily (``import eplb`` does not import torch).
 """
 
 from eplb.placement import Placement, PlacementError
 from eplb.policies import POLICIES, plan, rebalance_experts, register_policy
 from eplb.stats.trace import Trace, TraceError
+
+_LAZY = {
+    "read_placement": "eplb.formats",
+    "write_placement": "eplb.formats",
+    "read_trace": "eplb.stats.importers",
+    "write_trace": "eplb.stats.importers",
+}
+
+
+def __getattr__(name: str) -> object:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'eplb' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "POLICIES",
@@ -21,7 +45,11 @@ __all__ = [
     "TraceError",
     "__version__",
     "plan",
+    "read_placement",
+    "read_trace",
     "rebalance_experts",
     "register_policy",
+    "write_placement",
+    "write_trace",
 ]
 __version__ = "0.1.0"
