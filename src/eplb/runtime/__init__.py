@@ -6,7 +6,9 @@
   with EP; :data:`TINY_CONFIGS`;
 * :func:`load_placement` (``eplb.runtime.loading``): Placement / map file / TensorRT-LLM YAML;
 * :class:`TraceRouter` (``eplb.runtime.trace_router``): expert ids replayed from a recorded trace;
-* :func:`run_distributed` (``eplb.runtime.testing``): N local gloo processes with a timeout.
+* :func:`run_distributed` (``eplb.runtime.testing``): N local gloo processes with a timeout;
+* :class:`OnlineBalancer` (``eplb.runtime.balancer``): the online Manager / Policy / Executor, configured by
+  :class:`BalancerConfig` and deciding with :class:`RebalanceTrigger` (``eplb.runtime.manager``, torch-free).
 
 Names are imported lazily so that torch-free submodules (e.g. ``eplb.runtime.manager``) stay
 importable without torch.
@@ -32,6 +34,10 @@ _LAZY = {
     "AgreementError": "eplb.runtime.distributed",
     "init_from_env": "eplb.runtime.distributed",
     "run_distributed": "eplb.runtime.testing",
+    "BalancerConfig": "eplb.runtime.manager",
+    "RebalanceTrigger": "eplb.runtime.manager",
+    "OnlineBalancer": "eplb.runtime.balancer",
+    "resume_placement": "eplb.runtime.balancer",
 }
 
 __all__ = sorted(_LAZY)
