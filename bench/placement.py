@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{r['gap']:.4f} | {gh} | {ho} | {ins} | {r['dups']} |")
 
     # ------------------------------------------------------------------ targets
-    closed = []
+    closed: list[float] = []
+    closed_big: list[float] = []
     never_worse = True
     worst_ratio = 0.0
     ds_times = []
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         frac = 1 - ge / gd if gd > 1e-9 * float(lb.sum()) else None
         if frac is not None:
             closed.append(frac)
+            if d["gap"] >= 1e-3:
+                closed_big.append(frac)
         gap_rows.append(f"| {case.name} | {d['gap']:.4f} | {e['gap']:.4f} | "
                         f"{'-' if frac is None else f'{frac:.2f}'} | {ratio:.4f} |")
         if case.data == "SYNTHETIC":
@@ -307,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         f"**{'MET' if never_worse else 'NOT MET'}**",
         f"- eplb closes >= half of deepseek's gap to the lower bound on average: mean closed fraction "
         f"{avg_closed:.2f} over {len(closed)} cases (min {min(closed) if closed else float('nan'):.2f}) -> "
-        f"**{'MET' if avg_closed >= 0.5 else 'NOT MET'}**",
+        f"**{'MET' if avg_closed >= 0.5 else 'NOT MET'}**; over the {len(closed_big)} cases where deepseek's gap is"
+        f" >= 0.1%: mean {float(np.mean(closed_big)) if closed_big else float('nan'):.2f}, min "
+        f"{min(closed_big) if closed_big else float('nan'):.2f} (cases with 0.00: both policies reach the same max"
+        " there; in this run they are the S = E layouts without redundant slots)",
         f"- eplb time at the DeepSeek-V3 shape (aim: well under 1 s on one core): slowest case {t_ep * 1e3:.0f} ms -> "
         f"**{'MET' if t_ep < 1.0 else 'NOT MET'}**",
     ]
