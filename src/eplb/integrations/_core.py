@@ -8,10 +8,13 @@ ranks that elastic EP just added). :func:`plan_for_engine` turns that into a new
 1. comes from an eplb policy (:func:`eplb.plan`, default ``"eplb"``; ``"deepseek"`` when that is
    not registered), handed the current placement (``current=``) when the policy is incremental;
 2. keeps every expert on the rank it is on when the balance allows it: the new plan's ranks are
-   relabelled (a linear assignment per layer, nodes first, then ranks within each node) to
-   maximise the replicas that stay on their rank -- ranks of one node are interchangeable for
-   the load, so this never changes the balance;
-3. keeps an expert that stays on a rank in its old slot (no local copy either);
+   relabelled (an exact two-level linear assignment per layer: ranks within nodes, nodes as a
+   whole) to maximise the experts, then the replicas, that stay on their rank -- ranks of one
+   node are interchangeable for the load, so this never changes the balance;
+3. keeps an expert that stays on a rank in its old slot (no local copy either).
+
+Steps 2 and 3 are :func:`eplb.policies.keep.align_to_current`, shared with the online manager
+(``align_ranks`` and ``preserve_slots`` are re-exported from there).
 4. keeps the old row of a layer whose old placement is already as good as the new one or as a
    fresh plan (max rank load within ``min_gain``), so with unchanged loads nothing moves.
 
@@ -26,12 +29,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from eplb._checks import ArrayLike, check_load, check_positive_int, to_numpy
 from eplb.metrics import rank_loads
 from eplb.placement import Placement
 from eplb.policies import POLICIES, plan
+from eplb.policies.keep import align_ranks, align_to_current, preserve_slots, rank_counts
+
+#: ``[L, R, E]`` replicas per rank of a ``[L, S]`` map (kept name; the implementation is shared).
+_counts_per_rank = rank_counts
 
 __all__ = [
     "EngineLayoutError",
@@ -117,120 +123,9 @@ def old_rank_counts(old: np.ndarray, layout: Layout) -> np.ndarray | None:
     (slots per rank do not change when elastic EP adds or removes ranks); slots of ranks beyond
     the new rank count are ignored. ``None`` when ``old`` cannot be related to the new layout.
     """
-    L, E, R, spr = layout.num_layers, layout.num_experts, layout.num_ranks, layout.slots_per_rank
-    if old.ndim != 2 or old.shape[0] != L or old.shape[1] % spr:
+    if old.ndim != 2 or old.shape[0] != layout.num_layers or old.shape[1] % layout.slots_per_rank:
         return None
-    width = min(old.shape[1], layout.num_slots)
-    sub = old[:, :width]
-    valid = (sub >= 0) & (sub < E)
-    out = np.zeros((L, R, E), dtype=np.int64)
-    li, si = np.nonzero(valid)
-    np.add.at(out, (li, si // spr, sub[li, si]), 1)
-    return out
-
-
-def _counts_per_rank(phy2log: np.ndarray, num_ranks: int, num_experts: int) -> np.ndarray:
-    """``[L, R, E]`` replicas of each expert on each rank."""
-    L, S = phy2log.shape
-    spr = S // num_ranks
-    out = np.zeros((L, num_ranks, num_experts), dtype=np.int64)
-    li = np.repeat(np.arange(L), S)
-    np.add.at(out, (li, np.tile(np.arange(S) // spr, L), phy2log.ravel()), 1)
-    return out
-
-
-def _assign(overlap: np.ndarray) -> np.ndarray:
-    """Bin -> target permutation maximising ``overlap [B, B]``, preferring the identity on ties."""
-    n = overlap.shape[0]
-    score = overlap.astype(np.float64) * (2 * n) + np.eye(n)  # diagonal bonus < one unit of overlap
-    rows, cols = linear_sum_assignment(score, maximize=True)
-    perm = np.empty(n, dtype=np.int64)
-    perm[rows] = cols
-    return perm
-
-
-def align_ranks(new: np.ndarray, have: np.ndarray, num_ranks: int, num_nodes: int) -> np.ndarray:
-    """Relabel the ranks (and nodes) of ``new [L, S]`` to keep as many replicas on their rank as possible.
-
-    ``have [L, R, E]`` is what each rank holds now (:func:`old_rank_counts`). Nodes are matched
-    first (by the replicas a node keeps), then the ranks inside each node; a rank's slot block
-    moves as a whole, so every rank's (and node's) load is unchanged. One linear assignment per
-    layer (scipy), ``O(R^3)`` each.
-    """
-    L, S = new.shape
-    E = have.shape[2]
-    R, N = num_ranks, num_nodes
-    spr, rpn = S // R, R // N
-    newcnt = _counts_per_rank(new, R, E)  # [L, R, E]
-    out = np.empty_like(new)
-    blocks = new.reshape(L, R, spr)
-    for layer in range(L):  # one assignment problem per layer; no batched LSA exists
-        nc, hc = newcnt[layer], have[layer]
-        if N > 1:
-            ncn = nc.reshape(N, rpn, E).sum(1)
-            hcn = hc.reshape(N, rpn, E).sum(1)
-            node_perm = _assign(np.minimum(ncn[:, None, :], hcn[None, :, :]).sum(-1))
-        else:
-            node_perm = np.zeros(1, dtype=np.int64)
-        rank_perm = np.empty(R, dtype=np.int64)
-        for n in range(N):
-            src = np.arange(n * rpn, (n + 1) * rpn)
-            dst = np.arange(node_perm[n] * rpn, (node_perm[n] + 1) * rpn)
-            ov = np.minimum(nc[src][:, None, :], hc[dst][None, :, :]).sum(-1)
-            rank_perm[src] = dst[_assign(ov)]
-        row = np.empty((R, spr), dtype=new.dtype)
-        row[rank_perm] = blocks[layer]
-        out[layer] = row.reshape(S)
-    return out
-
-
-def _occurrence(x: np.ndarray) -> np.ndarray:
-    """For each row of ``x [X, n]``: ``k`` if ``x[i, j]`` is the ``k``-th occurrence of its value in the row."""
-    X, n = x.shape
-    order = np.argsort(x, axis=1, kind="stable")
-    sx = np.take_along_axis(x, order, axis=1)
-    idx = np.broadcast_to(np.arange(n), (X, n))
-    new_run = np.ones((X, n), dtype=bool)
-    new_run[:, 1:] = sx[:, 1:] != sx[:, :-1]
-    run_start = np.maximum.accumulate(np.where(new_run, idx, 0), axis=1)
-    occ_sorted = idx - run_start
-    occ = np.empty_like(occ_sorted)
-    np.put_along_axis(occ, order, occ_sorted, axis=1)
-    return occ
-
-
-def preserve_slots(new: np.ndarray, old: np.ndarray, num_ranks: int, num_experts: int) -> np.ndarray:
-    """Permute slots within each rank of ``new [L, S]`` so experts that stay on a rank keep their old slot.
-
-    ``old [L, S]`` may hold ``-1`` (empty slots). Per rank, the ``k``-th copy of expert ``e`` in
-    the old slots keeps its slot when the new rank still holds ``> k`` copies of ``e``; the other
-    new experts fill the remaining slots in their order. Each rank keeps exactly its new multiset
-    of experts. Vectorised over layers and ranks.
-    """
-    L, S = new.shape
-    spr = S // num_ranks
-    X = L * num_ranks
-    nl = new.reshape(X, spr)
-    ol = old.reshape(X, spr)
-    E1 = num_experts + 1  # column E counts the empty slots (-1), which never match
-    ol_key = np.where((ol >= 0) & (ol < num_experts), ol, num_experts)
-    rows = np.arange(X)[:, None]
-    ncnt = np.zeros((X, E1), dtype=np.int64)
-    np.add.at(ncnt, (np.broadcast_to(rows, nl.shape), nl), 1)
-    ocnt = np.zeros((X, E1), dtype=np.int64)
-    np.add.at(ocnt, (np.broadcast_to(rows, ol_key.shape), ol_key), 1)
-    ncnt[:, num_experts] = 0
-    ocnt[:, num_experts] = 0
-    keep = _occurrence(ol_key) < ncnt[rows, ol_key]  # [X, spr] old slots kept as they are
-    matched = _occurrence(nl) < ocnt[rows, nl]  # [X, spr] new items placed by a kept slot
-    free_pos = np.argsort(keep, axis=1, kind="stable")  # not-kept positions first, ascending
-    free_items = np.argsort(matched, axis=1, kind="stable")  # unmatched items first, in order
-    m = (~keep).sum(1)  # == (~matched).sum(1)
-    out = np.where(keep, ol, -1)
-    take = np.arange(spr)[None, :] < m[:, None]
-    rr = np.broadcast_to(rows, (X, spr))[take]
-    out[rr, free_pos[take]] = nl[rr, free_items[take]]
-    return out.reshape(L, S)
+    return rank_counts(old, layout.num_ranks, layout.num_experts, layout.slots_per_rank)
 
 
 def _valid_current(old: np.ndarray | None, layout: Layout) -> Placement | None:
@@ -319,13 +214,8 @@ def plan_for_engine(
     new = _plan(arr, layout, policy, options)
     if old_arr is None:
         return new
-    have = old_rank_counts(old_arr, layout)
-    if have is not None:
-        new = align_ranks(new, have, layout.num_ranks, layout.num_nodes)
-        width = min(old_arr.shape[1], layout.num_slots)
-        old_full = np.full_like(new, -1)
-        old_full[:, :width] = old_arr[:, :width]
-        new = preserve_slots(new, old_full, layout.num_ranks, layout.num_experts)
+    if old_arr.shape[1] % layout.slots_per_rank == 0:  # else the old map cannot be related to the new layout
+        new = align_to_current(old_arr, new, layout.num_ranks, layout.num_nodes, layout.num_experts)
     if current is not None and min_gain is not None:
         w = arr if arr.ndim == 3 else arr[None]
 

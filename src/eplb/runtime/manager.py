@@ -19,8 +19,9 @@ Contents:
 * :class:`LoadWindow` -- ring buffer of the last ``window_size`` per-step loads ``[T, L, E]``.
 * :class:`RebalanceTrigger` -- decides per layer when to rebalance (step cadence after a warm-up,
   wall-clock interval, cosine similarity to the planned-for load, balancedness floor).
-* :func:`keep_in_place` -- migration-aware post-processing: permutes nodes, ranks and slots of a
-  new placement (balance unchanged) so that the most experts stay where they are.
+* :func:`keep_in_place` -- migration-aware post-processing (re-exported from
+  :mod:`eplb.policies.keep`): permutes nodes, ranks and slots of a new placement (balance
+  unchanged) so that the most experts stay where they are.
 * :func:`compute_plan` / :class:`PolicyWorker` -- the policy off the critical path (thread or process).
 * :func:`plan_migration` -- which expert goes from which rank to which slots (:class:`LayerMigration`).
 * :func:`plan_excluding` / :func:`drain_placement` / :func:`recover_placement` -- resilience.
@@ -44,6 +45,7 @@ import numpy as np
 from eplb._checks import ArrayLike, check_load, to_numpy
 from eplb.metrics import balancedness, rank_loads
 from eplb.placement import Placement, PlacementError
+from eplb.policies.keep import keep_in_place
 
 __all__ = [
     "BalancerConfig",
@@ -708,94 +710,6 @@ class RebalanceTrigger:
         return list(layers)
 
 
-# ============================================================================ keep in place
-def _presence(rows: np.ndarray, E: int, groups: int) -> np.ndarray:
-    """``[E, groups]`` count of each expert in each contiguous block of ``rows`` [S]."""
-    S = rows.shape[0]
-    blk = np.arange(S) // (S // groups)
-    out = np.zeros((E, groups), dtype=np.int64)
-    np.add.at(out, (rows, blk), 1)
-    return out
-
-
-def _assign(score: np.ndarray) -> tuple[np.ndarray, int]:
-    """Maximum-score assignment (ties prefer the identity): ``(perm, value)`` with new block ``a`` -> ``perm[a]``."""
-    from scipy.optimize import linear_sum_assignment
-
-    n = score.shape[0]
-    rows, cols = linear_sum_assignment(score * (n + 1) + np.eye(n, dtype=np.int64), maximize=True)
-    perm = np.empty(n, dtype=np.int64)
-    perm[rows] = cols
-    return perm, int(score[rows, cols].sum())
-
-
-def _rank_overlap(old: np.ndarray, new: np.ndarray, E: int, num_ranks: int) -> np.ndarray:
-    """``[R_new, R_old]`` number of distinct experts of new rank ``a`` already on old rank ``b``
-    (each one a transfer saved)."""
-    po = (_presence(old, E, num_ranks) > 0).astype(np.int64)  # [E, R]
-    pn = (_presence(new, E, num_ranks) > 0).astype(np.int64)
-    return pn.T @ po
-
-
-def _match_ranks(old: np.ndarray, new: np.ndarray, E: int, num_ranks: int, num_nodes: int) -> np.ndarray:
-    """Rank permutation of ``new`` (ranks move within nodes, nodes move as a whole) maximising the
-    experts each rank already holds: exact over the two-level structure (a rank assignment for every
-    node pair, then a node assignment on their values)."""
-    ov = _rank_overlap(old, new, E, num_ranks)
-    rpn = num_ranks // num_nodes
-    if num_nodes == 1:
-        return _assign(ov)[0]
-    inner: dict[tuple[int, int], np.ndarray] = {}
-    val = np.zeros((num_nodes, num_nodes), dtype=np.int64)
-    for a in range(num_nodes):
-        for b in range(num_nodes):
-            perm, v = _assign(ov[a * rpn:(a + 1) * rpn, b * rpn:(b + 1) * rpn])
-            inner[(a, b)], val[a, b] = perm, v
-    node_perm, _ = _assign(val)
-    out = np.empty(num_ranks, dtype=np.int64)
-    for a in range(num_nodes):
-        b = int(node_perm[a])
-        out[a * rpn:(a + 1) * rpn] = b * rpn + inner[(a, b)]
-    return out
-
-
-def _apply_block_perm(row: np.ndarray, perm: np.ndarray, block: int, base: int = 0) -> np.ndarray:
-    out = row.copy()
-    for a, b in enumerate(perm):
-        out[base + b * block: base + (b + 1) * block] = row[base + a * block: base + (a + 1) * block]
-    return out
-
-
-def _keep_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
-    """Reorder one rank's new slots so that slots keep their old expert where the multiset allows."""
-    out = np.full_like(new, -1)
-    remaining = list(new.tolist())
-    for j, e in enumerate(old.tolist()):
-        if e in remaining:
-            out[j] = e
-            remaining.remove(e)
-    free = np.flatnonzero(out < 0)
-    out[free] = np.array(sorted(remaining), dtype=new.dtype) if remaining else out[free]
-    return out
-
-
-def keep_in_place(current: Placement, new: Placement) -> Placement:
-    """Migration-aware post-processing: the same rank loads as ``new``, moving the fewest experts.
-
-    Per layer: permutes ``new``'s ranks (within nodes; nodes as a whole) to maximise the experts each
-    rank already holds under ``current`` -- the assignment minimising cross-rank transfers
-    (:func:`plan_migration`'s count), exact over node and rank permutations
-    (:func:`scipy.optimize.linear_sum_assignment`) -- then permutes slots within each rank so that the
-    most slots keep their expert (fewest local copies). Every rank gets the multiset of experts of one
-    of ``new``'s ranks, so balance is unchanged; the identity is among the candidates, so it never
-    moves more than ``new`` itself.
-    """
-    current._check_same_shape(new)
-    if current.num_experts != new.num_experts:
-        raise PlacementError(f"keep_in_place: {current.num_experts} vs {new.num_experts} experts")
-    return _keep_in_place_rows(current.phy2log, new)
-
-
 # ============================================================================ migration plan
 @dataclass(frozen=True)
 class Transfer:
@@ -992,7 +906,7 @@ def plan_excluding(loads: ArrayLike, current: Placement, excluded_ranks: Sequenc
         opts["current"] = sub_cur
     sub = plan(x, S2, len(keep), num_nodes=1, num_groups=num_groups, policy=policy, layer_ids=current.layer_ids,
                **opts)
-    sub = _keep_in_place_rows(current.phy2log[:, slot_idx], sub)
+    sub = keep_in_place(current.phy2log[:, slot_idx], sub)
     rows = current.phy2log.copy()
     rows[:, slot_idx] = sub.phy2log
     return Placement(rows, E, R, current.num_nodes, current.layer_ids,
@@ -1001,24 +915,6 @@ def plan_excluding(loads: ArrayLike, current: Placement, excluded_ranks: Sequenc
 
 def _serves_all(rows: np.ndarray, E: int) -> bool:
     return all(len(np.unique(r)) == E for r in rows)
-
-
-def _keep_in_place_rows(old_rows: np.ndarray, new: Placement) -> Placement:
-    """:func:`keep_in_place` against raw old rows ``[L, S]`` (which need not serve every expert)."""
-    E, R, N = new.num_experts, new.num_ranks, new.num_nodes
-    spr = new.slots_per_rank
-    out = np.empty_like(new.phy2log)
-    for li in range(new.num_layers):
-        old, row = np.clip(old_rows[li], 0, E - 1), new.phy2log[li].copy()
-        if np.array_equal(old, row):
-            out[li] = row
-            continue
-        row = _apply_block_perm(row, _match_ranks(old, row, E, R, N), spr)
-        for r in range(R):
-            sl = slice(r * spr, (r + 1) * spr)
-            row[sl] = _keep_slots(old_rows[li][sl], row[sl])
-        out[li] = row
-    return Placement(out, E, R, N, new.layer_ids, {**new.meta, "keep_in_place": True})
 
 
 def drain_placement(current: Placement, rank: int | Sequence[int], loads: ArrayLike, *, policy: str = "eplb",
@@ -1064,7 +960,7 @@ def recover_placement(previous: Placement, lost_ranks: Sequence[int], loads: Arr
     new = plan(x, S2, len(keep), num_nodes=N2, num_groups=num_groups, policy=policy, layer_ids=previous.layer_ids,
                **opts)
     slot_idx = np.concatenate([np.arange(r * spr, (r + 1) * spr) for r in keep])
-    out = _keep_in_place_rows(previous.phy2log[:, slot_idx], new)
+    out = keep_in_place(previous.phy2log[:, slot_idx], new)
     return out.with_meta(recovered_from=previous.digest(), lost_ranks=lost, policy=policy)
 
 
