@@ -162,10 +162,13 @@ def run_config(name: str, E: int, R: int, S: int, layers: int, steps: int, token
         ref0 = plan_quotas(g_all[-1, 0], tabs_cpu[0], backend="torch")
         assert torch.equal(all_layers()[0, :, :ref0.shape[-1]].cpu(), ref0)  # batched tables pad K to the widest layer
         gr = graphed(all_layers, device)
-        total = timeit(gr, device, iters) if gr else float("nan")
-        timings[f"fused kernel, all {layers} layers in one launch, CUDA graph, per layer"] = total / layers
+        t_total = timeit(gr, device, iters) if gr else float("nan")
+        timings[f"fused kernel, all {layers} layers in one launch, CUDA graph, per layer"] = t_total / layers
         for sw, isw in ((3, 1), (0, 0)):
-            gr = graphed(lambda sw=sw, isw=isw: plan_quotas(g, tab, sweeps=sw, int_sweeps=isw), device)
+            def fewer(sw: int = sw, isw: int = isw) -> torch.Tensor:
+                return plan_quotas(g, tab, sweeps=sw, int_sweeps=isw)
+
+            gr = graphed(fewer, device)
             timings[f"solver sweeps={sw}+{isw} (default 6+2), CUDA graph"] = timeit(gr, device, iters) if gr else None
     for strat in ("balanced", "local-first", "round-robin"):
         def fn(strat: str = strat) -> torch.Tensor:
@@ -177,40 +180,8 @@ def run_config(name: str, E: int, R: int, S: int, layers: int, steps: int, token
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--quick", action="store_true", help="small sizes (CPU check of the script)")
-    ap.add_argument("--iters", type=int, default=None)
-    ap.add_argument("--out", default="bench/results/dispatch_gpu.md")
-    args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    iters = args.iters or (5 if args.quick else 50)
-    policies = ["deepseek"] + (["eplb-dispatch"] if "eplb-dispatch" in eplb.POLICIES else [])
-    if args.quick:
-        configs = [("DSv3-like 72 ranks (quick)", 256, 72, 288, 2, 4, 16, 8)]
-        policies = policies[:1]
-    else:
-        configs = [
-            ("DSv3-like 72 ranks", 256, 72, 288, 4, 8, 128, 8),
-            ("DSv3-like 36 ranks", 256, 36, 288, 4, 8, 128, 8),
-            ("DSv3-like 72 ranks, 576 slots", 256, 72, 576, 4, 8, 128, 8),
-        ]
-    results = []
-    for name, E, R, S, L, T, tpr, k in configs:
-        for pol in policies:
-            r = run_config(name, E, R, S, L, T, tpr, k, pol, device, iters, seed=0)
-            results.append(r)
-            print(f"{name} [{pol}]: F={r['F']} Kd={r['Kd']} colours={r['colors']} device==cpu {r['equal']}; "
-                  f"imbalance uniform {r['imb_uniform']:.4f} balanced {r['imb_balanced']:.4f} LP {r['imb_lp']:.4f}; "
-                  f"gap to integer optimum {r['gap_mean']:.3f} tokens (max {r['gap_max']:.0f})")
-            for key, us in r["timings"].items():
-                print(f"    {key:60s} {'n/a' if us is None else f'{us:9.1f} us'}")
+def write_report(results: list[dict[str, Any]], device: torch.device, args: argparse.Namespace,
+                 argv: list[str] | None) -> None:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     lines = [
         "# Balanced dispatch: kernel timing (bench/dispatch_gpu.py)",
@@ -243,6 +214,45 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     atomic_write(Path(args.out), text.encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--quick", action="store_true", help="small sizes (CPU check of the script)")
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--out", default="bench/results/dispatch_gpu.md")
+    ap.add_argument("--big", action="store_true", help="also 72 ranks x 576 slots (slow: F~86 fluid experts, 9 colours)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    iters = args.iters or (5 if args.quick else 50)
+    policies = ["deepseek"] + (["eplb-dispatch"] if "eplb-dispatch" in eplb.POLICIES else [])
+    if args.quick:
+        configs = [("DSv3-like 72 ranks (quick)", 256, 72, 288, 2, 4, 16, 8)]
+        policies = policies[:1]
+    else:
+        configs = [
+            ("DSv3-like 72 ranks", 256, 72, 288, 4, 8, 128, 8),
+            ("DSv3-like 36 ranks", 256, 36, 288, 4, 8, 128, 8),
+        ]
+        if args.big:
+            configs.append(("DSv3-like 72 ranks, 576 slots", 256, 72, 576, 4, 8, 128, 8))
+    results = []
+    for name, E, R, S, L, T, tpr, k in configs:
+        for pol in policies:
+            r = run_config(name, E, R, S, L, T, tpr, k, pol, device, iters, seed=0)
+            results.append(r)
+            print(f"{name} [{pol}]: F={r['F']} Kd={r['Kd']} colours={r['colors']} device==cpu {r['equal']}; "
+                  f"imbalance uniform {r['imb_uniform']:.4f} balanced {r['imb_balanced']:.4f} LP {r['imb_lp']:.4f}; "
+                  f"gap to integer optimum {r['gap_mean']:.3f} tokens (max {r['gap_max']:.0f})")
+            for key, us in r["timings"].items():
+                print(f"    {key:60s} {'n/a' if us is None else f'{us:9.1f} us'}")
+            write_report(results, device, args, argv)  # after every configuration: a time-out still leaves a file
     print(f"wrote {args.out}")
     return 0
 
