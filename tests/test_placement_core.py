@@ -91,3 +91,20 @@ def test_placement_does_not_freeze_callers_array():
     row[0, 0] = 1  # the caller's array stays writable and the placement keeps its own copy
     assert pl.phy2log[0, 0] == 0
     assert not pl.phy2log.flags.writeable
+
+
+def test_deepseek_static_reproduces_issue_table_on_real_trace():
+    """DeepSeek placement + static dispatch on the real Llama-4 trace (plan on steps 0-63, evaluate 64-127).
+
+    The figures are those measured with DeepSeek's own eplb.py (issue 7's table); they depend on its
+    tie order (torch's sort), which this implementation follows.
+    """
+    from eplb.datasets import load_builtin
+    from eplb.metrics import imbalance_ratio, rank_loads
+
+    counts = load_builtin("llama4_maverick_mmlu_decode").counts
+    got = {}
+    for ranks, slots in ((8, 136), (16, 144), (16, 160), (32, 192)):
+        pl = eplb.plan(counts[:64], slots, ranks, policy="deepseek")
+        got[(ranks, slots)] = round(float(imbalance_ratio(rank_loads(counts[64:], pl)).mean()), 3)
+    assert got == {(8, 136): 0.368, (16, 144): 0.561, (16, 160): 0.506, (32, 192): 0.750}

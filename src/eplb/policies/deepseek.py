@@ -22,6 +22,20 @@ from eplb._checks import ArrayLike, check_layout, check_load, check_positive_int
 __all__ = ["balanced_packing", "rebalance_experts", "rebalance_experts_hierarchical", "replicate"]
 
 
+def _descending_order(weight: np.ndarray) -> np.ndarray:
+    """Item order of DeepSeek's ``weight.float().sort(-1, descending=True)``: torch's sort, ties included.
+
+    Tied loads (common in real traces: many experts with equal small counts) are ordered exactly as the
+    reference orders them, so results match DeepSeek's ``eplb.py`` on the same torch build. Falls back to a
+    stable numpy sort when torch is not installed.
+    """
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return np.argsort(-weight, axis=1, kind="stable")
+    return torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)).sort(-1, descending=True).indices.numpy()
+
+
 def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
     """Pack ``n`` weighted items into ``num_packs`` packs of ``n / num_packs`` items each.
 
@@ -36,7 +50,7 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     per_pack = n // num_packs
     if per_pack == 1:
         return np.broadcast_to(np.arange(n, dtype=np.int64), (X, n)).copy(), np.zeros((X, n), dtype=np.int64)
-    order = np.argsort(-weight, axis=1, kind="stable")
+    order = _descending_order(weight)
     rows = np.arange(X)
     pack_w = np.zeros((X, num_packs), dtype=weight.dtype)
     pack_n = np.zeros((X, num_packs), dtype=np.int64)
