@@ -51,7 +51,8 @@ ISSUE = {  # issue 7's table: DS static, DS oracle static, DS + greedy water-fil
 def deepseek_torch_order(weight: np.ndarray, num_slots: int, num_ranks: int) -> np.ndarray:
     """DeepSeek's global policy (one group, one node) with ``eplb.py``'s tie order: items are packed in the
     order of ``torch.sort(descending=True)`` (not stable), the lightest pack with room wins (first on ties).
-    The package's ``"deepseek"`` policy sorts stably instead, which can break ties among equal loads differently."""
+    Kept as an independent literal port: the package's ``"deepseek"`` policy follows the same tie order, so the
+    two columns must agree."""
     w = weight.astype(np.float32)
     L, E = w.shape
     phy2log, _, logcnt = replicate(w, num_slots)
@@ -157,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         "together = 235 tokens per step, top-1, 24 MoE layers x 128 experts); plan on steps 0-63, evaluate every step "
         "of 64-127; imbalance = max/mean - 1 of rank load per (step, layer), averaged.",
         "- `DS static (eplb.py order)`: DeepSeek's placement with the tie order of DeepSeek's `eplb.py` "
-        "(`torch.sort`, not stable) -- the issue's numbers; `DS static (package)`: the package's `deepseek` policy "
-        "(stable sort; ties among equal loads break differently, see the note below).",
+        "(`torch.sort`, not stable) -- the issue's numbers, from a literal port; `DS static (package)`: the package's "
+        "`deepseek` policy, which follows the same tie order (the two columns must agree).",
         "- `ours + balanced`: `eplb.plan(..., policy=\"eplb-dispatch\")` + `split_counts(..., \"balanced\")` (the "
         "runtime's `plan_quotas`); `LP bound (ours)`: `per_step_lower_bound` (HiGHS) of our placement; `int. opt.`: "
         "its ceiling in whole tokens (the exact optimum of balanced dispatch for our placement).",
@@ -214,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         "",
         "Note on the DeepSeek column: DeepSeek's `eplb.py` packs replicas in `torch.sort(descending=True)` order, "
-        "which is not stable; the package's `rebalance_experts` sorts stably. With integer token counts many loads "
-        "tie, the two produce different (equally valid) placements, and the static imbalance differs by up to "
-        "0.02 here. The issue's numbers are reproduced with the eplb.py order.",
+        "which is not stable. With integer token counts many loads tie, so a stable sort gives different (equally "
+        "valid) placements whose static imbalance differs by up to 0.02 here; the package's `rebalance_experts` "
+        "uses torch's order and reproduces the issue's numbers.",
     ]
     atomic_write(Path(args.out), ("\n".join(lines) + "\n").encode())
     print(f"wrote {args.out}")
