@@ -154,10 +154,15 @@ def _drain_worker(rank, world, drained_rank):
             bal.drain(drained_rank)
         for layer in layers:  # every expert has a slot in the map the step is served with
             served.append(set(layer.placement_row.tolist()) == set(range(E)))
+        for layer in layers:
+            layer.take_slot_counts()
         _serve(layers, w13, w2, pat, rank, t)
         _check_bits(layers, w13, w2, rank)
+    # once drained, the drained rank computes nothing: every expert it still holds is served elsewhere
+    _serve(layers, w13, w2, pat, rank, 18)
+    computed_after = int(sum(int(layer.take_slot_counts()[1].sum()) for layer in layers))
     out = {"drained": bal.drained, "final": bal.placement.phy2log.tolist(), "served": all(served), "sent": sent,
-           "bpe": bpe,
+           "bpe": bpe, "computed_after": computed_after,
            "received": bal.executor.bytes_received, "excluded": sorted(bal.excluded_ranks)}
     bal.close()
     return out
@@ -173,6 +178,7 @@ def test_drain_keeps_every_expert_served():
         survivors = row[:2 * spr] + row[3 * spr:]
         assert sorted(set(survivors)) == list(range(6))  # the drained rank can go: nothing is lost
     assert res[2]["received"] == 0  # nothing was sent to the drained rank
+    assert res[2]["computed_after"] == 0 and all(r["computed_after"] > 0 for i, r in enumerate(res) if i != 2)
     # max_migration_bytes_per_step = one expert: transfers spread over steps, one expert per step at most
     per_step = np.sum([r["sent"] for r in res], axis=0)
     assert per_step.max() == res[0]["bpe"] and (per_step > 0).sum() >= 2

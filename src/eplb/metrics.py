@@ -37,38 +37,33 @@ __all__ = [
 
 
 def served_slots(placement: Placement) -> np.ndarray:
-    """``[S]`` bool: slots that serve tokens (False on ranks in ``meta["excluded_ranks"]``)."""
-    mask = np.ones(placement.num_slots, dtype=bool)
+    """``[L, S]`` bool: slots that receive tokens.
+
+    A slot on a rank in ``placement.meta["excluded_ranks"]`` (drained / failing) serves nothing when its
+    expert has a replica on another rank; an expert held *only* by excluded ranks is still served there
+    (soft exclusion: a drain in progress never leaves an expert without a slot). The dispatch tables
+    (:func:`eplb.dispatch.table.served_replicas`) follow the same rule.
+    """
+    L, S = placement.num_layers, placement.num_slots
     ex = placement.meta.get("excluded_ranks") or ()
-    if len(ex):
-        mask &= ~np.isin(placement.slot_rank(), np.asarray(list(ex), dtype=np.int64))
-    return mask
-
-
-def _served_counts(placement: Placement, mask: np.ndarray) -> np.ndarray:
-    """``[L, E]`` replicas of each expert on served slots."""
-    L, E = placement.num_layers, placement.num_experts
-    cnt = np.zeros((L, E), dtype=np.int64)
-    rows = np.repeat(np.arange(L), int(mask.sum()))
-    np.add.at(cnt, (rows, placement.phy2log[:, mask].ravel()), 1)
-    return cnt
+    if not len(ex):
+        return np.ones((L, S), dtype=bool)
+    ok_rank = ~np.isin(placement.slot_rank(), np.asarray(list(ex), dtype=np.int64))  # [S]
+    held_ok = np.zeros((L, placement.num_experts), dtype=np.int64)
+    np.add.at(held_ok, (np.repeat(np.arange(L), int(ok_rank.sum())), placement.phy2log[:, ok_rank].ravel()), 1)
+    return ok_rank[None, :] | (np.take_along_axis(held_ok, placement.phy2log, axis=1) == 0)
 
 
 def slot_loads(counts: ArrayLike, placement: Placement) -> np.ndarray:
-    """``[..., L, S]`` load of each slot: count of its expert / replicas of that expert."""
+    """``[..., L, S]`` load of each slot: count of its expert / served replicas of that expert."""
     c = check_load(counts, "counts", ndim=(2, 3, 4), num_experts=placement.num_experts)
     if c.shape[-2] != placement.num_layers:
         raise ValueError(f"counts: {c.shape[-2]} layers, but the placement has {placement.num_layers}")
-    mask = served_slots(placement)
-    if mask.all():
-        cnt = placement.logcnt
-    else:
-        cnt = _served_counts(placement, mask)
-        if np.any(cnt == 0):
-            layer, expert = (int(v) for v in np.argwhere(cnt == 0)[0])
-            raise ValueError(f"placement: layer {placement.layer_ids[layer]}: expert {expert} has no replica on a "
-                             f"served rank (excluded_ranks={list(placement.meta.get('excluded_ranks', []))})")
-    per_replica = c / cnt  # [..., L, E]
+    mask = served_slots(placement)  # [L, S]
+    L = placement.num_layers
+    cnt = np.zeros((L, placement.num_experts), dtype=np.int64)
+    np.add.at(cnt, (np.nonzero(mask)[0], placement.phy2log[mask]), 1)
+    per_replica = c / cnt  # [..., L, E]; every expert has >= 1 served replica
     idx = np.broadcast_to(placement.phy2log, c.shape[:-1] + (placement.num_slots,)) if c.ndim > 2 else placement.phy2log
     out = np.take_along_axis(per_replica, idx, axis=-1)
     if not mask.all():

@@ -15,6 +15,7 @@ import torch
 from eplb._checks import ArrayLike, check_load
 from eplb.dispatch.solver import balanced_quotas, lp_max_load, slot_quotas
 from eplb.dispatch.table import layer_tables
+from eplb.metrics import slot_loads
 from eplb.placement import Placement
 
 __all__ = ["SPLIT_STRATEGIES", "expert_ranks", "per_step_lower_bound", "split_counts", "split_rank_loads"]
@@ -51,8 +52,7 @@ def split_counts(counts: ArrayLike, placement: Placement, strategy: str = "balan
     device = counts.device if isinstance(counts, torch.Tensor) else None
     c = _check_counts(counts, placement)
     if strategy in ("uniform", "round-robin"):
-        per = c / placement.logcnt
-        out = np.take_along_axis(per, np.broadcast_to(placement.phy2log, c.shape[:-1] + (placement.num_slots,)), -1)
+        out = slot_loads(c, placement)
     elif strategy == "local-first":
         t = layer_tables(placement)
         R = placement.num_ranks

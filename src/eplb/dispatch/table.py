@@ -13,9 +13,31 @@ from typing import Any
 import numpy as np
 import torch
 
+from eplb.metrics import served_slots
 from eplb.placement import Placement
 
-__all__ = ["DispatchTable", "layer_tables"]
+__all__ = ["DispatchTable", "layer_tables", "served_replicas"]
+
+
+def served_replicas(placement: Placement) -> tuple[np.ndarray, np.ndarray]:
+    """``log2phy`` ``[L, E, K]`` and ``logcnt`` ``[L, E]`` of the replicas that receive tokens.
+
+    Ranks in ``placement.meta["excluded_ranks"]`` (drained or failing ranks) get no tokens for an expert
+    that has a replica on another rank; an expert served *only* by excluded ranks keeps them (soft
+    exclusion, :func:`eplb.metrics.served_slots`), so a drain can be announced before every layer has
+    migrated: tokens leave a rank layer by layer as its experts find new homes.
+    """
+    log2phy, logcnt = placement.log2phy, placement.logcnt
+    if not placement.meta.get("excluded_ranks"):
+        return log2phy, logcnt
+    served = served_slots(placement)  # [L, S]
+    valid = log2phy >= 0
+    keep = valid & np.take_along_axis(served, np.clip(log2phy, 0, None).reshape(log2phy.shape[0], -1), 1).reshape(
+        log2phy.shape)
+    order = np.argsort(~keep, axis=-1, kind="stable")  # kept replicas first, ascending slot order preserved
+    out = np.where(np.take_along_axis(keep, order, -1), np.take_along_axis(log2phy, order, -1), -1)
+    cnt = keep.sum(-1)
+    return out[..., : int(cnt.max())], cnt
 
 
 def layer_tables(placement: Placement) -> dict[str, Any]:
@@ -23,7 +45,8 @@ def layer_tables(placement: Placement) -> dict[str, Any]:
 
     Returns a dict with:
 
-    * ``log2phy`` ``[L, E, K]``: slots of each expert (ascending, ``-1`` padded);
+    * ``log2phy`` ``[L, E, K]``: slots of each expert that receive tokens (ascending, ``-1`` padded; see
+      :func:`served_replicas` for ranks excluded by ``placement.meta["excluded_ranks"]``);
     * ``logcnt`` ``[L, E]``: replica counts; ``slot_rank`` ``[S]``: rank of each slot;
     * the balanced solver's compact view of the ``F`` experts with replicas on two or more ranks ("fluid"):
       ``fl_expert`` ``[L, F]`` (expert id, ``-1`` padded), ``fl_rank`` ``[L, F, Kd]`` (their distinct ranks,
@@ -38,8 +61,7 @@ def layer_tables(placement: Placement) -> dict[str, Any]:
       itself, else one on its node, else any; ties spread deterministically by ``(rank + expert) % candidates``
       (SGLang's static dispatch, without the random draw).
     """
-    log2phy = placement.log2phy
-    logcnt = placement.logcnt
+    log2phy, logcnt = served_replicas(placement)
     L, E, K = log2phy.shape
     R = placement.num_ranks
     spr = placement.slots_per_rank

@@ -347,6 +347,8 @@ class OnlineBalancer:
         drains = {int(r) for r in np.flatnonzero(ctrl[_NCTRL:_NCTRL + R] > 0)}
         if drains - self.excluded_ranks:
             self.excluded_ranks |= drains
+            for layer in self.layers:  # tokens leave the drained ranks wherever an expert is held elsewhere
+                layer.exclude_ranks(sorted(self.excluded_ranks))
             log.info("eplb: draining rank(s) %s", sorted(drains))
         if self._result is not None and ctrl[_C_READY] == R * self._result.plan_id:
             if ctrl[_C_CHECK] != R * self._result.checksum:

@@ -29,7 +29,7 @@ The layer is for inference (forward runs under ``torch.no_grad``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -284,6 +284,21 @@ class ExpertParallelMoE(nn.Module):
                 cur.data.copy_(new)
         self.placement_row.copy_(torch.as_tensor(row, device=self.placement_row.device))
         self._table_placement = newp
+        self._table = None
+
+    def exclude_ranks(self, ranks: Sequence[int]) -> None:
+        """Stop sending tokens to ``ranks`` for every expert that has a replica elsewhere (call between steps).
+
+        Used while draining a rank: an expert still held only by an excluded rank keeps being served
+        there until a later :meth:`commit` gives it a new home (see
+        :func:`eplb.dispatch.table.served_replicas`). An empty sequence clears the exclusion. Every rank
+        must call it with the same ranks at the same step boundary.
+        """
+        ex = sorted({int(r) for r in ranks})
+        bad = [r for r in ex if not 0 <= r < self.num_ranks]
+        if bad:
+            raise ValueError(f"exclude_ranks: ranks {bad} out of range [0, {self.num_ranks})")
+        self._table_placement = self._table_placement.with_meta(excluded_ranks=ex)
         self._table = None
 
     # ----------------------------------------------------------------- forward
