@@ -24,19 +24,17 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 import eplb
+from _common import command_line, sample_ms, write_text
 from eplb.dispatch import DispatchTable, assign_slots, layer_tables, lp_max_load, plan_quotas
 from eplb.dispatch.kernel import HAVE_TRITON, plan_quotas_triton
 from eplb.dispatch.split import expert_ranks
-from eplb.stats.trace import atomic_write
 from eplb.synthetic import zipf_popularity
 
 
@@ -48,25 +46,7 @@ def sample_rank_ids(probs: torch.Tensor, tokens: int, top_k: int, gen: torch.Gen
 
 def timeit(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int = 3) -> float:
     """Median microseconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(iters):
-            a = torch.cuda.Event(enable_timing=True)
-            b = torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3)
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+    return statistics.median(sample_ms(fn, device, warmup, iters)) * 1e3
 
 
 def graphed(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any] | None:
@@ -188,7 +168,7 @@ def write_report(results: list[dict[str, Any]], device: torch.device, args: argp
         "",
         f"- device: {dev_name} ({device.type}); torch {torch.__version__}; triton: {HAVE_TRITON}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- command: `python bench/dispatch_gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"- command: `{command_line(argv)}`",
         f"- host: {platform.node()} ({os.cpu_count()} CPUs)",
         "- data: SYNTHETIC (Zipf popularity, top-k Gumbel sampling per token and source rank); placement planned on the "
         "first half of the steps, checked on the second half.",
@@ -213,7 +193,7 @@ def write_report(results: list[dict[str, Any]], device: torch.device, args: argp
             cells.append("n/a" if v is None else f"{v:.1f}")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    atomic_write(Path(args.out), text.encode())
+    write_text(args.out, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,10 +24,8 @@ SYNTHETIC DeepSeek-V3-shaped drifting hot set (58 layers x 256 experts, top-8, 8
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,15 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from _common import command_line, cpu_name, today, write_text
 
 
 def baseline() -> tuple[str, Callable[..., Any]]:
@@ -140,8 +130,8 @@ def main() -> None:
         "# vLLM EPLB rearrangements: vLLM's default policy vs eplb's plug-in",
         "",
         f"- device: {cpu_name()} (CPU, 1 torch thread); python {platform.python_version()}, torch {torch.__version__}",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
+        f"- date: {today()}",
+        f"- command: `{command_line()}`",
         f"- baseline: {base_name}" + (f" (imported from {vllm_origin()})" if "emulated" not in base_name else ""),
         "- replay: at the end of each window the policy re-plans from that window's loads and the current map "
         "(vLLM's call); the new map is judged on the next window (held out). Start: vLLM's initial map.",
@@ -165,8 +155,7 @@ def main() -> None:
                   f"{r['changed']:8.1f}  {r['ms']:8.1f} ms/call")
         lines.append("")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    write_text(out, "\n".join(lines))
     print(f"\nwrote {out}")
 
 

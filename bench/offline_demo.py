@@ -13,26 +13,16 @@ layers x 288 slots over 36 ranks, a SYNTHETIC placement: only file I/O is timed 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from _common import command_line, cpu_name, today, write_text
 
 
 def format_io(pl: object, repeats: int) -> list[tuple[str, str, int, float, float]]:
@@ -101,14 +91,13 @@ def main() -> None:
     io_demo = format_io(demo_pl, repeats)
     io_big = format_io(big, repeats)
 
-    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     lines = [
         "# Offline flow: `eplb demo` wall time and map-format I/O",
         "",
-        f"- date: {datetime.date.today().isoformat()}",
+        f"- date: {today()}",
         f"- device: {cpu_name()} (CPU only, no GPU, {os.cpu_count()} cores; load average at the end "
         f"{os.getloadavg()[0]:.1f}: timings on a shared machine), Python {platform.python_version()}",
-        f"- command: `{cmd}`",
+        f"- command: `{command_line()}`",
         "- data: REAL trace `llama4_maverick_mmlu_decode` (128 decode steps x 24 MoE layers x 128 experts); "
         "the DeepSeek-V3-shaped placement of the I/O table is SYNTHETIC (file I/O only)",
         f"- demo setting: 16 ranks, 144 slots, plan on steps 0-63, evaluate on 64-127, plots {'on' if plots else 'off'}, "
@@ -132,8 +121,7 @@ def main() -> None:
         lines.append("")
     text = "\n".join(lines)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_text(args.out, text)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,6 @@ CPU:  python bench/recorder.py --device cpu --quick
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -37,17 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from _common import REPO, command_line, device_name, utc_minute, write_text
 from eplb.runtime.compute import expert_ffn, resolve_impl
 from eplb.stats.recorder import ExpertRecorder
-from eplb.stats.trace import atomic_write
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda}, torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 class MoELayer:
@@ -233,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/recorder.py: --device cuda but CUDA is not available")
     rows = run(args)
-    cmd = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:]))
+    cmd = command_line(argv)
     head = ("| tokens/step | layer fwd (ms) | + record (ms) | overhead | + add_counts (ms) | overhead |"
             + (" + bincount().cpu() (ms) | overhead |" if args.trtllm else "")
             + " record() alone (us) | add_counts() alone (us) | bincount().cpu() alone (us) |")
@@ -259,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         "# Recorder overhead on a DeepSeek-V3-sized MoE layer",
         "",
         f"- device: {device_name(dev)}",
-        f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {utc_minute()}",
         f"- command: `{cmd}`",
         f"- layer: hidden {args.hidden}, expert intermediate {args.inter}, {args.experts} experts, top-{args.top_k} "
         f"(grouped: {args.groups} groups, top-{args.topk_groups}), {args.local_experts} local weight sets, "
@@ -279,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if args.quick:
         md.insert(2, "**Quick CPU run (reduced sizes): checks the script, not the GPU target.**\n")
-    atomic_write(out, "\n".join(md).encode())
+    write_text(out, "\n".join(md))
     print(f"wrote {out}")
 
 

@@ -19,29 +19,17 @@ CPU:  python bench/runtime_compute.py --device cpu --quick
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import platform
-import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from _common import REPO, command_line, device_name, sample_ms, today, write_text
 from eplb.runtime.compute import expert_ffn, resolve_impl
-from eplb.stats.trace import atomic_write
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda}, torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def device_tag(dev: torch.device) -> str:
@@ -56,24 +44,7 @@ def device_tag(dev: torch.device) -> str:
 
 def timeit(fn: Any, dev: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
     """Median and min time of ``fn()`` in ms (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        for _ in range(repeats):
-            a = torch.cuda.Event(enable_timing=True)
-            b = torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = sample_ms(fn, dev, warmup, repeats)
     return statistics.median(times), min(times)
 
 
@@ -181,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
         vals = np.where(np.array(tok_grid) > xs[-1], ys[-1] + slope * (np.array(tok_grid) - xs[-1]), vals)
         table.append([round(float(v), 6) for v in vals])
-    date = _dt.date.today().isoformat()
-    cmd = "python " + " ".join(shlex.quote(v) for v in [str(Path(sys.argv[0]).as_posix())] + (argv or sys.argv[1:]))
+    date = today()
+    cmd = command_line(argv or None)
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
     cm = {
         "format": "eplb.cost_model", "version": 1, "device": device_name(dev), "date": date,
@@ -197,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "fit": fit,
         "raw": rows,
     }
-    atomic_write(out_cm, (json.dumps(cm, indent=1) + "\n").encode())
+    write_text(out_cm, json.dumps(cm, indent=1) + "\n")
     # ------------------------------------------------------------------ markdown
     lines = [f"# runtime_compute: local expert compute time ({'QUICK CPU CHECK' if tag == 'cpu' else tag})", "",
              f"- device: {device_name(dev)}", f"- date: {date}", f"- command: `{cmd}`",
@@ -244,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
               "(uniform spread) is the conservative case of a rank whose slots are all active."]
     if tag == "cpu":
         lines += ["", "This is the CPU check of the script at a toy size; its numbers say nothing about GPUs."]
-    atomic_write(out_md, ("\n".join(lines) + "\n").encode())
+    write_text(out_md, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -16,23 +16,13 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # one
     os.environ[_v] = "1"
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import platform  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from _common import command_line, cpu_name, today, write_text  # noqa: E402
 
 
 def main() -> None:
@@ -110,17 +100,16 @@ def main() -> None:
                 print(rows[-1], flush=True)
 
     load_after = os.getloadavg()
-    cmd = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
     head = ("| run | ranks | slots | steps x layers x experts | seconds | steps/s | imbalance mean | "
             "simulated step ms mean |")
     lines = [
         "# Simulator speed (one CPU core)", "",
         f"- device: {cpu_name()}, {pinned}, OMP/OpenBLAS/MKL/torch threads = 1; Python {platform.python_version()}, "
         f"numpy {np.__version__}",
-        f"- date: {datetime.date.today().isoformat()}; machine load average (1 min) {load_before[0]:.1f} before, "
+        f"- date: {today()}; machine load average (1 min) {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after (a shared machine: static replays report the minimum of {args.repeats} runs, the "
         f"online and balanced runs one run)",
-        f"- command: `{cmd}`",
+        f"- command: `{command_line()}`",
         f"- data: SYNTHETIC -- `eplb.synthetic.drifting_hot_set({T}, {L}, {E}, tokens_per_step={args.pairs}, top_k=1, "
         f"skew={args.skew}, period={args.period}, seed=0)` ({args.pairs} independent (token, expert) draws per step and layer, "
         f"standing in for 4096 tokens x top-8); generated in {gen_s:.1f} s (not timed)",
@@ -133,9 +122,7 @@ def main() -> None:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    from eplb.stats.trace import atomic_write
-
-    atomic_write(args.out, text.encode())
+    write_text(args.out, text)
     print(f"wrote {args.out}")
 
 
