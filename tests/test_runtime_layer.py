@@ -16,14 +16,7 @@ from eplb.runtime.testing import run_distributed
 
 E, H, INTER = 6, 16, 8
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (much slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _weights(E: int = E, H: int = H, inter: int = INTER, seed: int = 0, dtype: torch.dtype = torch.float32):

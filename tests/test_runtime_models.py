@@ -14,14 +14,7 @@ from eplb.runtime.testing import run_distributed
 
 pytest.importorskip("transformers")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (much slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _placement_for(model, world: int, seed: int, extra_per_rank: int = 1) -> Placement:

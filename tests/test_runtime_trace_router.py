@@ -14,15 +14,7 @@ from eplb.placement import Placement
 from eplb.runtime.layer import ExpertParallelMoE
 from eplb.runtime.trace_router import TraceRouter, scale_counts, topk_from_counts
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (much slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @settings(max_examples=50, deadline=None)
