@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from eplb.placement import Placement, PlacementError
 from eplb.runtime.compute import expert_ffn, resolve_impl
-from eplb.runtime.layer import ExpertParallelMoE, reference_moe
+from eplb.runtime.layer import ExpertParallelMoE, _round_plan, reference_moe
 from eplb.runtime.testing import run_distributed
 
 E, H, INTER = 6, 16, 8
@@ -102,6 +102,38 @@ def test_single_rank_any_placement_matches_reference(seed, spr, strategy, chunk)
     layer = ExpertParallelMoE.from_full_weights(w13, w2, p, 0, strategy=strategy, max_num_tokens=chunk)
     x, ids, w = _inputs(int(rng.integers(0, 12)), 3, E, seed)
     assert torch.allclose(layer(x, ids, w), reference_moe(x, ids, w, w13, w2), atol=1e-5)
+    rows = layer.round_recv_rows
+    assert sum(rows) == ids.numel()
+    if chunk is None:
+        assert rows == [ids.numel()]
+    else:
+        assert max(rows, default=0) <= chunk and len(rows) == -(-ids.numel() // chunk)
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 10_000), R=st.integers(1, 5), M=st.integers(1, 9))
+def test_round_plan_partitions_every_incoming_order_into_windows(seed, R, M):
+    """Brute force: simulate every rank's plan; senders and receivers agree, windows are exact, <= M rows."""
+    rng = np.random.default_rng(seed)
+    C = rng.integers(0, 12, (R, R)) * (rng.random((R, R)) < 0.7)
+    C[:, 0] *= int(rng.integers(1, 6))  # a hot destination
+    plans = [_round_plan(C[r], C[:, r], C, r, M) for r in range(R)]
+    n_rounds = -(-int(C.sum(0).max()) // M)
+    assert all(len(pl) == n_rounds for pl in plans)
+    for d in range(R):
+        got = []  # positions in d's incoming order (source-major), round by round
+        offs = np.concatenate([[0], np.cumsum(C[:, d])])
+        for j in range(n_rounds):
+            lo_s = np.array([plans[s][j][0][d] for s in range(R)])
+            len_s = np.array([plans[s][j][1][d] for s in range(R)])
+            assert np.array_equal(plans[d][j][2], len_s)  # the receiver expects what each sender sends
+            assert len_s.sum() <= M
+            pos = np.concatenate([offs[s] + lo_s[s] + np.arange(len_s[s]) for s in range(R)])
+            assert np.array_equal(pos, np.arange(j * M, min((j + 1) * M, int(C[:, d].sum()))))
+            got.append(pos)
+        assert np.array_equal(np.concatenate(got) if got else np.zeros(0), np.arange(int(C[:, d].sum())))
+    one = _round_plan(C[0], C[:, 0], None, 0, None)
+    assert len(one) == 1 and one[0][0] is None
 
 
 # ----------------------------------------------------------------------------- multi-process workers
@@ -141,6 +173,20 @@ def _equivalence_worker(rank: int, world: int, nodes: int, cases: int) -> dict:
         sent_all = [torch.empty_like(sent) for _ in range(world)]
         torch.distributed.all_gather(sent_all, sent)
         assert torch.equal(torch.cat(done_all), torch.stack(sent_all).sum(0))  # received == sent, slot by slot
+        # rounds: every rank ran the same number; each received at most `chunk` rows per round
+        rows = layer.round_recv_rows
+        assert sum(rows) == int(done.sum()) // 2
+        n_rounds = [None] * world
+        torch.distributed.all_gather_object(n_rounds, len(rows))
+        assert len(set(n_rounds)) == 1
+        if chunk is None:
+            assert len(rows) == 1
+        else:
+            assert layer.max_round_recv_rows <= chunk and max(rows, default=0) <= chunk
+            total = torch.tensor([sum(rows)])
+            totals = [torch.empty_like(total) for _ in range(world)]
+            torch.distributed.all_gather(totals, total)
+            assert len(rows) == -(-max(int(t) for t in totals) // chunk)
         worst[strategy] = max(worst.get(strategy, 0.0), err)
     return worst
 
@@ -201,7 +247,77 @@ def _bad_input_worker(rank: int, world: int) -> list[str]:
     return seen
 
 
+def _hot_rank_worker(rank: int, world: int) -> dict:
+    """Rank 0 holds the only copies of the hot experts 0 and 1: it receives far more rows than any other rank."""
+    E_hot = 2 * world
+    row = np.arange(2 * world)  # 2 slots per rank, no replica: rank 0 serves experts 0 and 1
+    p = Placement(row[None], E_hot, world)
+    w13, w2 = _weights(E=E_hot, seed=5)
+    g = torch.Generator().manual_seed(50 + rank)
+    N, k = 30 + 7 * rank, 2
+    x = torch.randn(N, H, generator=g)
+    hot = torch.rand(N, generator=g) < 0.85
+    other = torch.randint(2, E_hot, (N,), generator=g)  # experts of the other ranks
+    ids = torch.stack([torch.zeros_like(other), torch.where(hot, torch.ones_like(other), other)], dim=1)
+    w = torch.rand(N, k, generator=g)
+    ref = reference_moe(x, ids, w, w13, w2)
+    res: dict = {}
+    calls = {"a2a": 0, "hdr": 0}
+    for chunk in (None, 1, 3, 8):
+        layer = ExpertParallelMoE.from_full_weights(w13, w2, p, 0, strategy="local-first", max_num_tokens=chunk,
+                                                    compute="loop" if chunk == 3 else "auto")
+        a2a, hdr = layer._all_to_all, layer._exchange_header
+
+        def count_a2a(*a, _f=a2a):
+            calls["a2a"] += 1
+            return _f(*a)
+
+        def count_hdr(h, _f=hdr):
+            calls["hdr"] += 1
+            calls["width"] = int(h.shape[1])
+            return _f(h)
+
+        layer._all_to_all, layer._exchange_header = count_a2a, count_hdr
+        calls.update(a2a=0, hdr=0)
+        y = layer(x, ids, w)
+        assert torch.allclose(y, ref, atol=1e-5), (chunk, float((y - ref).abs().max()))
+        rows = layer.round_recv_rows
+        assert calls["hdr"] == 1 and calls["a2a"] == 2 * len(rows)  # one header exchange, two all-to-alls a round
+        if chunk is None:
+            assert len(rows) == 1 and calls["width"] == 2 + 1  # today's header: spr counts + error flag
+        else:
+            assert calls["width"] == 2 + 1 + world and max(rows) <= chunk and layer.max_round_recv_rows <= chunk
+        _, done = layer.take_slot_counts()
+        res[chunk] = (sum(rows), len(rows), done.tolist())
+    return res
+
+
+def _chunk_mismatch_worker(rank: int, world: int) -> str:
+    w13, w2 = _weights()
+    p = Placement(np.array([[0, 1, 2, 3, 4, 5, 0, 1]]), E, world)
+    with pytest.raises(ValueError) as info:
+        ExpertParallelMoE.from_full_weights(w13, w2, p, 0, max_num_tokens=4 if rank else None)
+    return str(info.value)
+
+
 # ----------------------------------------------------------------------------- multi-process tests
+@pytest.mark.parametrize("world", [2, 4])
+def test_max_num_tokens_bounds_rows_a_hot_rank_receives(world):
+    res = run_distributed(_hot_rank_worker, world, timeout_s=60)
+    received = [r[None][0] for r in res]
+    assert received[0] > 3 * max(received[1:])  # rank 0 is hot
+    for chunk in (1, 3, 8):
+        # all ranks ran the hot rank's number of rounds; totals and per-slot computed counts do not change
+        assert {r[chunk][1] for r in res} == {-(-received[0] // chunk)}
+        assert [r[chunk][0] for r in res] == received
+        assert [r[chunk][2] for r in res] == [r[None][2] for r in res]
+
+
+def test_ranks_disagreeing_on_max_num_tokens_raise_everywhere():
+    msgs = run_distributed(_chunk_mismatch_worker, 2, timeout_s=60, collective_timeout_s=30)
+    assert all("disagree" in m for m in msgs)
+
+
 def test_ep_layer_equals_reference_2_ranks():
     worst = run_distributed(_equivalence_worker, 2, 1, 24, timeout_s=60)
     assert set(worst[0]) == {"local-first", "round-robin", "balanced"}

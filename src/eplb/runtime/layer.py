@@ -14,11 +14,16 @@ with ``H`` the hidden size and ``I`` the expert intermediate size (transformers'
 2. maps each pair to a physical slot (:func:`eplb.dispatch.assign_slots`: ``local-first``,
    ``round-robin`` or ``balanced``);
 3. exchanges per-slot counts (one ``all_to_all_single`` of ``R x (spr + 1)`` ints; the extra column
-   carries an input-error flag so a bad input on one rank raises on every rank), then sends the
-   tokens (``all_to_all_single`` with uneven splits);
-4. computes its slots with a grouped GEMM + SwiGLU (chunks of at most ``max_num_tokens`` rows);
-5. returns the outputs (second ``all_to_all_single``), weights them by ``topk_weights`` and sums
-   per token (fp32 accumulation).
+   carries an input-error flag so a bad input on one rank raises on every rank; with
+   ``max_num_tokens`` each row also carries this rank's ``R`` per-destination row totals, so every
+   rank learns the full ``[R, R]`` send matrix from the same exchange -- still one host sync);
+4. in each round: sends the tokens (``all_to_all_single`` with uneven splits), computes its slots
+   with a grouped GEMM + SwiGLU, and returns the outputs (second ``all_to_all_single``), weighted by
+   ``topk_weights`` and summed per token (fp32 accumulation). Without ``max_num_tokens`` there is
+   exactly one round. With ``M = max_num_tokens``, round ``j`` carries, for every destination, the
+   rows at positions ``[j*M, (j+1)*M)`` of its incoming order (source rank, then local slot), so
+   no rank receives (or computes) more than ``M`` rows at once; every rank derives the same
+   ``max_d ceil(received_d / M)`` rounds from the send matrix.
 
 Device-side counters (no host sync) accumulate every step: ``expert_counts`` ``[E]`` (pairs of this
 rank's tokens per logical expert), ``slot_counts`` ``[S]`` (pairs this rank sent to each physical slot)
@@ -88,8 +93,11 @@ class ExpertParallelMoE(nn.Module):
         group: the EP process group (``None``: WORLD if initialised; without ``torch.distributed``
             only a one-rank placement is accepted and no collective runs).
         strategy: replica choice, one of :data:`STRATEGIES`; must be the same on every rank.
-        max_num_tokens: largest number of received (token, expert) rows computed at once
-            (TensorRT-LLM's ``moe max_num_tokens``); ``None``: one chunk.
+        max_num_tokens: largest number of (token, expert) rows any rank receives and computes per
+            all-to-all round (TensorRT-LLM's ``moe max_num_tokens``: a hot rank's receive buffer and
+            expert compute stay bounded; the forward runs as many rounds as the most loaded rank
+            needs, every rank taking part in each); ``None``: one round with everything. Must be the
+            same on every rank (checked by ``verify``).
         compute: ``"auto"`` (grouped GEMM where supported), ``"grouped"`` or ``"loop"``.
         activation: ``"silu"`` (SwiGLU, default) or a callable applied to the gate half.
         verify: check across ranks at construction (one ``all_gather``) that every rank holds the
@@ -101,6 +109,9 @@ class ExpertParallelMoE(nn.Module):
             cumulative since the last :meth:`take_counts`.
         slot_counts: ``int64 [S]`` pairs this rank sent to each physical slot (since :meth:`take_slot_counts`).
         local_slot_counts: ``int64 [spr]`` pairs this rank computed per local slot (idem).
+        round_recv_rows: rows this rank received in each round of the last forward (host ints).
+        max_round_recv_rows: the most rows this rank received in one round since construction
+            (``<= max_num_tokens`` when set).
         route_override: optional ``fn(num_tokens, top_k) -> topk_ids`` replacing the router's expert ids
             (trace-driven routing, :class:`eplb.runtime.TraceRouter`).
     """
@@ -134,7 +145,7 @@ class ExpertParallelMoE(nn.Module):
         except ValueError as exc:
             error = str(exc)
         if verify:
-            digest = self._digest(placement, layer_pos, strategy, w13, w2) if error is None else b"\x00" * 32
+            digest = self._digest(placement, layer_pos, strategy, w13, w2, max_num_tokens) if error is None else b"\x00" * 32
             agree(info, f"ExpertParallelMoE(layer {layer_pos})", digest, error, device=_device_of(w13))
         elif error is not None:
             raise PlacementError(f"ExpertParallelMoE(layer {layer_pos}): {error}")
@@ -169,6 +180,8 @@ class ExpertParallelMoE(nn.Module):
         self._table_placement = placement.select_layers([layer_pos])
         self.route_override: Callable[[int, int], torch.Tensor] | None = None
         self.steps = 0
+        self.round_recv_rows: list[int] = []
+        self.max_round_recv_rows = 0
 
     # ------------------------------------------------------------------ checks
     def _validate_args(self, w13: torch.Tensor, w2: torch.Tensor, placement: Placement, layer_pos: int,
@@ -205,14 +218,15 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"w13/w2: expected floating-point weights, got {w13.dtype}")
 
     def _digest(self, placement: Placement, layer_pos: int, strategy: str, w13: torch.Tensor,
-                w2: torch.Tensor) -> bytes:
+                w2: torch.Tensor, max_num_tokens: int | None) -> bytes:
         return fingerprint(placement.phy2log[layer_pos].tobytes(), placement.num_experts, placement.num_ranks,
-                           placement.num_nodes, strategy, tuple(w13.shape[1:]), tuple(w2.shape[1:]), str(w13.dtype))
+                           placement.num_nodes, strategy, tuple(w13.shape[1:]), tuple(w2.shape[1:]), str(w13.dtype),
+                           max_num_tokens)
 
     def verify(self) -> None:
-        """Collective: raise on every rank unless all ranks hold the same placement row and sizes."""
+        """Collective: raise on every rank unless all ranks hold the same placement row, sizes and chunking."""
         agree(self._info, f"ExpertParallelMoE(layer {self.layer_pos})",
-              self._digest(self._table_placement, 0, self.strategy, self.w13, self.w2), None,
+              self._digest(self._table_placement, 0, self.strategy, self.w13, self.w2, self.max_num_tokens), None,
               device=self.w13.device)
 
     # ------------------------------------------------------------------ tables
@@ -363,27 +377,61 @@ class ExpertParallelMoE(nn.Module):
         self.slot_counts += sent
         self.expert_counts.index_add_(0, self.placement_row, sent)  # counts per expert from the slot counts
 
-        # exchange per-slot counts + error flag: send[r] = (counts of rank r's slots, err)
-        hdr = torch.cat([sent.view(R, spr), err_code.view(1, 1).expand(R, 1)], dim=1)
-        recv_hdr = self._exchange_header(hdr)  # [R, spr + 1]
-        host = torch.cat([recv_hdr.reshape(-1), sent.view(R, spr).sum(1)]).cpu().numpy()  # the one host sync
-        recv_np = host[: R * (spr + 1)].reshape(R, spr + 1)
+        # exchange per-slot counts + error flag: send[r] = (counts of rank r's slots, err); with max_num_tokens
+        # also this rank's row totals for every destination, so each rank learns the full [R, R] send matrix
+        chunked = self.max_num_tokens is not None
+        send_rows = sent.view(R, spr).sum(1)  # [R] rows this rank sends to each rank
+        parts = [sent.view(R, spr), err_code.view(1, 1).expand(R, 1)]
+        if chunked:
+            parts.append(send_rows.view(1, R).expand(R, R))
+        hdr = torch.cat(parts, dim=1)
+        W = int(hdr.shape[1])
+        recv_hdr = self._exchange_header(hdr)  # [R, W]: row s = what source s sends here
+        host = torch.cat([recv_hdr.reshape(-1), send_rows]).cpu().numpy()  # the one host sync
+        recv_np = host[: R * W].reshape(R, W)
         codes = recv_np[:, spr]
         if np.any(codes != 0):
             self._raise_input_error(codes, local_err)
-        send_split = [int(v) for v in host[R * (spr + 1):]]
+        send_tot = host[R * W:].astype(np.int64)
         recv_counts_np = recv_np[:, :spr]
-        recv_split = [int(v) for v in recv_counts_np.sum(1)]
+        recv_tot = recv_counts_np.sum(1).astype(np.int64)
+        matrix = recv_np[:, spr + 1:].astype(np.int64) if chunked else None
+        plan = _round_plan(send_tot, recv_tot, matrix, self.rank, self.max_num_tokens)
 
-        tok = order // k
-        send_x = hidden[tok]
-        recv_x = self._all_to_all(send_x, send_split, recv_split)
-        recv_counts = recv_hdr[:, :spr]
-        y = self._local_compute(recv_x, recv_counts, recv_counts_np)
-        back = self._all_to_all(y.to(hidden.dtype), recv_split, send_split)
-        w = topk_weights.reshape(-1)[order].float()
+        w_all = topk_weights.reshape(-1)[order].float()
         out = torch.zeros(N, H, dtype=torch.float32, device=dev)
-        out.index_add_(0, tok, back.float() * w[:, None])
+        # local slot of every row this rank receives, in the incoming order (source-major, then local slot)
+        total_in = int(recv_tot.sum())
+        lsid = torch.repeat_interleave(torch.arange(spr, device=dev).repeat(R), recv_hdr[:, :spr].reshape(-1),
+                                       output_size=total_in)
+        block_end = np.cumsum(recv_counts_np.reshape(-1))
+        block_start = block_end - recv_counts_np.reshape(-1)
+        send_start = np.cumsum(send_tot) - send_tot  # where this rank's rows for each destination start in `order`
+        pos = 0
+        round_rows: list[int] = []
+        for send_lo, send_len, recv_len in plan:
+            if send_lo is None:  # one round: everything
+                rows = order
+                w = w_all
+            else:
+                first = send_start + send_lo
+                n_send = int(send_len.sum())
+                sel = np.repeat(first - (np.cumsum(send_len) - send_len), send_len) + np.arange(n_send)
+                sel_t = torch.from_numpy(sel).to(dev)
+                rows = order[sel_t]
+                w = w_all[sel_t]
+            send_split = [int(v) for v in send_len]
+            recv_split = [int(v) for v in recv_len]
+            tok = rows // k
+            recv_x = self._all_to_all(hidden[tok], send_split, recv_split)
+            n_in = int(recv_x.shape[0])
+            y = self._local_compute(recv_x, lsid[pos:pos + n_in], pos, block_start, block_end)
+            pos += n_in
+            round_rows.append(n_in)
+            back = self._all_to_all(y.to(hidden.dtype), recv_split, send_split)
+            out.index_add_(0, tok, back.float() * w[:, None])
+        self.round_recv_rows = round_rows
+        self.max_round_recv_rows = max([self.max_round_recv_rows, *round_rows])
         self.steps += 1
         return out.to(hidden.dtype)
 
@@ -425,34 +473,33 @@ class ExpertParallelMoE(nn.Module):
         return out
 
     # ---------------------------------------------------------- local compute
-    def _local_compute(self, recv_x: torch.Tensor, recv_counts: torch.Tensor,
-                       recv_counts_np: np.ndarray) -> torch.Tensor:
-        """Experts on received rows, ordered by (source rank, local slot); same order out."""
-        spr, R = self.slots_per_rank, self.num_ranks
-        M = int(recv_x.shape[0])
+    def _local_compute(self, recv_x: torch.Tensor, lsid: torch.Tensor, first: int, block_start: np.ndarray,
+                       block_end: np.ndarray) -> torch.Tensor:
+        """Experts on one round's received rows (ordered by source rank, then local slot); same order out.
+
+        Args:
+            recv_x: ``[n, H]`` rows at positions ``first .. first + n - 1`` of this rank's incoming order.
+            lsid: ``int64 [n]`` their local slots.
+            block_start, block_end: ``[R * spr]`` host positions of each (source, local slot) block in the
+                incoming order (the loop implementation's per-slot counts come from them, no host sync).
+        """
+        spr = self.slots_per_rank
+        n = int(recv_x.shape[0])
         dev = recv_x.device
-        out = torch.empty(M, self.hidden_size, dtype=self.w13.dtype, device=dev)
-        if M == 0:
+        out = torch.empty(n, self.hidden_size, dtype=self.w13.dtype, device=dev)
+        if n == 0:
             return out
         impl = self.compute_impl
-        slot_of_block = torch.arange(spr, device=dev).repeat(R)
-        lsid = torch.repeat_interleave(slot_of_block, recv_counts.reshape(-1), output_size=M)
-        step = M if self.max_num_tokens is None else self.max_num_tokens
-        # host-side per-chunk counts (for the loop implementation): overlap of each (rank, slot) block with the chunk
-        ends = np.cumsum(recv_counts_np.reshape(-1))
-        starts = ends - recv_counts_np.reshape(-1)
-        for a in range(0, M, step):
-            b = min(a + step, M)
-            ls = lsid[a:b]
-            perm = torch.argsort(ls, stable=True)
-            counts = torch.zeros(spr, dtype=torch.int64, device=dev).index_add_(0, ls, torch.ones_like(ls))
-            host = None
-            if impl == "loop":
-                ov = np.clip(np.minimum(ends, b) - np.maximum(starts, a), 0, None).reshape(R, spr).sum(0)
-                host = [int(v) for v in ov]
-            y = expert_ffn(recv_x[a:b][perm], counts, self.w13, self.w2, act=self.act, impl=impl, counts_host=host)
-            out[a + perm] = y
-            self.local_slot_counts += counts
+        perm = torch.argsort(lsid, stable=True)
+        counts = torch.zeros(spr, dtype=torch.int64, device=dev).index_add_(0, lsid, torch.ones_like(lsid))
+        host = None
+        if impl == "loop":
+            a, b = first, first + n
+            ov = np.clip(np.minimum(block_end, b) - np.maximum(block_start, a), 0, None).reshape(-1, spr).sum(0)
+            host = [int(v) for v in ov]
+        y = expert_ffn(recv_x[perm], counts, self.w13, self.w2, act=self.act, impl=impl, counts_host=host)
+        out[perm] = y
+        self.local_slot_counts += counts
         return out
 
     def extra_repr(self) -> str:
@@ -521,6 +568,42 @@ def local_slice(w13_full: torch.Tensor, w2_full: torch.Tensor, placement: Placem
         w13 = w13.to(device=device, dtype=dtype)
         w2 = w2.to(device=device, dtype=dtype)
     return w13.contiguous(), w2.contiguous()
+
+
+def _round_plan(send_tot: np.ndarray, recv_tot: np.ndarray, matrix: np.ndarray | None, rank: int,
+                max_num_tokens: int | None) -> list[tuple[np.ndarray | None, np.ndarray, np.ndarray]]:
+    """The all-to-all rounds of one forward, identical on every rank (host-side, no collective).
+
+    Args:
+        send_tot: ``int64 [R]`` rows this rank sends to each rank.
+        recv_tot: ``int64 [R]`` rows this rank receives from each rank.
+        matrix: ``int64 [R, R]`` rows sent from each source (row) to each destination (column), or
+            ``None`` (no ``max_num_tokens``): one round with everything.
+
+    Returns:
+        per round ``(send_lo [R] | None, send_len [R], recv_len [R])``: this rank sends rows
+        ``send_lo[d] .. send_lo[d] + send_len[d] - 1`` of its block for destination ``d`` and receives
+        ``recv_len[s]`` rows from source ``s``. In round ``j`` destination ``d`` receives the rows at
+        positions ``[j*M, (j+1)*M)`` of its incoming order (source-major, then local slot), so no rank
+        receives more than ``M = max_num_tokens`` rows per round; the number of rounds is
+        ``max_d ceil(received_d / M)`` (0 when no rows travel at all).
+    """
+    if matrix is None:
+        return [(None, send_tot, recv_tot)]
+    if max_num_tokens is None:
+        raise ValueError("max_num_tokens: needed with a send matrix")
+    M = int(max_num_tokens)
+    me = int(rank)
+    into = matrix.sum(0)  # [R] rows each destination receives
+    offset = np.cumsum(matrix, axis=0) - matrix  # [R, R] where source s's rows start in d's incoming order
+    n_rounds = int(-(-into.max() // M)) if into.size else 0
+    plan: list[tuple[np.ndarray | None, np.ndarray, np.ndarray]] = []
+    for j in range(n_rounds):
+        lo = np.clip(j * M - offset, 0, matrix)
+        hi = np.clip((j + 1) * M - offset, 0, matrix)
+        length = hi - lo
+        plan.append((lo[me], length[me], length[:, me]))
+    return plan
 
 
 def _device_of(t: Any) -> torch.device | None:
