@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from eplb.policies.keep import preserve_slots
+
 __all__ = [
     "align_ranks",
     "count_step",
@@ -372,6 +374,9 @@ def align_ranks(current: np.ndarray, new: np.ndarray, num_packs: int, num_expert
     result balances exactly as well as ``new`` while needing fewer expert copies from ``current``.
     Packs are matched greedily (the pair sharing the most experts first, vectorised over rows) and
     then improved by pairwise exchanges; inside a pack an expert that stays keeps its old slot.
+    (The pack matching stays greedy rather than :func:`eplb.policies.keep.match_ranks`: that one
+    maximises distinct experts kept, which can cost a copy or two more when a pack holds an expert
+    twice; the within-pack step is :func:`eplb.policies.keep.preserve_slots`.)
 
     Args:
         current, new: ``[X, S]`` phy2log rows.
@@ -416,32 +421,7 @@ def align_ranks(current: np.ndarray, new: np.ndarray, num_packs: int, num_expert
     out = np.empty_like(blocks)
     out[rows[:, None], assign] = blocks
     # within each pack: experts that stay keep their old local slot
-    cur_b = current.reshape(X, P, spr)
-    res = out.copy()
-    free = np.ones((X, P, spr), dtype=bool)  # local slot still free
-    placed = np.zeros((X, P, spr), dtype=bool)  # new item already placed
-    for j in range(spr):  # old local slot j
-        e_old = cur_b[:, :, j]  # [X, P]
-        match = (out == e_old[:, :, None]) & ~placed  # new items equal to the old expert in slot j
-        hit = match.any(axis=2)
-        k = np.argmax(match, axis=2)
-        xs, ps = np.nonzero(hit)
-        ks = k[xs, ps]
-        res[xs, ps, j] = out[xs, ps, ks]
-        placed[xs, ps, ks] = True
-        free[xs, ps, j] = False
-    # remaining new items fill remaining free local slots in order
-    for _ in range(spr):
-        todo = ~placed
-        if not todo.any():
-            break
-        xs, ps = np.nonzero(todo.any(axis=2))
-        ks = np.argmax(todo[xs, ps], axis=1)
-        js = np.argmax(free[xs, ps], axis=1)
-        res[xs, ps, js] = out[xs, ps, ks]
-        placed[xs, ps, ks] = True
-        free[xs, ps, js] = False
-    return res.reshape(X, S)
+    return preserve_slots(out.reshape(X, S), current, P, num_experts)
 
 
 def _top2_by_expert(val: np.ndarray, p2l: np.ndarray, counts: np.ndarray, slot_pack: np.ndarray
