@@ -156,13 +156,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _gpu_time(fn: Any, n: int = 200) -> float:
-    """Mean ms of GPU time per ``fn`` call: the calls run back to back behind a sleep kernel."""
+def _gpu_time(fn: Any, n: int = 200, sleep: bool = True) -> float:
+    """Mean ms of GPU time per ``fn`` call: the calls run back to back (behind a sleep kernel when ``sleep``)."""
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(50_000_000)  # ~25-30 ms: the host enqueues every call meanwhile
+    if sleep:
+        torch.cuda._sleep(50_000_000)  # ~25-30 ms: the host enqueues every call meanwhile
     a.record()
     for _ in range(n):
         fn()
@@ -173,17 +174,10 @@ def _gpu_time(fn: Any, n: int = 200) -> float:
 
 def _op_time(fn: Any, dev: torch.device, args: argparse.Namespace, n: int = 200) -> float:
     """Mean ms of ``fn`` over ``n`` back-to-back calls (CUDA events / wall clock)."""
+    if dev.type == "cuda":
+        return _gpu_time(fn, n, sleep=False)
     for _ in range(10):
         fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            fn()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / n
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
