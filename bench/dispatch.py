@@ -23,21 +23,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 import eplb
+from _common import command_line, write_text
 from eplb.datasets import load_builtin
 from eplb.dispatch import per_step_lower_bound, split_rank_loads
 from eplb.metrics import imbalance_ratio, rank_loads
 from eplb.placement import Placement
 from eplb.policies.deepseek import replicate
-from eplb.stats.trace import atomic_write
 from eplb.synthetic import deepseek_v3_like
 
 ISSUE = {  # issue 7's table: DS static, DS oracle static, DS + greedy water-filling, fresh DS per step
@@ -147,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
               f"ours+balanced {r['ours_balanced']:.3f}, fresh {r['fresh_oracle']:.3f}, LP ours {r['lp_ours']:.3f}")
     elapsed = time.perf_counter() - t_start
 
-    cmd = "python bench/dispatch.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = command_line(argv)
     lines = [
         "# Balanced dispatch and the dispatch-aware placement (bench/dispatch.py)",
         "",
@@ -219,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "valid) placements whose static imbalance differs by up to 0.02 here; the package's `rebalance_experts` "
         "uses torch's order and reproduces the issue's numbers.",
     ]
-    atomic_write(Path(args.out), ("\n".join(lines) + "\n").encode())
+    write_text(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
     return 0
 

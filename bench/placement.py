@@ -33,10 +33,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXP
     os.environ[_v] = "1"
 
 import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
 import platform  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -46,13 +43,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import eplb  # noqa: E402
+from _common import REPO, command_line, utc_minute, write_text  # noqa: E402
 from eplb.datasets import load_builtin  # noqa: E402
 from eplb.metrics import hierarchical_lower_bound, lower_bound, max_rank_load, step_imbalance  # noqa: E402
-from eplb.stats.trace import atomic_write  # noqa: E402
 from eplb.synthetic import deepseek_v3_like  # noqa: E402
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -184,15 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             flush=True)
 
     lines: list[str] = []
-    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     lines += [
         "# Placement policies benchmark",
         "",
-        f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {utc_minute()}",
         f"- device: CPU `{platform.processor() or platform.machine()}`, {os.cpu_count()} cores on the machine, "
         f"ONE thread used (OMP/BLAS threads = 1, torch.set_num_threads(1)); Python {platform.python_version()}, "
         f"numpy {np.__version__}, torch {torch.__version__}",
-        f"- command: `{cmd}`",
+        f"- command: `{command_line()}`",
         "- timings: best of "
         f"{args.repeats} runs (eplb-robust: 1 run); the 2-core machine is shared with other jobs, so times are noisy",
         "- max/mean: max rank load / mean rank load of the summed planning window (uniform split over replicas), mean over"
@@ -319,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, text.encode())
+    write_text(args.out, text)
     print(f"wrote {args.out}")
     return 0
 

@@ -21,16 +21,15 @@ suggestion for ``other_ms_per_layer``, not applied to the numbers above).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, command_line, today, write_text
+
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -122,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     L = len(d["trace_layers"])
     resid = np.array([r["measured_ms"] - r["sim_ms"] for r in rows])
     overhead = float(resid.mean() / L)
-    cmd = "python " + " ".join(shlex.quote(v) for v in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    cmd = command_line(argv)
     lines = [
         "# Simulator validation: predicted vs measured EP step time", "",
-        f"- date: {datetime.date.today().isoformat()}", f"- command: `{cmd}`",
+        f"- date: {today()}", f"- command: `{cmd}`",
         f"- measured: `{mpath.name}` from bench/runtime_ep.py on {d['device']} ({d['date']}; `{d['command']}`)",
         f"- configuration: {d['experts']} experts, top-{d['top_k']}, "
         f"{d.get('batches', [d.get('batch_per_rank')])} tokens/rank/step, {L} MoE "
@@ -165,11 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(a.out) if a.out else REPO / "bench/results/simulator.md"
-    from eplb.stats.trace import atomic_write
-
-    atomic_write(out, text.encode())
-    atomic_write(out.with_suffix(".json"), (json.dumps({"rows": rows, "cost_model": cm.to_dict(),
-                                                         "measured": str(mpath)}, indent=1) + "\n").encode())
+    write_text(out, text)
+    write_text(out.with_suffix(".json"), json.dumps({"rows": rows, "cost_model": cm.to_dict(),
+                                                     "measured": str(mpath)}, indent=1) + "\n")
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 
