@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
+from eplb.cli._args import check_layout_args
 from eplb.placement import Placement
 from eplb.stats.trace import Trace, atomic_write, parse_range
 
@@ -109,22 +110,6 @@ def _parse_layer_ids(spec: str | None) -> list[int] | None:
     if not out or len(set(out)) != len(out):
         raise ValueError(f"layer-ids: expected distinct layer ids, got {spec!r}")
     return out
-
-
-def _check_layout_args(num_experts: int, num_slots: int, ep_size: int, num_nodes: int, num_groups: int) -> None:
-    """The plan arguments' consistency, with the CLI's option names in the messages."""
-    for name, v in (("num-slots", num_slots), ("ep-size", ep_size), ("num-nodes", num_nodes), ("num-groups", num_groups)):
-        if v <= 0:
-            raise ValueError(f"{name}: expected a positive integer, got {v}")
-    if num_slots < num_experts:
-        raise ValueError(f"num-slots: {num_slots} slots cannot hold the trace's {num_experts} experts (need >= {num_experts})")
-    if num_slots % ep_size:
-        raise ValueError(f"num-slots: {num_slots} slots cannot be split evenly over ep-size {ep_size} ranks "
-                         f"(try {((num_slots + ep_size - 1) // ep_size) * ep_size})")
-    if ep_size % num_nodes:
-        raise ValueError(f"num-nodes: ep-size {ep_size} ranks cannot be split evenly over {num_nodes} nodes")
-    if num_experts % num_groups:
-        raise ValueError(f"num-groups: {num_experts} experts cannot be split into {num_groups} equal groups")
 
 
 def parse_held_out(spec: str) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -354,7 +339,7 @@ def plan_placement(
 
     pol = _best_policy(policy)
     S = int(num_slots) if num_slots is not None else trace.num_experts
-    _check_layout_args(trace.num_experts, S, int(ep_size), int(num_nodes), int(num_groups))
+    check_layout_args(trace.num_experts, S, int(ep_size), int(num_nodes), int(num_groups))
     meta = {
         "trace": trace_spec, "trace_digest": trace.digest(), "model": trace.model,
         "iter_range": iter_range or _fmt_range(None, trace), "num_steps": trace.num_steps,

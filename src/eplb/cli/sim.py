@@ -10,6 +10,8 @@ from typing import Any
 
 import typer
 
+from eplb.cli._args import check_layout_args
+
 TRACE_HELP = ("trace: 'builtin:NAME' (eplb.datasets), an eplb .safetensors trace, a recording directory, a "
               "TensorRT-LLM dump directory, an SGLang .pt dump, or a plain .npy/.npz/.csv/.json [T, L, E] array")
 
@@ -116,6 +118,8 @@ def simulate_cmd(
             num_slots = cfg.num_slots
     elif online is not None:
         cfg = online
+    if num_slots is not None:
+        check_layout_args(data.num_experts, int(num_slots), int(ep_size), int(num_nodes), int(num_groups))
     console = Console()
     with _progress(progress and console.is_terminal) as update:
         report = simulate(data, ep_size=ep_size, num_slots=num_slots, num_nodes=num_nodes, num_groups=num_groups,
