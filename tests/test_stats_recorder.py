@@ -160,7 +160,7 @@ def test_register_router_for_other_modules() -> None:
 
     register_router("Gate", topk_from_logits(2))
     model = Block()
-    rec = attach(model, device="cpu")
+    rec = attach(model, device="cpu", top_k=2)  # explicit recorder options pass through (top_k used to clash)
     x = torch.randn(7, 8)
     model(x)
     tr = rec.trace()

@@ -509,20 +509,24 @@ def convert_cmd(
     num_slots: Annotated[int | None, typer.Option("--num-slots", help="sglang logical_count input: slots to plan.")] = None,
     policy: Annotated[str | None, typer.Option("--policy", help="sglang logical_count input: policy.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Trace outputs: replace an existing output.")] = False,
+    expert_map: Annotated[str | None, typer.Option("--expert-map", help="Trace inputs: the vllm-ascend expert map that maps its per-slot load arrays to experts.")] = None,
+    iter_range: Annotated[str | None, typer.Option("--iter-range", help="Trace inputs: steps a-b to keep.")] = None,
 ) -> None:
-    """Convert a map between engine formats (traces are converted by the eplb.stats readers/writers)."""
+    """Convert a map between engine formats, or a trace between statistics formats (eplb.stats readers/writers)."""
     from eplb.formats import FORMATS, format_for_path, read_placement, write_placement
 
     builtin = str(input).startswith(BUILTIN_PREFIX)
     if not builtin and not input.exists():
         raise ValueError(f"{input}: no such file or directory")
-    if builtin or _is_trace_input(input, from_):
-        from eplb.stats.importers import read_trace, write_trace
+    if builtin or expert_map is not None or _is_trace_input(input, from_):
+        from eplb.cli.stats import convert_trace
 
-        tr = load_trace(str(input)) if builtin else read_trace(input, from_ if from_ not in (None, "native") else None)
-        write_trace(tr, output, to, overwrite=force, ep_size=ep_size)
+        tr = convert_trace(str(input), output, from_format=from_ if from_ not in (None, "native") else None,
+                           to_format=to, iter_range=iter_range, ep_size=ep_size, expert_map=expert_map, overwrite=force)
         print(f"wrote trace {output}: {tr.num_steps} steps x {tr.num_layers} layers x {tr.num_experts} experts")
         return
+    if iter_range is not None:
+        raise ValueError("iter-range: only used when converting traces")
     fmt_out = format_for_path(output, to)
     pl = read_placement(input, from_, num_experts=num_experts, ep_size=ep_size, num_nodes=num_nodes,
                         layer_ids=_parse_layer_ids(layer_ids), num_slots=num_slots, policy=policy)

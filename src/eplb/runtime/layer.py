@@ -296,7 +296,7 @@ class ExpertParallelMoE(nn.Module):
             cur, new = getattr(self, name), new_local_weights[name]
             if new.data_ptr() != cur.data_ptr():  # the live tensors themselves (updated in place): no copy
                 cur.data.copy_(new)
-        self.placement_row.copy_(torch.as_tensor(row, device=self.placement_row.device))
+        self.placement_row.copy_(torch.from_numpy(np.array(row, dtype=np.int64)).to(self.placement_row.device))
         self._table_placement = newp
         self._table = None
 

@@ -519,8 +519,8 @@ def attach(
             p = next(model.parameters(), None)
             dev = p.device if p is not None else "cpu"
         kwargs.setdefault("model", getattr(getattr(model, "config", None), "model_type", "") or type(model).__name__)
-        recorder = ExpertRecorder(len(routers), E.pop(), layer_ids=[r.layer_id for r in routers],
-                                  top_k=routers[0].top_k, device=dev, **kwargs)
+        kwargs.setdefault("top_k", routers[0].top_k)
+        recorder = ExpertRecorder(len(routers), E.pop(), layer_ids=[r.layer_id for r in routers], device=dev, **kwargs)
     handles = []
     for r in routers:
         handles.append(r.module.register_forward_hook(_make_hook(recorder, r)))
