@@ -11,9 +11,17 @@ the device result equals the CPU torch reference bit for bit, compares the max r
 * ``fused kernel, all layers``: one Triton launch for every layer of a step (per-layer time = total / L);
 * ``assign_slots``: the whole balanced assignment of one rank's tokens (plan + shares + slot lookup), eager and
   CUDA graph; local-first and round-robin for reference.
+* token side (second table; 256 experts, 72 ranks, 288 slots, top-8, 256 and 2048 tokens per rank): turning
+  this rank's running shares ``cum_e [E, K]`` into a slot per token, the current code
+  (:func:`eplb.dispatch.assign.balanced_token_slots`: occurrence ranks from an ``[E, N]`` prefix sum on CUDA or
+  a stable sort on CPU, then the replica from one ``searchsorted`` on CUDA or a boundary histogram on CPU) against
+  the previous one written out here (stable sort for the occurrence ranks + an ``[M, K]`` gather), both eager and in
+  a CUDA graph, and ``assign_slots`` balanced end to end with each. Checks: new == previous on the device, and
+  on CUDA every strategy's ``assign_slots`` equals the CPU result bit for bit.
 
     python bench/dispatch_gpu.py --device cuda            # the lead runs this on an H100
     python bench/dispatch_gpu.py --device cpu --quick     # small CPU check of the script
+    python bench/dispatch_gpu.py --device cpu --token-only  # only the token-side table (CPU: seconds)
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ import torch
 
 import eplb
 from _common import command_line, sample_ms, write_text
-from eplb.dispatch import DispatchTable, assign_slots, layer_tables, lp_max_load, plan_quotas
-from eplb.dispatch.kernel import HAVE_TRITON, plan_quotas_triton
+from eplb.dispatch import DispatchTable, assign_slots, layer_tables, lp_max_load, plan_quotas, source_shares
+from eplb.dispatch.assign import balanced_replica, balanced_token_slots, token_occurrence
+from eplb.dispatch.kernel import HAVE_TRITON, plan_quotas_triton, rank_share_cum_triton
 from eplb.dispatch.split import expert_ranks
 from eplb.synthetic import zipf_popularity
 
@@ -160,8 +169,93 @@ def run_config(name: str, E: int, R: int, S: int, layers: int, steps: int, token
     return res
 
 
+def reference_occurrence(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The previous ``eplb.dispatch.occurrence``: stable int64 sort of the flat ids ``[M]``."""
+    M = ids.shape[0]
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, ids, torch.ones_like(ids))
+    starts = torch.cumsum(counts, 0) - counts
+    occ_sorted = torch.arange(M, device=ids.device) - starts[sorted_ids]
+    occ = torch.empty_like(occ_sorted)
+    occ[perm] = occ_sorted
+    return occ
+
+
+def reference_token_slots(topk_ids: torch.Tensor, tab: DispatchTable, rank: int, cum_e: torch.Tensor) -> torch.Tensor:
+    """The previous balanced token side: sort-based occurrence ranks + an ``[M, K]`` gather of ``cum_e``."""
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    occ = reference_occurrence(ids, tab.num_experts)
+    rep = (cum_e[ids] <= occ.unsqueeze(-1)).sum(-1)
+    over = rep >= tab.logcnt[ids]
+    rep = torch.where(over, torch.remainder(occ + rank, tab.logcnt[ids]), rep)
+    return tab.log2phy[ids, rep].view(topk_ids.shape)
+
+
+def rank_cum(g: torch.Tensor, tab: DispatchTable, rank: int) -> torch.Tensor:
+    """``rank``'s running shares ``[E, K]`` as ``assign_slots`` computes them (one Triton kernel on CUDA)."""
+    if g.is_cuda and HAVE_TRITON:
+        return rank_share_cum_triton(g, tab, rank)[1]
+    return torch.cumsum(source_shares(g, plan_quotas(g, tab), tab, rank), -1)
+
+
+def token_side_config(E: int, R: int, S: int, tokens_per_rank: int, top_k: int, device: torch.device, iters: int,
+                      seed: int) -> dict[str, Any]:
+    """Token-side timings of one rank (rank 0) at one shape; SYNTHETIC Zipf routing, "deepseek" placement."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.as_tensor(zipf_popularity(1, E, 1.0, rng), dtype=torch.float32)[0]  # [E]
+    M = tokens_per_rank * top_k
+
+    def rank_counts() -> torch.Tensor:  # [R, E] counts of R ranks (multinomial draws; only the totals matter)
+        draws = torch.multinomial(probs.expand(R, E), M, replacement=True, generator=gen)
+        return torch.zeros(R, E, dtype=torch.int64).scatter_add_(1, draws, torch.ones(R, M, dtype=torch.int64))
+
+    p = eplb.plan(rank_counts().sum(0)[None].numpy(), S, R, policy="deepseek", num_groups=8 if E % 8 == 0 else 1)
+    tab_cpu = DispatchTable.from_placement(p, 0)
+    ids_cpu = sample_rank_ids(probs, tokens_per_rank, top_k, gen)  # rank 0's tokens
+    g_cpu = rank_counts()
+    g_cpu[0] = torch.bincount(ids_cpu.view(-1), minlength=E)
+    tab, ids, g = tab_cpu.to(device), ids_cpu.to(device), g_cpu.to(device)
+    cum = rank_cum(g, tab, 0)
+    ok = torch.equal(balanced_token_slots(ids, tab, 0, cum), reference_token_slots(ids, tab, 0, cum))
+    for method in ("auto", "sort", "dense"):
+        ok = ok and torch.equal(token_occurrence(ids, E, method), reference_occurrence(ids.view(-1), E))
+    if device.type == "cuda":
+        for strat in ("balanced", "local-first", "round-robin"):
+            a = assign_slots(ids_cpu, tab_cpu, strat, rank=0, global_counts=g_cpu)
+            ok = ok and torch.equal(a, assign_slots(ids, tab, strat, rank=0, global_counts=g).cpu())
+    flat, occ = ids.view(-1), token_occurrence(ids, E)
+    want = (cum[flat] <= occ.unsqueeze(-1)).sum(-1)
+    for method in ("auto", "search", "count"):
+        ok = ok and torch.equal(balanced_replica(flat, occ, cum, method), want)
+    fns: dict[str, Callable[[], Any]] = {
+        "occurrence ranks, previous (stable int64 sort)": lambda: reference_occurrence(ids.view(-1), E),
+        "occurrence ranks, now (token_occurrence, auto)": lambda: token_occurrence(ids, E),
+        "occurrence ranks, int32/int64 stable sort (method='sort')": lambda: token_occurrence(ids, E, "sort"),
+        "occurrence ranks, [E, N] prefix sum (method='dense')": lambda: token_occurrence(ids, E, "dense"),
+        "replica lookup, previous ([M, K] gather, compare, sum)": lambda: (cum[flat] <= occ.unsqueeze(-1)).sum(-1),
+        "replica lookup, now (balanced_replica, auto)": lambda: balanced_replica(flat, occ, cum),
+        "replica lookup, method='search'": lambda: balanced_replica(flat, occ, cum, "search"),
+        "replica lookup, method='count'": lambda: balanced_replica(flat, occ, cum, "count"),
+        "token side, previous (sort + [M, K] gather)": lambda: reference_token_slots(ids, tab, 0, cum),
+        "token side, now (balanced_token_slots)": lambda: balanced_token_slots(ids, tab, 0, cum),
+        "assign_slots balanced end to end, previous token side": lambda: reference_token_slots(
+            ids, tab, 0, rank_cum(g, tab, 0)),
+        "assign_slots balanced end to end, now": lambda: assign_slots(ids, tab, "balanced", rank=0, global_counts=g),
+        "assign_slots round-robin, now": lambda: assign_slots(ids, tab, "round-robin", rank=0, global_counts=g),
+    }
+    timings: dict[str, float | None] = {}
+    for key, fn in fns.items():
+        timings[key] = timeit(fn, device, iters)
+        gr = graphed(fn, device)
+        timings[key + ", CUDA graph"] = timeit(gr, device, iters) if gr else None
+    return {"name": f"E={E} R={R} S={S} top-{top_k}, {tokens_per_rank} tokens/rank", "equal": ok,
+            "K": int(tab_cpu.log2phy.shape[1]), "timings": timings}
+
+
 def write_report(results: list[dict[str, Any]], device: torch.device, args: argparse.Namespace,
-                 argv: list[str] | None) -> None:
+                 argv: list[str] | None, token_results: list[dict[str, Any]] | None = None) -> None:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     lines = [
         "# Balanced dispatch: kernel timing (bench/dispatch_gpu.py)",
@@ -178,20 +272,32 @@ def write_report(results: list[dict[str, Any]], device: torch.device, args: argp
         "| config | policy | E | R | S | F x Kd | colours | device == cpu | imbalance uniform | balanced | LP bound | gap mean (max) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in results:
+    for r in results if results else []:
         lines.append(f"| {r['name']} | {r['policy']} | {r['E']} | {r['R']} | {r['S']} | {r['F']} x {r['Kd']} | {r['colors']} | "
                      f"{r['equal']} | {r['imb_uniform']:.4f} | {r['imb_balanced']:.4f} | {r['imb_lp']:.4f} | "
                      f"{r['gap_mean']:.3f} ({r['gap_max']:.0f}) |")
-    lines += ["", "## Timings (median microseconds)", ""]
-    keys = list(results[0]["timings"])
-    lines.append("| what | " + " | ".join(f"{r['name']} [{r['policy']}]" for r in results) + " |")
-    lines.append("| --- |" + " --- |" * len(results))
-    for key in keys:
-        cells = []
-        for r in results:
-            v = r["timings"].get(key)
-            cells.append("n/a" if v is None else f"{v:.1f}")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if results:
+        lines += ["", "## Timings (median microseconds)", ""]
+        keys = list(results[0]["timings"])
+        lines.append("| what | " + " | ".join(f"{r['name']} [{r['policy']}]" for r in results) + " |")
+        lines.append("| --- |" + " --- |" * len(results))
+        for key in keys:
+            cells = []
+            for r in results:
+                v = r["timings"].get(key)
+                cells.append("n/a" if v is None else f"{v:.1f}")
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if token_results:
+        lines += ["", "## Token side (median microseconds, rank 0; SYNTHETIC Zipf routing, deepseek placement)", "",
+                  "`checks`: the current token side equals the previous one (sort + [M, K] gather) on this device"
+                  + (", and every strategy's assign_slots on CUDA equals the CPU result" if device.type == "cuda"
+                     else "") + ".", ""]
+        lines.append("| what | " + " | ".join(f"{r['name']} (K={r['K']})" for r in token_results) + " |")
+        lines.append("| --- |" + " --- |" * len(token_results))
+        lines.append("| checks | " + " | ".join("pass" if r["equal"] else "FAIL" for r in token_results) + " |")
+        for key in token_results[0]["timings"]:
+            cells = ["n/a" if r["timings"][key] is None else f"{r['timings'][key]:.1f}" for r in token_results]
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     write_text(args.out, text)
 
@@ -203,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--out", default="bench/results/dispatch_gpu.md")
     ap.add_argument("--big", action="store_true", help="also 72 ranks x 576 slots (slow: F~86 fluid experts, 9 colours)")
+    ap.add_argument("--token-only", action="store_true", help="only the token-side table")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
@@ -222,7 +329,17 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.big:
             configs.append(("DSv3-like 72 ranks, 576 slots", 256, 72, 576, 4, 8, 128, 8))
-    results = []
+    results: list[dict[str, Any]] = []
+    token_results: list[dict[str, Any]] = []
+    for tpr in (256, 2048):  # the issue's shape: 256 experts, 72 ranks, 288 slots, top-8
+        tr = token_side_config(256, 72, 288, tpr, 8, device, iters, seed=0)
+        token_results.append(tr)
+        print(f"token side, {tr['name']} (K={tr['K']}): checks {'pass' if tr['equal'] else 'FAIL'}")
+        for key, us in tr["timings"].items():
+            print(f"    {key:70s} {'n/a' if us is None else f'{us:9.1f} us'}")
+        write_report(results, device, args, argv, token_results)
+    if args.token_only:
+        configs = []
     for name, E, R, S, L, T, tpr, k in configs:
         for pol in policies:
             r = run_config(name, E, R, S, L, T, tpr, k, pol, device, iters, seed=0)
@@ -232,9 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"gap to integer optimum {r['gap_mean']:.3f} tokens (max {r['gap_max']:.0f})")
             for key, us in r["timings"].items():
                 print(f"    {key:60s} {'n/a' if us is None else f'{us:9.1f} us'}")
-            write_report(results, device, args, argv)  # after every configuration: a time-out still leaves a file
+            write_report(results, device, args, argv, token_results)  # after every config: a time-out leaves a file
     print(f"wrote {args.out}")
-    return 0
+    return 0 if all(r["equal"] for r in token_results) else 1
 
 
 if __name__ == "__main__":

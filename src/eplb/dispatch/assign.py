@@ -20,22 +20,93 @@ from eplb.dispatch.kernel import HAVE_TRITON, plan_quotas_triton, rank_share_cum
 from eplb.dispatch.solver import balanced_quotas, slot_quotas
 from eplb.dispatch.table import DispatchTable
 
-__all__ = ["STRATEGIES", "assign_slots", "occurrence", "plan_quotas", "source_shares"]
+__all__ = ["STRATEGIES", "assign_slots", "balanced_replica", "balanced_token_slots", "occurrence", "plan_quotas", "source_shares",
+           "token_occurrence"]
 
 STRATEGIES = ("local-first", "round-robin", "balanced")
 
+#: On CUDA :func:`token_occurrence` uses the dense ``[E, N]`` count table up to this many entries (``int32``,
+#: 16 MiB), a sort above it.
+DENSE_OCCURRENCE_MAX = 1 << 22
+
 
 def occurrence(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """For flat expert ids ``[M]``: how many earlier entries chose the same expert (``0, 1, 2, ...`` per expert)."""
+    """For flat expert ids ``[M]``: how many earlier entries chose the same expert (``0, 1, 2, ...`` per expert).
+
+    ``int64`` ``[M]``, from a stable sort of the ids (``int32`` keys on CUDA: half the radix passes; ``int64``
+    on CPU, where that measured faster). Ids must lie in ``[0, num_experts)``.
+    """
     M = ids.shape[0]
-    sorted_ids, perm = torch.sort(ids, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-    counts.scatter_add_(0, ids, torch.ones_like(ids))
-    starts = torch.cumsum(counts, 0) - counts
-    occ_sorted = torch.arange(M, device=ids.device) - starts[sorted_ids]
-    occ = torch.empty_like(occ_sorted)
-    occ[perm] = occ_sorted
+    dev = ids.device
+    dt = torch.int32 if ids.is_cuda else torch.int64
+    sorted_ids, perm = torch.sort(ids.to(dt), stable=True)
+    counts = torch.zeros(num_experts, dtype=dt, device=dev)
+    counts.scatter_add_(0, ids.to(torch.int64), torch.ones(M, dtype=dt, device=dev))
+    starts = torch.cumsum(counts, 0, dtype=dt) - counts
+    occ_sorted = torch.arange(M, dtype=dt, device=dev) - starts[sorted_ids.to(torch.int64)]
+    occ = torch.empty(M, dtype=torch.int64, device=dev)
+    occ[perm] = occ_sorted.to(torch.int64)
     return occ
+
+
+def token_occurrence(topk_ids: torch.Tensor, num_experts: int, method: str = "auto") -> torch.Tensor:
+    """:func:`occurrence` of the row-major flattened ``[N, k]`` ids, as ``int64`` ``[N * k]``.
+
+    ``method``: ``"sort"`` (:func:`occurrence`), ``"dense"`` (no sort: entry ``(n, j)``'s occurrence = tokens
+    ``n' < n`` that chose its expert, a prefix sum along tokens of the ``int32`` per-(expert, token) counts
+    ``[E, N]``, + earlier choices ``j' < j`` of token ``n`` with the same expert, ``[N, k, k]``, 0 for distinct
+    top-k ids) or ``"auto"``: dense on CUDA while ``N * E <= DENSE_OCCURRENCE_MAX``, else the sort (on CPU the
+    sort measured faster: torch's CPU prefix sum is slow). All give identical results. Ids ``int64`` in
+    ``[0, num_experts)``.
+    """
+    if method not in ("auto", "sort", "dense"):
+        raise ValueError(f"method: expected 'auto', 'sort' or 'dense', got {method!r}")
+    N, k = topk_ids.shape
+    if method == "sort" or (method == "auto" and (not topk_ids.is_cuda or N * num_experts > DENSE_OCCURRENCE_MAX)):
+        return occurrence(topk_ids.reshape(-1), num_experts)
+    dev = topk_ids.device
+    flat = topk_ids * N + torch.arange(N, device=dev).unsqueeze(1)  # [N, k] position in the [E, N] table
+    per = torch.zeros(num_experts * N, dtype=torch.int32, device=dev)
+    per.scatter_add_(0, flat.view(-1), torch.ones(N * k, dtype=torch.int32, device=dev))
+    incl = torch.cumsum(per.view(num_experts, N), 1, dtype=torch.int32).view(-1)  # tokens <= n per expert
+    # the inclusive count minus this token's choices j' >= j of the same expert (itself included)
+    jj = torch.arange(k, device=dev)
+    at_or_after = (topk_ids.unsqueeze(2) == topk_ids.unsqueeze(1)) & (jj.view(1, k) >= jj.view(k, 1))
+    occ = incl[flat] - at_or_after.sum(-1, dtype=torch.int32)
+    return occ.view(-1).to(torch.int64)
+
+
+def balanced_replica(ids: torch.Tensor, occ: torch.Tensor, cum_e: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """Replica index of each entry under this rank's running shares: ``(cum_e[ids] <= occ[:, None]).sum(-1)``.
+
+    ``ids``, ``occ`` ``[M]`` int64: expert ids and :func:`occurrence` ranks (so ``occ < `` the expert's count in
+    ``ids``); ``cum_e`` ``[E, K]`` non-decreasing along ``K``. Returns ``int64`` ``[M]``, without the ``[M, K]``
+    gather. Clamping ``cum_e`` to ``[0, count]`` keeps every comparison with ``occ``. ``method``:
+
+    * ``"search"``: one ``searchsorted`` of ``e * (M + 1) + occ`` in the flattened keys
+      ``e * (M + 1) + clamp(cum_e, 0, M)`` (the experts' rows one after the other; ``int32`` when they fit);
+    * ``"count"``: with this rank's per-expert counts and their exclusive prefix sum ``start``, the replica
+      boundaries ``start[e] + clamp(cum_e[e], 0, count[e])`` are marked in an ``[M + 1]`` histogram whose prefix
+      sum at ``start[e] + occ`` counts ``e * K`` + the boundaries of ``e`` at or below ``occ`` (O(M + E K));
+    * ``"auto"``: ``"search"`` on CUDA (fewer kernels), ``"count"`` on CPU (measured faster there).
+    """
+    if method not in ("auto", "search", "count"):
+        raise ValueError(f"method: expected 'auto', 'search' or 'count', got {method!r}")
+    M = ids.shape[0]
+    E, K = cum_e.shape
+    dev = cum_e.device
+    if method == "search" or (method == "auto" and cum_e.is_cuda):
+        dt = torch.int32 if E * (M + 1) < 2**31 else torch.int64
+        base = torch.arange(E, dtype=dt, device=dev).unsqueeze(-1) * (M + 1)
+        keys = (cum_e.clamp(0, M).to(dt) + base).view(-1)
+        q = ids.to(dt) * (M + 1) + occ.to(dt)
+        return torch.searchsorted(keys, q, right=True) - ids * K
+    counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, ids, torch.ones_like(ids))
+    start = torch.cumsum(counts, 0) - counts
+    bounds = start.unsqueeze(-1) + torch.minimum(cum_e.clamp(min=0), counts.unsqueeze(-1))  # [E, K] in [0, M]
+    marks = torch.zeros(M + 1, dtype=torch.int64, device=dev).scatter_add_(
+        0, bounds.view(-1), torch.ones(E * K, dtype=torch.int64, device=dev))
+    return torch.cumsum(marks, 0)[start[ids] + occ] - ids * K
 
 
 def plan_quotas(global_counts: torch.Tensor, table: DispatchTable, *, backend: str = "auto",
@@ -137,10 +208,11 @@ def assign_slots(topk_ids: torch.Tensor, table: DispatchTable, strategy: str = "
         so the per-slot totals over all ranks equal :func:`plan_quotas`.
     """
     _check(topk_ids, table, strategy, rank, global_counts)
-    ids = topk_ids.reshape(-1).to(torch.int64)
+    ids2 = topk_ids.to(torch.int64)
+    ids = ids2.reshape(-1)
     if strategy == "local-first":
         return table.static_map[rank][ids].view(topk_ids.shape)
-    occ = occurrence(ids, table.num_experts)
+    occ = token_occurrence(ids2, table.num_experts)
     if strategy == "round-robin":
         rep = torch.remainder(occ + rank, table.logcnt[ids])
         return table.log2phy[ids, rep].view(topk_ids.shape)
@@ -150,9 +222,22 @@ def assign_slots(topk_ids: torch.Tensor, table: DispatchTable, strategy: str = "
     else:
         quotas = plan_quotas(global_counts, table)
         cum_e = torch.cumsum(source_shares(global_counts, quotas, table, rank), -1)  # [E, K]
-    cum = cum_e[ids]  # [M, K]
-    rep = (cum <= occ.unsqueeze(-1)).sum(-1)
-    # tokens beyond this rank's announced count (inconsistent global_counts) fall back to round-robin
-    over = rep >= table.logcnt[ids]
-    rep = torch.where(over, torch.remainder(occ + rank, table.logcnt[ids]), rep)
-    return table.log2phy[ids, rep].view(topk_ids.shape)
+    return balanced_token_slots(ids2, table, rank, cum_e, occ)
+
+
+def balanced_token_slots(topk_ids: torch.Tensor, table: DispatchTable, rank: int, cum_e: torch.Tensor,
+                         occ: torch.Tensor | None = None) -> torch.Tensor:
+    """The token side of balanced dispatch: ``[N, k]`` int64 slots from this rank's running shares.
+
+    ``topk_ids`` ``[N, k]`` int64 expert ids; ``cum_e`` ``[E, K]`` = ``cumsum(source_shares(..., rank), -1)``;
+    ``occ`` (optional) = :func:`token_occurrence` of ``topk_ids``. The ``m``-th entry of expert ``e`` goes to
+    the first replica ``j`` with ``m < cum_e[e, j]``; entries beyond this rank's shares (inconsistent
+    ``global_counts``) fall back to round-robin.
+    """
+    ids = topk_ids.reshape(-1)
+    if occ is None:
+        occ = token_occurrence(topk_ids, table.num_experts)
+    rep = balanced_replica(ids, occ, cum_e)  # == (cum_e[ids] <= occ[:, None]).sum(-1)
+    cnt = table.logcnt[ids]
+    rep = torch.where(rep >= cnt, torch.remainder(occ + rank, cnt), rep)
+    return table.log2phy.reshape(-1)[ids * table.log2phy.shape[1] + rep].view(topk_ids.shape)
