@@ -264,15 +264,19 @@ def write_report(results: list[dict[str, Any]], device: torch.device, args: argp
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- command: `{command_line(argv)}`",
         f"- host: {platform.node()} ({os.cpu_count()} CPUs)",
-        "- data: SYNTHETIC (Zipf popularity, top-k Gumbel sampling per token and source rank); placement planned on the "
-        "first half of the steps, checked on the second half.",
-        "- `device == cpu`: (step, layer) problems whose device quotas equal the CPU torch reference exactly.",
-        "- gap: max rank load minus the integer optimum ceil(LP bound), tokens, mean (max) over test problems.",
-        "",
-        "| config | policy | E | R | S | F x Kd | colours | device == cpu | imbalance uniform | balanced | LP bound | gap mean (max) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in results if results else []:
+    if results:
+        lines += [
+            "- data: SYNTHETIC (Zipf popularity, top-k Gumbel sampling per token and source rank); placement planned on "
+            "the first half of the steps, checked on the second half.",
+            "- `device == cpu`: (step, layer) problems whose device quotas equal the CPU torch reference exactly.",
+            "- gap: max rank load minus the integer optimum ceil(LP bound), tokens, mean (max) over test problems.",
+            "",
+            "| config | policy | E | R | S | F x Kd | colours | device == cpu | imbalance uniform | balanced | LP bound "
+            "| gap mean (max) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+    for r in results:
         lines.append(f"| {r['name']} | {r['policy']} | {r['E']} | {r['R']} | {r['S']} | {r['F']} x {r['Kd']} | {r['colors']} | "
                      f"{r['equal']} | {r['imb_uniform']:.4f} | {r['imb_balanced']:.4f} | {r['imb_lp']:.4f} | "
                      f"{r['gap_mean']:.3f} ({r['gap_max']:.0f}) |")
@@ -289,6 +293,10 @@ def write_report(results: list[dict[str, Any]], device: torch.device, args: argp
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
     if token_results:
         lines += ["", "## Token side (median microseconds, rank 0; SYNTHETIC Zipf routing, deepseek placement)", "",
+                  "\"previous\" rows: the code before the token-side change (sort-based occurrence ranks, an [M, K] "
+                  "gather of the running shares), written out in this script; \"now\": `eplb.dispatch.assign` as "
+                  "installed. One synthetic step: rank 0's tokens by Gumbel top-k, the other ranks' counts by "
+                  "multinomial draws.", "",
                   "`checks`: the current token side equals the previous one (sort + [M, K] gather) on this device"
                   + (", and every strategy's assign_slots on CUDA equals the CPU result" if device.type == "cuda"
                      else "") + ".", ""]

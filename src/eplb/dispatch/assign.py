@@ -65,15 +65,14 @@ def token_occurrence(topk_ids: torch.Tensor, num_experts: int, method: str = "au
     if method == "sort" or (method == "auto" and (not topk_ids.is_cuda or N * num_experts > DENSE_OCCURRENCE_MAX)):
         return occurrence(topk_ids.reshape(-1), num_experts)
     dev = topk_ids.device
-    flat = topk_ids * N + torch.arange(N, device=dev).unsqueeze(1)  # [N, k] position in the [E, N] table
+    flat = torch.add(torch.arange(N, device=dev).unsqueeze(1), topk_ids, alpha=N)  # [N, k] place in [E, N]
     per = torch.zeros(num_experts * N, dtype=torch.int32, device=dev)
     per.scatter_add_(0, flat.view(-1), torch.ones(N * k, dtype=torch.int32, device=dev))
     incl = torch.cumsum(per.view(num_experts, N), 1, dtype=torch.int32).view(-1)  # tokens <= n per expert
     # the inclusive count minus this token's choices j' >= j of the same expert (itself included)
     jj = torch.arange(k, device=dev)
     at_or_after = (topk_ids.unsqueeze(2) == topk_ids.unsqueeze(1)) & (jj.view(1, k) >= jj.view(k, 1))
-    occ = incl[flat] - at_or_after.sum(-1, dtype=torch.int32)
-    return occ.view(-1).to(torch.int64)
+    return (incl[flat] - at_or_after.sum(-1)).view(-1)  # int32 - int64 -> int64
 
 
 def balanced_replica(ids: torch.Tensor, occ: torch.Tensor, cum_e: torch.Tensor, method: str = "auto") -> torch.Tensor:
@@ -84,7 +83,7 @@ def balanced_replica(ids: torch.Tensor, occ: torch.Tensor, cum_e: torch.Tensor, 
     gather. Clamping ``cum_e`` to ``[0, count]`` keeps every comparison with ``occ``. ``method``:
 
     * ``"search"``: one ``searchsorted`` of ``e * (M + 1) + occ`` in the flattened keys
-      ``e * (M + 1) + clamp(cum_e, 0, M)`` (the experts' rows one after the other; ``int32`` when they fit);
+      ``e * (M + 1) + clamp(cum_e, 0, M)`` (the experts' rows one after the other);
     * ``"count"``: with this rank's per-expert counts and their exclusive prefix sum ``start``, the replica
       boundaries ``start[e] + clamp(cum_e[e], 0, count[e])`` are marked in an ``[M + 1]`` histogram whose prefix
       sum at ``start[e] + occ`` counts ``e * K`` + the boundaries of ``e`` at or below ``occ`` (O(M + E K));
@@ -96,17 +95,16 @@ def balanced_replica(ids: torch.Tensor, occ: torch.Tensor, cum_e: torch.Tensor, 
     E, K = cum_e.shape
     dev = cum_e.device
     if method == "search" or (method == "auto" and cum_e.is_cuda):
-        dt = torch.int32 if E * (M + 1) < 2**31 else torch.int64
-        base = torch.arange(E, dtype=dt, device=dev).unsqueeze(-1) * (M + 1)
-        keys = (cum_e.clamp(0, M).to(dt) + base).view(-1)
-        q = ids.to(dt) * (M + 1) + occ.to(dt)
-        return torch.searchsorted(keys, q, right=True) - ids * K
+        base = torch.arange(E, dtype=torch.int64, device=dev).unsqueeze(-1) * (M + 1)
+        keys = (cum_e.clamp(0, M) + base).view(-1)
+        idx = torch.searchsorted(keys, torch.add(occ, ids, alpha=M + 1), right=True)
+        return torch.sub(idx, ids, alpha=K)
     counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, ids, torch.ones_like(ids))
     start = torch.cumsum(counts, 0) - counts
     bounds = start.unsqueeze(-1) + torch.minimum(cum_e.clamp(min=0), counts.unsqueeze(-1))  # [E, K] in [0, M]
     marks = torch.zeros(M + 1, dtype=torch.int64, device=dev).scatter_add_(
         0, bounds.view(-1), torch.ones(E * K, dtype=torch.int64, device=dev))
-    return torch.cumsum(marks, 0)[start[ids] + occ] - ids * K
+    return torch.sub(torch.cumsum(marks, 0)[start[ids] + occ], ids, alpha=K)
 
 
 def plan_quotas(global_counts: torch.Tensor, table: DispatchTable, *, backend: str = "auto",
@@ -240,4 +238,4 @@ def balanced_token_slots(topk_ids: torch.Tensor, table: DispatchTable, rank: int
     rep = balanced_replica(ids, occ, cum_e)  # == (cum_e[ids] <= occ[:, None]).sum(-1)
     cnt = table.logcnt[ids]
     rep = torch.where(rep >= cnt, torch.remainder(occ + rank, cnt), rep)
-    return table.log2phy.reshape(-1)[ids * table.log2phy.shape[1] + rep].view(topk_ids.shape)
+    return table.log2phy.reshape(-1)[torch.add(rep, ids, alpha=table.log2phy.shape[1])].view(topk_ids.shape)
