@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from eplb.dispatch import DispatchTable, assign_slots
 from eplb.placement import Placement, PlacementError
 from eplb.runtime.compute import Activation, expert_ffn, resolve_activation, resolve_impl
 from eplb.runtime.distributed import AgreementError, GroupInfo, agree, fingerprint, group_info
@@ -231,7 +232,6 @@ class ExpertParallelMoE(nn.Module):
 
     # ------------------------------------------------------------------ tables
     def _dispatch_table(self) -> Any:
-        from eplb.dispatch import DispatchTable
 
         dev = self.placement_row.device
         if self._table is None:
@@ -368,8 +368,6 @@ class ExpertParallelMoE(nn.Module):
             local = torch.zeros(E, dtype=torch.int64, device=dev).index_add_(
                 0, flat_ids, torch.ones_like(flat_ids))
             global_counts = self._all_gather_counts(local)
-        from eplb.dispatch import assign_slots
-
         slots = assign_slots(ids, table, self.strategy, rank=self.rank, global_counts=global_counts)
         flat = slots.reshape(-1).to(torch.int64)
         order = torch.argsort(flat, stable=True)
