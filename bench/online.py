@@ -57,9 +57,9 @@ import eplb.synthetic  # noqa: E402
 from eplb import Placement  # noqa: E402
 from eplb.dispatch import split_rank_loads  # noqa: E402
 from eplb.metrics import balancedness  # noqa: E402
+from eplb.online import BalancerConfig  # noqa: E402
 from eplb.runtime.balancer import OnlineBalancer  # noqa: E402
 from eplb.runtime.layer import ExpertParallelMoE  # noqa: E402
-from eplb.runtime.manager import BalancerConfig  # noqa: E402
 from eplb.runtime.trace_router import TraceRouter  # noqa: E402
 from eplb.stats.trace import atomic_write  # noqa: E402
 

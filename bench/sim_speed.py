@@ -50,7 +50,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     import eplb
-    from eplb.runtime.manager import BalancerConfig
+    from eplb.online import BalancerConfig
     from eplb.sim import replay_online, replay_static
     from eplb.sim.engine import SimInput
     from eplb.synthetic import drifting_hot_set

@@ -74,7 +74,7 @@ def test_config_errors_name_the_field(kwargs, field):
 def test_from_dict_errors():
     with pytest.raises(ValueError, match="myconf: unknown field 'num_slotz'"):
         BalancerConfig.from_dict({"num_slotz": 3}, source="myconf")
-    with pytest.raises(ValueError, match="sets num_iterations_eplb_update again"):
+    with pytest.raises(ValueError, match="fields .step_interval. and .num_iterations_eplb_update. both set check_every_steps"):
         BalancerConfig.from_dict({"step_interval": 10, "num_iterations_eplb_update": 20})
     with pytest.raises(ValueError, match="'dynamic_eplb': expected true or false"):
         BalancerConfig.from_dict({"dynamic_eplb": "yes"})
@@ -102,9 +102,9 @@ def test_from_trtllm_yaml(tmp_path):
     with pytest.raises(ValueError, match="missing field 'num_slots'"):
         BalancerConfig.from_trtllm_yaml(p)
     p.write_text("num_slots: [288\n")
-    with pytest.raises(ValueError, match="not valid YAML"):
+    with pytest.raises(ValueError, match="(truncated|invalid) YAML"):
         BalancerConfig.from_trtllm_yaml(p)
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="missing.yaml: no such file"):
         BalancerConfig.from_trtllm_yaml(tmp_path / "missing.yaml")
 
 

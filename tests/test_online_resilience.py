@@ -36,9 +36,9 @@ def _worker(phase: str, rank: int, world: int, port: int, d: Path, steps: int) -
     import torch.distributed as dist
 
     from eplb import Placement
+    from eplb.online import BalancerConfig
     from eplb.runtime.balancer import OnlineBalancer, resume_placement
     from eplb.runtime.layer import ExpertParallelMoE, reference_moe
-    from eplb.runtime.manager import BalancerConfig
     from eplb.runtime.trace_router import topk_from_counts
 
     torch.set_num_threads(1)

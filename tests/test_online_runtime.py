@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from eplb import Placement, register_policy
+from eplb.online import BalancerConfig
 from eplb.runtime.balancer import OnlineBalancer, native_record_path
 from eplb.runtime.layer import ExpertParallelMoE, reference_moe
-from eplb.runtime.manager import BalancerConfig
 from eplb.runtime.testing import run_distributed
 from eplb.runtime.trace_router import topk_from_counts
 
@@ -211,7 +211,7 @@ def _slow_worker(rank, world, delay):
         t0 = time.perf_counter()
         bal.step()
         step_s.append(time.perf_counter() - t0)
-        if submitted is None and bal._plan_layers:
+        if submitted is None and bal.pipeline.plan_layers:
             submitted, t_sub = t, time.perf_counter()
         if accepted is None and bal.history:
             accepted, t_acc = t, time.perf_counter()

@@ -69,7 +69,7 @@ def test_excluded_ranks_hold_nothing(layout, seed, n_ex):
     w = np.floor(rng.pareto(1.0, (L, E)) * 50)
     ex = sorted(set(rng.integers(0, R, n_ex).tolist()))
     if (R - len(ex)) * spr < E:
-        with pytest.raises(ValueError, match=r"excluded_ranks: .* slots missing"):
+        with pytest.raises(ValueError, match=r"excluded_ranks: .* slots are missing"):
             eplb.plan(w, S, R, policy="eplb", excluded_ranks=ex)
         return
     for pol in ("eplb", "eplb-robust"):
@@ -85,7 +85,7 @@ def test_excluded_ranks_hold_nothing(layout, seed, n_ex):
 
 def test_excluded_ranks_error_says_how_many_slots_missing():
     w = np.ones((1, 8))
-    with pytest.raises(ValueError, match="2 surviving ranks hold 4 slots .* 4 slots missing"):
+    with pytest.raises(ValueError, match="remaining 2 ranks have 4 slots per layer .* 4 slots are missing"):
         eplb.plan(w, 8, 4, policy="eplb", excluded_ranks=[0, 3])
     with pytest.raises(ValueError, match=r"rank ids \[9\] are out of range"):
         eplb.plan(w, 8, 4, policy="eplb", excluded_ranks=[9])

@@ -72,7 +72,7 @@ def test_simulate_trtllm_online_config(tmp_path):
     assert list(d["summary"]) == ["online:deepseek"]
     s = d["summary"]["online:deepseek"]
     assert s["num_slots"] == 136 and s["plans"] >= 1
-    assert d["meta"]["online"]["layer_updates_per_iter"] == 2 and d["meta"]["online"]["num_iterations_eplb_update"] == 16
+    assert d["meta"]["online"]["layers_per_step"] == 2 and d["meta"]["online"]["check_every_steps"] == 16
     # the run starts from the YAML's assignments: its first steps equal a static replay of them
     from eplb.sim import replay_static
 

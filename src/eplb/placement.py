@@ -291,16 +291,15 @@ class Placement:
     def moves(self, other: Placement) -> np.ndarray:
         """``[L]`` expert weight copies that must cross ranks to go from ``self`` to ``other``.
 
-        A changed slot needs no transfer when its new expert already sits on the same rank
-        (a local copy); every other changed slot needs one expert's weights from a peer.
+        One copy per (rank, expert) that ``other`` puts on a rank not holding that expert under
+        ``self`` -- the migration executor's rule (:attr:`eplb.online.LayerMigration.num_transfers`):
+        a rank receives an expert once even when it fills several slots with it, and a changed slot
+        whose new expert already sits on its rank is a local copy.
         """
         self._check_same_shape(other)
         have = self.expert_rank_count() > 0  # [L, E, R]
-        L = self.num_layers
-        changed = self.diff(other)
-        ranks = np.broadcast_to(self.slot_rank(), (L, self.num_slots))
-        local = have[np.arange(L)[:, None], other.phy2log, ranks]
-        return (changed & ~local).sum(axis=1)
+        need = other.expert_rank_count() > 0
+        return (need & ~have).sum(axis=(1, 2))
 
     # ------------------------------------------------------------ derivation
     def with_layers(self, phy2log_rows: Mapping[int, ArrayLike]) -> Placement:

@@ -110,7 +110,7 @@ def simulate_cmd(
         places[f.stem] = pl
     cfg: Any = None
     if online_config is not None:
-        from eplb.runtime.manager import BalancerConfig
+        from eplb.online import BalancerConfig
         from eplb.sim.online import online_items
 
         cfg = BalancerConfig.from_trtllm_yaml(online_config, **online_items(online))

@@ -25,7 +25,7 @@ import numpy as np
 from eplb.formats._common import Decoded, MapFormatError, as_int, as_int_list, parse_yaml, read_bytes
 from eplb.placement import Placement
 
-__all__ = ["KEYS", "decode", "encode"]
+__all__ = ["KEYS", "decode", "encode", "read_config"]
 
 KEYS = ("ep_size", "initial_global_assignments", "layer_updates_per_iter", "num_slots")
 
@@ -36,8 +36,11 @@ def _layer_key(key: Any, path: os.PathLike[str] | str) -> int:
     return as_int(key, f"{path}: initial_global_assignments key {key!r} (a model layer index)", minimum=0)
 
 
-def decode(path: os.PathLike[str] | str, data: bytes | None = None, _depth: int = 0) -> Decoded:
-    """Read a TensorRT-LLM load-balancer YAML into rows keyed by model layer index."""
+def read_config(path: os.PathLike[str] | str, data: bytes | None = None, _depth: int = 0) -> dict[str, Any]:
+    """The load-balancer mapping of a TensorRT-LLM YAML (``moe_load_balancer.yaml``, or an
+    ``extra_llm_api_options`` file whose ``moe_config.load_balancer`` is a mapping or a path), its keys
+    checked against :data:`KEYS` and ``num_slots`` present. The one TensorRT-LLM YAML reader: the
+    placement decoder, the runtime loader and :meth:`eplb.online.BalancerConfig.from_trtllm_yaml` use it."""
     p = Path(path)
     obj = parse_yaml(p, read_bytes(p) if data is None else data)
     if not isinstance(obj, dict):
@@ -50,7 +53,7 @@ def decode(path: os.PathLike[str] | str, data: bytes | None = None, _depth: int 
             if _depth:
                 raise MapFormatError(f"{p}: moe_config.load_balancer points to another options file")
             target = Path(lb) if Path(lb).is_absolute() else p.parent / lb
-            return decode(target, None, _depth + 1)
+            return read_config(target, None, _depth + 1)
         if not isinstance(lb, dict):
             raise MapFormatError(f"{p}: moe_config.load_balancer must be a mapping or a path, got {lb!r}")
         obj = lb
@@ -62,6 +65,13 @@ def decode(path: os.PathLike[str] | str, data: bytes | None = None, _depth: int 
         )
     if "num_slots" not in obj:
         raise MapFormatError(f"{p}: missing field 'num_slots'")
+    return obj
+
+
+def decode(path: os.PathLike[str] | str, data: bytes | None = None) -> Decoded:
+    """Read a TensorRT-LLM load-balancer YAML into rows keyed by model layer index."""
+    p = Path(path)
+    obj = read_config(p, data)
     num_slots = as_int(obj["num_slots"], f"{p}: num_slots", minimum=1)
     lupi = as_int(obj.get("layer_updates_per_iter", 0), f"{p}: layer_updates_per_iter", minimum=0)
     ep_size = as_int(obj["ep_size"], f"{p}: ep_size", minimum=1) if obj.get("ep_size") is not None else None

@@ -227,19 +227,9 @@ def excluded_layout(excluded_ranks: Iterable[int] | None, num_experts: int, num_
     Raises ValueError when a rank id is out of range or the survivors' slots cannot hold every
     expert (the message says how many slots are missing).
     """
-    ex = sorted({int(r) for r in (excluded_ranks or ())})
-    bad = [r for r in ex if r < 0 or r >= num_ranks]
-    if bad:
-        raise ValueError(f"excluded_ranks: rank ids {bad} are out of range [0, {num_ranks})")
-    alive = np.array([r for r in range(num_ranks) if r not in set(ex)], dtype=np.int64)
-    spr = num_slots // num_ranks
-    have = alive.size * spr
-    if have < num_experts:
-        raise ValueError(
-            f"excluded_ranks: the {alive.size} surviving ranks hold {have} slots ({spr} each) but {num_experts} "
-            f"experts need at least {num_experts}: {num_experts - have} slots missing"
-        )
-    return ex, alive
+    from eplb.policies.exclude import survivors
+
+    return survivors(excluded_ranks, num_experts, num_slots // num_ranks, num_ranks)
 
 
 def _embed(sub: np.ndarray, weight: np.ndarray, alive: np.ndarray, num_slots: int, num_ranks: int,

@@ -35,11 +35,11 @@ __all__ = ["incremental_rows", "moves_rows", "repair_counts"]
 
 
 def moves_rows(current: np.ndarray, new: np.ndarray, num_packs: int, num_experts: int) -> np.ndarray:
-    """``[X]`` cross-pack copies to go from ``current`` to ``new`` (same rule as ``Placement.moves``)."""
-    X, S = new.shape
+    """``[X]`` cross-pack copies to go from ``current`` to ``new``: one per (pack, expert) that ``new``
+    puts on a pack not holding it under ``current`` (the rule of ``Placement.moves`` and the executor)."""
     home = expert_pack_count(current, num_experts, num_packs) > 0
-    pk = np.arange(S) // (S // num_packs)
-    return (~home[np.arange(X)[:, None], new, pk[None, :]]).sum(axis=1)
+    need = expert_pack_count(new, num_experts, num_packs) > 0
+    return (need & ~home).sum(axis=(1, 2))
 
 
 def _max_load(weight: np.ndarray, p2l: np.ndarray, num_packs: int) -> np.ndarray:

@@ -8,9 +8,9 @@
 * :class:`TraceRouter` (``eplb.runtime.trace_router``): expert ids replayed from a recorded trace;
 * :func:`run_distributed` (``eplb.runtime.testing``): N local gloo processes with a timeout;
 * :class:`OnlineBalancer` (``eplb.runtime.balancer``): the online Manager / Policy / Executor, configured by
-  :class:`BalancerConfig` and deciding with :class:`RebalanceTrigger` (``eplb.runtime.manager``, torch-free).
+  :class:`BalancerConfig` and deciding with :class:`RebalanceTrigger` (``eplb.online``, torch-free).
 
-Names are imported lazily so that torch-free submodules (e.g. ``eplb.runtime.manager``) stay
+Names are imported lazily so that torch-free submodules (e.g. ``eplb.online``) stay
 importable without torch.
 """
 
@@ -34,8 +34,8 @@ _LAZY = {
     "AgreementError": "eplb.runtime.distributed",
     "init_from_env": "eplb.runtime.distributed",
     "run_distributed": "eplb.runtime.testing",
-    "BalancerConfig": "eplb.runtime.manager",
-    "RebalanceTrigger": "eplb.runtime.manager",
+    "BalancerConfig": "eplb.online",
+    "RebalanceTrigger": "eplb.online",
     "OnlineBalancer": "eplb.runtime.balancer",
     "resume_placement": "eplb.runtime.balancer",
 }

@@ -42,20 +42,12 @@ import torch
 import torch.distributed as dist
 
 from eplb.metrics import balancedness, imbalance_ratio, rank_loads
+from eplb.online import BalancerConfig, Pipeline, PlanResult, read_map, recover_placement
 from eplb.placement import Placement
+from eplb.policies.exclude import survivors
 from eplb.runtime.executor import InFlight, MigrationExecutor
-from eplb.runtime.manager import (
-    BalancerConfig,
-    LayerMigration,
-    PlanRequest,
-    PlanResult,
-    PolicyWorker,
-    RebalanceTrigger,
-    plan_migration,
-    read_map,
-    recover_placement,
-)
 from eplb.runtime.metrics_export import BalancerMetrics
+from eplb.runtime.worker import PolicyWorker
 from eplb.stats.trace import atomic_write
 
 __all__ = ["OnlineBalancer", "native_record_path", "resume_placement"]
@@ -126,7 +118,6 @@ class OnlineBalancer:
         if self.config.policy not in _policies():
             raise ValueError(f"BalancerConfig.policy: unknown policy {self.config.policy!r}; "
                              f"expected one of {sorted(_policies())}")
-        self.placement = placement
         L, E = placement.num_layers, placement.num_experts
         self.num_layers, self.num_experts = L, E
         self._own_group = False
@@ -140,19 +131,14 @@ class OnlineBalancer:
         self.device = self.executor.device
         if self.distributed and self.world > 1:
             self._warm_up_comm()
-        if (self.config.max_staging_bytes is not None and self.config.online
-                and self.config.max_staging_bytes < self.executor.layer_bytes):
-            raise ValueError(
-                f"BalancerConfig.max_staging_bytes: {self.config.max_staging_bytes} bytes cannot stage one layer's local "
-                f"weights ({self.executor.layer_bytes} bytes = {self.executor.slots_per_rank} slots x "
-                f"{self.executor.bytes_per_expert} bytes)")
         if self.config.dispatch_strategy is None:
             strategies = {str(getattr(layer, "strategy", "uniform")) for layer in self.layers}
             if len(strategies) != 1:
                 raise ValueError(f"layers: mixed replica strategies {sorted(strategies)}; set "
                                  f"BalancerConfig.dispatch_strategy")
             self.config = self.config.replace(dispatch_strategy=strategies.pop())
-        self.trigger = RebalanceTrigger(self.config, L, E)
+        self.pipeline = Pipeline(self.config, placement, bytes_per_expert=self.executor.bytes_per_expert,
+                                 policy_delay_s=policy_delay_s)
         # import what the policy needs now, not in the worker thread while serving (imports hold the GIL)
         import scipy.optimize  # noqa: F401
 
@@ -160,22 +146,15 @@ class OnlineBalancer:
         self.worker = PolicyWorker(self.config.policy_backend)
         if self.config.online:
             self.worker.start(self.config.dispatch_strategy)
-        self.policy_delay_s = float(policy_delay_s)
         self.clock = clock
         self._t0 = clock()
         self.step_idx = 0
         self._pending: deque[tuple[int, torch.Tensor, Any]] = deque()  # (step, device buffer, work)
         self._host: deque[tuple[int, torch.Tensor, Any]] = deque()  # (step, host buffer, cuda event)
-        self._plan_id = 0
-        self._plan_layers: tuple[int, ...] = ()
-        self._result: PlanResult | None = None
         self._error: BaseException | None = None
-        self._deferred: set[int] = set()
-        self._queue: deque[LayerMigration] = deque()
         self._inflight: InFlight | None = None
         self._rebalance_started: float | None = None
         self._drain_request: set[int] = set()
-        self.excluded_ranks: set[int] = set()
         self._last_step_t: float | None = None
         self._migrating = False
         self.last_committed: list[int] = []  # layers committed at the last boundary
@@ -183,8 +162,6 @@ class OnlineBalancer:
         self.metrics = BalancerMetrics(placement.layer_ids) if metrics else None
         if self.metrics is not None and self.config.metrics_port is not None and self.rank == 0:
             self.metrics.serve(self.config.metrics_port)
-        self.history: list[dict[str, Any]] = []  # one entry per accepted plan
-        self.commits: list[tuple[int, tuple[int, ...]]] = []  # (step index, layers committed then)
         self.closed = False
         self._warned_record = False
 
@@ -218,14 +195,55 @@ class OnlineBalancer:
     def bytes_per_expert(self) -> int:
         return self.executor.bytes_per_expert
 
+    # the pipeline's state, read through the balancer
+    @property
+    def config(self) -> BalancerConfig:
+        pipe = self.__dict__.get("pipeline")
+        return pipe.config if pipe is not None else self.__dict__["_config"]
+
+    @config.setter
+    def config(self, value: BalancerConfig) -> None:
+        self.__dict__["_config"] = value
+        pipe = self.__dict__.get("pipeline")
+        if pipe is not None:
+            pipe.config = value
+            pipe.trigger.config = value
+
+    @property
+    def policy_delay_s(self) -> float:
+        return self.pipeline.policy_delay_s
+
+    @policy_delay_s.setter
+    def policy_delay_s(self, value: float) -> None:
+        self.pipeline.policy_delay_s = float(value)
+
+    @property
+    def placement(self) -> Placement:
+        """The placement the layers serve now."""
+        return self.pipeline.placement
+
+    @property
+    def trigger(self) -> Any:
+        return self.pipeline.trigger
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One entry per accepted plan (see :class:`eplb.online.Pipeline`)."""
+        return self.pipeline.history
+
+    @property
+    def commits(self) -> list[tuple[int, tuple[int, ...]]]:
+        """``(step index, layers committed then)`` of every commit."""
+        return self.pipeline.commits
+
+    @property
+    def excluded_ranks(self) -> set[int]:
+        return self.pipeline.excluded_ranks
+
     @property
     def busy_layers(self) -> set[int]:
         """Layers being planned, queued or in flight (the trigger leaves them out)."""
-        busy = set(self._plan_layers) if self.worker.busy or self._result is not None else set()
-        busy |= {m.layer for m in self._queue}
-        if self._inflight is not None:
-            busy |= set(self._inflight.layers)
-        return busy
+        return self.pipeline.busy_layers
 
     @property
     def migrating(self) -> bool:
@@ -236,8 +254,7 @@ class OnlineBalancer:
     @property
     def idle(self) -> bool:
         """No plan in progress, nothing queued or in flight."""
-        return (not self.worker.busy and self._result is None and not self._queue and self._inflight is None
-                and not self._plan_layers)
+        return self.pipeline.idle
 
     # -------------------------------------------------------------------- step
     def step(self) -> list[int]:
@@ -248,6 +265,7 @@ class OnlineBalancer:
         if self._last_step_t is not None and self.metrics is not None:
             self.metrics.observe_step(now - self._last_step_t, self._migrating)
         self._last_step_t = now
+        self.pipeline.start(self.step_idx)
         committed = self._commit()
         self._collect()
         self._launch_stats(now)
@@ -263,24 +281,23 @@ class OnlineBalancer:
 
     # ------------------------------------------------------------------ commit
     def _commit(self) -> list[int]:
-        if self._inflight is None or self.executor.pending(self._inflight):
+        was_rebalancing = self.pipeline.rebalancing
+        batch = self.pipeline.commit()
+        if batch is None:
             return []
         inflight, self._inflight = self._inflight, None
-        rows = {j.mig.layer: j.mig.new_row for j in inflight.jobs}
+        assert inflight is not None and not self.executor.pending(inflight)
         done = self.executor.finish(inflight)
-        self.placement = self.placement.with_layers({i: rows[i] for i in done})
-        self.commits.append((self.step_idx, tuple(done)))
         if self.metrics is not None:
             self.metrics.observe_commit(len(done))
-        if not self._queue and self._inflight is None and self._rebalance_started is not None:
+        if was_rebalancing and not self.pipeline.rebalancing and self._rebalance_started is not None:
             seconds = time.perf_counter() - self._rebalance_started
             self._rebalance_started = None
             if self.history:
                 self.history[-1]["migration_s"] = seconds
-                self.history[-1]["done_step"] = self.step_idx
             if self.metrics is not None:
                 self.metrics.observe_migration_done(seconds)
-            if self.config.expert_map_record_path is not None:
+            if self.config.record_path is not None:
                 self.record()
         return done
 
@@ -291,15 +308,18 @@ class OnlineBalancer:
         ctrl = np.zeros(_NCTRL + self.world, dtype=np.int64)
         if self.rank == 0:
             ctrl[_C_TIME] = int(round((now - self._t0) * 1e6))
-        if self._result is None and self.worker.done():
+        if self.pipeline.planning and self.worker.done():
             try:
-                self._result = self.worker.poll()
+                res = self.worker.poll()
             except Exception as exc:  # noqa: BLE001 - reported to every rank through the all-reduce
                 self._error = exc
                 log.error("eplb policy failed on rank %d: %s", self.rank, exc)
-        if self._result is not None:
-            ctrl[_C_READY] = self._result.plan_id
-            ctrl[_C_CHECK] = self._result.checksum
+            else:
+                if res is not None:
+                    self.pipeline.plan_finished(res)
+        ready = self.pipeline.ready_fields()
+        if ready is not None:
+            ctrl[_C_READY], ctrl[_C_CHECK] = ready
         if self._error is not None:
             ctrl[_C_ERR] = 1
         for r in self._drain_request:
@@ -345,35 +365,26 @@ class OnlineBalancer:
             mine = f": {self._error}" if self._error is not None else ""
             raise RuntimeError(f"OnlineBalancer: the placement policy failed on {int(ctrl[_C_ERR])} of {R} ranks{mine}")
         drains = {int(r) for r in np.flatnonzero(ctrl[_NCTRL:_NCTRL + R] > 0)}
-        if drains - self.excluded_ranks:
-            self.excluded_ranks |= drains
+        new_drains = drains - self.excluded_ranks
+        res = self.pipeline.result
+        ready = res is not None and ctrl[_C_READY] == R * res.plan_id
+        if ready and ctrl[_C_CHECK] != R * res.checksum:
+            raise RuntimeError(f"OnlineBalancer: ranks computed different plans for plan {res.plan_id} "
+                               f"(checksums disagree); the policy must be deterministic")
+        n_hist = len(self.history)
+        req = self.pipeline.consume(step, counts, now_s, drains=drains, ready=ready)
+        if new_drains:
             for layer in self.layers:  # tokens leave the drained ranks wherever an expert is held elsewhere
                 layer.exclude_ranks(sorted(self.excluded_ranks))
-            log.info("eplb: draining rank(s) %s", sorted(drains))
-        if self._result is not None and ctrl[_C_READY] == R * self._result.plan_id:
-            if ctrl[_C_CHECK] != R * self._result.checksum:
-                raise RuntimeError(f"OnlineBalancer: ranks computed different plans for plan {self._result.plan_id} "
-                                   f"(checksums disagree); the policy must be deterministic")
-            self._accept(self._result, step)
-            self._result = None
-            self._plan_layers = ()
-        layers = self.trigger.observe(step, counts, now_s, placement=self.placement, busy=self.busy_layers)
-        self._deferred |= set(layers)
-        if self.excluded_ranks:
-            self._deferred |= set(self._unsafe_layers()) - self.busy_layers
-        if self._deferred and not self.worker.busy and self._result is None and not self._plan_layers:
-            self._submit(sorted(self._deferred - self.busy_layers))
-            self._deferred = set()
+            log.info("eplb: draining rank(s) %s", sorted(new_drains))
+        if len(self.history) > n_hist:
+            self._accepted(res, self.history[-1])
+        if req is not None:
+            self.worker.submit(req)
 
     def _unsafe_layers(self) -> list[int]:
         """Layers where an expert is served only by excluded (draining) ranks."""
-        if not self.excluded_ranks:
-            return []
-        spr = self.placement.slots_per_rank
-        keep = [r for r in range(self.world) if r not in self.excluded_ranks]
-        idx = np.concatenate([np.arange(r * spr, (r + 1) * spr) for r in keep])
-        E = self.num_experts
-        return [i for i, row in enumerate(self.placement.phy2log) if len(np.unique(row[idx])) < E]
+        return self.pipeline.unsafe_layers()
 
     @property
     def drained(self) -> bool:
@@ -381,65 +392,29 @@ class OnlineBalancer:
         return bool(self.excluded_ranks) and not self._unsafe_layers() and self.idle
 
     # ------------------------------------------------------------------ policy
-    def _submit(self, layers: list[int]) -> None:
-        if not layers:
-            return
-        self._plan_id += 1
-        window = self.trigger.window.array(layers) if self.trigger.window is not None and len(self.trigger.window) \
-            else np.zeros((1, len(layers), self.num_experts), dtype=np.int64)
-        if window.sum() == 0 and self.excluded_ranks:  # draining before any load was seen: plan on replica counts
-            window = self.placement.logcnt[layers][None]
-        req = PlanRequest(self._plan_id, tuple(layers), window, self.placement.select_layers(layers),
-                          self.config.policy, dict(self.config.policy_options), tuple(sorted(self.excluded_ranks)),
-                          self.config.min_balancedness_gain, self.policy_delay_s, self.config.dispatch_strategy)
-        self._plan_layers = tuple(layers)
-        self.worker.submit(req)
-
-    def _accept(self, res: PlanResult, step: int) -> None:
-        migs = []
-        for j, li in enumerate(res.layers):
-            if not res.changed[j]:
-                continue
-            migs.append(plan_migration(self.placement.phy2log[li], res.rows[j], self.world,
-                                       self.placement.ranks_per_node, layer=li))
-        self.trigger.mark_planned(res.layers, res.planned_loads)
-        nbytes = sum(m.num_transfers for m in migs) * self.bytes_per_expert
-        entry = {"plan_id": res.plan_id, "step": self.step_idx, "stats_step": step, "layers": list(res.layers),
-                 "migrating": [m.layer for m in migs], "transfers": int(sum(m.num_transfers for m in migs)),
-                 "bytes": int(nbytes), "policy_s": res.seconds,
-                 "balancedness_before": float(np.mean(res.balancedness_before)),
-                 "balancedness_after": float(np.mean(res.balancedness_after))}
-        if self.metrics is not None:
+    def _accepted(self, res: PlanResult | None, entry: dict[str, Any]) -> None:
+        if self.metrics is not None and res is not None:
             self.metrics.observe_plan(res.seconds)
-        if not migs:
+        if not entry["migrating"]:
             entry["migration_s"] = 0.0
-            self.history.append(entry)
             return
-        self.history.append(entry)
-        self._queue.extend(migs)
         if self._rebalance_started is None:
             self._rebalance_started = time.perf_counter()
         if self.metrics is not None:
-            self.metrics.observe_rebalance(len(migs), nbytes)
+            self.metrics.observe_rebalance(len(entry["migrating"]), entry["bytes"])
 
     # --------------------------------------------------------------- migration
     def _launch_migrations(self) -> list[int]:
-        cap = self.config.max_migration_bytes_per_step
-        if self._inflight is not None:  # a byte-capped batch still posting its chunks
-            self.executor.post_next(self._inflight, cap)
-            return list(self._inflight.layers)
-        n = self.config.layer_updates_per_iter
-        if not self._queue or n == 0:
+        post = self.pipeline.launch()
+        if post is None:
             return []
-        batch: list[LayerMigration] = []
-        budget = self.config.max_staging_bytes
-        while self._queue and len(batch) < n:
-            cand = batch + [self._queue[0]]
-            if budget is not None and batch and self.executor.max_staging_need(cand) > budget:
-                break
-            batch.append(self._queue.popleft())
-        self._inflight = self.executor.launch(batch, cap)
-        return [m.layer for m in batch]
+        cap = self.config.max_migration_bytes_per_step
+        if post.new:
+            self._inflight = self.executor.launch(list(post.batch.migrations), cap)
+        else:
+            assert self._inflight is not None
+            self.executor.post_next(self._inflight, cap)
+        return list(post.batch.layers)
 
     # -------------------------------------------------------------- resilience
     def drain(self, rank: int) -> None:
@@ -456,13 +431,7 @@ class OnlineBalancer:
         if not 0 <= r < self.world:
             raise ValueError(f"drain: rank {r} out of range [0, {self.world})")
         ex = self.excluded_ranks | self._drain_request | {r}
-        spr, E = self.placement.slots_per_rank, self.num_experts
-        have = (self.world - len(ex)) * spr
-        if have < E:
-            raise ValueError(
-                f"drain({r}): the remaining {self.world - len(ex)} ranks have {have} slots per layer but {E} experts "
-                f"must stay served: {E - have} slots are missing (drain needs redundancy: at least "
-                f"{-(-E // max(1, self.world - len(ex)))} slots per rank)")
+        survivors(ex, self.num_experts, self.placement.slots_per_rank, self.world, what=f"drain({r})")
         self._drain_request.add(r)
 
     # ----------------------------------------------------------------- records
@@ -470,7 +439,7 @@ class OnlineBalancer:
         """Write the current placement (rank 0 only): vllm-ascend JSON at ``path`` (default
         ``expert_map_record_path``) and the native file next to it (:func:`native_record_path`),
         whose meta carries the window's loads (for :func:`resume_placement`). Returns the paths written."""
-        target = path if path is not None else self.config.expert_map_record_path
+        target = path if path is not None else self.config.record_path
         if target is None or self.rank != 0:
             return []
         p = Path(target)
@@ -526,7 +495,7 @@ class OnlineBalancer:
         self._pending.clear()
         self._host.clear()
         self.worker.close()
-        if record and self.config.expert_map_record_path is not None:
+        if record and self.config.record_path is not None:
             self.record()
         if self.metrics is not None:
             self.metrics.close()
@@ -567,11 +536,11 @@ def resume_placement(config: BalancerConfig, *, num_experts: int, num_ranks: int
     recorded window loads (``lost_ranks`` default: the highest old ranks). ``None``: nothing configured.
     """
     pl = config.initial_placement(num_experts, num_ranks, num_layers=num_layers, layer_ids=layer_ids,
-                                  num_nodes=num_nodes) if (config.expert_map_path or config.init_expert_location
-                                                           or config.initial_global_assignments) else None
-    if pl is not None or config.expert_map_record_path is None:
+                                  num_nodes=num_nodes) if (config.initial_map_path or config.initial_location
+                                                           or config.initial_assignments) else None
+    if pl is not None or config.record_path is None:
         return pl
-    nat = native_record_path(config.expert_map_record_path)
+    nat = native_record_path(config.record_path)
     if not nat.exists():
         return None
     prev = read_map(nat, num_experts=num_experts, what="expert_map_record_path")

@@ -1,6 +1,6 @@
 """The online balancer's *Executor*: moves changed expert slots between ranks and commits layers.
 
-A layer's migration (:class:`~eplb.runtime.manager.LayerMigration`, the same plan on every rank)
+A layer's migration (:class:`~eplb.online.migration.LayerMigration`, the same plan on every rank)
 runs in two halves at two step boundaries:
 
 1. :meth:`MigrationExecutor.launch` (step boundary ``t``): each rank posts its part of the
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from eplb.runtime.manager import LayerMigration
+from eplb.online.migration import LayerMigration, chunk_size, max_staging_need, staging_need
 
 __all__ = ["InFlight", "MigrationExecutor", "layer_weight_bytes"]
 
@@ -124,14 +124,11 @@ class MigrationExecutor:
     def staging_need(self, mig: LayerMigration, rank: int | None = None) -> int:
         """Staging bytes ``rank`` (default: this one) needs for ``mig``: experts it receives plus
         experts it moves between its own slots."""
-        r = self.rank if rank is None else int(rank)
-        spr = self.slots_per_rank
-        n_local = sum(1 for d, _ in mig.local_copies if d // spr == r)
-        return (len(mig.recvs(r)) + n_local) * self.bytes_per_expert
+        return staging_need(mig, self.rank if rank is None else int(rank), self.bytes_per_expert)
 
     def max_staging_need(self, migs: Sequence[LayerMigration]) -> int:
         """The largest staging any rank needs for ``migs`` together (the same number on every rank)."""
-        return max(sum(self.staging_need(m, r) for m in migs) for r in range(self.num_ranks)) if migs else 0
+        return max_staging_need(migs, self.bytes_per_expert)
 
     def _peer(self, r: int) -> dict[str, Any]:
         if self.group is None:
@@ -193,7 +190,7 @@ class MigrationExecutor:
         one transfer) as one ``batch_isend_irecv``; returns the number of transfers in the chunk."""
         me, spr, bpe = self.rank, self.slots_per_rank, self.bytes_per_expert
         lo = me * spr
-        n = len(inflight.todo) if max_bytes is None else max(1, min(len(inflight.todo), int(max_bytes) // bpe))
+        n = chunk_size(len(inflight.todo), max_bytes, bpe)
         chunk, inflight.todo = inflight.todo[:n], inflight.todo[n:]
         if not chunk:
             return 0

@@ -36,7 +36,12 @@ def known_policies() -> dict[str, Any]:
 
 def plan_placement(policy: str, train: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int = 1,
                    num_groups: int = 1, layer_ids: Sequence[int] = (), **options: Any) -> Placement:
-    """A placement from ``train`` ``[T, L, E]`` loads with ``policy``; ``"none"`` is the contiguous layout."""
+    """A placement from ``train`` ``[T, L, E]`` loads with ``policy``.
+
+    ``"none"`` is the unbalanced baseline a deployment without eplb serves: the identity layout
+    (slot ``s`` holds expert ``s``, no redundant slots; ``S = E`` rounded up to a multiple of the
+    ranks), whatever ``num_slots`` says -- the same baseline ``eplb evaluate`` uses.
+    """
     from eplb.policies import plan
 
     L, E = train.shape[-2], train.shape[-1]
@@ -44,7 +49,8 @@ def plan_placement(policy: str, train: np.ndarray, *, num_slots: int, num_ranks:
         from eplb._checks import check_layout
 
         check_layout(E, num_slots, num_ranks, num_nodes)
-        return Placement.contiguous(L, E, num_ranks, num_slots, num_nodes, layer_ids=layer_ids)
+        return Placement.contiguous(L, E, num_ranks, -(-E // num_ranks) * num_ranks, num_nodes,
+                                    layer_ids=layer_ids).with_meta(policy="none")
     return plan(train, num_slots, num_ranks, num_nodes=num_nodes, num_groups=num_groups, policy=policy,
                 layer_ids=layer_ids, **options)
 

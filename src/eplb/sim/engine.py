@@ -16,14 +16,14 @@ Per step and layer (see :mod:`eplb.sim.cost` for the time model):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from eplb._checks import ArrayLike, to_numpy
-from eplb.metrics import imbalance_ratio
+from eplb.metrics import imbalance_ratio, served_slots
 from eplb.placement import Placement
 from eplb.sim.cost import CostModel
 from eplb.stats.trace import Trace
@@ -198,8 +198,15 @@ class SimResult:
 
 # --------------------------------------------------------------------------- rank loads
 def expert_rank_share(placement: Placement) -> np.ndarray:
-    """``[L, E, R]`` fraction of expert ``e``'s tokens computed by rank ``r`` under a uniform split."""
-    return placement.expert_rank_count() / placement.logcnt[:, :, None]
+    """``[L, E, R]`` fraction of expert ``e``'s tokens computed by rank ``r`` under a uniform split over
+    its *served* replicas (:func:`eplb.metrics.served_slots`: excluded ranks serve an expert only where
+    no other rank holds it), so ``counts @ share`` equals :func:`eplb.metrics.rank_loads`."""
+    L, E, R = placement.num_layers, placement.num_experts, placement.num_ranks
+    served = served_slots(placement)  # [L, S]
+    cnt = np.zeros((L, E, R), dtype=np.float64)
+    li, si = np.nonzero(served)
+    np.add.at(cnt, (li, placement.phy2log[li, si], placement.slot_rank()[si]), 1.0)
+    return cnt / cnt.sum(axis=2, keepdims=True)
 
 
 def rank_loads(counts: np.ndarray, placement: Placement, strategy: str = "uniform",
@@ -244,7 +251,9 @@ def evaluate_block(counts: np.ndarray, placement: Placement, cost: CostModel, st
     R, N, spr = placement.num_ranks, placement.num_nodes, placement.slots_per_rank
     loads = rank_loads(counts, placement, strategy, share)  # [c, L, R]
     mx = loads.max(axis=-1)  # [c, L]
-    imb = imbalance_ratio(loads, axis=-1)
+    ex = placement.meta.get("excluded_ranks") or ()
+    keep = np.setdiff1d(np.arange(R), np.asarray(list(ex), dtype=np.int64)) if len(ex) else None
+    imb = imbalance_ratio(loads if keep is None else loads[..., keep], axis=-1)  # over serving ranks
     if cost.compute_is_monotone(spr):
         comp = cost.compute_ms(mx, spr)
     else:
@@ -304,23 +313,3 @@ def replay_static(trace: Trace | ArrayLike | SimInput, placement: Placement, *, 
         layer_updates=np.zeros(T, dtype=np.int64), imbalance=imb, layer_ms=layer_sum / T, tokens=tok,
         events=[], final_placement=placement, meta=dict(meta or {}),
     )
-
-
-def migration_cost(old: Placement, new: Placement, cost: CostModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per layer: cross-rank expert copies (:meth:`Placement.moves`), bytes, and migration time (ms).
-
-    Time: the busiest receiving rank's copies x expert bytes / P2P bandwidth (+ latency), per layer.
-    """
-    moves = old.moves(new)  # [L]
-    L, S = old.num_layers, old.num_slots
-    have = old.expert_rank_count() > 0  # [L, E, R]
-    ranks = np.broadcast_to(old.slot_rank(), (L, S))
-    need = old.diff(new) & ~have[np.arange(L)[:, None], new.phy2log, ranks]  # [L, S] copies into slot's rank
-    per_rank = need.reshape(L, old.num_ranks, old.slots_per_rank).sum(-1)  # [L, R]
-    ms = cost.migration_ms(per_rank.max(axis=1))
-    return moves, moves * cost.expert_bytes, ms
-
-
-def layers_changed(old: Placement, new: Placement) -> Sequence[int]:
-    """Positions of layers whose phy2log row differs."""
-    return [int(i) for i in np.nonzero(old.diff(new).any(axis=1))[0]]

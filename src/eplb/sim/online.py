@@ -1,40 +1,31 @@
-"""Online replay: the runtime's online balancer, replayed step by step on a trace.
+"""Online replay: the online balancer's own pipeline, driven step by step on a trace.
 
-The decision logic is NOT re-implemented here: every step's loads go to the runtime's own
-:class:`eplb.runtime.manager.RebalanceTrigger` (cadence, warm-up, wall-clock interval, cosine
-threshold, balancedness floor, busy layers), new placements come from
-:func:`eplb.runtime.manager.compute_plan` (the migration-aware policy run: ``keep_in_place`` and
-the ``min_balancedness_gain`` rule), the weights to move from
-:func:`eplb.runtime.manager.plan_migration` (what the Executor sends), and the trigger's record
-of planned-for loads is updated with ``mark_planned`` exactly when the runtime does.
+Nothing of the decision logic lives here: every boundary runs the same
+:class:`eplb.online.Pipeline` as :class:`eplb.runtime.balancer.OnlineBalancer` -- trigger (cadence,
+warm-up, wall-clock interval, cosine threshold, balancedness floor, busy layers), the
+migration-aware policy run (:func:`eplb.online.compute_plan`), the weight moves
+(:func:`eplb.online.plan_migration`, what the executor sends), batches bounded by
+``layers_per_step`` and ``max_staging_bytes``, transfers chunked under
+``max_migration_bytes_per_step``, and drains (``drains={boundary: ranks}``, like
+``OnlineBalancer.drain`` called before that boundary's ``step()``). This driver supplies what the
+runtime's collectives, worker and executor supply there:
 
-The simulator reproduces the step-boundary pipeline of :class:`eplb.runtime.balancer.OnlineBalancer`
-(``step()`` at boundary ``b``, before forward step ``b``):
-
-1. commit the layers whose transfers were launched at boundary ``b - 1``;
-2. consume the statistics launched at boundary ``b - 2`` (tag ``b - 2`` holds the loads of forward
-   step ``b - 3``; tag 0 is empty): accept a finished plan, then ``trigger.observe`` (layers being
-   planned, queued or in flight are busy), defer triggered layers while a plan is in progress,
-   submit the deferred ones otherwise;
-3. launch this boundary's statistics (a plan that finished is announced with them);
-4. launch the next ``layer_updates_per_iter`` queued layers' transfers.
-
-Differences from a served run, by design:
-
+* statistics: boundary ``b`` consumes the tag ``b - 2``, i.e. the loads of forward step ``b - 3``
+  (tag 0 is empty), as the runtime's two-stage all-reduce does;
 * the policy runs inline (the runtime's ``policy_backend="inline"``): a plan submitted at boundary
-  ``b`` is ready at ``b``, accepted at ``b + 2``, its first layers committed at ``b + 3`` (with a
-  thread or process backend it may take longer);
-* time is simulated: ``now_s`` (for ``eplb_update_interval``) is the sum of simulated step times;
-* ``max_staging_bytes`` is not simulated (only ``layer_updates_per_iter`` bounds a batch);
-* transfers launched at boundary ``b`` run during forward step ``b``: their time (the busiest rank's
-  experts sent or received x expert bytes / P2P bandwidth) and bytes are charged to step ``b``,
-  and the cost model's ``migration_exposed`` fraction of that time is added to its step time.
+  ``b`` is announced with ``b``'s statistics, accepted at ``b + 2``, its first layers committed at
+  ``b + 3`` (with a thread or process backend it may take longer);
+* time is simulated: ``now_s`` is the sum of simulated step times;
+* transfers posted at boundary ``b`` run during forward step ``b``: their time (the busiest rank's
+  experts sent or received x expert bytes / P2P bandwidth) and bytes are charged to step ``b``, and
+  the cost model's ``migration_exposed`` fraction of that time is added to its step time;
+* rank loads follow the served slots (:func:`eplb.metrics.served_slots`): drained ranks get no load
+  wherever their experts are held elsewhere.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -110,26 +101,24 @@ def online_items(spec: str | Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def parse_online_spec(spec: str | Mapping[str, Any] | None, **defaults: Any) -> Any:
-    """A :class:`~eplb.runtime.manager.BalancerConfig` from ``"interval=60,threshold=0.9,layer_updates_per_iter=2"``.
+    """A :class:`~eplb.online.BalancerConfig` from ``"interval=60,threshold=0.9,layer_updates_per_iter=2"``.
 
     Keys: see :func:`online_items`. ``defaults`` are applied first (e.g. ``num_slots``, ``policy``).
     ``interval`` is in (simulated) seconds.
     """
-    from eplb.runtime.manager import BalancerConfig
+    from eplb.online import BalancerConfig
 
     return BalancerConfig.from_dict({**defaults, **online_items(spec)}, source="online")
 
 
-def _migration_step_cost(migs: list[Any], num_ranks: int, cost: CostModel) -> tuple[int, int, float]:
-    """(transfers, bytes, ms) of layer migrations whose transfers run together in one step."""
+def _transfer_cost(transfers: Sequence[Any], num_ranks: int, cost: CostModel) -> tuple[int, int, float]:
+    """(transfers, bytes, ms) of transfers that run together in one step."""
     send = np.zeros(num_ranks, dtype=np.int64)
     recv = np.zeros(num_ranks, dtype=np.int64)
-    n = 0
-    for m in migs:
-        for t in m.transfers:
-            send[t.src] += 1
-            recv[t.dst] += 1
-        n += m.num_transfers
+    for t in transfers:
+        send[t.src] += 1
+        recv[t.dst] += 1
+    n = len(transfers)
     busiest = int(max(send.max(initial=0), recv.max(initial=0)))
     return n, n * cost.expert_bytes, float(cost.migration_ms(busiest))
 
@@ -142,6 +131,7 @@ def replay_online(
     cost: CostModel | None = None,
     strategy: str = "uniform",
     planned_loads: ArrayLike | None = None,
+    drains: Mapping[int, Sequence[int]] | None = None,
     label: str | None = None,
     progress: Callable[[int], None] | None = None,
     meta: Mapping[str, Any] | None = None,
@@ -151,32 +141,24 @@ def replay_online(
     Args:
         trace: ``[T, L, E]`` counts (forward step ``t`` routes ``counts[t]``).
         initial: starting placement (its ranks/nodes are the layout).
-        config: a :class:`~eplb.runtime.manager.BalancerConfig` (``policy``, cadence, thresholds,
-            ``layer_updates_per_iter``); the policy runs inline whatever ``policy_backend`` says.
+        config: a :class:`~eplb.online.BalancerConfig`; the policy runs inline whatever
+            ``policy_backend`` says; ``dispatch_strategy`` unset means ``strategy`` (as the runtime
+            takes its layers' strategy).
         planned_loads: ``[L, E]`` loads ``initial`` was planned for, recorded in the trigger before the
-            first step (``trigger.mark_planned``). Default ``None``: like a served
-            :class:`~eplb.runtime.balancer.OnlineBalancer`, which starts with no record, so the
+            first step. Default ``None``: like a served balancer, which starts with no record, so the
             first check re-plans every layer with traffic.
+        drains: ``{boundary: [ranks]}``: ranks asked to drain before that boundary.
         strategy: replica-choice strategy for rank loads.
 
     Returns:
-        A :class:`SimResult` (mode ``"online"``): ``events`` has one entry per accepted plan, with the
-        keys of the runtime balancer's ``history`` (``plan_id``, ``step``: boundary of acceptance,
-        ``stats_step``: the statistics tag consumed then, ``layers`` planned, ``migrating`` layers,
-        ``transfers``, ``bytes``) plus ``decided_step`` / ``decided_stats_step`` (boundary and tag of
-        the trigger), ``ms`` (migration time) and ``commits`` (``[boundary, [layers]]`` pairs);
-        ``meta["commits"]`` lists every commit like the balancer's ``commits``. Boundaries and tags are
-        step positions ``0..T-1`` in the replayed trace.
+        A :class:`SimResult` (mode ``"online"``): ``events`` are the pipeline's ``history`` (one entry per
+        accepted plan: ``plan_id``, ``step``, ``stats_step``, ``decided_step``, ``decided_stats_step``,
+        ``layers``, ``migrating``, ``transfers``, ``bytes``, ...) plus ``ms`` (migration time) and
+        ``commits`` (``[boundary, [layers]]`` pairs); ``meta["commits"]`` lists every commit like the
+        balancer's ``commits``. Boundaries and tags are step positions ``0..T-1`` in the replayed trace.
     """
-    from eplb.runtime.manager import (
-        BalancerConfig,
-        LayerMigration,
-        PlanRequest,
-        PlanResult,
-        RebalanceTrigger,
-        compute_plan,
-        plan_migration,
-    )
+    from eplb.online import BalancerConfig, Pipeline, compute_plan
+    from eplb.policies.exclude import survivors
     from eplb.sim.cost import default_cost_model
 
     if not isinstance(config, BalancerConfig):
@@ -192,15 +174,21 @@ def replay_online(
     cm = cost or default_cost_model()
     T, L, E = data.num_steps, data.num_layers, data.num_experts
     R = initial.num_ranks
-    trig = RebalanceTrigger(config, L, E)
+    drain_at: dict[int, set[int]] = {}
+    for step, ranks in (drains or {}).items():
+        drain_at.setdefault(int(step), set()).update(int(r) for r in ranks)
+    if drain_at:
+        survivors(set().union(*drain_at.values()), E, initial.slots_per_rank, R, what="drains")
+    if config.dispatch_strategy is None:
+        config = config.replace(dispatch_strategy=strategy)
+    pipe = Pipeline(config, initial, bytes_per_expert=cm.expert_bytes)
     if planned_loads is not None:
         pl0 = np.asarray(planned_loads, dtype=np.float64)
         if pl0.shape != (L, E):
             raise ValueError(f"planned_loads: expected shape {(L, E)}, got {pl0.shape}")
-        trig._ensure(E)  # the record needs the window's shape; no load is observed
-        trig.mark_planned(range(L), pl0)
+        pipe.trigger._ensure(E)  # the record needs the window's shape; no load is observed
+        pipe.trigger.mark_planned(range(L), pl0)
     chunk = step_chunk(L, max(E, initial.num_slots))
-    n_per = int(config.layer_updates_per_iter)
 
     comp, comm, tok = np.zeros(T), np.zeros(T), np.zeros(T)
     step_ms = np.zeros(T)
@@ -209,98 +197,64 @@ def replay_online(
     updates = np.zeros(T, dtype=np.int64)
     imb = np.zeros((T, L))
     layer_sum = np.zeros(L)
-    events: list[dict[str, Any]] = []
-    commits: list[tuple[int, tuple[int, ...]]] = []
     clock = np.zeros(T + 1)  # simulated seconds at each boundary
-
-    cur = initial
-    share = expert_rank_share(cur) if strategy == "uniform" else None
-    queue: deque[LayerMigration] = deque()
-    inflight: list[LayerMigration] = []
-    inflight_ev: list[dict[str, Any]] = []
-    worker_result: PlanResult | None = None  # finished plan not yet announced (worker busy)
-    announced: tuple[int, PlanResult] | None = None  # (tag announced with, plan)
-    plan_layers: tuple[int, ...] = ()
-    decided: tuple[int, int] = (-1, -1)  # (boundary, tag) of the pending plan's trigger
-    deferred: set[int] = set()
     ev_of_layer: dict[int, dict[str, Any]] = {}
-    plan_id = 0
+    share = expert_rank_share(initial) if strategy == "uniform" else None
     cache: tuple[int, Any] | None = None  # (first step, block) under the current placement
-
-    def busy_layers() -> set[int]:
-        busy = set(plan_layers) if (worker_result is not None or announced is not None) else set()
-        busy |= {m.layer for m in queue}
-        busy |= {m.layer for m in inflight}
-        return busy
+    finished: Any = None  # a policy result computed at this boundary, announced with its statistics
 
     def stats(tag: int) -> np.ndarray:
         return data.counts[tag - 1] if tag >= 1 else np.zeros((L, E), dtype=np.int64)
 
-    def stats_step(tag: int) -> int:  # the step id the balancer's counter would carry
-        return tag
-
     for b in range(T):
-        # 1. commit what was launched at b - 1
-        if inflight:
-            cur = cur.with_layers({m.layer: m.new_row for m in inflight})
-            share = expert_rank_share(cur) if strategy == "uniform" else None
-            cache = None
-            done = tuple(m.layer for m in inflight)
-            commits.append((b, done))
-            for ev in {id(e): e for e in inflight_ev}.values():
-                ev["commits"].append([b, [m.layer for m, e in zip(inflight, inflight_ev, strict=True) if e is ev]])
-            inflight, inflight_ev = [], []
+        pipe.start(b)
+        # 1. commit what went out completely by b - 1
+        batch = pipe.commit()
+        changed = batch is not None
+        if batch is not None:
+            by_ev: dict[int, tuple[dict[str, Any], list[int]]] = {}
+            for layer in batch.layers:
+                ev = ev_of_layer[layer]
+                by_ev.setdefault(id(ev), (ev, []))[1].append(layer)
+            for ev, layers in by_ev.values():
+                ev["commits"].append([b, layers])
         # 2. consume the statistics launched at b - 2
         tag = b - 2
         if tag >= 0:
-            if announced is not None and announced[0] <= tag:
-                res = announced[1]
-                announced = None
-                migs = [plan_migration(cur.phy2log[li], res.rows[j], R, cur.ranks_per_node, layer=li)
-                        for j, li in enumerate(res.layers) if res.changed[j]]
-                trig.mark_planned(res.layers, res.planned_loads)
-                ev = {"plan_id": res.plan_id, "step": b, "stats_step": tag, "decided_step": decided[0],
-                      "decided_stats_step": decided[1], "layers": [int(x) for x in res.layers],
-                      "migrating": [int(m.layer) for m in migs], "transfers": int(sum(m.num_transfers for m in migs)),
-                      "bytes": int(sum(m.num_transfers for m in migs) * cm.expert_bytes), "ms": 0.0, "commits": []}
-                events.append(ev)
-                for m in migs:
-                    ev_of_layer[m.layer] = ev
-                queue.extend(migs)
-                plan_layers = ()
-            layers = trig.observe(stats_step(tag), stats(tag), float(clock[tag]), placement=cur, busy=busy_layers())
-            deferred |= set(layers)
-            if deferred and worker_result is None and announced is None and not plan_layers:
-                sel = sorted(deferred - busy_layers())
-                deferred = set()
-                if sel:
-                    plan_id += 1
-                    assert trig.window is not None
-                    window = trig.window.array(sel) if len(trig.window) else np.zeros((1, len(sel), E), np.int64)
-                    req = PlanRequest(plan_id, tuple(sel), window, cur.select_layers(sel), config.policy,
-                                      dict(config.policy_options), (), config.min_balancedness_gain)
-                    worker_result = compute_plan(req)
-                    plan_layers = tuple(sel)
-                    decided = (b, tag)
-        # 3. statistics launch: a finished plan is announced with this boundary's tag
-        if worker_result is not None and announced is None:
-            announced, worker_result = (b, worker_result), None
-        # 4. launch the next queued layers' transfers (they run during forward step b)
-        if queue and n_per > 0:
-            while queue and len(inflight) < n_per:
-                m = queue.popleft()
-                inflight.append(m)
-                inflight_ev.append(ev_of_layer[m.layer])
-            _, nbytes, ms = _migration_step_cost(inflight, R, cm)
-            mig_bytes[b], mig_ms[b], updates[b] = nbytes, ms, len(inflight)
-            for ev in {id(e): e for e in inflight_ev}.values():
-                own = [m for m, e in zip(inflight, inflight_ev, strict=True) if e is ev]
-                ev["ms"] += _migration_step_cost(own, R, cm)[2]
+            n_hist, n_ex = len(pipe.history), len(pipe.excluded_ranks)
+            req = pipe.consume(tag, stats(tag), float(clock[tag]), drains=drain_at.get(tag, ()))
+            changed |= len(pipe.excluded_ranks) != n_ex
+            if len(pipe.history) > n_hist:
+                ev = pipe.history[-1]
+                ev["ms"], ev["commits"] = 0.0, []
+                for layer in ev["migrating"]:
+                    ev_of_layer[layer] = ev
+            if req is not None:
+                finished = compute_plan(req)
+        # 3. a finished plan is announced with this boundary's statistics
+        if finished is not None:
+            pipe.plan_finished(finished)
+            finished = None
+        # 4. the transfers posted now run during forward step b
+        post = pipe.launch()
+        if post is not None:
+            _, mig_bytes[b], mig_ms[b] = _transfer_cost(post.transfers, R, cm)
+            if not post.batch.pending:
+                updates[b] = len(post.batch.layers)
+            own: dict[int, tuple[dict[str, Any], list[Any]]] = {}
+            layer_of = {id(t): m.layer for m in post.batch.migrations for t in m.transfers}
+            for t in post.transfers:
+                ev = ev_of_layer[layer_of[id(t)]]
+                own.setdefault(id(ev), (ev, []))[1].append(t)
+            for ev, ts in own.values():
+                ev["ms"] += _transfer_cost(ts, R, cm)[2]
+        if changed:
+            share = expert_rank_share(pipe.placement) if strategy == "uniform" else None
+            cache = None
         # forward step b under the current placement
         if cache is None or not (cache[0] <= b < cache[0] + len(cache[1].compute_ms)):
-            quiet = not (queue or inflight or worker_result is not None or announced is not None or deferred)
-            stop = min(T, b + (chunk if quiet else 1))
-            cache = (b, evaluate_block(data.counts[b:stop], cur, cm, strategy, share))
+            stop = min(T, b + (1 if pipe.active else chunk))
+            cache = (b, evaluate_block(data.counts[b:stop], pipe.placement, cm, strategy, share))
         i = b - cache[0]
         blk = cache[1]
         comp[b], comm[b], tok[b] = blk.compute_ms[i], blk.comm_ms[i], blk.tokens[i]
@@ -311,12 +265,14 @@ def replay_online(
         if progress is not None and (b + 1 == T or (b + 1) % 256 == 0):
             progress(b + 1)
     policy = str(config.policy)
-    info = {"online": config.to_dict(), "commits": [[c[0], list(c[1])] for c in commits],
-            "pending_at_end": {"queued": [m.layer for m in queue], "in_flight": [m.layer for m in inflight]},
-            **dict(meta or {})}
+    info = {"online": config.to_dict(), "commits": [[c[0], list(c[1])] for c in pipe.commits],
+            "pending_at_end": {"queued": [m.layer for m in pipe.queue],
+                               "in_flight": list(pipe.inflight.layers) if pipe.inflight is not None else []},
+            "excluded_ranks": sorted(pipe.excluded_ranks), **dict(meta or {})}
     return SimResult(
         label=label or f"{policy}+online", policy=policy, mode="online", strategy=strategy, num_ranks=R,
         num_slots=initial.num_slots, num_nodes=initial.num_nodes, step_ids=np.asarray(data.step_ids), step_ms=step_ms,
         compute_ms=comp, comm_ms=comm, migration_ms=mig_ms, bytes_moved=mig_bytes, layer_updates=updates,
-        imbalance=imb, layer_ms=layer_sum / T, tokens=tok, events=events, final_placement=cur, meta=info,
+        imbalance=imb, layer_ms=layer_sum / T, tokens=tok, events=pipe.history, final_placement=pipe.placement,
+        meta=info,
     )

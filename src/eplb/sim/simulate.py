@@ -102,7 +102,7 @@ def simulate(
 
     config = None
     if online is not None:
-        from eplb.runtime.manager import BalancerConfig
+        from eplb.online import BalancerConfig
 
         if isinstance(online, BalancerConfig):
             config = online
@@ -133,6 +133,8 @@ def simulate(
                                          meta=run_meta))
         if config is not None:
             pol = p if p != "none" else config.policy
+            if p == "none" and pl.num_slots != S:  # the online balancer starts unbalanced but with the slots to use
+                pl = Placement.contiguous(L, E, R, S, N, layer_ids=data.layer_ids).with_meta(policy="none")
             cfg = config.replace(policy=pol, policy_options={**dict(config.policy_options), **opts},
                                  policy_backend="inline")
             label = f"{p}+online" if start is None else f"online:{pol}"
