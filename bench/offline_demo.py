@@ -27,8 +27,8 @@ from _common import command_line, cpu_name, today, write_text
 
 def format_io(pl: object, repeats: int) -> list[tuple[str, str, int, float, float]]:
     """(format, file, bytes, write ms, read ms) medians for every format."""
-    from eplb.cli.offline import DEMO_FILES
     from eplb.formats import read_placement, write_placement
+    from eplb.offline import DEMO_FILES
 
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -58,7 +58,7 @@ def main() -> None:
 
     t_import = time.perf_counter()
     from eplb import Placement
-    from eplb.cli.offline import demo
+    from eplb.offline import demo
 
     t_import = time.perf_counter() - t_import
     from eplb.formats import read_placement
@@ -101,7 +101,7 @@ def main() -> None:
         "- data: REAL trace `llama4_maverick_mmlu_decode` (128 decode steps x 24 MoE layers x 128 experts); "
         "the DeepSeek-V3-shaped placement of the I/O table is SYNTHETIC (file I/O only)",
         f"- demo setting: 16 ranks, 144 slots, plan on steps 0-63, evaluate on 64-127, plots {'on' if plots else 'off'}, "
-        f"median of {repeats} run(s); `import eplb.cli.offline` took {t_import:.2f} s",
+        f"median of {repeats} run(s); `import eplb.offline` took {t_import:.2f} s",
         "",
         "| stage | median time (s) |",
         "| --- | --- |",

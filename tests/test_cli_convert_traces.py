@@ -28,7 +28,7 @@ def test_convert_trace_iter_range(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["convert", "builtin:llama4_maverick_mmlu_decode", str(out), "--iter-range", "10-20"])
     assert r.exit_code == 0, r.output
     from eplb.datasets import load_builtin
-    from eplb.stats.importers import read_trace
+    from eplb.stats.io import read_trace
 
     np.testing.assert_array_equal(read_trace(out).counts, load_builtin("llama4_maverick_mmlu_decode").counts[10:20])
 

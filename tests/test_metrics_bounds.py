@@ -102,7 +102,7 @@ def test_lower_bound_steps_is_valid_for_per_step_max():
 def test_lower_bound_bad_input():
     with pytest.raises(ValueError, match="negative"):
         lower_bound(np.array([[1.0, -1.0]]), 2, 1)
-    with pytest.raises(ValueError, match="num_replicas"):
+    with pytest.raises(ValueError, match="num_slots: 6 physical slots"):  # lower_bound's own parameter names
         lower_bound(np.ones((1, 8)), 6, 2)
     with pytest.raises(ValueError, match="not divisible"):
         lower_bound(np.ones((1, 8)), 9, 2)

@@ -108,3 +108,22 @@ def test_deepseek_static_reproduces_issue_table_on_real_trace():
         pl = eplb.plan(counts[:64], slots, ranks, policy="deepseek")
         got[(ranks, slots)] = round(float(imbalance_ratio(rank_loads(counts[64:], pl)).mean()), 3)
     assert got == {(8, 136): 0.368, (16, 144): 0.561, (16, 160): 0.506, (32, 192): 0.750}
+
+
+def test_for_layers_is_the_one_layer_matching_rule():
+    rows = np.array([[0, 1, 2, 3], [3, 2, 1, 0], [1, 0, 3, 2]])
+    keyed = Placement(rows, 4, 2, layer_ids=(3, 5, 7))
+    assert keyed.for_layers([7, 3]).phy2log.tolist() == [rows[2].tolist(), rows[0].tolist()]
+    assert keyed.for_layers([3, 5, 7]) is keyed
+    with pytest.raises(PlacementError, match=r"no row for model layer\(s\) \[4\]"):
+        keyed.for_layers([3, 4], of="model")
+    # default ids: rows keyed by model layer index when all are there, else positions when the counts agree
+    pos = Placement(rows, 4, 2)
+    assert pos.for_layers([3, 5, 7]).layer_ids == (3, 5, 7)
+    assert pos.for_layers([1, 2]).phy2log.tolist() == rows[1:].tolist()  # e.g. an SGLang map of every layer
+    with pytest.raises(PlacementError, match="3 MoE layers, but 2 layer ids given"):
+        pos.for_layers([1, 2], positional=True)  # rows are MoE-layer positions: never a silent subset
+    with pytest.raises(PlacementError, match="3 MoE layers, but 2 layer ids given"):
+        keyed.for_layers([1, 2], positional=True, what="f.json")
+    # the asker is positional (a trace without model layer ids)
+    assert keyed.for_layers([0, 1, 2], wanted_positional=True).phy2log.tolist() == rows.tolist()

@@ -196,7 +196,7 @@ def test_bad_input(pol):
         eplb.plan(np.array([[1.0, np.nan]]), 2, 1, policy=pol)
     with pytest.raises(ValueError, match="negative"):
         eplb.plan(np.array([[1.0, -1.0]]), 2, 1, policy=pol)
-    with pytest.raises(ValueError, match="not divisible by num_gpus"):
+    with pytest.raises(ValueError, match="num_slots: 9 slots are not divisible by num_ranks=2"):
         eplb.plan(np.ones((1, 8)), 9, 2, policy=pol)
     with pytest.raises(ValueError, match="cannot serve 8 logical experts"):
         eplb.plan(np.ones((1, 8)), 6, 2, policy=pol)

@@ -97,7 +97,7 @@ def test_cli_errors_exit_2(tmp_path):
     r = run("simulate", str(tmp_path / "missing.safetensors"), "--ep-size", "2")
     assert r.returncode == 2 and "missing.safetensors" in r.stderr
     r = run("simulate", "builtin:llama4_maverick_mmlu_decode", "--ep-size", "3", "--num-slots", "130")
-    assert r.returncode == 2 and "num-slots: 130 slots cannot be split evenly over ep-size 3" in r.stderr
+    assert r.returncode == 2 and "num-slots: 130 slots are not divisible by ep-size=3" in r.stderr
     bad = tmp_path / "cm.json"
     bad.write_text("{}")
     r = run("simulate", "builtin:llama4_maverick_mmlu_decode", "--ep-size", "8", "--cost-model", str(bad))

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from eplb.placement import Placement
-from eplb.stats.importers import FORMATS, detect_format, read_trace, read_trtllm, write_trace, write_trtllm
+from eplb.stats.importers import read_trtllm, write_trtllm
+from eplb.stats.io import FORMATS, detect_format, read_trace, write_trace
 from eplb.stats.store import TraceWriter, iter_chunks, merge, read_dir, scan_dir
 from eplb.stats.trace import Trace, TraceError
 
@@ -171,8 +172,8 @@ def test_writer_chunks_and_sliced_load(tmp_path: Path) -> None:
     assert chunks[-1] == "meta.json" and len(chunks) == 1 + 4  # 6+6+6+5 steps (appends of 2 pass 5)
     info = scan_dir(tmp_path / "rec")
     assert info.num_steps == 23 and info.metas[0]["complete"] is True
-    _same(tr, Trace.load(tmp_path / "rec"))
-    part = Trace.load(tmp_path / "rec", iter_range="7-13", layers=[1])
+    _same(tr, read_trace(tmp_path / "rec"))  # a directory: the dispatcher, not Trace.load
+    part = read_trace(tmp_path / "rec", iter_range="7-13", layers=[1])
     np.testing.assert_array_equal(part.counts, tr.counts[7:13, [1]])
     assert [c.num_steps for c in iter_chunks(tmp_path / "rec", "7-13")] == [5, 1]
 

@@ -98,7 +98,7 @@ def test_cli_report_with_placement_plots_and_html(tmp_path: Path) -> None:
     counts[:, :, 0] += 200  # a hot expert
     tr = Trace(counts, (3, 4), ep_size=4, model="synthetic")
     write_dir = tmp_path / "rec"
-    from eplb.stats.importers import write_trace
+    from eplb.stats.io import write_trace
 
     write_trace(tr, write_dir, "eplb-dir", chunk_steps=2)
     pl = Placement(np.array([[0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0]] * 2), 8, 4, layer_ids=(3, 4), meta={"policy": "hand"})

@@ -21,8 +21,8 @@ from eplb.stats.trace import Trace, TraceError
 _LAZY = {
     "read_placement": "eplb.formats",
     "write_placement": "eplb.formats",
-    "read_trace": "eplb.stats.importers",
-    "write_trace": "eplb.stats.importers",
+    "read_trace": "eplb.stats.io",
+    "write_trace": "eplb.stats.io",
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from importlib import resources
 
+from eplb.errors import InputError
 from eplb.stats.trace import Trace
 
 __all__ = ["builtin_traces", "load_builtin"]
@@ -24,6 +25,6 @@ def load_builtin(name: str) -> Trace:
     """Load a shipped trace by name; raises ValueError listing the available names."""
     names = builtin_traces()
     if name not in names:
-        raise ValueError(f"trace: unknown built-in trace {name!r}; available: {', '.join(names)}")
+        raise InputError(f"trace: unknown built-in trace {name!r}; available: {', '.join(names)}")
     with resources.as_file(resources.files("eplb") / "data" / f"{name}{_SUFFIX}") as path:
         return Trace.load(path)

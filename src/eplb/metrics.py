@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from eplb._checks import ArrayLike, check_layout, check_load
+from eplb.errors import InputError
 from eplb.placement import Placement
 
 __all__ = [
@@ -58,7 +59,7 @@ def slot_loads(counts: ArrayLike, placement: Placement) -> np.ndarray:
     """``[..., L, S]`` load of each slot: count of its expert / served replicas of that expert."""
     c = check_load(counts, "counts", ndim=(2, 3, 4), num_experts=placement.num_experts)
     if c.shape[-2] != placement.num_layers:
-        raise ValueError(f"counts: {c.shape[-2]} layers, but the placement has {placement.num_layers}")
+        raise InputError(f"counts: {c.shape[-2]} layers, but the placement has {placement.num_layers}")
     mask = served_slots(placement)  # [L, S]
     L = placement.num_layers
     cnt = np.zeros((L, placement.num_experts), dtype=np.int64)
@@ -229,11 +230,12 @@ def max_rank_load(counts: ArrayLike, placement: Placement) -> np.ndarray:
     return mx if mx.ndim == 1 else mx.reshape(-1, placement.num_layers).mean(axis=0)
 
 
-def optimality_gap(counts: ArrayLike, placement: Placement) -> np.ndarray:
+def optimality_gap(counts: ArrayLike, placement: Placement, *, bound: ArrayLike | None = None) -> np.ndarray:
     """``[L]`` ``max_rank_load / lower_bound - 1`` (0 where the bound is 0); an upper bound on the
-    true relative distance to the optimal placement."""
+    true relative distance to the optimal placement. ``bound``: the :func:`lower_bound` already
+    computed for these counts and layout (not recomputed)."""
     mx = max_rank_load(counts, placement)
-    lb = lower_bound(counts, placement.num_slots, placement.num_ranks)
+    lb = lower_bound(counts, placement.num_slots, placement.num_ranks) if bound is None else np.asarray(bound)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(lb > 0, mx / np.where(lb > 0, lb, 1.0) - 1.0, 0.0)
 
@@ -303,7 +305,7 @@ def hierarchical_lower_bound(counts: ArrayLike, num_slots: int, num_ranks: int, 
     L, E = c.shape
     check_layout(E, num_slots, num_ranks, num_nodes)
     if num_groups <= 0 or E % num_groups or num_groups % num_nodes:
-        raise ValueError(f"num_groups: {num_groups} groups must divide {E} experts and be divisible by "
+        raise InputError(f"num_groups: {num_groups} groups must divide {E} experts and be divisible by "
                          f"num_nodes={num_nodes}")
     base = _lb_rows(c, num_slots, num_ranks)
     parts = _equal_partitions(num_groups, num_nodes, max_partitions)

@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, check_positive_int, to_numpy
+from eplb.errors import PlacementError
 
 __all__ = ["Placement", "PlacementError"]
 
 
-class PlacementError(ValueError):
-    """A placement (or a map file describing one) is malformed; the message says exactly where."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -317,18 +316,45 @@ class Placement:
             tuple(self.layer_ids[p] for p in pos), self.meta,
         )
 
+    def for_layers(self, layer_ids: Sequence[int], *, positional: bool | None = None, wanted_positional: bool = False,
+                   what: str = "placement", of: str = "") -> Placement:
+        """The rows for the layers ``layer_ids`` (model layer ids), labelled with them: the one layer-matching rule.
+
+        * Rows keyed by model layer id (every wanted id is in :attr:`layer_ids`) are selected in the
+          order asked, unless ``positional=True`` (the rows are MoE-layer positions, not ids).
+        * Otherwise, when the counts agree and one side is positional -- this placement's rows
+          (``positional=True``, or ``None`` and its ids are the default ``0..L-1``), or
+          ``wanted_positional`` (the asker's ids are positions, e.g. a trace without model layer ids) --
+          rows are matched by position.
+        * Anything else raises :class:`PlacementError` naming ``what`` and the missing layers (``of``:
+          whose layers, e.g. ``"trace"`` or ``"model"``).
+        """
+        want = tuple(int(i) for i in layer_ids)
+        L = self.num_layers
+        if want == self.layer_ids:
+            return self
+        default = tuple(range(L))
+        if not positional:
+            pos = {lid: i for i, lid in enumerate(self.layer_ids)}
+            if all(lid in pos for lid in want) and len(set(want)) == len(want) and want:
+                return self.select_layers([pos[lid] for lid in want])
+        by_position = (self.layer_ids == default if positional is None else positional) or wanted_positional
+        if by_position and len(want) == L:
+            return Placement(self.phy2log, self.num_experts, self.num_ranks, self.num_nodes, want, self.meta)
+        if positional:
+            raise PlacementError(f"{what}: {L} MoE layers, but {len(want)} layer ids given")
+        missing = [lid for lid in want if lid not in set(self.layer_ids)]
+        more = " ..." if len(missing) > 8 else ""
+        raise PlacementError(
+            f"{what}: no row for {of + ' ' if of else ''}layer(s) {missing[:8]}{more} (it covers layers "
+            f"{list(self.layer_ids)[:8]}{' ...' if L > 8 else ''}: {L} layers, {len(want)} wanted)")
+
     def with_meta(self, **meta: Any) -> Placement:
         """A copy with ``meta`` updated."""
         return Placement(self.phy2log, self.num_experts, self.num_ranks, self.num_nodes, self.layer_ids,
                          {**self.meta, **meta})
 
     # ---------------------------------------------------------------- export
-    def to_torch(self, device: Any = None) -> Any:
-        """``phy2log`` as an ``int64`` torch tensor on ``device``."""
-        import torch
-
-        return torch.as_tensor(self.phy2log, dtype=torch.int64, device=device)
-
     def digest(self) -> str:
         """SHA-256 of the placement's content (shape, sizes, layer ids, ``phy2log``); equal placements agree."""
         h = hashlib.sha256()

@@ -12,6 +12,7 @@ import sys
 import typer
 
 from eplb.cli import integrations, offline, runtime, sim, stats
+from eplb.errors import EplbError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Expert Parallelism Load Balancer for MoE inference.")
@@ -36,9 +37,10 @@ for _mod in (stats, offline, sim, runtime, integrations):
 
 
 def main() -> None:
-    """Console-script entry point: ValueError/OSError become ``eplb: error: ...`` and exit code 2."""
+    """Console-script entry point: an :class:`eplb.errors.EplbError` (bad input or environment) becomes
+    ``eplb: error: ...`` and exit code 2; anything else is a bug and stays a traceback."""
     try:
         app()
-    except (ValueError, OSError) as exc:
+    except EplbError as exc:
         print(f"eplb: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
+from eplb._checks import check_layout
+
 
 def check_layout_args(num_experts: int, num_slots: int, ep_size: int, num_nodes: int, num_groups: int) -> None:
-    """The layout options' consistency (plan, simulate, capacity), with the CLI's option names in the messages."""
-    for name, v in (("num-slots", num_slots), ("ep-size", ep_size), ("num-nodes", num_nodes), ("num-groups", num_groups)):
-        if v <= 0:
-            raise ValueError(f"{name}: expected a positive integer, got {v}")
-    if num_slots < num_experts:
-        raise ValueError(f"num-slots: {num_slots} slots cannot hold the trace's {num_experts} experts (need >= {num_experts})")
-    if num_slots % ep_size:
-        raise ValueError(f"num-slots: {num_slots} slots cannot be split evenly over ep-size {ep_size} ranks "
-                         f"(try {((num_slots + ep_size - 1) // ep_size) * ep_size})")
-    if ep_size % num_nodes:
-        raise ValueError(f"num-nodes: ep-size {ep_size} ranks cannot be split evenly over {num_nodes} nodes")
-    if num_experts % num_groups:
-        raise ValueError(f"num-groups: {num_experts} experts cannot be split into {num_groups} equal groups")
+    """:func:`eplb._checks.check_layout` with the CLI's option names in the messages."""
+    check_layout(num_experts, num_slots, ep_size, num_nodes, num_groups=num_groups,
+                 names=("num-slots", "ep-size", "num-nodes", "num-groups"))

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from eplb.errors import InputError
+
 
 def pull(
     output: Annotated[Path, typer.Option("--output", "-o", help="Trace file to write (.safetensors).")],
@@ -31,7 +33,7 @@ def pull(
     from eplb.integrations.sglang import pull as sglang_pull
 
     if not sglang:
-        raise ValueError("pull: give the server to record from, e.g. --sglang http://127.0.0.1:30000")
+        raise InputError("pull: give the server to record from, e.g. --sglang http://127.0.0.1:30000")
     res = sglang_pull(sglang, seconds, dump_dir=dump_dir, timeout=timeout, dump_timeout=dump_timeout,
                       on_event=lambda msg: typer.echo(msg, err=True))
     res.trace.save(output)

@@ -18,22 +18,37 @@ outputs are written atomically or not at all.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 
-from eplb.cli._args import check_layout_args
+from eplb._io import atomic_write
+from eplb.errors import InputError
+from eplb.offline import (  # noqa: F401 (the library half; names kept importable from here)
+    BUILTIN_PREFIX,
+    DEMO_FILES,
+    DEMO_TRACE,
+    DemoResult,
+    Evaluation,
+    check_read_back,
+    demo,
+    evaluate_placement,
+    fmt_range,
+    golden_text,
+    load_trace,
+    parse_held_out,
+    plan_placement,
+    resolve_policy,
+)
 from eplb.placement import Placement
-from eplb.stats.trace import Trace, atomic_write, parse_range
+from eplb.stats.trace import Trace
 
 if TYPE_CHECKING:
-    from eplb.stats.report import LoadTable
+    pass
 
 __all__ = [
     "DEMO_TRACE",
@@ -45,8 +60,6 @@ __all__ = [
     "register",
 ]
 
-DEMO_TRACE = "llama4_maverick_mmlu_decode"
-BUILTIN_PREFIX = "builtin:"
 TRACE_ONLY_SUFFIXES = (".safetensors", ".npy", ".npz", ".csv")
 
 
@@ -57,31 +70,13 @@ def _console() -> Any:
     return Console(width=140)
 
 
-def load_trace(spec: str, iter_range: str | None = None) -> Trace:
-    """A trace from ``builtin:NAME`` (shipped real traces) or a file/directory any ``eplb.stats`` reader accepts.
-
-    ``iter_range`` ``"a-b"`` keeps steps with ids in ``[a, b)``.
-    """
-    if spec.startswith(BUILTIN_PREFIX):
-        from eplb.datasets import load_builtin
-
-        tr = load_builtin(spec[len(BUILTIN_PREFIX):])
-        return tr.slice(iter_range) if iter_range else tr
-    p = Path(spec)
-    if not p.exists():
-        raise ValueError(f"trace: {spec}: no such file or directory (or use builtin:NAME for a shipped trace)")
-    from eplb.stats.importers import read_trace
-
-    return read_trace(p, iter_range=iter_range)
-
-
 def _parse_options(options: Sequence[str] | None) -> dict[str, Any]:
     """``["max_replicas=16", "x=0.5"]`` -> ``{"max_replicas": 16, "x": 0.5}`` (ints, floats, bools, strings)."""
     out: dict[str, Any] = {}
     for opt in options or ():
         key, sep, val = opt.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"option: expected KEY=VALUE, got {opt!r}")
+            raise InputError(f"option: expected KEY=VALUE, got {opt!r}")
         v: Any = val.strip()
         for conv in (int, float):
             try:
@@ -106,151 +101,13 @@ def _parse_layer_ids(spec: str | None) -> list[int] | None:
             a, sep, b = rng.partition("-")
             out.extend(range(int(a), int(b) + 1, int(step or 1)) if sep else [int(a)])
     except ValueError:
-        raise ValueError(f"layer-ids: expected a list like '1,3,5-9' or '1-47:2', got {spec!r}") from None
+        raise InputError(f"layer-ids: expected a list like '1,3,5-9' or '1-47:2', got {spec!r}") from None
     if not out or len(set(out)) != len(out):
-        raise ValueError(f"layer-ids: expected distinct layer ids, got {spec!r}")
+        raise InputError(f"layer-ids: expected distinct layer ids, got {spec!r}")
     return out
 
 
-def parse_held_out(spec: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """``"0-64:64-128"`` -> ``((0, 64), (64, 128))``: plan on the first range, evaluate on the second."""
-    plan_s, sep, eval_s = spec.partition(":")
-    if not sep:
-        raise ValueError(f"held-out: expected PLAN_RANGE:EVAL_RANGE such as 0-64:64-128, got {spec!r}")
-    a = parse_range(plan_s, "held-out plan range")
-    b = parse_range(eval_s, "held-out eval range")
-    assert a is not None and b is not None
-    if b[0] < a[1]:
-        raise ValueError(f"held-out: the evaluation range {b[0]}-{b[1]} must start at or after the end of the plan "
-                         f"range {a[0]}-{a[1]} (held-out means later steps)")
-    return a, b
-
-
-def _fmt_range(rng: tuple[int, int] | None, trace: Trace) -> str:
-    if rng is not None:
-        return f"{rng[0]}-{rng[1]}"
-    assert trace.step_ids is not None
-    return f"{int(trace.step_ids[0])}-{int(trace.step_ids[-1]) + 1}"
-
-
 # ========================================================================= evaluation
-@dataclass
-class Evaluation:
-    """One placement evaluated on one window of a trace.
-
-    Attributes:
-        label: row label.
-        window: step range evaluated (``"a-b"``).
-        table: per-layer mean / std / imbalance (TensorRT-LLM definition, uniform split over replicas).
-        imbalance: average imbalance ratio (max/mean - 1 of rank load per step, averaged).
-        max_load: mean over steps and layers of the max rank load (tokens per step).
-        mean_load: mean rank load (tokens per step).
-        balanced_imbalance / balanced_max_load: the same with per-step balanced dispatch
-            (:func:`eplb.dispatch.split_counts`), when computed.
-        dispatch_bound: mean per-step LP lower bound of the max rank load of this placement with perfect
-            dispatch (:func:`eplb.dispatch.per_step_lower_bound`), when computed.
-        lower_bound / gap: the placement-independent lower bound on the mean per-step max rank load for
-            this slot and rank count (:func:`eplb.metrics.lower_bound`) and the optimality gap
-            ``max rank load / bound - 1`` (:func:`eplb.metrics.optimality_gap`), both averaged over layers.
-        balanced_layers: ``[L]`` per-layer imbalance with balanced dispatch (for the per-layer table).
-    """
-
-    label: str
-    window: str
-    table: LoadTable
-    imbalance: float
-    max_load: float
-    mean_load: float
-    num_slots: int
-    num_ranks: int
-    balanced_imbalance: float | None = None
-    balanced_max_load: float | None = None
-    dispatch_bound: float | None = None
-    lower_bound: float | None = None
-    gap: float | None = None
-    balanced_layers: np.ndarray | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("label", "window", "imbalance", "max_load", "mean_load", "num_slots",
-                                          "num_ranks", "balanced_imbalance", "balanced_max_load", "dispatch_bound",
-                                          "lower_bound", "gap")}
-        d["per_layer"] = self.table.to_dict()["rows"]
-        if self.balanced_layers is not None:
-            d["balanced_imbalance_per_layer"] = [float(v) for v in self.balanced_layers]
-        d.update(self.extra)
-        return d
-
-
-def _bound_and_gap(counts: np.ndarray, placement: Placement) -> tuple[float, float]:
-    """(lower bound, gap), each averaged over layers.
-
-    The bound (:func:`eplb.metrics.lower_bound`) is on the mean per-step max rank load of ANY static
-    placement with this slot and rank count; the gap (:func:`eplb.metrics.optimality_gap`) is
-    ``max rank load / bound - 1`` per layer.
-    """
-    from eplb.metrics import lower_bound, optimality_gap
-
-    lb = np.asarray(lower_bound(counts, placement.num_slots, placement.num_ranks), dtype=np.float64)
-    gap = np.asarray(optimality_gap(counts, placement), dtype=np.float64)
-    return float(lb.mean()), float(gap.mean())
-
-
-def evaluate_placement(
-    trace: Trace,
-    placement: Placement | None,
-    ep_size: int | None = None,
-    *,
-    label: str = "",
-    dispatch: bool = True,
-    bound: bool = True,
-) -> Evaluation:
-    """Evaluate ``placement`` (None = no EPLB: slot ``e`` holds expert ``e``) on every step of ``trace``.
-
-    The placement's rows are matched to the trace's layers by model layer id (positional for
-    files that number MoE layers ``0..L-1``). ``ep_size`` is needed only without a placement.
-    """
-    from eplb.metrics import rank_loads
-    from eplb.stats.report import align_placement, load_table
-
-    c = trace.counts
-    T, L, E = c.shape
-    if placement is None:
-        if not ep_size:
-            raise ValueError("ep-size: needed to evaluate without a placement")
-        if E % ep_size:
-            raise ValueError(f"ep-size: {E} experts (no EPLB: one slot per expert) are not divisible by ep_size={ep_size}")
-        pl = Placement.contiguous(L, E, int(ep_size), layer_ids=trace.layer_ids)
-    else:
-        if ep_size and ep_size != placement.num_ranks:
-            raise ValueError(f"ep-size: {ep_size} given, but the placement is for {placement.num_ranks} ranks")
-        pl = align_placement(placement, trace.layer_ids, E)
-    table = load_table(trace, pl.num_ranks, None if placement is None else pl)
-    rl = rank_loads(c, pl)  # [T, L, R]
-    ev = Evaluation(
-        label=label or (str(pl.meta.get("policy", "placement")) if placement is not None else "no EPLB"),
-        window=_fmt_range(None, trace), table=table, imbalance=table.average[2],
-        max_load=float(rl.max(-1).mean()), mean_load=float(rl.mean()), num_slots=pl.num_slots, num_ranks=pl.num_ranks,
-    )
-    if dispatch and pl.num_slots > E:
-        from eplb.dispatch import per_step_lower_bound, split_rank_loads
-        from eplb.metrics import imbalance_ratio
-
-        brl = np.asarray(split_rank_loads(c, pl, "balanced"), dtype=np.float64)  # [T, L, R]
-        per_layer = imbalance_ratio(brl).mean(0)
-        ev.balanced_layers = per_layer
-        ev.balanced_imbalance = float(per_layer.mean())
-        ev.balanced_max_load = float(brl.max(-1).mean())
-        if bound:
-            ev.dispatch_bound = float(np.asarray(per_step_lower_bound(c, pl)).mean())
-    elif dispatch:  # no replicas: every token has one slot, balanced dispatch is the static split
-        ev.balanced_layers = table.imbalance
-        ev.balanced_imbalance, ev.balanced_max_load = ev.imbalance, ev.max_load
-    if bound:
-        ev.lower_bound, ev.gap = _bound_and_gap(c, pl)
-    return ev
-
-
 def _summary_table(evals: Sequence[Evaluation], title: str) -> Any:
     from rich.table import Table
 
@@ -292,68 +149,7 @@ def _per_layer_table(before: Evaluation, after: Evaluation, title: str) -> Any:
     return t
 
 
-def _golden_text(before: Evaluation, after: Evaluation, extra: Sequence[Evaluation]) -> str:
-    """Deterministic plain-text report (no timings, no paths): the demo's golden output."""
-    lines = [f"before: {before.label} on steps {before.window} ({before.num_slots} slots / {before.num_ranks} ranks)",
-             before.table.to_text(), "",
-             f"after: {after.label} on steps {after.window} ({after.num_slots} slots / {after.num_ranks} ranks)",
-             after.table.to_text(), "", "summary:"]
-    for ev in (before, after, *extra):
-        parts = [f"{ev.label} | steps {ev.window} | imbalance {ev.imbalance:.6f} | max rank load {ev.max_load:.4f}"]
-        if ev.balanced_imbalance is not None:
-            parts.append(f"balanced dispatch imbalance {ev.balanced_imbalance:.6f}")
-        if ev.lower_bound is not None and ev.gap is not None:
-            parts.append(f"lower bound {ev.lower_bound:.4f} | gap {ev.gap:.6f}")
-        lines.append(" | ".join(parts))
-    return "\n".join(lines) + "\n"
-
-
 # ============================================================================ plan
-def _best_policy(policy: str | None) -> str:
-    from eplb.formats import default_policy
-    from eplb.policies import load_policy_plugins
-
-    if policy is None:
-        return default_policy()
-    POLICIES = load_policy_plugins()
-    if policy not in POLICIES:
-        raise ValueError(f"policy: unknown policy {policy!r}; expected one of {sorted(POLICIES)}")
-    return policy
-
-
-def plan_placement(
-    trace: Trace,
-    *,
-    ep_size: int,
-    num_slots: int | None = None,
-    num_nodes: int = 1,
-    num_groups: int = 1,
-    policy: str | None = None,
-    trace_spec: str = "",
-    iter_range: str | None = None,
-    options: dict[str, Any] | None = None,
-) -> Placement:
-    """Plan a placement from ``trace`` with provenance in ``meta`` (trace hash, policy, parameters, bound, gap)."""
-    from eplb import __version__
-    from eplb.policies import plan
-
-    pol = _best_policy(policy)
-    S = int(num_slots) if num_slots is not None else trace.num_experts
-    check_layout_args(trace.num_experts, S, int(ep_size), int(num_nodes), int(num_groups))
-    meta = {
-        "trace": trace_spec, "trace_digest": trace.digest(), "model": trace.model,
-        "iter_range": iter_range or _fmt_range(None, trace), "num_steps": trace.num_steps,
-        "eplb_version": __version__,
-    }
-    pl = plan(trace.counts, S, int(ep_size), num_nodes=int(num_nodes), num_groups=int(num_groups), policy=pol,
-              layer_ids=trace.layer_ids, meta=meta, **(options or {}))
-    ev = evaluate_placement(trace, pl, dispatch=False, bound=True)
-    info: dict[str, Any] = {"in_sample_imbalance": round(ev.imbalance, 6), "in_sample_max_load": round(ev.max_load, 4)}
-    if ev.lower_bound is not None and ev.gap is not None:
-        info.update(lower_bound=round(ev.lower_bound, 4), optimality_gap=round(ev.gap, 6))
-    return pl.with_meta(**info)
-
-
 def plan_cmd(
     trace: Annotated[str, typer.Argument(help="Trace file/directory any eplb.stats reader accepts, or builtin:NAME.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Map file to write.")],
@@ -373,13 +169,13 @@ def plan_cmd(
 
     fmt = format_for_path(output, format)  # fail before any work on a bad name
     if layer_updates_per_iter < 0:
-        raise ValueError(f"layer-updates-per-iter: expected >= 0, got {layer_updates_per_iter}")
+        raise InputError(f"layer-updates-per-iter: expected >= 0, got {layer_updates_per_iter}")
     if num_layers is not None and fmt != "sglang":
-        raise ValueError("num-layers: only used by the sglang format")
+        raise InputError("num-layers: only used by the sglang format")
     tr = load_trace(trace, iter_range)
     ep = ep_size or tr.ep_size
     if not ep:
-        raise ValueError("ep-size: the trace does not record an EP size; pass --ep-size")
+        raise InputError("ep-size: the trace does not record an EP size; pass --ep-size")
     t0 = time.perf_counter()
     pl = plan_placement(tr, ep_size=ep, num_slots=num_slots, num_nodes=num_nodes, num_groups=num_groups, policy=policy,
                         trace_spec=trace, iter_range=iter_range, options=_parse_options(option))
@@ -413,12 +209,12 @@ def _read_for_trace(path: Path, fmt: str | None, tr: Trace, trace_spec: str, **k
     except MapFormatError as exc:
         alone = read_placement(path, fmt, **kw)  # raises the file's own problem, if it has one
         msg = str(exc).removeprefix(f"{path}: ")
-        raise ValueError(f"{path}: does not fit trace {trace_spec} ({tr.num_experts} experts, {alone.num_experts} in the "
+        raise InputError(f"{path}: does not fit trace {trace_spec} ({tr.num_experts} experts, {alone.num_experts} in the "
                          f"map): {msg}") from None
     try:
         return align_placement(pl, tr.layer_ids, tr.num_experts).with_meta(**pl.meta)
     except ValueError as exc:
-        raise ValueError(f"{path}: does not fit trace {trace_spec}: {exc}") from None
+        raise InputError(f"{path}: does not fit trace {trace_spec}: {exc}") from None
 
 
 # ============================================================================ validate
@@ -477,11 +273,11 @@ def _is_trace_input(path: Path, from_: str | None) -> bool:
     if from_ is not None:
         if from_ in FORMATS and from_ not in ("trtllm", "sglang", "vllm-ascend"):
             return False
-        from eplb.stats.importers import FORMATS as TRACE_FORMATS
+        from eplb.stats.io import FORMATS as TRACE_FORMATS
 
         if from_ not in FORMATS:
             if from_ not in TRACE_FORMATS:
-                raise ValueError(f"from: unknown format {from_!r}; map formats: {', '.join(FORMATS)}; "
+                raise InputError(f"from: unknown format {from_!r}; map formats: {', '.join(FORMATS)}; "
                                  f"trace formats: {', '.join(TRACE_FORMATS)}")
             return True
     if path.is_dir() or path.suffix.lower() in TRACE_ONLY_SUFFIXES:
@@ -517,7 +313,7 @@ def convert_cmd(
 
     builtin = str(input).startswith(BUILTIN_PREFIX)
     if not builtin and not input.exists():
-        raise ValueError(f"{input}: no such file or directory")
+        raise InputError(f"{input}: no such file or directory")
     if builtin or expert_map is not None or _is_trace_input(input, from_):
         from eplb.cli.stats import convert_trace
 
@@ -526,18 +322,18 @@ def convert_cmd(
         print(f"wrote trace {output}: {tr.num_steps} steps x {tr.num_layers} layers x {tr.num_experts} experts")
         return
     if iter_range is not None:
-        raise ValueError("iter-range: only used when converting traces")
+        raise InputError("iter-range: only used when converting traces")
     fmt_out = format_for_path(output, to)
     pl = read_placement(input, from_, num_experts=num_experts, ep_size=ep_size, num_nodes=num_nodes,
                         layer_ids=_parse_layer_ids(layer_ids), num_slots=num_slots, policy=policy)
     opts: dict[str, Any] = {}
     if layer_updates_per_iter is not None:
         if fmt_out != "trtllm":
-            raise ValueError("layer-updates-per-iter: only used by the trtllm format")
+            raise InputError("layer-updates-per-iter: only used by the trtllm format")
         opts["layer_updates_per_iter"] = layer_updates_per_iter
     if num_layers is not None:
         if fmt_out != "sglang":
-            raise ValueError("num-layers: only used by the sglang format")
+            raise InputError("num-layers: only used by the sglang format")
         opts["num_layers"] = num_layers
     write_placement(pl, output, fmt_out, **opts)
     src = str(pl.meta.get("source_format", "?"))
@@ -572,16 +368,16 @@ def evaluate_cmd(
 ) -> None:
     """Before/after load report of a placement on a trace (TensorRT-LLM's report), bound, gap, held-out."""
     if placement is None and held_out is None:
-        raise ValueError("evaluate: pass --placement MAP and/or --held-out PLAN:EVAL")
+        raise InputError("evaluate: pass --placement MAP and/or --held-out PLAN:EVAL")
     if held_out is not None and iter_range is not None:
-        raise ValueError("evaluate: --iter-range and --held-out both choose the evaluation steps; pass one")
+        raise InputError("evaluate: --iter-range and --held-out both choose the evaluation steps; pass one")
     tr_all = load_trace(trace)
     pl = None
     if placement is not None:
         pl = _read_for_trace(placement, format, tr_all, trace, ep_size=ep_size)
     ep = pl.num_ranks if pl is not None else (ep_size or tr_all.ep_size)
     if not ep:
-        raise ValueError("ep-size: pass --ep-size (no placement given and the trace does not record one)")
+        raise InputError("ep-size: pass --ep-size (no placement given and the trace does not record one)")
     rng_plan = rng_eval = None
     if held_out is not None:
         rng_plan, rng_eval = parse_held_out(held_out)
@@ -601,7 +397,7 @@ def evaluate_cmd(
     if rng_plan is not None and rng_eval is not None:
         S = pl.num_slots if pl is not None else (num_slots or tr_all.num_experts)
         opts = _parse_options(option)
-        pol = _best_policy(policy)
+        pol = resolve_policy(policy)
         planned = plan_placement(tr_all.slice(rng_plan), ep_size=ep, num_slots=S, num_nodes=num_nodes,
                                  num_groups=num_groups, policy=pol, trace_spec=trace, options=opts)
         ho = evaluate_placement(tr_eval, planned, label=f"{pol} planned on {rng_plan[0]}-{rng_plan[1]} (held-out)",
@@ -622,130 +418,6 @@ def evaluate_cmd(
 
 
 # ============================================================================ demo
-@dataclass
-class DemoResult:
-    """What :func:`demo` did: the evaluations, the files written and checked, plots, and the golden text."""
-
-    out_dir: Path
-    before: Evaluation
-    after: Evaluation
-    extra: list[Evaluation]
-    files: dict[str, Path]
-    plots: list[Path]
-    golden: str
-    timings: dict[str, float]
-
-
-DEMO_FILES = {
-    "trtllm": "moe_load_balancer.yaml",
-    "vllm-ascend": "expert_map.json",
-    "sglang": "sglang_init_expert_location.json",
-    "vllm": "vllm_eplb_maps.pt",
-    "native": "placement.eplb.json",
-}
-
-
-def _check_read_back(path: Path, fmt: str, pl: Placement) -> None:
-    """Read ``path`` back and require the same placement (what the format records of it)."""
-    from eplb.formats import read_placement
-
-    back = read_placement(path, fmt, num_experts=pl.num_experts, ep_size=pl.num_ranks, layer_ids=pl.layer_ids)
-    if not np.array_equal(back.phy2log, pl.phy2log) or back.layer_ids != pl.layer_ids or back.num_ranks != pl.num_ranks:
-        raise ValueError(f"{path}: read back a different placement than was written ({fmt})")
-
-
-def demo(
-    out_dir: Path | None = None,
-    *,
-    trace_name: str = DEMO_TRACE,
-    ep_size: int = 16,
-    num_slots: int = 144,
-    plan_range: tuple[int, int] = (0, 64),
-    eval_range: tuple[int, int] = (64, 128),
-    policy: str | None = None,
-    plots: bool = True,
-    dispatch: bool = True,
-    echo: Any = print,
-) -> DemoResult:
-    """The whole offline flow on a shipped real trace; returns what it did (see :class:`DemoResult`).
-
-    1. report the load without EPLB; 2. plan with the best policy on ``plan_range``; 3. write the
-    placement in every format and read each back; 4. evaluate it on the later ``eval_range``
-    (held-out) and in-sample; 5. write the plots and ``summary.txt`` / ``summary.json``.
-    """
-    from eplb.formats import write_placement
-
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="eplb-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
-    spec = BUILTIN_PREFIX + trace_name
-    tr = load_trace(spec)
-    tr_plan, tr_eval = tr.slice(plan_range), tr.slice(eval_range)
-    pol = _best_policy(policy)
-    echo(f"[1/5] trace {spec}: {tr.model}, {tr.num_steps} steps x {tr.num_layers} MoE layers x {tr.num_experts} experts "
-         f"(top-{tr.top_k}, REAL routing; {tr.source})")
-    before = evaluate_placement(tr_eval, None, ep_size, label="no EPLB", dispatch=dispatch)
-    timings["report"] = time.perf_counter() - t0
-    echo(f"      without EPLB on {ep_size} ranks: imbalance {before.imbalance:.3f} on steps {before.window}")
-
-    t1 = time.perf_counter()
-    opts: dict[str, Any] = {}
-    if pol.startswith("eplb"):
-        opts["max_replicas"] = ep_size  # vllm-ascend holds one slot per expert per device
-    pl = plan_placement(tr_plan, ep_size=ep_size, num_slots=num_slots, policy=pol, trace_spec=spec,
-                        iter_range=f"{plan_range[0]}-{plan_range[1]}", options=opts)
-    timings["plan"] = time.perf_counter() - t1
-    echo(f"[2/5] planned with policy {pol!r} on steps {plan_range[0]}-{plan_range[1]}: {num_slots} slots over {ep_size} "
-         f"ranks, max {pl.max_replicas} replicas ({timings['plan'] * 1000:.0f} ms)")
-
-    t2 = time.perf_counter()
-    files: dict[str, Path] = {}
-    skipped: dict[str, str] = {}
-    for fmt, name in DEMO_FILES.items():
-        path = out / name
-        opts_w: dict[str, Any] = {"layer_updates_per_iter": 0} if fmt == "trtllm" else {}
-        if fmt == "vllm-ascend" and pl.colocated_duplicates().sum():
-            skipped[fmt] = (f"the {pol} placement puts {int(pl.colocated_duplicates().sum())} replica(s) on a rank that "
-                            "already holds that expert; vllm-ascend holds one slot per expert per device")
-            continue
-        write_placement(pl, path, fmt, **opts_w)
-        _check_read_back(path, fmt, pl)
-        files[fmt] = path
-    timings["write+validate"] = time.perf_counter() - t2
-    echo(f"[3/5] wrote and read back {len(files)} formats in {out}: " + ", ".join(f"{k}={v.name}" for k, v in files.items()))
-    for fmt, why in skipped.items():
-        echo(f"      {fmt} not written: {why}")
-
-    t3 = time.perf_counter()
-    after = evaluate_placement(tr_eval, pl, label=f"{pol} planned on {plan_range[0]}-{plan_range[1]} (held-out)",
-                               dispatch=dispatch)
-    in_sample = evaluate_placement(tr_plan, pl, label=f"{pol} planned on {plan_range[0]}-{plan_range[1]} (in-sample)",
-                                   dispatch=False)
-    extra = [in_sample]
-    timings["evaluate"] = time.perf_counter() - t3
-    echo(f"[4/5] evaluated on held-out steps {after.window}: imbalance {before.imbalance:.3f} -> {after.imbalance:.3f}"
-         + (f" (balanced dispatch {after.balanced_imbalance:.3f})" if after.balanced_imbalance is not None else ""))
-
-    t4 = time.perf_counter()
-    plot_files: list[Path] = []
-    if plots:
-        from eplb.stats.plots import plot_report
-
-        plot_files = list(plot_report(tr_eval.counts, {"no EPLB": None, pol: pl}, ep_size, out / "plots"))
-    golden = _golden_text(before, after, extra)
-    atomic_write(out / "summary.txt", golden.encode())
-    summary = {"trace": spec, "policy": pol, "ep_size": ep_size, "num_slots": num_slots,
-               "plan_range": list(plan_range), "eval_range": list(eval_range),
-               "evaluations": [e.to_dict() for e in (before, after, *extra)],
-               "files": {k: v.name for k, v in files.items()}, "placement_digest": pl.digest()}
-    atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    timings["plots+summary"] = time.perf_counter() - t4
-    timings["total"] = time.perf_counter() - t0
-    echo(f"[5/5] wrote {len(plot_files)} plot(s), summary.txt and summary.json in {out}")
-    return DemoResult(out, before, after, extra, files, plot_files, golden, timings)
-
-
 def demo_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Output directory (default: a new temporary directory).")] = None,
     ep_size: Annotated[int, typer.Option("--ep-size")] = 16,

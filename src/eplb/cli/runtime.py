@@ -17,12 +17,14 @@ from typing import Annotated, Any
 
 import typer
 
+from eplb.errors import InputError
+
 
 def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--override: expected KEY=VALUE, got {item!r}")
+            raise InputError(f"--override: expected KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = json.loads(v)
@@ -38,7 +40,7 @@ def _load_trace(spec: str | None, model: str, overrides: dict[str, Any], batch: 
     if spec.startswith("synthetic:"):
         kind = spec.split(":", 1)[1]
         if kind != "zipf":
-            raise ValueError(f"--trace: unknown synthetic trace {spec!r}; expected synthetic:zipf")
+            raise InputError(f"--trace: unknown synthetic trace {spec!r}; expected synthetic:zipf")
         from eplb.runtime.models import load_config
         from eplb.stats.trace import Trace
         from eplb.synthetic import zipf_counts
@@ -102,7 +104,7 @@ def register(app: typer.Typer) -> None:
         if rank == 0:
             print(res.render())
             if json_out is not None:
-                from eplb.stats.trace import atomic_write
+                from eplb._io import atomic_write
 
                 atomic_write(json_out, (json.dumps(res.to_dict(), indent=2) + "\n").encode())
         if dist.is_initialized():

@@ -26,7 +26,7 @@ def load_trace(spec: str, fmt: str | None = None) -> Any:
         tr = load_builtin(spec.split(":", 1)[1])
         name = spec
     else:
-        from eplb.stats.importers import read_trace
+        from eplb.stats.io import read_trace
 
         tr = read_trace(Path(spec), fmt)
         name = Path(spec).name

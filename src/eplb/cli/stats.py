@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
+from eplb.errors import InputError
+
 TRACE_FORMATS = "eplb, eplb-dir, trtllm, sglang, vllm-ascend, npy, npz, csv, json"
 
 
@@ -29,7 +31,7 @@ def load_trace_arg(spec: str | os.PathLike[str], fmt: str | None = None, *, iter
 
         tr = load_builtin(s.split(":", 1)[1])
         return tr.slice(iter_range) if iter_range else tr
-    from eplb.stats.importers import read_trace
+    from eplb.stats.io import read_trace
 
     return read_trace(Path(s), fmt or None, iter_range=iter_range or None, expert_map=expert_map, progress=progress)
 
@@ -41,7 +43,7 @@ def convert_trace(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, f
 
     Returns the trace written. Used by ``eplb convert`` for trace files.
     """
-    from eplb.stats.importers import write_trace
+    from eplb.stats.io import write_trace
 
     tr = load_trace_arg(src, from_format, iter_range=iter_range, expert_map=expert_map)
     write_trace(tr, dst, to_format or None, overwrite=overwrite, ep_size=ep_size)
@@ -123,7 +125,7 @@ def report(
                 for label, p, ep in _variants(chunk, pl, ep_size, per_expert):
                     tables.setdefault(label, []).append(load_table(chunk, ep, p, per_expert=per_expert))
         if first is None:
-            raise ValueError(f"{path}: no steps to report")
+            raise InputError(f"{path}: no steps to report")
         result = {label: merge_tables(ts) for label, ts in tables.items()}
         tr = first
     else:
@@ -140,7 +142,7 @@ def report(
         (la, a), (lb, b) = result.items()
         console.print(f"average imbalance ratio: {la} {a.average[2]:.4f} -> {lb} {b.average[2]:.4f}")
     if json_out is not None:
-        from eplb.stats.trace import atomic_write
+        from eplb._io import atomic_write
 
         atomic_write(json_out, json.dumps({k: v.to_dict() for k, v in result.items()}, indent=1).encode())
     if plot is not None or html is not None:
@@ -173,11 +175,11 @@ def _variants(tr: Any, pl: Any, ep_size: int | None, per_expert: bool) -> list[t
     out: list[tuple[str, Any, int]] = []
     ep_plain = ep_size or (pl.num_ranks if pl is not None else 0) or (tr.ep_size if tr.ep_size > 1 else 0)
     if pl is None and not ep_plain:
-        raise ValueError(f"ep-size: the trace records no EP size above 1 (it has {tr.ep_size}); give --ep-size N")
+        raise InputError(f"ep-size: the trace records no EP size above 1 (it has {tr.ep_size}); give --ep-size N")
     if ep_plain and tr.num_experts % ep_plain == 0:
         out.append(("contiguous", None, int(ep_plain)))
     elif pl is None:
-        raise ValueError(f"ep-size: {tr.num_experts} experts are not divisible by ep_size={ep_plain}")
+        raise InputError(f"ep-size: {tr.num_experts} experts are not divisible by ep_size={ep_plain}")
     if pl is not None:
         label = str(pl.meta.get("report_label", "") or pl.meta.get("policy", "") or "placement")
         out.append((f"placement ({label})", pl, int(ep_size or pl.num_ranks)))
@@ -193,7 +195,7 @@ def merge(
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
 ) -> None:
     """Sum per-rank shards into one trace (same layers, experts and step ids required)."""
-    from eplb.stats.importers import read_trace, write_trace
+    from eplb.stats.io import read_trace, write_trace
     from eplb.stats.store import merge as merge_traces
 
     trs = [read_trace(s, in_fmt) for s in shards]
@@ -234,13 +236,13 @@ def record(
     recording path and shapes, not a real model's routing.
     """
     from eplb.stats.hf import build_model, read_prompts, record_model
-    from eplb.stats.importers import detect_format, write_trace
+    from eplb.stats.io import detect_format, write_trace
     from eplb.stats.recorder import DEFAULT_PATH, ENV_PATH, ENV_RANGE
 
     out = output or Path(os.environ.get(ENV_PATH) or DEFAULT_PATH)
     rng = iter_range if iter_range is not None else (os.environ.get(ENV_RANGE) or None)
     if out.exists() and not force:
-        raise ValueError(f"output: {out} already exists (pass --force to replace it)")
+        raise InputError(f"output: {out} already exists (pass --force to replace it)")
     out_fmt = fmt or detect_format(out, for_write=True)
     prompts = read_prompts(dataset, limit)
     m, tok, desc = build_model(model, shrink=shrink, seed=seed, random_weights=random_weights)

@@ -19,11 +19,13 @@ import torch
 from eplb.dispatch.kernel import HAVE_TRITON, plan_quotas_triton, rank_share_cum_triton
 from eplb.dispatch.solver import balanced_quotas, slot_quotas
 from eplb.dispatch.table import DispatchTable
+from eplb.errors import InputError
+from eplb.strategies import REPLICA_STRATEGIES
 
 __all__ = ["STRATEGIES", "assign_slots", "balanced_replica", "balanced_token_slots", "occurrence", "plan_quotas", "source_shares",
            "token_occurrence"]
 
-STRATEGIES = ("local-first", "round-robin", "balanced")
+STRATEGIES = REPLICA_STRATEGIES
 
 #: On CUDA :func:`token_occurrence` uses the dense ``[E, N]`` count table up to this many entries (``int32``,
 #: 16 MiB), a sort above it.
@@ -60,7 +62,7 @@ def token_occurrence(topk_ids: torch.Tensor, num_experts: int, method: str = "au
     ``[0, num_experts)``.
     """
     if method not in ("auto", "sort", "dense"):
-        raise ValueError(f"method: expected 'auto', 'sort' or 'dense', got {method!r}")
+        raise InputError(f"method: expected 'auto', 'sort' or 'dense', got {method!r}")
     N, k = topk_ids.shape
     if method == "sort" or (method == "auto" and (not topk_ids.is_cuda or N * num_experts > DENSE_OCCURRENCE_MAX)):
         return occurrence(topk_ids.reshape(-1), num_experts)
@@ -90,7 +92,7 @@ def balanced_replica(ids: torch.Tensor, occ: torch.Tensor, cum_e: torch.Tensor, 
     * ``"auto"``: ``"search"`` on CUDA (fewer kernels), ``"count"`` on CPU (measured faster there).
     """
     if method not in ("auto", "search", "count"):
-        raise ValueError(f"method: expected 'auto', 'search' or 'count', got {method!r}")
+        raise InputError(f"method: expected 'auto', 'search' or 'count', got {method!r}")
     M = ids.shape[0]
     E, K = cum_e.shape
     dev = cum_e.device
@@ -117,7 +119,7 @@ def plan_quotas(global_counts: torch.Tensor, table: DispatchTable, *, backend: s
     available); both give the same quotas. ``solver_options`` go to the solver (``frac_bits``, ``sweeps``, ...).
     """
     if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+        raise InputError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "triton" or (backend == "auto" and global_counts.is_cuda and HAVE_TRITON):
         return plan_quotas_triton(global_counts, table, **solver_options)  # one fused kernel
     c = global_counts.to(torch.int64)
@@ -167,24 +169,24 @@ def source_shares(global_counts: torch.Tensor, quotas: torch.Tensor, table: Disp
 def _check(topk_ids: torch.Tensor, table: DispatchTable, strategy: str, rank: int,
            global_counts: torch.Tensor | None) -> None:
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.ndim != 2:
-        raise ValueError(f"topk_ids: expected a [tokens, top_k] integer tensor, got {getattr(topk_ids, 'shape', type(topk_ids))}")
+        raise InputError(f"topk_ids: expected a [tokens, top_k] integer tensor, got {getattr(topk_ids, 'shape', type(topk_ids))}")
     if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool or topk_ids.is_complex():
-        raise ValueError(f"topk_ids: expected integer expert ids, got dtype {topk_ids.dtype}")
+        raise InputError(f"topk_ids: expected integer expert ids, got dtype {topk_ids.dtype}")
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: unknown dispatch strategy {strategy!r}; expected one of {list(STRATEGIES)}")
+        raise InputError(f"strategy: unknown dispatch strategy {strategy!r}; expected one of {list(STRATEGIES)}")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < table.num_ranks:
-        raise ValueError(f"rank: expected an integer in [0, {table.num_ranks}), got {rank!r}")
+        raise InputError(f"rank: expected an integer in [0, {table.num_ranks}), got {rank!r}")
     E = table.num_experts
     if topk_ids.device.type == "cpu" and topk_ids.numel():
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
         if lo < 0 or hi >= E:
-            raise ValueError(f"topk_ids: expert ids must lie in [0, {E}), found {lo if lo < 0 else hi}")
+            raise InputError(f"topk_ids: expert ids must lie in [0, {E}), found {lo if lo < 0 else hi}")
     if strategy == "balanced":
         if global_counts is None:
-            raise ValueError("global_counts: the 'balanced' strategy needs the per-(source rank, expert) counts "
+            raise InputError("global_counts: the 'balanced' strategy needs the per-(source rank, expert) counts "
                              f"of this step, a [{table.num_ranks}, {E}] tensor")
         if tuple(global_counts.shape) != (table.num_ranks, E):
-            raise ValueError(f"global_counts: expected shape [{table.num_ranks}, {E}] (ranks, experts), "
+            raise InputError(f"global_counts: expected shape [{table.num_ranks}, {E}] (ranks, experts), "
                              f"got {list(global_counts.shape)}")
 
 

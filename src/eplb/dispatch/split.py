@@ -15,12 +15,13 @@ import torch
 from eplb._checks import ArrayLike, check_load
 from eplb.dispatch.solver import balanced_quotas, lp_max_load, slot_quotas
 from eplb.dispatch.table import layer_tables
+from eplb.errors import InputError
 from eplb.metrics import slot_loads
 from eplb.placement import Placement
+from eplb.strategies import SPLIT_STRATEGIES
 
 __all__ = ["SPLIT_STRATEGIES", "expert_ranks", "per_step_lower_bound", "split_counts", "split_rank_loads"]
 
-SPLIT_STRATEGIES = ("uniform", "balanced", "local-first", "round-robin")
 
 
 def _check_counts(counts: ArrayLike, placement: Placement) -> np.ndarray:
@@ -28,7 +29,7 @@ def _check_counts(counts: ArrayLike, placement: Placement) -> np.ndarray:
         raise TypeError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
     c = check_load(counts, "counts", ndim=(2, 3, 4), num_experts=placement.num_experts)
     if c.shape[-2] != placement.num_layers:
-        raise ValueError(f"counts: {c.shape[-2]} layers, but the placement has {placement.num_layers}")
+        raise InputError(f"counts: {c.shape[-2]} layers, but the placement has {placement.num_layers}")
     return c
 
 
@@ -47,7 +48,7 @@ def split_counts(counts: ArrayLike, placement: Placement, strategy: str = "balan
     Returns a numpy array, or a float64 torch tensor on the input's device when ``counts`` is a tensor.
     """
     if strategy not in SPLIT_STRATEGIES:
-        raise ValueError(f"strategy: unknown split strategy {strategy!r}; expected one of {list(SPLIT_STRATEGIES)}")
+        raise InputError(f"strategy: unknown split strategy {strategy!r}; expected one of {list(SPLIT_STRATEGIES)}")
     is_torch = isinstance(counts, torch.Tensor)
     device = counts.device if isinstance(counts, torch.Tensor) else None
     c = _check_counts(counts, placement)
@@ -63,7 +64,7 @@ def split_counts(counts: ArrayLike, placement: Placement, strategy: str = "balan
         out = np.take_along_axis(c, np.broadcast_to(placement.phy2log, c.shape[:-1] + (placement.num_slots,)), -1) * w
     else:
         if np.any(c != np.round(c)):
-            raise ValueError("counts: the balanced split needs whole token counts")
+            raise InputError("counts: the balanced split needs whole token counts")
         out = _balanced_slots(torch.as_tensor(c.astype(np.int64)), placement, **solver_options).numpy().astype(np.float64)
     if is_torch:
         return torch.as_tensor(out, dtype=torch.float64, device=device)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from eplb.errors import InputError
 from eplb.metrics import served_slots
 from eplb.placement import Placement
 
@@ -202,7 +203,7 @@ class DispatchTable:
         if isinstance(layer_pos, bool) or not isinstance(layer_pos, (int, np.integer)) or not (
             0 <= layer_pos < placement.num_layers
         ):
-            raise ValueError(f"layer_pos: expected an integer in [0, {placement.num_layers}), got {layer_pos!r}")
+            raise InputError(f"layer_pos: expected an integer in [0, {placement.num_layers}), got {layer_pos!r}")
         pos = int(layer_pos)
         t = layer_tables(placement.select_layers([pos]))
         def tt(a: np.ndarray) -> torch.Tensor:

@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from eplb._io import atomic_write
 from eplb.formats import native, sglang, trtllm, vllm, vllm_ascend
 from eplb.formats._common import Decoded, MapFormatError, load_pt, parse_json, parse_yaml, read_bytes
 from eplb.placement import Placement, PlacementError
-from eplb.stats.trace import atomic_write
 
 __all__ = [
     "FORMATS",
@@ -295,17 +295,10 @@ def read_placement(
         if fmt == "native":
             native.check_digest(str(p), pl)
     if layer_ids is not None:
-        want = tuple(int(i) for i in layer_ids)
-        if d.layer_ids is None:
-            if len(want) != pl.num_layers:
-                raise MapFormatError(f"{p}: {pl.num_layers} MoE layers in the file, but {len(want)} layer ids given")
-            pl = Placement(pl.phy2log, pl.num_experts, pl.num_ranks, pl.num_nodes, want, pl.meta)
-        else:
-            pos = {lid: i for i, lid in enumerate(pl.layer_ids)}
-            missing = [i for i in want if i not in pos]
-            if missing:
-                raise MapFormatError(f"{p}: no row for layer(s) {missing[:8]} (file has layers {list(pl.layer_ids)[:8]}...)")
-            pl = pl.select_layers([pos[i] for i in want])
+        try:
+            pl = pl.for_layers(layer_ids, positional=d.layer_ids is None, what=str(p))
+        except PlacementError as exc:
+            raise MapFormatError(str(exc)) from None
     positional = d.layer_ids is None and layer_ids is None
     if pl.meta.get("source_format") != fmt or bool(pl.meta.get("layer_ids_positional")) != positional:
         pl = pl.with_meta(source_format=fmt, layer_ids_positional=positional)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from eplb.placement import PlacementError
+from eplb.errors import MapFormatError
 
 __all__ = [
     "Decoded",
@@ -35,8 +35,6 @@ __all__ = [
 PathLike = str | os.PathLike[str]
 
 
-class MapFormatError(PlacementError):
-    """A map file is missing, unreadable or malformed; the message names the file and the problem."""
 
 
 @dataclass
@@ -203,9 +201,3 @@ def dump_json(obj: Any, indent: int = 2) -> bytes:
     """JSON with nested containers indented and lists of scalars on one line (one row per line)."""
     return (_dump(obj, indent, 0) + "\n").encode("utf-8")
 
-
-def check_known_keys(path: PathLike, obj: Mapping[str, Any], known: Sequence[str], what: str) -> None:
-    """Reject keys a format does not define (typos would otherwise be silently ignored)."""
-    extra = [k for k in obj if k not in known]
-    if extra:
-        raise MapFormatError(f"{path}: unknown field(s) {extra} in {what}; expected only {list(known)}")

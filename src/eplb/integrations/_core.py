@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, check_load, check_positive_int, to_numpy
+from eplb.errors import EngineLayoutError, InputError
 from eplb.metrics import rank_loads
 from eplb.placement import Placement
-from eplb.policies import POLICIES, plan
+from eplb.policies import POLICIES, plan, policy_info
 from eplb.policies.keep import align_ranks, align_to_current, preserve_slots, rank_counts
 
 #: ``[L, R, E]`` replicas per rank of a ``[L, S]`` map (kept name; the implementation is shared).
@@ -44,7 +45,6 @@ __all__ = [
     "Layout",
     "align_ranks",
     "normalize_layout",
-    "old_rank_counts",
     "plan_for_engine",
     "preserve_slots",
     "resolve_planner",
@@ -56,12 +56,6 @@ log = logging.getLogger("eplb.integrations")
 INCREMENTAL_OPTION = "current"
 
 
-class EngineLayoutError(ValueError, AssertionError):
-    """An engine passed an impossible layout (e.g. ``num_replicas`` not a multiple of ``num_ranks``).
-
-    A ``ValueError`` like every eplb input error, and also an ``AssertionError`` because that is
-    what vLLM's and SGLang's own policies raise for these inputs (their tests expect it).
-    """
 
 
 @dataclass(frozen=True)
@@ -110,22 +104,8 @@ def normalize_layout(loads: np.ndarray, num_slots: Any, num_groups: Any, num_nod
 def resolve_planner(name: str | None) -> str:
     """The registered eplb policy to use: ``name``, or ``"eplb"`` falling back to ``"deepseek"``."""
     if name:
-        if name not in POLICIES:
-            raise ValueError(f"policy: unknown eplb policy {name!r}; expected one of {sorted(POLICIES)}")
-        return name
+        return policy_info(name).name
     return "eplb" if "eplb" in POLICIES else "deepseek"
-
-
-def old_rank_counts(old: np.ndarray, layout: Layout) -> np.ndarray | None:
-    """``[L, R, E]`` replicas of each expert on each (new) rank in the engine's current map.
-
-    ``old`` is ``[L, S_old]`` with ``-1`` for empty slots. Slot ``s`` is on rank ``s // spr``
-    (slots per rank do not change when elastic EP adds or removes ranks); slots of ranks beyond
-    the new rank count are ignored. ``None`` when ``old`` cannot be related to the new layout.
-    """
-    if old.ndim != 2 or old.shape[0] != layout.num_layers or old.shape[1] % layout.slots_per_rank:
-        return None
-    return rank_counts(old, layout.num_ranks, layout.num_experts, layout.slots_per_rank)
 
 
 def _valid_current(old: np.ndarray | None, layout: Layout) -> Placement | None:
@@ -141,27 +121,25 @@ def _valid_current(old: np.ndarray | None, layout: Layout) -> Placement | None:
 
 
 def _plan(arr: np.ndarray, layout: Layout, policy: str, options: dict[str, Any]) -> np.ndarray:
-    """``eplb.plan`` with the current placement when the policy takes one.
+    """``eplb.plan`` with the current placement (``options``) when the policy takes one.
 
-    A policy that is not migration-aware refuses ``current=`` (``"current: ..."`` error): plan
-    without it. A policy that needs it (``eplb-incremental``) while the engine has no complete
-    current map: plan with the default planner instead.
+    Decided by the policy's declared capability (:class:`eplb.policies.PolicyInfo`): a policy that is
+    not migration-aware plans without ``current=``; one that requires it (``eplb-incremental``) while
+    the engine has no complete current map is replaced by the default planner.
     """
     def run(name: str, opts: dict[str, Any]) -> np.ndarray:
         return plan(arr, layout.num_slots, layout.num_ranks, num_nodes=layout.num_nodes,
                     num_groups=layout.num_groups, policy=name, **opts).phy2log.copy()
 
-    try:
-        return run(policy, options)
-    except ValueError as exc:
-        if not str(exc).startswith(f"{INCREMENTAL_OPTION}:"):
-            raise
-        if options:
-            log.debug("eplb: policy %r is not migration-aware (%s); planning without the current map", policy, exc)
-            return run(policy, {})
+    info = policy_info(policy)
+    if INCREMENTAL_OPTION in options and not info.migration_aware:
+        log.debug("eplb: policy %r is not migration-aware; planning without the current map", policy)
+        return run(policy, {k: v for k, v in options.items() if k != INCREMENTAL_OPTION})
+    if INCREMENTAL_OPTION not in options and info.migration == "required":
         fallback = resolve_planner(None)
-        log.debug("eplb: policy %r needs a complete current map (%s); planning with %r", policy, exc, fallback)
-        return run(fallback, {})
+        log.debug("eplb: policy %r needs a complete current map; planning with %r", policy, fallback)
+        return run(fallback, options)
+    return run(policy, options)
 
 
 def plan_for_engine(
@@ -198,18 +176,18 @@ def plan_for_engine(
     if old is not None:
         old_arr = to_numpy(old)
         if old_arr.ndim != 2 or old_arr.dtype.kind not in "iu":
-            raise ValueError(
+            raise InputError(
                 f"old_global_expert_indices: expected an integer [layers, slots] map, got shape "
                 f"{tuple(old_arr.shape)} dtype {old_arr.dtype}"
             )
         old_arr = old_arr.astype(np.int64)
         if old_arr.shape[0] != layout.num_layers:
-            raise ValueError(
+            raise InputError(
                 f"old_global_expert_indices: {old_arr.shape[0]} layers, but {name} has {layout.num_layers}"
             )
     current = _valid_current(old_arr, layout)
     options: dict[str, Any] = {}
-    if current is not None and policy not in ("deepseek", "deepseek-global", "deepseek-hierarchical"):
+    if current is not None and policy_info(policy).migration_aware:
         options[INCREMENTAL_OPTION] = current
     new = _plan(arr, layout, policy, options)
     if old_arr is None:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, check_load, check_positive_int
+from eplb.errors import InputError, PullError
 from eplb.integrations._core import EngineLayoutError, normalize_layout, plan_for_engine, resolve_planner
 from eplb.placement import Placement
 from eplb.stats.trace import Trace, TraceError
@@ -84,13 +85,13 @@ def algorithm_to_planner(algorithm: Any) -> str:
     if name is None or name in ("auto", "eplb"):
         return resolve_planner(None)
     if not isinstance(name, str):
-        raise ValueError(f"algorithm: expected an SGLang EplbAlgorithm or a policy name, got {algorithm!r}")
+        raise InputError(f"algorithm: expected an SGLang EplbAlgorithm or a policy name, got {algorithm!r}")
     if name in _DEEPSEEK_NAMES:
         return _DEEPSEEK_NAMES[name]
     try:
         return resolve_planner(name)
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f"algorithm: {name!r} is neither an SGLang DeepSeek algorithm ({sorted(_DEEPSEEK_NAMES)}), 'auto', "
             "nor an eplb policy"
         ) from None
@@ -177,7 +178,7 @@ def write_init_expert_location(
 # ------------------------------------------------------------------------------- pull (HTTP)
 
 
-class SGLangPullError(OSError):
+class SGLangPullError(PullError):
     """Talking to the SGLang server or finding its dump failed; the message names the URL or directory."""
 
 
@@ -327,12 +328,12 @@ def pull(
     """
     base = url.strip().rstrip("/")
     if not base.startswith(("http://", "https://")):
-        raise ValueError(f"--sglang: expected an http(s)://host:port URL, got {url!r}")
+        raise InputError(f"--sglang: expected an http(s)://host:port URL, got {url!r}")
     if not (seconds >= 0 and np.isfinite(seconds)):
-        raise ValueError(f"--seconds: expected a non-negative number of seconds, got {seconds!r}")
+        raise InputError(f"--seconds: expected a non-negative number of seconds, got {seconds!r}")
     d = Path(dump_dir if dump_dir is not None else os.environ.get(DUMP_DIR_ENV, "/tmp"))
     if not d.is_dir():
-        raise ValueError(f"--dump-dir: {d} is not a directory (SGLang writes its dumps into ${DUMP_DIR_ENV} on the server)")
+        raise InputError(f"--dump-dir: {d} is not a directory (SGLang writes its dumps into ${DUMP_DIR_ENV} on the server)")
     say = on_event or (lambda _msg: None)
 
     info = _server_info(base, timeout)

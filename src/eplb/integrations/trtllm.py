@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from eplb._checks import check_positive_int
-from eplb.stats.trace import Trace, atomic_write, parse_range
+from eplb._io import atomic_write
+from eplb.errors import InputError
+from eplb.stats.trace import Trace, parse_range
 
 __all__ = [
     "ITER_RANGE_ENV",
@@ -40,7 +42,7 @@ def statistic_env(path: str | os.PathLike[str], iter_range: str) -> dict[str, st
     """``{"EXPERT_STATISTIC_PATH": path, "EXPERT_STATISTIC_ITER_RANGE": "a-b"}`` (range checked: ``b > a``)."""
     rng = parse_range(iter_range, "iter_range")
     if rng is None:
-        raise ValueError("iter_range: expected 'start-stop', e.g. '100-200'")
+        raise InputError("iter_range: expected 'start-stop', e.g. '100-200'")
     return {STATISTIC_PATH_ENV: str(path), ITER_RANGE_ENV: f"{rng[0]}-{rng[1]}"}
 
 
@@ -85,7 +87,7 @@ def llm_api_options(
 
             p = read_placement(load_balancer, "trtllm", ep_size=ep_size)
             if ep_size is not None and p.num_ranks != ep_size:
-                raise ValueError(f"{load_balancer}: placement is for {p.num_ranks} ranks, expected ep_size={ep_size}")
+                raise InputError(f"{load_balancer}: placement is for {p.num_ranks} ranks, expected ep_size={ep_size}")
         moe["load_balancer"] = str(load_balancer)
     return {"enable_attention_dp": bool(enable_attention_dp), "cuda_graph_config": {}, "moe_config": moe}
 

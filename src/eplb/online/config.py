@@ -30,7 +30,9 @@ from pydantic import (
 )
 
 from eplb._checks import check_load, to_numpy
+from eplb.errors import ConfigError
 from eplb.placement import Placement, PlacementError
+from eplb.strategies import SPLIT_STRATEGIES
 
 __all__ = ["ALIASES", "BalancerConfig", "DISPATCH_STRATEGIES", "IGNORED", "POLICY_BACKENDS", "read_map"]
 
@@ -73,7 +75,7 @@ _SWITCHES = ("dynamic_eplb", "enable_eplb")
 POLICY_BACKENDS = ("thread", "process", "inline")
 #: How a layer splits an expert's tokens over its replicas (the runtime's replica strategies plus
 #: ``"uniform"``, count / replicas); balancedness is judged under it.
-DISPATCH_STRATEGIES = ("uniform", "round-robin", "local-first", "balanced")
+DISPATCH_STRATEGIES = SPLIT_STRATEGIES
 
 
 def _norm_key(key: str) -> str:
@@ -82,7 +84,7 @@ def _norm_key(key: str) -> str:
 
 def _no_bool(v: Any) -> Any:
     if isinstance(v, bool):
-        raise ValueError("a boolean is not a number")
+        raise ConfigError("a boolean is not a number")
     if isinstance(v, np.integer):
         return int(v)
     if isinstance(v, np.floating):
@@ -94,7 +96,7 @@ def _path(v: Any) -> Any:
     if v is None:
         return None
     if not isinstance(v, (str, Path)) or not str(v):
-        raise ValueError("expected a non-empty path string or null")
+        raise ConfigError("expected a non-empty path string or null")
     return str(v)
 
 
@@ -184,14 +186,14 @@ class BalancerConfig(BaseModel):
     @classmethod
     def _strategy(cls, v: str | None) -> str | None:
         if v is not None and v not in DISPATCH_STRATEGIES:
-            raise ValueError(f"expected one of {list(DISPATCH_STRATEGIES)} or null")
+            raise ConfigError(f"expected one of {list(DISPATCH_STRATEGIES)} or null")
         return v
 
     @field_validator("policy_backend")
     @classmethod
     def _backend(cls, v: str) -> str:
         if v not in POLICY_BACKENDS:
-            raise ValueError(f"expected one of {list(POLICY_BACKENDS)}")
+            raise ConfigError(f"expected one of {list(POLICY_BACKENDS)}")
         return v
 
     @field_validator("initial_assignments", mode="before")
@@ -205,7 +207,7 @@ class BalancerConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ValueError(_message(exc, "BalancerConfig")) from None
+            raise ConfigError(_message(exc, "BalancerConfig")) from None
 
     def __getattr__(self, name: str) -> Any:  # reads by an engine's name
         target = ALIASES.get(name)
@@ -225,11 +227,11 @@ class BalancerConfig(BaseModel):
         ``default`` (e.g. the initial placement's), else ``E``."""
         if self.num_slots is not None:
             if self.num_redundant_experts is not None and self.num_slots != num_experts + self.num_redundant_experts:
-                raise ValueError(
+                raise ConfigError(
                     f"BalancerConfig.num_slots: {self.num_slots} disagrees with num_redundant_experts="
                     f"{self.num_redundant_experts} for {num_experts} experts (expected {num_experts + self.num_redundant_experts})")
             if self.num_slots < num_experts:
-                raise ValueError(f"BalancerConfig.num_slots: {self.num_slots} slots cannot hold {num_experts} experts")
+                raise ConfigError(f"BalancerConfig.num_slots: {self.num_slots} slots cannot hold {num_experts} experts")
             return self.num_slots
         if self.num_redundant_experts is not None:
             return num_experts + self.num_redundant_experts
@@ -243,7 +245,7 @@ class BalancerConfig(BaseModel):
         ``enable_eplb: false`` switch online updates off; :data:`IGNORED` keys are skipped. Errors
         name ``source`` and the key as written."""
         if not isinstance(d, Mapping):
-            raise ValueError(f"{source}: expected a mapping of option names, got {type(d).__name__}")
+            raise ConfigError(f"{source}: expected a mapping of option names, got {type(d).__name__}")
         names = set(cls.model_fields)
         out: dict[str, Any] = {}
         used: dict[str, str] = {}  # field -> key as written
@@ -251,15 +253,15 @@ class BalancerConfig(BaseModel):
             key = _norm_key(str(raw_key))
             if key in _SWITCHES:
                 if not isinstance(value, bool):
-                    raise ValueError(f"{source}: field '{raw_key}': expected true or false, got {value!r}")
+                    raise ConfigError(f"{source}: field '{raw_key}': expected true or false, got {value!r}")
                 key = "enabled"
             key = ALIASES.get(key, key)
             if key in IGNORED:
                 continue
             if key not in names:
-                raise ValueError(f"{source}: unknown field '{raw_key}' (known: {', '.join(sorted(names | set(ALIASES)))})")
+                raise ConfigError(f"{source}: unknown field '{raw_key}' (known: {', '.join(sorted(names | set(ALIASES)))})")
             if key in out and out[key] != value:
-                raise ValueError(f"{source}: fields '{used[key]}' and '{raw_key}' both set {key}, to different "
+                raise ConfigError(f"{source}: fields '{used[key]}' and '{raw_key}' both set {key}, to different "
                                  f"values ({out[key]!r} vs {value!r})")
             out[key] = value
             used[key] = str(raw_key)
@@ -267,7 +269,7 @@ class BalancerConfig(BaseModel):
         try:
             BaseModel.__init__(obj, **out)
         except ValidationError as exc:
-            raise ValueError(_message(exc, source, used)) from None
+            raise ConfigError(_message(exc, source, used)) from None
         return obj
 
     @classmethod
@@ -312,24 +314,26 @@ class BalancerConfig(BaseModel):
             ids = [int(i) for i in layer_ids] if len(layer_ids) else sorted(ga)
             missing = [i for i in ids if i not in ga]
             if missing:
-                raise ValueError(f"initial_global_assignments: no assignment for MoE layer ids {missing} "
+                raise ConfigError(f"initial_global_assignments: no assignment for MoE layer ids {missing} "
                                  f"(it has {sorted(ga)})")
             try:
                 pl = Placement(np.array([ga[i] for i in ids], dtype=np.int64), num_experts, num_ranks, num_nodes,
                                tuple(ids), {"source": "initial_global_assignments"})
             except PlacementError as exc:
-                raise ValueError(f"initial_global_assignments: {exc}") from None
+                raise ConfigError(f"initial_global_assignments: {exc}") from None
         if pl is None:
             return None
         if num_layers is not None and pl.num_layers != num_layers:
-            raise ValueError(f"initial placement: {pl.num_layers} layers, but the model has {num_layers} MoE layers")
-        if len(layer_ids) and pl.num_layers == len(layer_ids) and tuple(int(i) for i in layer_ids) != pl.layer_ids:
-            pl = Placement(pl.phy2log, pl.num_experts, pl.num_ranks, pl.num_nodes, tuple(int(i) for i in layer_ids),
-                           pl.meta)
+            raise ConfigError(f"initial placement: {pl.num_layers} layers, but the model has {num_layers} MoE layers")
+        if len(layer_ids):
+            try:
+                pl = pl.for_layers(layer_ids, of="model", what="initial placement")
+            except PlacementError as exc:
+                raise ConfigError(str(exc)) from None
         if pl.num_ranks != num_ranks:
-            raise ValueError(f"initial placement: laid out for {pl.num_ranks} ranks, but the EP group has {num_ranks}")
+            raise ConfigError(f"initial placement: laid out for {pl.num_ranks} ranks, but the EP group has {num_ranks}")
         if self.num_slots is not None and pl.num_slots != self.num_slots:
-            raise ValueError(f"initial placement: {pl.num_slots} slots per layer, but num_slots is {self.num_slots}")
+            raise ConfigError(f"initial placement: {pl.num_slots} slots per layer, but num_slots is {self.num_slots}")
         return pl
 
 
@@ -356,24 +360,24 @@ def _message(exc: ValidationError, source: str, used: Mapping[str, str] | None =
 def _check_assignments(ga: Any, num_slots: int | None, what: str = "initial_global_assignments"
                        ) -> dict[int, tuple[int, ...]]:
     if not isinstance(ga, Mapping):
-        raise ValueError(f"{what}: expected a mapping of layer id to a list of expert ids, got {type(ga).__name__}")
+        raise ConfigError(f"{what}: expected a mapping of layer id to a list of expert ids, got {type(ga).__name__}")
     out: dict[int, tuple[int, ...]] = {}
     for k, row in ga.items():
         try:
             lid = int(k)
         except (TypeError, ValueError):
-            raise ValueError(f"{what}: layer key {k!r} is not an integer") from None
+            raise ConfigError(f"{what}: layer key {k!r} is not an integer") from None
         if not isinstance(row, (list, tuple)) or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
                                                          for v in row):
-            raise ValueError(f"{what}: layer {lid}: expected a list of integer expert ids")
+            raise ConfigError(f"{what}: layer {lid}: expected a list of integer expert ids")
         if num_slots is not None and len(row) != num_slots:
-            raise ValueError(f"{what}: layer {lid} lists {len(row)} slots, expected num_slots={num_slots}")
+            raise ConfigError(f"{what}: layer {lid} lists {len(row)} slots, expected num_slots={num_slots}")
         if any(int(v) < 0 for v in row):
-            raise ValueError(f"{what}: layer {lid}: negative expert id")
+            raise ConfigError(f"{what}: layer {lid}: negative expert id")
         out[lid] = tuple(int(v) for v in row)
     lengths = {len(r) for r in out.values()}
     if len(lengths) > 1:
-        raise ValueError(f"{what}: layers list different slot counts {sorted(lengths)}")
+        raise ConfigError(f"{what}: layers list different slot counts {sorted(lengths)}")
     return out
 
 
@@ -384,14 +388,14 @@ def read_map(path: str | Path, *, num_experts: int | None = None, num_ranks: int
     ``what`` and the file."""
     p = Path(path)
     if not p.exists():
-        raise ValueError(f"{what}: {p} does not exist (record one first with expert_map_record_path)")
+        raise ConfigError(f"{what}: {p} does not exist (record one first with expert_map_record_path)")
     from eplb.formats import read_placement
 
     try:
         return read_placement(p, num_experts=num_experts, ep_size=num_ranks, num_nodes=num_nodes,
                               num_slots=num_slots, policy=policy, num_groups=num_groups)
     except ValueError as exc:
-        raise ValueError(f"{what}: {exc}") from None
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def _init_expert_location(spec: str, num_experts: int, num_ranks: int, num_nodes: int, layer_ids: Sequence[int],
@@ -411,9 +415,9 @@ def _init_expert_location(spec: str, num_experts: int, num_ranks: int, num_nodes
     try:
         data = json.loads(s)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{what}: inline JSON is malformed ({exc})") from None
+        raise ConfigError(f"{what}: inline JSON is malformed ({exc})") from None
     if not isinstance(data, Mapping):
-        raise ValueError(f"{what}: expected a mapping with physical_to_logical_map or logical_count")
+        raise ConfigError(f"{what}: expected a mapping with physical_to_logical_map or logical_count")
     ids = tuple(int(i) for i in layer_ids)
     if "physical_to_logical_map" in data:
         arr = to_numpy(data["physical_to_logical_map"]).astype(np.int64)
@@ -421,13 +425,13 @@ def _init_expert_location(spec: str, num_experts: int, num_ranks: int, num_nodes
             return Placement(arr, num_experts, num_ranks, num_nodes, ids if len(ids) == len(arr) else (),
                              {"source": "init_expert_location"})
         except PlacementError as exc:
-            raise ValueError(f"{what}: physical_to_logical_map: {exc}") from None
+            raise ConfigError(f"{what}: physical_to_logical_map: {exc}") from None
     if "logical_count" in data:
         counts = check_load(data["logical_count"], f"{what}: logical_count", ndim=(2, 3), num_experts=num_experts)
         from eplb.policies import plan
 
         return plan(counts, S, num_ranks, num_nodes=num_nodes, num_groups=groups, policy=cfg.policy,
                     layer_ids=ids, **opts)
-    raise ValueError(f"{what}: expected key 'physical_to_logical_map' or 'logical_count', got {sorted(data)}")
+    raise ConfigError(f"{what}: expected key 'physical_to_logical_map' or 'logical_count', got {sorted(data)}")
 
 

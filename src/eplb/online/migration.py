@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from eplb._checks import ArrayLike, to_numpy
+from eplb.errors import InputError
 
 __all__ = ["LayerMigration", "Transfer", "chunk_size", "max_staging_need", "plan_migration", "staging_need"]
 
@@ -90,14 +91,14 @@ def plan_migration(old_row: ArrayLike, new_row: ArrayLike, num_ranks: int, ranks
     old = to_numpy(old_row).astype(np.int64).ravel()
     new = to_numpy(new_row).astype(np.int64).ravel()
     if old.shape != new.shape:
-        raise ValueError(f"new_row: {new.shape[0]} slots, old_row has {old.shape[0]}")
+        raise InputError(f"new_row: {new.shape[0]} slots, old_row has {old.shape[0]}")
     S, R = old.shape[0], int(num_ranks)
     if R < 1 or S % R:
-        raise ValueError(f"num_ranks: {S} slots are not divisible by {R} ranks")
+        raise InputError(f"num_ranks: {S} slots are not divisible by {R} ranks")
     spr = S // R
     rpn = int(ranks_per_node) if ranks_per_node else R
     if R % rpn:
-        raise ValueError(f"ranks_per_node: {R} ranks are not divisible by {rpn}")
+        raise InputError(f"ranks_per_node: {R} ranks are not divisible by {rpn}")
     holders: dict[int, list[int]] = {}
     first_slot: dict[tuple[int, int], int] = {}
     for s, e in enumerate(old.tolist()):
@@ -107,7 +108,7 @@ def plan_migration(old_row: ArrayLike, new_row: ArrayLike, num_ranks: int, ranks
             holders.setdefault(e, []).append(r)
     missing = sorted(set(new.tolist()) - set(holders))
     if missing:
-        raise ValueError(f"new_row: experts {missing[:8]} are not held by any rank under old_row (cannot be sourced)")
+        raise InputError(f"new_row: experts {missing[:8]} are not held by any rank under old_row (cannot be sourced)")
     sends = [0] * R
     transfers: list[Transfer] = []
     local: list[tuple[int, int]] = []

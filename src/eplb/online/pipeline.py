@@ -33,12 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from eplb.errors import ConfigError, InputError
 from eplb.online.config import BalancerConfig
 from eplb.online.migration import LayerMigration, Transfer, chunk_size, max_staging_need, plan_migration
 from eplb.online.planning import PlanRequest, PlanResult
 from eplb.online.trigger import RebalanceTrigger
 from eplb.placement import Placement
 from eplb.policies.exclude import unsafe_layers
+from eplb.policies.registry import policy_info
 
 __all__ = ["Batch", "Launch", "Pipeline"]
 
@@ -90,7 +92,11 @@ class Pipeline:
     def __init__(self, config: BalancerConfig, placement: Placement, *, bytes_per_expert: int,
                  policy_delay_s: float = 0.0) -> None:
         if not isinstance(config, BalancerConfig):
-            raise ValueError(f"config: expected a BalancerConfig, got {type(config).__name__}")
+            raise InputError(f"config: expected a BalancerConfig, got {type(config).__name__}")
+        try:
+            policy_info(config.policy)
+        except InputError as exc:
+            raise ConfigError(f"BalancerConfig.policy: {exc}") from None
         self.config = config
         self.placement = placement
         self.num_layers, self.num_experts, self.num_ranks = placement.num_layers, placement.num_experts, placement.num_ranks
@@ -98,7 +104,7 @@ class Pipeline:
         self.policy_delay_s = float(policy_delay_s)
         layer_bytes = placement.slots_per_rank * self.bytes_per_expert
         if config.max_staging_bytes is not None and config.online and config.max_staging_bytes < layer_bytes:
-            raise ValueError(
+            raise InputError(
                 f"BalancerConfig.max_staging_bytes: {config.max_staging_bytes} bytes cannot stage one layer's local "
                 f"weights ({layer_bytes} bytes = {placement.slots_per_rank} slots x {self.bytes_per_expert} bytes)")
         self.trigger = RebalanceTrigger(config, self.num_layers, self.num_experts)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, check_load
+from eplb.errors import InputError
 from eplb.online.migration import plan_migration
 from eplb.online.trigger import window_balancedness
 from eplb.placement import Placement
@@ -76,7 +77,7 @@ def plan_excluding(loads: ArrayLike, current: Placement, excluded_ranks: Sequenc
 
     Raises ValueError saying how many slots are missing when the survivors cannot hold every expert.
     """
-    from eplb.policies import plan
+    from eplb.policies import plan, policy_info
 
     R, E, spr = current.num_ranks, current.num_experts, current.slots_per_rank
     ex, alive = survivors(excluded_ranks, E, spr, R)
@@ -91,7 +92,7 @@ def plan_excluding(loads: ArrayLike, current: Placement, excluded_ranks: Sequenc
     num_groups = int(opts.pop("num_groups", 1))
     if E % num_groups:
         num_groups = 1
-    if sub_cur is not None:
+    if sub_cur is not None and policy_info(policy).migration_aware:
         opts["current"] = sub_cur
     sub = plan(x, S2, len(keep), num_nodes=1, num_groups=num_groups, policy=policy, layer_ids=current.layer_ids,
                **opts)
@@ -123,7 +124,7 @@ def recover_placement(previous: Placement, lost_ranks: Sequence[int], loads: Arr
 
     R, E, spr = previous.num_ranks, previous.num_experts, previous.slots_per_rank
     if len({int(r) for r in lost_ranks}) >= R and all(0 <= int(r) < R for r in lost_ranks):
-        raise ValueError("lost_ranks: every rank is lost; nothing to recover")
+        raise InputError("lost_ranks: every rank is lost; nothing to recover")
     lost, alive = survivors(lost_ranks, E, spr, R, what="lost_ranks")
     keep = alive.tolist()
     S2 = len(keep) * spr
@@ -151,7 +152,7 @@ def compute_plan(req: PlanRequest) -> PlanResult:
     window (mean of per-step balancedness under ``req.strategy``) improves by more than ``min_gain``
     (or when it must, to drain ``excluded_ranks``).
     """
-    from eplb.policies import plan
+    from eplb.policies import plan, policy_info
 
     t0 = time.perf_counter()
     if req.delay_s > 0:
@@ -166,8 +167,10 @@ def compute_plan(req: PlanRequest) -> PlanResult:
         num_groups = int(opts.pop("num_groups", 1))
         if cur.num_experts % num_groups:
             num_groups = 1
+        if policy_info(req.policy).migration_aware:  # the placement in service, to move few experts
+            opts["current"] = cur
         new = plan(window, cur.num_slots, cur.num_ranks, num_nodes=cur.num_nodes, num_groups=num_groups,
-                   policy=req.policy, layer_ids=cur.layer_ids, current=cur, **opts)
+                   policy=req.policy, layer_ids=cur.layer_ids, **opts)
         new = keep_in_place(cur, new)
     before = window_balancedness(window, cur, req.strategy)
     after = window_balancedness(window, new, req.strategy)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from eplb._checks import ArrayLike, check_load
+from eplb.errors import InputError
 from eplb.metrics import balancedness, rank_loads
 from eplb.online.config import DISPATCH_STRATEGIES, BalancerConfig
 from eplb.placement import Placement
@@ -28,7 +29,7 @@ class LoadWindow:
 
     def __init__(self, size: int, num_layers: int, num_experts: int) -> None:
         if size < 1:
-            raise ValueError(f"window_size: expected a positive integer, got {size}")
+            raise InputError(f"window_size: expected a positive integer, got {size}")
         self.size = int(size)
         self._buf = np.zeros((self.size, num_layers, num_experts), dtype=np.int64)
         self._sum = np.zeros((num_layers, num_experts), dtype=np.int64)
@@ -104,7 +105,7 @@ def layer_balancedness(loads: ArrayLike, placement: Placement, strategy: str | N
     if strategy in (None, "uniform", "round-robin"):
         return balancedness(rank_loads(x, placement))
     if strategy not in DISPATCH_STRATEGIES:
-        raise ValueError(f"strategy: expected one of {list(DISPATCH_STRATEGIES)}, got {strategy!r}")
+        raise InputError(f"strategy: expected one of {list(DISPATCH_STRATEGIES)}, got {strategy!r}")
     from eplb.dispatch import split_rank_loads
 
     if strategy == "balanced":
@@ -158,9 +159,9 @@ class RebalanceTrigger:
 
     def __init__(self, config: BalancerConfig, num_layers: int, num_experts: int | None = None) -> None:
         if not isinstance(config, BalancerConfig):
-            raise ValueError(f"config: expected a BalancerConfig, got {type(config).__name__}")
+            raise InputError(f"config: expected a BalancerConfig, got {type(config).__name__}")
         if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
-            raise ValueError(f"num_layers: expected a positive integer, got {num_layers!r}")
+            raise InputError(f"num_layers: expected a positive integer, got {num_layers!r}")
         self.config = config
         self.num_layers = int(num_layers)
         self.num_experts = num_experts
@@ -177,7 +178,7 @@ class RebalanceTrigger:
     def _ensure(self, E: int) -> None:
         if self.window is None:
             if self.num_experts is not None and E != self.num_experts:
-                raise ValueError(f"loads: expected {self.num_experts} experts, got {E}")
+                raise InputError(f"loads: expected {self.num_experts} experts, got {E}")
             self.num_experts = E
             self.window = LoadWindow(self.config.window_size, self.num_layers, E)
 
@@ -185,7 +186,7 @@ class RebalanceTrigger:
         """Record that ``layers`` were (re)planned for ``loads`` ``[len(layers), E]`` (default: the
         current window sum of those layers)."""
         if self.window is None:
-            raise ValueError("mark_planned: no loads observed yet")
+            raise InputError("mark_planned: no loads observed yet")
         pos = [int(p) for p in layers]
         if self.planned_loads is None:
             self.planned_loads = np.zeros(self.window.shape, dtype=np.float64)
@@ -204,7 +205,7 @@ class RebalanceTrigger:
                 reasons.append("iterations")
         if c.check_every_seconds is not None:
             if now_s is None:
-                raise ValueError("now_s: check_every_seconds is set, so observe() needs the time in seconds")
+                raise InputError("now_s: check_every_seconds is set, so observe() needs the time in seconds")
             if self._last_check_time is not None and now_s - self._last_check_time >= c.check_every_seconds:
                 reasons.append("interval")
         return "+".join(reasons)
@@ -216,10 +217,10 @@ class RebalanceTrigger:
         """Record one step's loads ``[L, E]`` and return the layer positions to rebalance now (sorted)."""
         step = int(step)
         if self._last_step is not None and step <= self._last_step:
-            raise ValueError(f"step: steps must increase (got {step} after {self._last_step})")
+            raise InputError(f"step: steps must increase (got {step} after {self._last_step})")
         x = check_load(loads, "loads", ndim=2)
         if x.shape[0] != self.num_layers:
-            raise ValueError(f"loads: expected {self.num_layers} layers, got {x.shape[0]}")
+            raise InputError(f"loads: expected {self.num_layers} layers, got {x.shape[0]}")
         self._ensure(x.shape[1])
         assert self.window is not None
         self._last_step = step
@@ -244,7 +245,7 @@ class RebalanceTrigger:
         if planned_loads is not None:
             planned = check_load(planned_loads, "planned_loads", ndim=2, num_experts=x.shape[1])
             if planned.shape[0] != L:
-                raise ValueError(f"planned_loads: expected {L} layers, got {planned.shape[0]}")
+                raise InputError(f"planned_loads: expected {L} layers, got {planned.shape[0]}")
         else:
             planned = self.planned_loads if self.planned_loads is not None else np.zeros_like(wsum)
         sim = cosine_similarity(wsum, planned)
@@ -252,9 +253,9 @@ class RebalanceTrigger:
         bal = nan
         if c.balancedness_floor is not None:
             if placement is None:
-                raise ValueError("placement: balancedness_floor is set, so observe() needs the current placement")
+                raise InputError("placement: balancedness_floor is set, so observe() needs the current placement")
             if placement.num_layers != L or placement.num_experts != x.shape[1]:
-                raise ValueError(f"placement: {placement.num_layers} layers x {placement.num_experts} experts, "
+                raise InputError(f"placement: {placement.num_layers} layers x {placement.num_experts} experts, "
                                  f"loads are {L} x {x.shape[1]}")
             bal = layer_balancedness(wsum, placement, c.dispatch_strategy)
             hit |= bal < c.balancedness_floor

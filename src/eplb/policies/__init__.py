@@ -15,30 +15,19 @@ where ``loads`` is a validated float64 ``[T, L, E]`` array (``T == 1`` for summe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from eplb._checks import ArrayLike, check_layout, check_load, check_positive_int
+from eplb._checks import ArrayLike, check_layout, check_load
+from eplb.errors import InputError
 from eplb.placement import Placement
 from eplb.policies.deepseek import rebalance_experts, rebalance_experts_hierarchical
+from eplb.policies.registry import POLICIES, PolicyFn, PolicyInfo, check_serves, policy_info, register_policy
 
-__all__ = ["POLICIES", "PolicyFn", "load_policy_plugins", "plan", "rebalance_experts", "register_policy"]
-
-PolicyFn = Callable[..., np.ndarray]
-POLICIES: dict[str, PolicyFn] = {}
-
-
-def register_policy(name: str) -> Callable[[PolicyFn], PolicyFn]:
-    """Decorator registering a policy function under ``name`` (see the module docstring)."""
-
-    def deco(fn: PolicyFn) -> PolicyFn:
-        POLICIES[name] = fn
-        return fn
-
-    return deco
-
+__all__ = ["POLICIES", "PolicyFn", "PolicyInfo", "check_serves", "load_policy_plugins", "plan", "policy_info",
+           "rebalance_experts", "register_policy"]
 
 @register_policy("deepseek")
 def _deepseek(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
@@ -61,22 +50,13 @@ def _deepseek_hier(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nod
                    **options: Any) -> np.ndarray:
     """DeepSeek's hierarchical policy; requires ``num_groups % num_nodes == 0``."""
     if num_groups % num_nodes:
-        raise ValueError(f"num_groups: hierarchical policy needs num_groups ({num_groups}) divisible by num_nodes ({num_nodes})")
+        raise InputError(f"num_groups: hierarchical policy needs num_groups ({num_groups}) divisible by num_nodes ({num_nodes})")
     phy2log, _, _ = rebalance_experts_hierarchical(loads.sum(0).astype(np.float32), num_slots, num_groups, num_nodes, num_ranks)
     return phy2log
 
 
-# Modules *above* policies that register policies of their own (e.g. "eplb-dispatch", which plans for
-# balanced dispatch). They are imported on demand, so ``import eplb`` stays light (no torch import).
-_PLUGIN_MODULES = ("eplb.dispatch",)
-
-
-def load_policy_plugins() -> dict[str, PolicyFn]:
-    """Import the modules that register further policies; returns the full registry."""
-    import importlib
-
-    for mod in _PLUGIN_MODULES:
-        importlib.import_module(mod)
+def load_policy_plugins() -> Mapping[str, PolicyFn]:
+    """Every registered policy (compatibility: the registry is lazy, nothing needs loading first)."""
     return POLICIES
 
 
@@ -100,26 +80,23 @@ def plan(
         num_ranks: ``R`` EP ranks.
         num_nodes: nodes (divides ``num_ranks``).
         num_groups: expert groups (divides ``E``; used by hierarchical policies).
-        policy: a name in :data:`POLICIES`.
+        policy: a name in :data:`POLICIES`; it must be able to serve the call (:func:`check_serves`:
+            ``current=`` only for migration-aware policies, required by ``eplb-incremental``).
         layer_ids: model layer index of each MoE layer.
         options: policy-specific options (e.g. ``current=`` for incremental policies).
 
     Returns:
         A validated :class:`Placement` whose ``meta`` records the policy and parameters.
     """
-    if policy not in POLICIES:
-        load_policy_plugins()
-    if policy not in POLICIES:
-        raise ValueError(f"policy: unknown policy {policy!r}; expected one of {sorted(POLICIES)}")
+    info = check_serves(policy, current=options.get("current") is not None,
+                        excluded=bool(options.get("excluded_ranks")))
     arr = check_load(loads, "loads", ndim=(2, 3))
     if arr.ndim == 2:
         arr = arr[None]
     E = arr.shape[2]
-    check_positive_int(num_groups, "num_groups")
-    check_layout(E, num_slots, num_ranks, num_nodes)
-    if E % num_groups:
-        raise ValueError(f"num_groups: {E} experts cannot be split into {num_groups} equal groups")
-    phy2log = POLICIES[policy](arr, num_slots=int(num_slots), num_ranks=int(num_ranks), num_nodes=int(num_nodes),
+    check_layout(E, num_slots, num_ranks, num_nodes, num_groups=num_groups)
+    assert info.fn is not None
+    phy2log = info.fn(arr, num_slots=int(num_slots), num_ranks=int(num_ranks), num_nodes=int(num_nodes),
                                num_groups=int(num_groups), **options)
     info: dict[str, Any] = {"policy": policy, "num_groups": int(num_groups)}
     for k, v in options.items():
@@ -131,8 +108,3 @@ def plan(
             info["current_digest"] = v.digest()
     info.update(meta or {})
     return Placement(phy2log, E, int(num_ranks), int(num_nodes), tuple(layer_ids), info)
-
-
-# eplb's own policies register themselves on import (they import ``register_policy`` from here).
-from eplb.policies import eplb_policy as _eplb_policy  # noqa: E402,F401
-from eplb.policies import robust as _robust  # noqa: E402,F401

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, check_layout, check_load, check_positive_int
+from eplb.errors import InputError
 
 __all__ = ["balanced_packing", "rebalance_experts", "rebalance_experts_hierarchical", "replicate"]
 
@@ -139,9 +140,9 @@ def _check_args(weight: ArrayLike, num_replicas: int, num_groups: int, num_nodes
     w = check_load(weight, "weight", ndim=2, dtype=np.float32)
     E = w.shape[1]
     check_positive_int(num_groups, "num_groups")
-    check_layout(E, num_replicas, num_gpus, num_nodes)
+    check_layout(E, num_replicas, num_gpus, num_nodes, names=("num_replicas", "num_gpus", "num_nodes"))
     if E % num_groups:
-        raise ValueError(f"num_groups: {E} experts cannot be split into {num_groups} equal groups")
+        raise InputError(f"num_groups: {E} experts cannot be split into {num_groups} equal groups")
     return w
 
 

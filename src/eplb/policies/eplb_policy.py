@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, to_numpy
+from eplb.errors import InputError
 from eplb.placement import Placement
 from eplb.policies import POLICIES, plan, register_policy
 from eplb.policies.deepseek import rebalance_experts_hierarchical
@@ -188,7 +189,7 @@ def hierarchical_rows(
     L, E = weight.shape
     N, G = num_nodes, num_groups
     if G % N:
-        raise ValueError(f"num_groups: hierarchical policy needs num_groups ({G}) divisible by num_nodes ({N})")
+        raise InputError(f"num_groups: hierarchical policy needs num_groups ({G}) divisible by num_nodes ({N})")
     gs = E // G
     node = _group_nodes(weight, G, N, max_iters)  # [L, G]
     # experts of node n, in group order: [L, N, E/N]
@@ -255,17 +256,17 @@ def _embed(sub: np.ndarray, weight: np.ndarray, alive: np.ndarray, num_slots: in
 def _current_rows(current: Any, L: int, E: int, S: int, R: int) -> np.ndarray:
     if isinstance(current, Placement):
         if current.num_experts != E or current.num_layers != L or current.num_slots != S or current.num_ranks != R:
-            raise ValueError(
+            raise InputError(
                 f"current: placement has {current.num_layers} layers x {current.num_experts} experts, {current.num_slots} "
                 f"slots on {current.num_ranks} ranks; expected {L} x {E}, {S} slots on {R} ranks"
             )
         return np.array(current.phy2log)
     arr = to_numpy(current)
     if arr.ndim != 2 or arr.shape != (L, S):
-        raise ValueError(f"current: expected a Placement or a [{L}, {S}] phy2log array, got shape {tuple(arr.shape)}")
+        raise InputError(f"current: expected a Placement or a [{L}, {S}] phy2log array, got shape {tuple(arr.shape)}")
     arr = arr.astype(np.int64)
     if np.any((arr < 0) | (arr >= E)):
-        raise ValueError(f"current: expert ids must be in [0, {E})")
+        raise InputError(f"current: expert ids must be in [0, {E})")
     return arr
 
 
@@ -273,9 +274,9 @@ def _check_cap(max_replicas: Any, E: int, S: int) -> int | None:
     if max_replicas is None:
         return None
     if isinstance(max_replicas, bool) or not isinstance(max_replicas, (int, np.integer)) or max_replicas < 1:
-        raise ValueError(f"max_replicas: expected a positive integer, got {max_replicas!r}")
+        raise InputError(f"max_replicas: expected a positive integer, got {max_replicas!r}")
     if E * int(max_replicas) < S:
-        raise ValueError(
+        raise InputError(
             f"max_replicas: {E} experts x at most {max_replicas} replicas = {E * int(max_replicas)} < {S} slots to fill"
         )
     return int(max_replicas)
@@ -287,7 +288,7 @@ EFFORT = {"fast": (0, 0), "default": (16, 4), "high": (32, 12)}
 
 def _effort(effort: Any) -> tuple[int, int]:
     if effort not in EFFORT:
-        raise ValueError(f"effort: expected one of {sorted(EFFORT)}, got {effort!r}")
+        raise InputError(f"effort: expected one of {sorted(EFFORT)}, got {effort!r}")
     return EFFORT[effort]
 
 
@@ -361,7 +362,7 @@ def eplb_incremental_policy(loads: np.ndarray, *, num_slots: int, num_ranks: int
                             **options: Any) -> np.ndarray:
     """Migration-aware eplb; requires ``current=`` (the placement now in service)."""
     if options.get("current") is None:
-        raise ValueError("current: policy 'eplb-incremental' needs current=<Placement now in service>")
+        raise InputError("current: policy 'eplb-incremental' needs current=<Placement now in service>")
     return _solve(loads, num_slots=num_slots, num_ranks=num_ranks, num_nodes=num_nodes, num_groups=num_groups,
                   mode="global", **options)
 
@@ -371,14 +372,14 @@ def best_of(loads: ArrayLike, placements: Sequence[Placement], *, meta: Mapping[
     """Per layer, the placement (of ``placements``) with the lowest max rank load on ``loads`` (``[L, E]``
     or ``[T, L, E]``, summed over steps); ties go to fewer colocated duplicates, then the earlier one."""
     if not placements:
-        raise ValueError("placements: need at least one placement")
+        raise InputError("placements: need at least one placement")
     w = to_numpy(loads).astype(np.float64)
     if w.ndim == 3:
         w = w.sum(0)
     first = placements[0]
     for p in placements[1:]:
         if p.phy2log.shape != first.phy2log.shape or p.num_ranks != first.num_ranks:
-            raise ValueError("placements: all placements must have the same layers, slots and ranks")
+            raise InputError("placements: all placements must have the same layers, slots and ranks")
     best = _pick(w, [np.asarray(p.phy2log) for p in placements], first.num_ranks)
     info = {"policy": "best-of", "candidates": [str(p.meta.get("policy", "?")) for p in placements]}
     info.update(meta or {})
@@ -402,7 +403,7 @@ def best_placement_for(
     """
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
-        raise ValueError(f"policies: unknown policies {unknown}; expected names in {sorted(POLICIES)}")
+        raise InputError(f"policies: unknown policies {unknown}; expected names in {sorted(POLICIES)}")
     pls = [plan(loads, num_slots, num_ranks, num_nodes=num_nodes, num_groups=num_groups, policy=p,
                 layer_ids=layer_ids, **options) for p in policies]
     return best_of(loads, pls)

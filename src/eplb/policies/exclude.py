@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from eplb.errors import InputError
 from eplb.placement import Placement
 
 __all__ = ["serves_all", "survivors", "unsafe_layers"]
@@ -28,12 +29,12 @@ def survivors(excluded_ranks: Iterable[int] | None, num_experts: int, slots_per_
     ex = sorted({int(r) for r in (excluded_ranks or ())})
     bad = [r for r in ex if r < 0 or r >= num_ranks]
     if bad:
-        raise ValueError(f"{what}: rank ids {bad} are out of range [0, {num_ranks})")
+        raise InputError(f"{what}: rank ids {bad} are out of range [0, {num_ranks})")
     alive = np.array([r for r in range(num_ranks) if r not in set(ex)], dtype=np.int64)
     have = int(alive.size) * int(slots_per_rank)
     if have < num_experts:
         need = -(-num_experts // max(1, int(alive.size)))
-        raise ValueError(
+        raise InputError(
             f"{what}: the remaining {alive.size} ranks have {have} slots per layer but {num_experts} experts must "
             f"stay served: {num_experts - have} slots are missing (needs redundancy: at least {need} slots per rank, "
             f"num_slots >= {num_ranks * need})")

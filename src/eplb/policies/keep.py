@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from eplb.errors import InputError
 from eplb.placement import Placement, PlacementError
 
 __all__ = [
@@ -56,11 +57,11 @@ def rank_counts(phy2log: np.ndarray, num_ranks: int, num_experts: int,
     """
     p = np.asarray(phy2log, dtype=np.int64)
     if p.ndim != 2:
-        raise ValueError(f"phy2log: expected a [layers, slots] array, got shape {p.shape}")
+        raise InputError(f"phy2log: expected a [layers, slots] array, got shape {p.shape}")
     L, S = p.shape
     spr = S // num_ranks if slots_per_rank is None else int(slots_per_rank)
     if spr < 1:
-        raise ValueError(f"phy2log: {S} slots cannot hold {num_ranks} ranks")
+        raise InputError(f"phy2log: {S} slots cannot hold {num_ranks} ranks")
     rank = np.arange(S) // spr
     valid = (p >= 0) & (p < num_experts) & (rank < num_ranks)[None, :]
     li, si = np.nonzero(valid)
@@ -111,10 +112,10 @@ def match_ranks(new_counts: np.ndarray, have: np.ndarray, num_nodes: int = 1) ->
     """
     L, R, _ = new_counts.shape
     if have.shape != new_counts.shape:
-        raise ValueError(f"have: expected shape {new_counts.shape}, got {have.shape}")
+        raise InputError(f"have: expected shape {new_counts.shape}, got {have.shape}")
     N = int(num_nodes)
     if N < 1 or R % N:
-        raise ValueError(f"num_nodes: {R} ranks are not divisible by {N} nodes")
+        raise InputError(f"num_nodes: {R} ranks are not divisible by {N} nodes")
     rpn = R // N
     ov = _overlap(new_counts, have)  # [L, R, R]
     out = np.empty((L, R), dtype=np.int64)
@@ -215,14 +216,14 @@ def align_to_current(current: np.ndarray, new: np.ndarray, num_ranks: int, num_n
     cur = np.asarray(current, dtype=np.int64)
     nw = np.asarray(new, dtype=np.int64)
     if nw.ndim != 2 or cur.ndim != 2 or cur.shape[0] != nw.shape[0]:
-        raise ValueError(f"current: expected [{nw.shape[0]}, slots] like new {nw.shape}, got {cur.shape}")
+        raise InputError(f"current: expected [{nw.shape[0]}, slots] like new {nw.shape}, got {cur.shape}")
     L, S = nw.shape
     R = int(num_ranks)
     if R < 1 or S % R:
-        raise ValueError(f"num_ranks: {S} slots are not divisible by {R} ranks")
+        raise InputError(f"num_ranks: {S} slots are not divisible by {R} ranks")
     spr = S // R
     if cur.shape[1] % spr:
-        raise ValueError(f"current: {cur.shape[1]} slots are not a multiple of {spr} slots per rank")
+        raise InputError(f"current: {cur.shape[1]} slots are not a multiple of {spr} slots per rank")
     E = int(nw.max(initial=-1)) + 1 if num_experts is None else int(num_experts)
     out = align_ranks(nw, rank_counts(cur, R, E, spr), R, num_nodes)
     width = min(cur.shape[1], S)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from eplb.errors import InputError
 from eplb.policies.keep import preserve_slots
 
 __all__ = [
@@ -50,9 +51,9 @@ def replica_counts(weight: np.ndarray, num_slots: int, max_replicas: int | None 
     """
     X, E = weight.shape
     if num_slots < E:
-        raise ValueError(f"num_slots: {num_slots} slots cannot hold {E} experts")
+        raise InputError(f"num_slots: {num_slots} slots cannot hold {E} experts")
     if max_replicas is not None and E * max_replicas < num_slots:
-        raise ValueError(
+        raise InputError(
             f"max_replicas: {E} experts x at most {max_replicas} replicas = {E * max_replicas} < {num_slots} slots to fill"
         )
     counts = np.ones((X, E), dtype=np.int64)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from eplb.errors import InputError
 from eplb.policies import register_policy
 from eplb.policies.eplb_policy import _check_cap, _deepseek_start, _embed, eplb_rows, excluded_layout
 from eplb.policies.packing import expert_pack_count, phy2log_counts
@@ -149,7 +150,7 @@ def eplb_robust_policy(loads: np.ndarray, *, num_slots: int, num_ranks: int, num
                        max_iters: int | None = None, **options: Any) -> np.ndarray:
     """Robust eplb on a window ``[T, L, E]`` (module docstring). Returns ``phy2log [L, S]``."""
     if options.get("current") is not None:
-        raise ValueError("current: policy 'eplb-robust' is not migration-aware; use 'eplb' or 'eplb-incremental'")
+        raise InputError("current: policy 'eplb-robust' is not migration-aware; use 'eplb' or 'eplb-incremental'")
     T, L, E = loads.shape
     w = loads.sum(axis=0)
     cap = _check_cap(max_replicas, E, num_slots)

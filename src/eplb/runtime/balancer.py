@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from eplb._io import atomic_write
+from eplb.errors import BalancerError, InputError
 from eplb.metrics import balancedness, imbalance_ratio, rank_loads
 from eplb.online import BalancerConfig, Pipeline, PlanResult, read_map, recover_placement
 from eplb.placement import Placement
@@ -48,7 +50,6 @@ from eplb.policies.exclude import survivors
 from eplb.runtime.executor import InFlight, MigrationExecutor
 from eplb.runtime.metrics_export import BalancerMetrics
 from eplb.runtime.worker import PolicyWorker
-from eplb.stats.trace import atomic_write
 
 __all__ = ["OnlineBalancer", "native_record_path", "resume_placement"]
 
@@ -94,10 +95,10 @@ class OnlineBalancer:
                  policy_delay_s: float = 0.0) -> None:
         self.config = config if config is not None else BalancerConfig()
         if not isinstance(self.config, BalancerConfig):
-            raise ValueError(f"config: expected a BalancerConfig, got {type(self.config).__name__}")
+            raise InputError(f"config: expected a BalancerConfig, got {type(self.config).__name__}")
         self.layers = list(layers)
         if not self.layers:
-            raise ValueError("layers: expected at least one EP layer")
+            raise InputError("layers: expected at least one EP layer")
         self.distributed = dist.is_available() and dist.is_initialized()
         self.group = group
         self.rank = dist.get_rank(group) if self.distributed else 0
@@ -105,19 +106,16 @@ class OnlineBalancer:
         if placement is None:
             placement = self._placement_from_layers()
         if not isinstance(placement, Placement):
-            raise ValueError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
+            raise InputError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
         if placement.num_layers != len(self.layers):
-            raise ValueError(f"placement: {placement.num_layers} layers, but {len(self.layers)} EP layers were given")
+            raise InputError(f"placement: {placement.num_layers} layers, but {len(self.layers)} EP layers were given")
         if placement.num_ranks != self.world:
-            raise ValueError(f"placement: laid out for {placement.num_ranks} ranks, the EP group has {self.world}")
+            raise InputError(f"placement: laid out for {placement.num_ranks} ranks, the EP group has {self.world}")
         for i, layer in enumerate(self.layers):
             row = layer.placement_row.detach().cpu().numpy()
             if not np.array_equal(row, placement.phy2log[i]):
-                raise ValueError(f"placement: row {i} differs from layers[{i}].placement_row "
+                raise InputError(f"placement: row {i} differs from layers[{i}].placement_row "
                                  f"(the balancer must start from the placement the layers serve)")
-        if self.config.policy not in _policies():
-            raise ValueError(f"BalancerConfig.policy: unknown policy {self.config.policy!r}; "
-                             f"expected one of {sorted(_policies())}")
         L, E = placement.num_layers, placement.num_experts
         self.num_layers, self.num_experts = L, E
         self._own_group = False
@@ -134,7 +132,7 @@ class OnlineBalancer:
         if self.config.dispatch_strategy is None:
             strategies = {str(getattr(layer, "strategy", "uniform")) for layer in self.layers}
             if len(strategies) != 1:
-                raise ValueError(f"layers: mixed replica strategies {sorted(strategies)}; set "
+                raise InputError(f"layers: mixed replica strategies {sorted(strategies)}; set "
                                  f"BalancerConfig.dispatch_strategy")
             self.config = self.config.replace(dispatch_strategy=strategies.pop())
         self.pipeline = Pipeline(self.config, placement, bytes_per_expert=self.executor.bytes_per_expert,
@@ -363,13 +361,13 @@ class OnlineBalancer:
             self.metrics.observe_balance(balancedness(rl), imbalance_ratio(rl))
         if ctrl[_C_ERR] > 0:
             mine = f": {self._error}" if self._error is not None else ""
-            raise RuntimeError(f"OnlineBalancer: the placement policy failed on {int(ctrl[_C_ERR])} of {R} ranks{mine}")
+            raise BalancerError(f"OnlineBalancer: the placement policy failed on {int(ctrl[_C_ERR])} of {R} ranks{mine}")
         drains = {int(r) for r in np.flatnonzero(ctrl[_NCTRL:_NCTRL + R] > 0)}
         new_drains = drains - self.excluded_ranks
         res = self.pipeline.result
         ready = res is not None and ctrl[_C_READY] == R * res.plan_id
         if ready and ctrl[_C_CHECK] != R * res.checksum:
-            raise RuntimeError(f"OnlineBalancer: ranks computed different plans for plan {res.plan_id} "
+            raise BalancerError(f"OnlineBalancer: ranks computed different plans for plan {res.plan_id} "
                                f"(checksums disagree); the policy must be deterministic")
         n_hist = len(self.history)
         req = self.pipeline.consume(step, counts, now_s, drains=drains, ready=ready)
@@ -429,7 +427,7 @@ class OnlineBalancer:
         """
         r = int(rank)
         if not 0 <= r < self.world:
-            raise ValueError(f"drain: rank {r} out of range [0, {self.world})")
+            raise InputError(f"drain: rank {r} out of range [0, {self.world})")
         ex = self.excluded_ranks | self._drain_request | {r}
         survivors(ex, self.num_experts, self.placement.slots_per_rank, self.world, what=f"drain({r})")
         self._drain_request.add(r)
@@ -510,12 +508,6 @@ class OnlineBalancer:
         self.close()
 
 
-def _policies() -> dict[str, Any]:
-    from eplb.policies import POLICIES
-
-    return POLICIES
-
-
 def _new_group_like(group: Any) -> Any:
     """A new process group over ``group``'s ranks (WORLD when ``None``), same backend."""
     if group is None or group is dist.group.WORLD:
@@ -545,16 +537,16 @@ def resume_placement(config: BalancerConfig, *, num_experts: int, num_ranks: int
         return None
     prev = read_map(nat, num_experts=num_experts, what="expert_map_record_path")
     if num_layers is not None and prev.num_layers != num_layers:
-        raise ValueError(f"expert_map_record_path: {nat} has {prev.num_layers} layers, the model has {num_layers}")
+        raise InputError(f"expert_map_record_path: {nat} has {prev.num_layers} layers, the model has {num_layers}")
     if prev.num_ranks == num_ranks:
         return prev
     if prev.num_ranks < num_ranks:
-        raise ValueError(f"expert_map_record_path: {nat} was recorded for {prev.num_ranks} ranks; growing to "
+        raise InputError(f"expert_map_record_path: {nat} was recorded for {prev.num_ranks} ranks; growing to "
                          f"{num_ranks} ranks is not a recovery (plan a new placement instead)")
     k = prev.num_ranks - num_ranks
     lost = list(lost_ranks) if lost_ranks is not None else list(range(prev.num_ranks - k, prev.num_ranks))
     if len(lost) != k:
-        raise ValueError(f"lost_ranks: {len(lost)} ranks given, but {prev.num_ranks} -> {num_ranks} ranks lost {k}")
+        raise InputError(f"lost_ranks: {len(lost)} ranks given, but {prev.num_ranks} -> {num_ranks} ranks lost {k}")
     loads = prev.meta.get("window_loads")
     arr = np.asarray(loads, dtype=np.float64) if loads is not None else None
     if arr is not None and arr.sum() == 0:

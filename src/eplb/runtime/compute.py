@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from eplb.errors import InputError
+
 __all__ = ["ACTIVATIONS", "expert_ffn", "grouped_mm_fn", "resolve_activation", "resolve_impl"]
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -39,10 +41,10 @@ def resolve_activation(act: str | Activation | None) -> Activation:
         return F.silu
     if isinstance(act, str):
         if act not in ACTIVATIONS:
-            raise ValueError(f"activation: unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)} or a callable")
+            raise InputError(f"activation: unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)} or a callable")
         return ACTIVATIONS[act]
     if not callable(act):
-        raise ValueError(f"activation: expected a name or a callable, got {act!r}")
+        raise InputError(f"activation: expected a name or a callable, got {act!r}")
     return act
 
 
@@ -79,12 +81,12 @@ def _probe_grouped(w13: torch.Tensor, w2: torch.Tensor) -> bool:
 def resolve_impl(impl: str, w13: torch.Tensor, w2: torch.Tensor) -> str:
     """Map ``"auto"`` to ``"grouped"`` where supported (see module doc), else ``"loop"``; validate names."""
     if impl not in ("auto", "grouped", "loop"):
-        raise ValueError(f"compute: expected 'auto', 'grouped' or 'loop', got {impl!r}")
+        raise InputError(f"compute: expected 'auto', 'grouped' or 'loop', got {impl!r}")
     if impl == "loop":
         return "loop"
     ok = _probe_grouped(w13, w2)
     if impl == "grouped" and not ok:
-        raise ValueError(
+        raise InputError(
             f"compute: grouped_mm is not available for dtype {w13.dtype} on device {w13.device} "
             f"(torch {torch.__version__}); use compute='loop' or 'auto'"
         )
@@ -128,7 +130,7 @@ def expert_ffn(
         a = act(h[:, :inter]) * h[:, inter:]
         return fn(a.contiguous(), w2.transpose(1, 2), offs=offs)  # [M, H]
     if impl != "loop":
-        raise ValueError(f"impl: expected 'grouped' or 'loop', got {impl!r}")
+        raise InputError(f"impl: expected 'grouped' or 'loop', got {impl!r}")
     host = list(counts_host) if counts_host is not None else [int(c) for c in counts.tolist()]
     out = xw.new_empty(M, H)
     start = 0

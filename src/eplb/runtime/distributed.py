@@ -16,17 +16,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from eplb.placement import PlacementError
+from eplb.errors import AgreementError, InputError
 
 __all__ = ["AgreementError", "GroupInfo", "agree", "comm_device", "fingerprint", "group_info", "init_from_env"]
 
 _MSG_BYTES = 240
 
 
-class AgreementError(PlacementError):
-    """Ranks disagree (placement digest, shapes, sizes) or one of them reported a bad construction input.
-
-    A :class:`~eplb.PlacementError` (hence a ``ValueError``), raised on every rank of the group."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +43,7 @@ def group_info(group: Any = None) -> GroupInfo:
     """``GroupInfo`` of ``group`` (default: WORLD when initialised, else a single local rank)."""
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
-            raise ValueError("group: a process group was given but torch.distributed is not initialised")
+            raise InputError("group: a process group was given but torch.distributed is not initialised")
         return GroupInfo(None, 0, 1, "none")
     g = group if group is not None else dist.group.WORLD
     return GroupInfo(g, dist.get_rank(g), dist.get_world_size(g), str(dist.get_backend(g)))

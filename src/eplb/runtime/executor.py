@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from eplb.errors import InputError
 from eplb.online.migration import LayerMigration, chunk_size, max_staging_need, staging_need
 
 __all__ = ["InFlight", "MigrationExecutor", "layer_weight_bytes"]
@@ -89,7 +90,7 @@ class MigrationExecutor:
     def __init__(self, layers: Sequence[Any], *, group: Any = None, rank: int | None = None,
                  num_ranks: int | None = None, use_side_stream: bool = True) -> None:
         if not layers:
-            raise ValueError("layers: expected at least one EP layer")
+            raise InputError("layers: expected at least one EP layer")
         self.layers = list(layers)
         self.group = group
         distributed = dist.is_available() and dist.is_initialized()
@@ -101,9 +102,9 @@ class MigrationExecutor:
         self.bytes_per_expert = layer_weight_bytes(first)
         for i, layer in enumerate(self.layers):
             if tuple(layer.expert_weight_names) != self.names:
-                raise ValueError(f"layers[{i}]: expert_weight_names {layer.expert_weight_names} differ from layer 0's")
+                raise InputError(f"layers[{i}]: expert_weight_names {layer.expert_weight_names} differ from layer 0's")
             if layer_weight_bytes(layer) != self.bytes_per_expert:
-                raise ValueError(f"layers[{i}]: expert weights of {layer_weight_bytes(layer)} bytes, layer 0 has "
+                raise InputError(f"layers[{i}]: expert weights of {layer_weight_bytes(layer)} bytes, layer 0 has "
                                  f"{self.bytes_per_expert} (all layers must have the same expert shape)")
         w = getattr(first, self.names[0])
         self.slots_per_rank = int(w.shape[0])
@@ -149,9 +150,9 @@ class MigrationExecutor:
         main = torch.cuda.current_stream(self.device) if self.cuda else None
         for mig in migrations:
             if not 0 <= mig.layer < len(self.layers):
-                raise ValueError(f"migration: layer position {mig.layer} out of range [0, {len(self.layers)})")
+                raise InputError(f"migration: layer position {mig.layer} out of range [0, {len(self.layers)})")
             if mig.num_ranks != self.num_ranks or mig.slots_per_rank != spr:
-                raise ValueError(f"migration: planned for {mig.num_ranks} ranks x {mig.slots_per_rank} slots, the "
+                raise InputError(f"migration: planned for {mig.num_ranks} ranks x {mig.slots_per_rank} slots, the "
                                  f"group has {self.num_ranks} x {spr}")
         todo: list[tuple[int, int]] = []
         for j, mig in enumerate(migrations):

@@ -43,13 +43,15 @@ import torch.distributed as dist
 from torch import nn
 
 from eplb.dispatch import DispatchTable, assign_slots
+from eplb.errors import InputError
 from eplb.placement import Placement, PlacementError
 from eplb.runtime.compute import Activation, expert_ffn, resolve_activation, resolve_impl
 from eplb.runtime.distributed import AgreementError, GroupInfo, agree, fingerprint, group_info
+from eplb.strategies import REPLICA_STRATEGIES
 
 __all__ = ["STRATEGIES", "ExpertParallelMoE", "reference_moe"]
 
-STRATEGIES = ("local-first", "round-robin", "balanced")
+STRATEGIES = REPLICA_STRATEGIES
 
 # error bits carried in the count exchange
 _ERR_IDS = 1  # topk_ids outside [0, E)
@@ -189,34 +191,34 @@ class ExpertParallelMoE(nn.Module):
                        strategy: str, max_num_tokens: int | None) -> None:
         info = self._info
         if not isinstance(placement, Placement):
-            raise ValueError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
+            raise InputError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy: expected one of {list(STRATEGIES)}, got {strategy!r}")
+            raise InputError(f"strategy: expected one of {list(STRATEGIES)}, got {strategy!r}")
         if not 0 <= int(layer_pos) < placement.num_layers:
-            raise ValueError(f"layer_pos: {layer_pos} is outside the placement's {placement.num_layers} layers")
+            raise InputError(f"layer_pos: {layer_pos} is outside the placement's {placement.num_layers} layers")
         if placement.num_ranks != info.size:
             raise PlacementError(
                 f"placement is for ep_size={placement.num_ranks} ranks but the process group has {info.size} ranks"
             )
         if max_num_tokens is not None and (isinstance(max_num_tokens, bool) or not isinstance(max_num_tokens, int)
                                            or max_num_tokens <= 0):
-            raise ValueError(f"max_num_tokens: expected a positive integer or None, got {max_num_tokens!r}")
+            raise InputError(f"max_num_tokens: expected a positive integer or None, got {max_num_tokens!r}")
         spr = placement.slots_per_rank
         if not isinstance(w13, torch.Tensor) or not isinstance(w2, torch.Tensor):
-            raise ValueError("w13/w2: expected torch tensors")
+            raise InputError("w13/w2: expected torch tensors")
         if w13.ndim != 3 or w2.ndim != 3:
-            raise ValueError(f"w13/w2: expected 3-D [slots, 2I, H] and [slots, H, I], got {tuple(w13.shape)} and "
+            raise InputError(f"w13/w2: expected 3-D [slots, 2I, H] and [slots, H, I], got {tuple(w13.shape)} and "
                              f"{tuple(w2.shape)}")
         if w13.shape[0] != spr or w2.shape[0] != spr:
-            raise ValueError(f"w13/w2: expected {spr} local slots (num_slots {placement.num_slots} / ep_size "
+            raise InputError(f"w13/w2: expected {spr} local slots (num_slots {placement.num_slots} / ep_size "
                              f"{placement.num_ranks}), got {w13.shape[0]} and {w2.shape[0]}")
         if w13.shape[1] != 2 * w2.shape[2] or w13.shape[2] != w2.shape[1]:
-            raise ValueError(f"w13/w2: shapes {tuple(w13.shape)} and {tuple(w2.shape)} are not [spr, 2I, H] and "
+            raise InputError(f"w13/w2: shapes {tuple(w13.shape)} and {tuple(w2.shape)} are not [spr, 2I, H] and "
                              f"[spr, H, I]")
         if w13.dtype != w2.dtype or w13.device != w2.device:
-            raise ValueError(f"w13/w2: dtype/device differ ({w13.dtype}@{w13.device} vs {w2.dtype}@{w2.device})")
+            raise InputError(f"w13/w2: dtype/device differ ({w13.dtype}@{w13.device} vs {w2.dtype}@{w2.device})")
         if not w13.is_floating_point():
-            raise ValueError(f"w13/w2: expected floating-point weights, got {w13.dtype}")
+            raise InputError(f"w13/w2: expected floating-point weights, got {w13.dtype}")
 
     def _digest(self, placement: Placement, layer_pos: int, strategy: str, w13: torch.Tensor,
                 w2: torch.Tensor, max_num_tokens: int | None) -> bytes:
@@ -231,11 +233,15 @@ class ExpertParallelMoE(nn.Module):
               device=self.w13.device)
 
     # ------------------------------------------------------------------ tables
+    def _build_table(self) -> Any:
+        """The dispatch table of the current placement, on the layer's device (built on the host)."""
+        return DispatchTable.from_placement(self._table_placement, 0, device=self.placement_row.device)
+
     def _dispatch_table(self) -> Any:
 
         dev = self.placement_row.device
         if self._table is None:
-            self._table = DispatchTable.from_placement(self._table_placement, 0, device=dev)
+            self._table = self._build_table()
         elif self._table.log2phy.device != dev:
             self._table = self._table.to(dev)
         return self._table
@@ -285,20 +291,20 @@ class ExpertParallelMoE(nn.Module):
         missing = set(self.expert_weight_names) - set(new_local_weights)
         extra = set(new_local_weights) - set(self.expert_weight_names)
         if missing or extra:
-            raise ValueError(f"commit: new_local_weights must have keys {list(self.expert_weight_names)}, "
+            raise InputError(f"commit: new_local_weights must have keys {list(self.expert_weight_names)}, "
                              f"missing {sorted(missing)}, unexpected {sorted(extra)}")
         for name in self.expert_weight_names:
             cur = getattr(self, name)
             new = new_local_weights[name]
             if tuple(new.shape) != tuple(cur.shape):
-                raise ValueError(f"commit: {name} must have shape {tuple(cur.shape)}, got {tuple(new.shape)}")
+                raise InputError(f"commit: {name} must have shape {tuple(cur.shape)}, got {tuple(new.shape)}")
         for name in self.expert_weight_names:
             cur, new = getattr(self, name), new_local_weights[name]
             if new.data_ptr() != cur.data_ptr():  # the live tensors themselves (updated in place): no copy
                 cur.data.copy_(new)
         self.placement_row.copy_(torch.from_numpy(np.array(row, dtype=np.int64)).to(self.placement_row.device))
         self._table_placement = newp
-        self._table = None
+        self._table = self._build_table()  # at the commit, off the forward
 
     def exclude_ranks(self, ranks: Sequence[int]) -> None:
         """Stop sending tokens to ``ranks`` for every expert that has a replica elsewhere (call between steps).
@@ -311,9 +317,9 @@ class ExpertParallelMoE(nn.Module):
         ex = sorted({int(r) for r in ranks})
         bad = [r for r in ex if not 0 <= r < self.num_ranks]
         if bad:
-            raise ValueError(f"exclude_ranks: ranks {bad} out of range [0, {self.num_ranks})")
+            raise InputError(f"exclude_ranks: ranks {bad} out of range [0, {self.num_ranks})")
         self._table_placement = self._table_placement.with_meta(excluded_ranks=ex)
-        self._table = None
+        self._table = self._build_table()  # between steps, off the forward
 
     # ----------------------------------------------------------------- forward
     def _check_inputs(self, hidden: Any, topk_ids: Any, topk_weights: Any) -> str | None:
@@ -441,7 +447,7 @@ class ExpertParallelMoE(nn.Module):
         if np.any(codes & _ERR_SHAPE):
             what.append("malformed inputs")
         mine = f"; this rank ({self.rank}): {local_err}" if local_err else ""
-        raise ValueError(f"ExpertParallelMoE(layer {self.layer_pos}): bad input on rank(s) {bad}: "
+        raise InputError(f"ExpertParallelMoE(layer {self.layer_pos}): bad input on rank(s) {bad}: "
                          f"{', '.join(what)}{mine}")
 
     # ------------------------------------------------------------ collectives
@@ -529,11 +535,11 @@ class ExpertParallelMoE(nn.Module):
         w13 = w2 = None
         try:
             if not isinstance(placement, Placement):
-                raise ValueError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
+                raise InputError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
             if not 0 <= int(layer_pos) < placement.num_layers:
-                raise ValueError(f"layer_pos: {layer_pos} is outside the placement's {placement.num_layers} layers")
+                raise InputError(f"layer_pos: {layer_pos} is outside the placement's {placement.num_layers} layers")
             if w13_full.ndim != 3 or w2_full.ndim != 3:
-                raise ValueError(f"w13_full/w2_full: expected [E, 2I, H] and [E, H, I], got {tuple(w13_full.shape)} "
+                raise InputError(f"w13_full/w2_full: expected [E, 2I, H] and [E, H, I], got {tuple(w13_full.shape)} "
                                  f"and {tuple(w2_full.shape)}")
             if w13_full.shape[0] != placement.num_experts or w2_full.shape[0] != placement.num_experts:
                 raise PlacementError(f"placement has {placement.num_experts} experts but the weights hold "
@@ -589,7 +595,7 @@ def _round_plan(send_tot: np.ndarray, recv_tot: np.ndarray, matrix: np.ndarray |
     if matrix is None:
         return [(None, send_tot, recv_tot)]
     if max_num_tokens is None:
-        raise ValueError("max_num_tokens: needed with a send matrix")
+        raise InputError("max_num_tokens: needed with a send matrix")
     M = int(max_num_tokens)
     me = int(rank)
     into = matrix.sum(0)  # [R] rows each destination receives

@@ -21,21 +21,18 @@ __all__ = ["load_placement"]
 
 
 def _online_only_trtllm(path: Path) -> dict[str, Any] | None:
-    """The load_balancer mapping of a TensorRT-LLM YAML without initial assignments, else None."""
+    """The load_balancer mapping of a TensorRT-LLM YAML without initial assignments, else None (read by
+    :func:`eplb.formats.trtllm.read_config`, the one TensorRT-LLM YAML reader)."""
     if path.suffix.lower() not in (".yaml", ".yml"):
         return None
-    import yaml
+    from eplb.formats._common import MapFormatError
+    from eplb.formats.trtllm import read_config
 
     try:
-        obj = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return None
-    if isinstance(obj, dict) and isinstance(obj.get("moe_config"), dict):
-        lb = obj["moe_config"].get("load_balancer")
-        obj = lb if isinstance(lb, dict) else obj
-    if isinstance(obj, dict) and "num_slots" in obj and obj.get("initial_global_assignments") is None:
-        return obj
-    return None
+        obj = read_config(path)
+    except MapFormatError:
+        return None  # not a TensorRT-LLM config (or a broken one): read_placement says what is wrong
+    return obj if obj.get("initial_global_assignments") is None else None
 
 
 def load_placement(

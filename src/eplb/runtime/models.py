@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from eplb.errors import InputError
 from eplb.placement import Placement, PlacementError
 from eplb.runtime.distributed import agree, fingerprint, group_info
 from eplb.runtime.layer import ExpertParallelMoE, local_slice
@@ -97,28 +98,13 @@ def find_experts(model: nn.Module) -> list[ExpertsInfo]:
             continue
         cls = type(mod).__name__
         if getattr(mod, "has_bias", False) or getattr(mod, "gate_up_proj_bias", None) is not None:
-            raise ValueError(f"model: {name} ({cls}) has expert biases; the EP layer serves bias-free experts only")
+            raise InputError(f"model: {name} ({cls}) has expert biases; the EP layer serves bias-free experts only")
         if getattr(mod, "has_gate", True) is False or getattr(mod, "is_concatenated", True) is False:
-            raise ValueError(f"model: {name} ({cls}) does not store experts as concatenated [gate; up]; unsupported")
+            raise InputError(f"model: {name} ({cls}) does not store experts as concatenated [gate; up]; unsupported")
         m = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", name)
         layer_id = int(m.group(1)) if m else len(found)
         found.append(ExpertsInfo(name, layer_id, mod))
     return found
-
-
-def _match_layers(placement: Placement, layer_ids: Sequence[int]) -> list[int]:
-    """Row of ``placement`` for each MoE layer id of the model."""
-    lids = tuple(int(i) for i in layer_ids)
-    pos = {lid: i for i, lid in enumerate(placement.layer_ids)}
-    default_ids = placement.layer_ids == tuple(range(placement.num_layers))
-    if lids == placement.layer_ids or (not default_ids and all(lid in pos for lid in lids)):
-        return [pos[lid] for lid in lids]  # rows keyed by model layer id
-    if default_ids and placement.num_layers == len(lids):
-        return list(range(len(lids)))  # positional placement (MoE-layer positions 0..L-1)
-    raise PlacementError(
-        f"placement covers layers {list(placement.layer_ids)[:12]} ({placement.num_layers} layers) but the model's "
-        f"MoE layers are {list(lids)[:12]} ({len(lids)} layers)"
-    )
 
 
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -160,14 +146,14 @@ def patch_model(
     try:
         done = [n for n, m in model.named_modules() if isinstance(m, ExpertParallelMoE)]
         if done:
-            raise ValueError(f"model: module {done[0]!r} is already an ExpertParallelMoE (patched twice?)")
+            raise InputError(f"model: module {done[0]!r} is already an ExpertParallelMoE (patched twice?)")
         experts = find_experts(model)
         if not experts:
-            raise ValueError(f"model: no transformers *Experts modules (3-D gate_up_proj/down_proj) found in "
+            raise InputError(f"model: no transformers *Experts modules (3-D gate_up_proj/down_proj) found in "
                              f"{type(model).__name__}")
         E = experts[0].num_experts
         if any(x.num_experts != E for x in experts):
-            raise ValueError("model: MoE layers have different expert counts")
+            raise InputError("model: MoE layers have different expert counts")
         lids = [x.layer_id for x in experts]
         if placement is None or isinstance(placement, (str, os.PathLike)):
             from eplb.runtime.loading import load_placement
@@ -176,13 +162,15 @@ def patch_model(
         elif isinstance(placement, Placement):
             pl = placement
         else:
-            raise ValueError(f"placement: expected a Placement, a path or None, got {type(placement).__name__}")
+            raise InputError(f"placement: expected a Placement, a path or None, got {type(placement).__name__}")
         if pl.num_experts != E:
             raise PlacementError(f"placement has {pl.num_experts} experts per layer but the model has {E}")
         if pl.num_ranks != info.size:
             raise PlacementError(f"placement is for ep_size={pl.num_ranks} but the process group has {info.size} "
                                  f"ranks (world size must equal ep_size)")
-        rows = _match_layers(pl, lids)
+        # rows keyed by model layer id; a placement with the default ids 0..L-1 is positional over the MoE layers
+        pl = pl.for_layers(lids, positional=True if pl.layer_ids == tuple(range(pl.num_layers)) else None, of="model")
+        rows = list(range(len(lids)))
         plan = list(zip(experts, rows, strict=True))
         shapes = tuple(tuple(x.module.gate_up_proj.shape) for x in experts)
         dig = fingerprint(pl.digest(), strategy, tuple(rows), shapes, str(experts[0].module.gate_up_proj.dtype))
@@ -220,20 +208,20 @@ def load_config(spec: str | os.PathLike[str] | Mapping[str, Any], overrides: Map
         if p.is_dir():
             p = p / "config.json"
         if not p.is_file():
-            raise ValueError(f"model: {spec!r} is neither a built-in config ({', '.join(TINY_CONFIGS)}) nor a "
+            raise InputError(f"model: {spec!r} is neither a built-in config ({', '.join(TINY_CONFIGS)}) nor a "
                              f"config.json / checkpoint directory")
         try:
             d = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"model: cannot read {p}: {exc}") from None
+            raise InputError(f"model: cannot read {p}: {exc}") from None
     if "model_type" not in d:
-        raise ValueError(f"model: config {spec!r} has no 'model_type'")
+        raise InputError(f"model: config {spec!r} has no 'model_type'")
     d.update(overrides or {})
     model_type = d.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **d)
     except (ValueError, KeyError) as exc:
-        raise ValueError(f"model: cannot build a config of type {model_type!r}: {exc}") from None
+        raise InputError(f"model: cannot build a config of type {model_type!r}: {exc}") from None
 
 
 def build_model(spec: str | os.PathLike[str] | Mapping[str, Any], *, checkpoint: str | os.PathLike[str] | None = None,
@@ -246,7 +234,7 @@ def build_model(spec: str | os.PathLike[str] | Mapping[str, Any], *, checkpoint:
     if checkpoint is not None:
         ck = Path(checkpoint)
         if not ck.is_dir():
-            raise ValueError(f"checkpoint: {ck} is not a directory")
+            raise InputError(f"checkpoint: {ck} is not a directory")
         cfg = load_config(ck if spec is None else spec, overrides)
         model = AutoModelForCausalLM.from_pretrained(ck, config=cfg, dtype=dtype, local_files_only=True)
     else:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from eplb.errors import InputError
 from eplb.placement import Placement
 from eplb.runtime.distributed import GroupInfo, agree, fingerprint, group_info, init_from_env
 
@@ -124,20 +125,20 @@ def serve_bench(
 
     for name, v in (("steps", steps), ("batch", batch), ("ep_size", ep_size)):
         if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            raise InputError(f"{name}: expected a positive integer, got {v!r}")
     if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup: expected a non-negative integer, got {warmup!r}")
+        raise InputError(f"warmup: expected a non-negative integer, got {warmup!r}")
     info: GroupInfo = group_info(None) if dist.is_available() and dist.is_initialized() else init_from_env(
         device=device)
     if info.size != ep_size:
-        raise ValueError(f"--ep-size {ep_size} does not match the world size {info.size} "
+        raise InputError(f"--ep-size {ep_size} does not match the world size {info.size} "
                          f"(launch with: torchrun --nproc-per-node {ep_size} --no-python eplb serve-bench ...)")
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if tdtype is None:
-        raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+        raise InputError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
     net: Any = build_model(model, checkpoint=checkpoint, overrides=overrides, dtype=tdtype, device=dev, seed=seed)
     from eplb.runtime.models import find_experts
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from eplb.errors import InputError
+
 __all__ = ["free_port", "run_distributed"]
 
 
@@ -67,7 +69,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     ``RuntimeError`` with the first failing rank's traceback, or ``TimeoutError`` after ``timeout_s``.
     """
     if world_size < 1:
-        raise ValueError(f"world_size: expected a positive integer, got {world_size}")
+        raise InputError(f"world_size: expected a positive integer, got {world_size}")
     coll = collective_timeout_s if collective_timeout_s is not None else max(5.0, timeout_s)
     with tempfile.TemporaryDirectory(prefix="eplb-dist-") as out_dir:
         ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), backend, out_dir, coll, args),

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, check_load, check_positive_int
+from eplb.errors import InputError
 
 __all__ = ["TraceRouter", "scale_counts", "topk_from_counts"]
 
@@ -32,7 +33,7 @@ def scale_counts(counts: ArrayLike, total: int, cap: int) -> np.ndarray:
     E = c.size
     total = int(total)
     if total > cap * E:
-        raise ValueError(f"scale_counts: cannot place {total} choices on {E} experts with at most {cap} each")
+        raise InputError(f"scale_counts: cannot place {total} choices on {E} experts with at most {cap} each")
     if total == 0:
         return np.zeros(E, dtype=np.int64)
     if c.sum() <= 0:
@@ -70,9 +71,9 @@ def topk_from_counts(counts: ArrayLike, num_tokens: int, top_k: int, rng: np.ran
     """
     c = np.asarray(counts, dtype=np.int64).reshape(-1)
     if int(c.sum()) != num_tokens * top_k:
-        raise ValueError(f"counts: sum {int(c.sum())} != num_tokens * top_k = {num_tokens * top_k}")
+        raise InputError(f"counts: sum {int(c.sum())} != num_tokens * top_k = {num_tokens * top_k}")
     if np.any(c > num_tokens):
-        raise ValueError(f"counts: an expert is chosen {int(c.max())} times but there are only {num_tokens} tokens")
+        raise InputError(f"counts: an expert is chosen {int(c.max())} times but there are only {num_tokens} tokens")
     ids = np.repeat(np.arange(c.size, dtype=np.int64), c)  # sorted, each run <= num_tokens long
     mat = ids.reshape(top_k, num_tokens).T.copy()  # token g gets ids[g], ids[g + G], ...: distinct
     if rng is not None:
@@ -107,12 +108,12 @@ class TraceRouter:
         self.source = str(getattr(trace, "source", "")) or "counts array"
         self.num_ranks = check_positive_int(num_ranks, "num_ranks")
         if not 0 <= rank < num_ranks:
-            raise ValueError(f"rank: expected an integer in [0, {num_ranks}), got {rank}")
+            raise InputError(f"rank: expected an integer in [0, {num_ranks}), got {rank}")
         self.rank = int(rank)
         self.seed = int(seed)
         self.layer_map = None if layer_map is None else [int(v) for v in layer_map]
         if self.layer_map is not None and any(not 0 <= v < self.num_layers for v in self.layer_map):
-            raise ValueError(f"layer_map: trace layers must lie in [0, {self.num_layers}), got {self.layer_map}")
+            raise InputError(f"layer_map: trace layers must lie in [0, {self.num_layers}), got {self.layer_map}")
         self.step = int(step_offset)
         self._device: Any = None
 
@@ -144,7 +145,7 @@ class TraceRouter:
         """``[num_tokens, top_k]`` int64 ids of this rank's tokens at ``step`` for MoE layer ``layer_pos``."""
         G = num_tokens * self.num_ranks
         if top_k > self.num_experts:
-            raise ValueError(f"top_k: {top_k} exceeds the trace's {self.num_experts} experts")
+            raise InputError(f"top_k: {top_k} exceeds the trace's {self.num_experts} experts")
         c = self.group_counts(step, layer_pos, num_tokens, top_k)
         rng = np.random.default_rng([self.seed, step, layer_pos])
         ids = topk_from_counts(c, G, top_k, rng)
@@ -160,7 +161,7 @@ class TraceRouter:
         """Make each layer (``ExpertParallelMoE``) route with this trace (layer ``i`` replays trace layer ``i``)."""
         for i, layer in enumerate(layers):
             if getattr(layer, "num_experts", self.num_experts) != self.num_experts:
-                raise ValueError(f"trace has {self.num_experts} experts but layer {i} has {layer.num_experts}")
+                raise InputError(f"trace has {self.num_experts} experts but layer {i} has {layer.num_experts}")
             dev = layer.w13.device if hasattr(layer, "w13") else None
 
             def route(n: int, k: int, _pos: int = i, _dev: Any = dev) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing as mp
 
+from eplb.errors import InputError
 from eplb.online.config import POLICY_BACKENDS
 from eplb.online.planning import PlanRequest, PlanResult, compute_plan
 
@@ -17,7 +18,7 @@ def _warm_up(strategy: str | None) -> None:
 
     import eplb.policies  # noqa: F401
 
-    if strategy in ("local-first", "balanced"):
+    if strategy not in (None, "uniform", "round-robin"):  # these two split without eplb.dispatch
         import eplb.dispatch  # noqa: F401
 
 
@@ -31,7 +32,7 @@ class PolicyWorker:
 
     def __init__(self, backend: str = "thread") -> None:
         if backend not in POLICY_BACKENDS:
-            raise ValueError(f"policy_backend: expected one of {list(POLICY_BACKENDS)}, got {backend!r}")
+            raise InputError(f"policy_backend: expected one of {list(POLICY_BACKENDS)}, got {backend!r}")
         self.backend = backend
         self._pool: cf.Executor | None = None
         self._future: cf.Future[PlanResult] | None = None

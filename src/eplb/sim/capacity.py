@@ -19,19 +19,22 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, check_positive_int
+from eplb._io import atomic_write
+from eplb.errors import InputError
 from eplb.metrics import imbalance_ratio
 from eplb.placement import Placement
-from eplb.sim.engine import STRATEGIES, SimInput, as_sim_input, expert_rank_share, rank_loads, step_chunk
-from eplb.stats.trace import Trace, atomic_write
+from eplb.sim.engine import SimInput, as_sim_input, expert_rank_share, rank_loads, step_chunk
+from eplb.stats.trace import Trace
+from eplb.strategies import check_strategy
 
 __all__ = ["CapacityResult", "capacity", "held_out_imbalance", "known_policies", "plan_placement", "split_steps"]
 
 
-def known_policies() -> dict[str, Any]:
-    """:data:`eplb.policies.POLICIES` after importing the modules that register policies on import."""
-    from eplb.policies import load_policy_plugins
+def known_policies() -> Mapping[str, Any]:
+    """:data:`eplb.policies.POLICIES` (the lazy registry: every policy, none imported until used)."""
+    from eplb.policies import POLICIES
 
-    return load_policy_plugins()
+    return POLICIES
 
 
 def plan_placement(policy: str, train: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int = 1,
@@ -61,7 +64,7 @@ def split_steps(num_steps: int, held_out: float) -> tuple[slice, slice, bool]:
     ``held_out == 0`` or a one-step trace: train and test are all steps (``in_sample`` True).
     """
     if not 0.0 <= held_out < 1.0:
-        raise ValueError(f"held-out: expected a fraction in [0, 1), got {held_out}")
+        raise InputError(f"held-out: expected a fraction in [0, 1), got {held_out}")
     n_test = int(round(num_steps * held_out))
     if held_out == 0.0 or num_steps < 2:
         return slice(0, num_steps), slice(0, num_steps), True
@@ -221,23 +224,22 @@ def capacity(
     R = check_positive_int(ep_size, "ep-size")
     N = check_positive_int(num_nodes, "num-nodes")
     if R % N:
-        raise ValueError(f"num-nodes: {R} ranks are not divisible by {N} nodes")
+        raise InputError(f"num-nodes: {R} ranks are not divisible by {N} nodes")
     if not (isinstance(target_imbalance, (int, float)) and math.isfinite(target_imbalance) and target_imbalance >= 0):
-        raise ValueError(f"target-imbalance: expected a number >= 0, got {target_imbalance!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: unknown replica-choice strategy {strategy!r}; expected one of {list(STRATEGIES)}")
+        raise InputError(f"target-imbalance: expected a number >= 0, got {target_imbalance!r}")
+    check_strategy(strategy)
     if not policies:
-        raise ValueError("policies: give at least one policy")
+        raise InputError("policies: give at least one policy")
     POLICIES = known_policies()
     for p in policies:
         if p != "none" and p not in POLICIES:
-            raise ValueError(f"policies: unknown policy {p!r}; expected 'none' or one of {sorted(POLICIES)}")
+            raise InputError(f"policies: unknown policy {p!r}; expected 'none' or one of {sorted(POLICIES)}")
     E = data.num_experts
     lo = -(-E // R)
     hi = max_slots_per_rank if max_slots_per_rank is not None else max(2 * lo, lo + 4)
     hi = check_positive_int(hi, "max-slots-per-rank")
     if hi < lo:
-        raise ValueError(f"max-slots-per-rank: {hi} is below the minimum ceil({E}/{R}) = {lo}")
+        raise InputError(f"max-slots-per-rank: {hi} is below the minimum ceil({E}/{R}) = {lo}")
     train_sl, test_sl, in_sample = split_steps(data.num_steps, held_out)
     train = np.asarray(data.counts[train_sl], dtype=np.float64)
     test = data.counts[test_sl]

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from eplb.errors import CostModelError, InputError
+
 __all__ = [
     "CostModel",
     "CostModelError",
@@ -47,8 +49,6 @@ __all__ = [
 _FORMAT = "eplb.cost_model"
 
 
-class CostModelError(ValueError):
-    """A cost-model file or dict is malformed; the message names the source and field."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ class CostModel:
         """
         spr = int(slots_per_rank)
         if spr <= 0:
-            raise ValueError(f"slots_per_rank: expected a positive integer, got {slots_per_rank}")
+            raise InputError(f"slots_per_rank: expected a positive integer, got {slots_per_rank}")
         if self.compute_kind == "roofline":
             floor = self.roofline_ms_per_slot * spr
             knee = floor / self.roofline_ms_per_token
@@ -257,7 +257,7 @@ class CostModel:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the JSON form atomically."""
-        from eplb.stats.trace import atomic_write
+        from eplb._io import atomic_write
 
         atomic_write(path, self.to_json().encode())
 

@@ -23,10 +23,12 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, to_numpy
+from eplb.errors import InputError
 from eplb.metrics import imbalance_ratio, served_slots
 from eplb.placement import Placement
 from eplb.sim.cost import CostModel
 from eplb.stats.trace import Trace
+from eplb.strategies import SPLIT_STRATEGIES, check_strategy
 
 __all__ = [
     "STRATEGIES",
@@ -40,7 +42,7 @@ __all__ = [
 
 #: Replica-choice strategies the simulator knows. ``uniform`` is computed here (exactly
 #: :func:`eplb.metrics.slot_loads`); the others are delegated to :func:`eplb.dispatch.split_counts`.
-STRATEGIES = ("uniform", "balanced", "round-robin", "local-first")
+STRATEGIES = SPLIT_STRATEGIES
 
 _CHUNK_BYTES = 48 * 2**20  # bound on one chunk's largest float64 array
 
@@ -100,19 +102,19 @@ def as_sim_input(trace: Trace | ArrayLike | SimInput, name: str | None = None) -
                         name or trace.model or "trace", int(trace.top_k), synthetic)
     arr = to_numpy(trace)
     if arr.dtype.kind not in "biuf":
-        raise ValueError(f"trace: expected numeric token counts, got dtype {arr.dtype}")
+        raise InputError(f"trace: expected numeric token counts, got dtype {arr.dtype}")
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
-        raise ValueError(f"trace: expected a [steps, layers, experts] array, got shape {tuple(arr.shape)}")
+        raise InputError(f"trace: expected a [steps, layers, experts] array, got shape {tuple(arr.shape)}")
     if 0 in arr.shape:
-        raise ValueError(f"trace: empty array of shape {tuple(arr.shape)}; need at least one step, layer and expert")
+        raise InputError(f"trace: empty array of shape {tuple(arr.shape)}; need at least one step, layer and expert")
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         bad = np.argwhere(~np.isfinite(arr))[0].tolist()
-        raise ValueError(f"trace: contains NaN or infinity (first at index {bad})")
+        raise InputError(f"trace: contains NaN or infinity (first at index {bad})")
     if arr.min() < 0:
         bad = np.argwhere(arr < 0)[0].tolist()
-        raise ValueError(f"trace: contains negative counts (first at index {bad}, value {arr[tuple(bad)]})")
+        raise InputError(f"trace: contains negative counts (first at index {bad}, value {arr[tuple(bad)]})")
     T, L, _ = arr.shape
     return SimInput(arr, np.arange(T, dtype=np.int64), tuple(range(L)), name or "array", 0, False)
 
@@ -220,8 +222,7 @@ def rank_loads(counts: np.ndarray, placement: Placement, strategy: str = "unifor
         sh = expert_rank_share(placement) if share is None else share
         x = np.ascontiguousarray(np.swapaxes(counts, 0, 1), dtype=np.float64)  # [L, c, E]
         return np.swapaxes(np.matmul(x, sh), 0, 1)  # [c, L, R]
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: unknown replica-choice strategy {strategy!r}; expected one of {list(STRATEGIES)}")
+    check_strategy(strategy)
     from eplb.dispatch import split_counts
 
     s = np.asarray(to_numpy(split_counts(counts, placement, strategy=strategy)), dtype=np.float64)
@@ -288,8 +289,7 @@ def replay_static(trace: Trace | ArrayLike | SimInput, placement: Placement, *, 
 
     data = as_sim_input(trace)
     check_fits(placement, data)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: unknown replica-choice strategy {strategy!r}; expected one of {list(STRATEGIES)}")
+    check_strategy(strategy)
     cm = cost or default_cost_model()
     T, L = data.num_steps, data.num_layers
     chunk = int(chunk_steps) if chunk_steps else step_chunk(L, max(data.num_experts, placement.num_slots))

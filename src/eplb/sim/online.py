@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike
+from eplb.errors import InputError
 from eplb.placement import Placement
 from eplb.sim.cost import CostModel
 from eplb.sim.engine import (
-    STRATEGIES,
     SimInput,
     SimResult,
     as_sim_input,
@@ -44,6 +44,7 @@ from eplb.sim.engine import (
     step_chunk,
 )
 from eplb.stats.trace import Trace
+from eplb.strategies import check_strategy
 
 __all__ = ["ONLINE_KEYS", "online_items", "parse_online_spec", "replay_online"]
 
@@ -92,10 +93,10 @@ def online_items(spec: str | Mapping[str, Any] | None) -> dict[str, Any]:
             if not part.strip():
                 continue
             if "=" not in part:
-                raise ValueError(f"online: expected key=value pairs separated by commas, got {part.strip()!r}")
+                raise InputError(f"online: expected key=value pairs separated by commas, got {part.strip()!r}")
             k, v = part.split("=", 1)
             if not k.strip():
-                raise ValueError(f"online: empty key in {part.strip()!r}")
+                raise InputError(f"online: empty key in {part.strip()!r}")
             raw[k.strip()] = _value(v)
     return {ONLINE_KEYS.get(str(k).strip().lower().replace("-", "_"), str(k)): v for k, v in raw.items()}
 
@@ -162,13 +163,8 @@ def replay_online(
     from eplb.sim.cost import default_cost_model
 
     if not isinstance(config, BalancerConfig):
-        raise ValueError(f"config: expected a BalancerConfig, got {type(config).__name__}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: unknown replica-choice strategy {strategy!r}; expected one of {list(STRATEGIES)}")
-    from eplb.sim.capacity import known_policies
-
-    if config.policy not in known_policies():
-        raise ValueError(f"BalancerConfig.policy: unknown policy {config.policy!r}; expected one of {sorted(known_policies())}")
+        raise InputError(f"config: expected a BalancerConfig, got {type(config).__name__}")
+    check_strategy(strategy)
     data = as_sim_input(trace)
     check_fits(initial, data, "initial placement")
     cm = cost or default_cost_model()
@@ -185,7 +181,7 @@ def replay_online(
     if planned_loads is not None:
         pl0 = np.asarray(planned_loads, dtype=np.float64)
         if pl0.shape != (L, E):
-            raise ValueError(f"planned_loads: expected shape {(L, E)}, got {pl0.shape}")
+            raise InputError(f"planned_loads: expected shape {(L, E)}, got {pl0.shape}")
         pipe.trigger._ensure(E)  # the record needs the window's shape; no load is observed
         pipe.trigger.mark_planned(range(L), pl0)
     chunk = step_chunk(L, max(E, initial.num_slots))

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from eplb._io import atomic_write
 from eplb.sim.engine import SimResult
-from eplb.stats.trace import atomic_write
 
 if TYPE_CHECKING:
     from rich.table import Table

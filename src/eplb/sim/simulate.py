@@ -14,13 +14,15 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, check_layout, check_positive_int
+from eplb.errors import InputError
 from eplb.placement import Placement
 from eplb.sim.capacity import known_policies, plan_placement
 from eplb.sim.cost import CostModel, default_cost_model
-from eplb.sim.engine import STRATEGIES, SimInput, SimResult, as_sim_input, check_fits, replay_static
+from eplb.sim.engine import SimInput, SimResult, as_sim_input, check_fits, replay_static
 from eplb.sim.online import parse_online_spec, replay_online
 from eplb.sim.report import SimReport
 from eplb.stats.trace import Trace, parse_range
+from eplb.strategies import check_strategy
 
 __all__ = ["select_steps", "simulate"]
 
@@ -32,7 +34,7 @@ def select_steps(data: SimInput, spec: str | Sequence[int] | None, name: str) ->
         return data
     keep = np.flatnonzero((data.step_ids >= rng[0]) & (data.step_ids < rng[1]))
     if keep.size == 0:
-        raise ValueError(f"{name}: no steps in {rng[0]}-{rng[1]} (trace has steps "
+        raise InputError(f"{name}: no steps in {rng[0]}-{rng[1]} (trace has steps "
                          f"{int(data.step_ids.min())}..{int(data.step_ids.max())})")
     return data.slice_steps(int(keep[0]), int(keep[-1]) + 1)
 
@@ -86,15 +88,14 @@ def simulate(
     E, L = data.num_experts, data.num_layers
     S = int(num_slots) if num_slots is not None else -(-E // R) * R
     check_positive_int(S, "num-slots")
-    check_layout(E, S, R, N)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: unknown replica-choice strategy {strategy!r}; expected one of {list(STRATEGIES)}")
+    check_layout(E, S, R, N, names=("num-slots", "ep-size", "num-nodes"))
+    check_strategy(strategy)
     POLICIES = known_policies()
     for p in policies:
         if p != "none" and p not in POLICIES:
-            raise ValueError(f"policy: unknown policy {p!r}; expected 'none' or one of {sorted(POLICIES)}")
+            raise InputError(f"policy: unknown policy {p!r}; expected 'none' or one of {sorted(POLICIES)}")
     if not policies and not placements:
-        raise ValueError("policy: give at least one policy or placement")
+        raise InputError("policy: give at least one policy or placement")
     cm = cost or default_cost_model()
     plan_data = select_steps(data, plan_range, "plan-range")
     sim_data = select_steps(data, sim_range, "sim-range")
@@ -109,7 +110,7 @@ def simulate(
         else:
             config = parse_online_spec(online, num_slots=S)
         if config.num_slots is not None and config.num_slots != S:
-            raise ValueError(f"online: num_slots={config.num_slots} disagrees with --num-slots {S}")
+            raise InputError(f"online: num_slots={config.num_slots} disagrees with --num-slots {S}")
 
     def prog(label: str) -> Callable[[int], None] | None:
         if progress is None:
@@ -120,7 +121,7 @@ def simulate(
     if config is not None:
         start = config.initial_placement(E, R, num_layers=L, layer_ids=data.layer_ids, num_nodes=N)
         if start is not None and start.num_slots != S:
-            raise ValueError(f"online: the configured initial placement has {start.num_slots} slots, --num-slots is {S}")
+            raise InputError(f"online: the configured initial placement has {start.num_slots} slots, --num-slots is {S}")
 
     results: list[SimResult] = []
     run_meta = {"plan_steps": [int(plan_data.step_ids[0]), int(plan_data.step_ids[-1])]}
@@ -144,7 +145,7 @@ def simulate(
     for label, pl in (placements or {}).items():
         check_fits(pl, data, f"placement {label!r}")
         if pl.num_ranks != R or pl.num_nodes != N:
-            raise ValueError(f"placement {label!r}: laid out for {pl.num_ranks} ranks / {pl.num_nodes} nodes, "
+            raise InputError(f"placement {label!r}: laid out for {pl.num_ranks} ranks / {pl.num_nodes} nodes, "
                              f"but --ep-size {R} / --num-nodes {N}")
         results.append(replay_static(sim_data, pl, cost=cm, strategy=strategy, label=label, progress=prog(label)))
     meta = {

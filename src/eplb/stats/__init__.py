@@ -7,7 +7,7 @@
 * ``report``: :func:`load_table` / :func:`render` (TensorRT-LLM's statistics); ``plots``: figures.
 """
 
-from eplb.stats.importers import read_trace, write_trace
+from eplb.stats.io import read_trace, write_trace
 from eplb.stats.report import LoadTable, load_table, render
 from eplb.stats.store import TraceWriter, merge
 from eplb.stats.trace import Trace, TraceError, parse_range

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from eplb.errors import InputError
 from eplb.stats.recorder import ExpertRecorder, attach, detach
 from eplb.stats.trace import Trace
 
@@ -65,11 +66,11 @@ def _config_from_dict(d: dict[str, Any], source: str) -> Any:
     d = dict(d)
     mt = d.pop("model_type", None)
     if not mt:
-        raise ValueError(f"{source}: config has no 'model_type'")
+        raise InputError(f"{source}: config has no 'model_type'")
     try:
         return AutoConfig.for_model(mt, **d)
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"{source}: unknown model_type {mt!r} ({exc})") from None
+        raise InputError(f"{source}: unknown model_type {mt!r} ({exc})") from None
 
 
 def build_model(spec: str, *, shrink: bool | None = None, seed: int = 0, random_weights: bool = False,
@@ -91,12 +92,12 @@ def build_model(spec: str, *, shrink: bool | None = None, seed: int = 0, random_
         try:
             d = json.loads(p.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{p}: not a JSON config ({exc})") from None
+            raise InputError(f"{p}: not a JSON config ({exc})") from None
         cfg = _config_from_dict({**d, **(overrides or {})}, str(p))
         desc = f"config {p} (random weights: SYNTHETIC)"
     elif p.is_dir():
         if not (p / "config.json").is_file():
-            raise ValueError(f"{p}: no config.json in the model directory")
+            raise InputError(f"{p}: no config.json in the model directory")
         d = json.loads((p / "config.json").read_text())
         cfg = _config_from_dict({**d, **(overrides or {})}, str(p / "config.json"))
         has_weights = any(p.glob("*.safetensors")) or any(p.glob("*.bin"))
@@ -109,7 +110,7 @@ def build_model(spec: str, *, shrink: bool | None = None, seed: int = 0, random_
         except Exception:
             tok = None
     else:
-        raise ValueError(f"model: {spec!r} is neither a preset ({', '.join(PRESETS)}), a config file nor a model directory")
+        raise InputError(f"model: {spec!r} is neither a preset ({', '.join(PRESETS)}), a config file nor a model directory")
     if shrink is None:
         shrink = not load_weights
     if shrink and not load_weights:
@@ -129,7 +130,7 @@ def read_prompts(path: str | os.PathLike[str], limit: int | None = None) -> list
     """Prompts of a text (one per line) or JSON/JSONL file; items are strings or token id lists."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"dataset: {p}: no such file")
+        raise InputError(f"dataset: {p}: no such file")
     text = p.read_text(encoding="utf-8", errors="replace")
     items: list[Any]
     if p.suffix.lower() in (".jsonl", ".json"):
@@ -143,7 +144,7 @@ def read_prompts(path: str | os.PathLike[str], limit: int | None = None) -> list
                     try:
                         items.append(json.loads(line))
                     except json.JSONDecodeError as exc:
-                        raise ValueError(f"dataset: {p}: line {i}: not JSON ({exc})") from None
+                        raise InputError(f"dataset: {p}: line {i}: not JSON ({exc})") from None
     else:
         items = [ln for ln in text.splitlines() if ln.strip()]
     out: list[str | list[int]] = []
@@ -156,14 +157,14 @@ def read_prompts(path: str | os.PathLike[str], limit: int | None = None) -> list
             else:
                 key = next((k for k in ("prompt", "text", "input", "question", "content") if k in it), None)
                 if key is None:
-                    raise ValueError(f"dataset: {p}: item {i}: no 'prompt'/'text'/'input'/'input_ids' field")
+                    raise InputError(f"dataset: {p}: item {i}: no 'prompt'/'text'/'input'/'input_ids' field")
                 out.append(str(it[key]))
         else:
-            raise ValueError(f"dataset: {p}: item {i}: expected a string or an object, got {type(it).__name__}")
+            raise InputError(f"dataset: {p}: item {i}: expected a string or an object, got {type(it).__name__}")
         if limit is not None and len(out) >= limit:
             break
     if not out:
-        raise ValueError(f"dataset: {p}: no prompts")
+        raise InputError(f"dataset: {p}: no prompts")
     return out
 
 
@@ -201,7 +202,7 @@ def record_model(
     Steps: one prefill step per batch of ``batch_size`` prompts, then ``decode_steps`` decode steps.
     """
     if batch_size <= 0 or max_tokens <= 0 or decode_steps < 0:
-        raise ValueError("batch_size/max_tokens must be positive and decode_steps non-negative")
+        raise InputError("batch_size/max_tokens must be positive and decode_steps non-negative")
     vocab = int(model.config.vocab_size)
     rec = attach(model, recorder, auto_step=False, **recorder_kwargs)
     dev = next(model.parameters()).device

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike
+from eplb._io import atomic_write
 from eplb.placement import Placement
 from eplb.stats.report import LoadTable, load_table, unit_loads
-from eplb.stats.trace import Trace, as_counts, atomic_write
+from eplb.stats.trace import Trace, as_counts
 
 __all__ = ["html_report", "plot_report"]
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from eplb.errors import InputError
 from eplb.stats.trace import Trace, TraceError, parse_range
 
 __all__ = [
@@ -93,17 +94,17 @@ class ExpertRecorder:
         overwrite: bool = False,
     ) -> None:
         if num_layers <= 0 or num_experts <= 0:
-            raise ValueError(f"num_layers/num_experts: expected positive sizes, got {num_layers} x {num_experts}")
+            raise InputError(f"num_layers/num_experts: expected positive sizes, got {num_layers} x {num_experts}")
         if flush_every <= 0:
-            raise ValueError(f"flush_every: expected a positive integer, got {flush_every}")
+            raise InputError(f"flush_every: expected a positive integer, got {flush_every}")
         if output_format not in ("eplb", "trtllm"):
-            raise ValueError(f"output_format: expected 'eplb' or 'trtllm', got {output_format!r}")
+            raise InputError(f"output_format: expected 'eplb' or 'trtllm', got {output_format!r}")
         if output_format == "trtllm" and path is None:
-            raise ValueError("output_format: 'trtllm' needs a path")
+            raise InputError("output_format: 'trtllm' needs a path")
         self.num_layers, self.num_experts = int(num_layers), int(num_experts)
         self.layer_ids = tuple(int(i) for i in layer_ids) if layer_ids is not None else tuple(range(num_layers))
         if len(self.layer_ids) != num_layers or len(set(self.layer_ids)) != num_layers:
-            raise ValueError(f"layer_ids: expected {num_layers} distinct ids, got {list(self.layer_ids)}")
+            raise InputError(f"layer_ids: expected {num_layers} distinct ids, got {list(self.layer_ids)}")
         self._pos = {lid: i for i, lid in enumerate(self.layer_ids)}
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.top_k = int(top_k)
@@ -176,7 +177,7 @@ class ExpertRecorder:
         try:
             return self._pos[layer]
         except KeyError:
-            raise ValueError(f"layer: {layer} is not a recorded MoE layer id (known: {list(self.layer_ids)[:8]}...)") from None
+            raise InputError(f"layer: {layer} is not a recorded MoE layer id (known: {list(self.layer_ids)[:8]}...)") from None
 
     # -------------------------------------------------------------- recording
     def record(self, layer: int, topk_ids: torch.Tensor) -> None:
@@ -228,7 +229,7 @@ class ExpertRecorder:
             self._layer_pos(layer)  # raises
             return
         if counts.numel() != self.num_experts:
-            raise ValueError(f"counts: expected shape [{self.num_experts}], got {tuple(counts.shape)}")
+            raise InputError(f"counts: expected shape [{self.num_experts}], got {tuple(counts.shape)}")
         c = counts.reshape(-1)
         if c.device != self.device:
             c = c.to(self.device, non_blocking=True)
@@ -365,8 +366,8 @@ class ExpertRecorder:
 
         from safetensors.numpy import save
 
+        from eplb._io import atomic_write
         from eplb.stats.store import read_dir
-        from eplb.stats.trace import atomic_write
 
         assert self.path is not None
         tr = read_dir(self.path / f"rank{self.rank}")
@@ -485,12 +486,12 @@ def find_routers(model: nn.Module, *, generic: bool = True) -> list[RouterInfo]:
         if E is None and isinstance(getattr(mod, "weight", None), torch.Tensor):
             E = mod.weight.shape[0]
         if E is None:
-            raise ValueError(f"{name} ({cls}): cannot tell its number of experts")
+            raise InputError(f"{name} ({cls}): cannot tell its number of experts")
         k = getattr(mod, "top_k", None) or getattr(mod, "num_experts_per_tok", None) or 0
         found.append(RouterInfo(lid, name, mod, int(E), int(k), ext))
     ids = [r.layer_id for r in found]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"routers: duplicate layer ids {ids}")
+        raise InputError(f"routers: duplicate layer ids {ids}")
     return found
 
 
@@ -508,11 +509,11 @@ def attach(
     """
     routers = find_routers(model)
     if not routers:
-        raise ValueError(f"{type(model).__name__}: no router modules found (known classes: {sorted(ROUTERS)}; "
+        raise InputError(f"{type(model).__name__}: no router modules found (known classes: {sorted(ROUTERS)}; "
                          "use eplb.stats.recorder.register_router)")
     E = {r.num_experts for r in routers}
     if len(E) != 1:
-        raise ValueError(f"routers: different expert counts per layer {sorted(E)}")
+        raise InputError(f"routers: different expert counts per layer {sorted(E)}")
     if recorder is None:
         dev = kwargs.pop("device", None)
         if dev is None:

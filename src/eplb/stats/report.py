@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from eplb._checks import ArrayLike, check_positive_int
+from eplb.errors import InputError
 from eplb.metrics import imbalance_ratio, slot_loads
 from eplb.placement import Placement
 from eplb.stats.trace import Trace, TraceError, as_counts
@@ -87,34 +88,16 @@ class LoadTable:
             lines.append(f"{label:>8} {m:12.4f} {s:12.6f} {r:16.6f}")
         return "\n".join(lines)
 
-    def to_markdown(self) -> str:
-        """A Markdown table."""
-        lines = ["| layer | mean | std | imbalance ratio |", "| --- | --- | --- | --- |"]
-        for label, m, s, r in self.rows():
-            lines.append(f"| {label} | {m:.4f} | {s:.4f} | {r:.4f} |")
-        return "\n".join(lines)
-
-
 def align_placement(placement: Placement, layer_ids: Sequence[int], num_experts: int) -> Placement:
     """The rows of ``placement`` for the trace layers ``layer_ids`` (matched by model layer id).
 
     When the ids do not all match but the layer counts agree and either side uses the default
     ids ``0..L-1``, rows are matched by position. Raises ``ValueError`` naming missing layers.
     """
-    lids = [int(i) for i in layer_ids]
     if placement.num_experts != num_experts:
-        raise ValueError(f"placement: {placement.num_experts} experts, but the trace has {num_experts}")
-    pos = {lid: p for p, lid in enumerate(placement.layer_ids)}
-    missing = [lid for lid in lids if lid not in pos]
-    if not missing:
-        return placement.select_layers([pos[lid] for lid in lids])
-    default = tuple(range(len(lids)))
-    if placement.num_layers == len(lids) and (tuple(lids) == default or placement.layer_ids == default):
-        return placement
-    raise ValueError(
-        f"placement: no row for trace layer(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-        f"(placement layers: {list(placement.layer_ids)[:8]}{' ...' if placement.num_layers > 8 else ''})"
-    )
+        raise InputError(f"placement: {placement.num_experts} experts, but the trace has {num_experts}")
+    lids = tuple(int(i) for i in layer_ids)
+    return placement.for_layers(lids, of="trace", wanted_positional=lids == tuple(range(len(lids))))
 
 
 def unit_loads(
@@ -140,7 +123,7 @@ def unit_loads(
     S = slots.shape[-1]
     if S % ep:
         what = "slots of the placement" if placement is not None else "experts (no placement: one slot per expert)"
-        raise ValueError(f"ep_size: {S} {what} are not divisible by ep_size={ep}")
+        raise InputError(f"ep_size: {S} {what} are not divisible by ep_size={ep}")
     if per_expert:
         return slots
     return slots.reshape(T, L, ep, S // ep).sum(-1)
@@ -178,7 +161,7 @@ def load_table(
         raise TraceError(f"layer_ids: {len(lids)} ids for {L} layers")
     u = unit_loads(c, ep_size, placement, lids, per_expert)  # [T, L, U]
     if u.shape[-1] < 2:
-        raise ValueError(f"ep_size: need at least 2 {'slots' if per_expert else 'ranks'} for an unbiased std, got 1")
+        raise InputError(f"ep_size: need at least 2 {'slots' if per_expert else 'ranks'} for an unbiased std, got 1")
     mean = u.mean(-1)
     std = u.std(-1, ddof=1)
     imb = imbalance_ratio(u, axis=-1)
@@ -198,11 +181,11 @@ def merge_tables(tables: Sequence[LoadTable]) -> LoadTable:
     Exact: every statistic is a per-step average, so chunking a trace does not change the result.
     """
     if not tables:
-        raise ValueError("tables: nothing to merge")
+        raise InputError("tables: nothing to merge")
     first = tables[0]
     for t in tables[1:]:
         if t.layer_ids != first.layer_ids or t.ep_size != first.ep_size or t.per_expert != first.per_expert:
-            raise ValueError("tables: chunks disagree on layers, ep_size or per_expert")
+            raise InputError("tables: chunks disagree on layers, ep_size or per_expert")
     w = np.asarray([t.num_steps for t in tables], dtype=np.float64)
     tot = float(w.sum())
 

@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike
-from eplb.stats.trace import Trace, TraceError, atomic_write, parse_range
+from eplb._io import atomic_write
+from eplb.errors import InputError
+from eplb.stats.trace import Trace, TraceError, parse_range
 
 __all__ = ["DirInfo", "TraceWriter", "iter_chunks", "merge", "read_dir", "scan_dir"]
 
@@ -71,9 +73,9 @@ class TraceWriter:
         background: bool = False,
     ) -> None:
         if chunk_steps <= 0:
-            raise ValueError(f"chunk_steps: expected a positive integer, got {chunk_steps}")
+            raise InputError(f"chunk_steps: expected a positive integer, got {chunk_steps}")
         if not 0 <= rank < max(world_size, 1):
-            raise ValueError(f"rank: {rank} is outside [0, world_size={world_size})")
+            raise InputError(f"rank: {rank} is outside [0, world_size={world_size})")
         self.root = Path(path)
         if self.root.exists() and not self.root.is_dir():
             raise TraceError(f"{self.root}: exists and is not a directory")
@@ -392,14 +394,9 @@ def read_dir(
 ) -> Trace:
     """Read a recording directory into one :class:`Trace` (ranks summed). See :func:`iter_chunks`.
 
-    A TensorRT-LLM dump directory (``meta_info.json``) is read by its importer.
+    Other directories (a TensorRT-LLM dump) are read by :func:`eplb.stats.io.read_trace`.
     """
     p = Path(path)
-    if (p / "meta_info.json").exists() and not (p / "meta.json").exists():
-        from eplb.stats.importers import read_trtllm
-
-        tr = read_trtllm(p)
-        return tr.slice(iter_range, layers) if iter_range is not None or layers is not None else tr
     info = scan_dir(p)
     rng = parse_range(iter_range) if iter_range is not None else None
     per_rank = []

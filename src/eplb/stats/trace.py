@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, check_load
+from eplb._io import atomic_write  # noqa: F401 (moved to eplb._io; re-exported)
+from eplb.errors import InputError, TraceError
 
 __all__ = ["Trace", "TraceError", "atomic_write", "parse_range"]
 
 
-class TraceError(ValueError):
-    """A trace file or array is malformed; the message names the file and field."""
 
 
 def parse_range(spec: str | Sequence[int] | None, name: str = "iter-range") -> tuple[int, int] | None:
@@ -43,29 +42,11 @@ def parse_range(spec: str | Sequence[int] | None, name: str = "iter-range") -> t
     else:
         parts = spec.split("-")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"{name}: expected 'start-stop' with non-negative integers, got {spec!r}")
+            raise InputError(f"{name}: expected 'start-stop' with non-negative integers, got {spec!r}")
         a, b = int(parts[0]), int(parts[1])
     if b <= a:
-        raise ValueError(f"{name}: stop ({b}) must be greater than start ({a})")
+        raise InputError(f"{name}: stop ({b}) must be greater than start ({a})")
     return a, b
-
-
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass(eq=False)
@@ -190,14 +171,6 @@ class Trace:
             ids = ids[:, pos] if ids is not None else None
         return Trace(counts, lids, steps, self.top_k, self.model, self.source, self.ep_size, dict(self.meta), co, ids, off)
 
-    def select_layer_ids(self, layer_ids: Sequence[int]) -> Trace:
-        """The trace restricted to the given *model* layer ids (ValueError naming unknown ids)."""
-        pos = {lid: p for p, lid in enumerate(self.layer_ids)}
-        missing = [int(i) for i in layer_ids if int(i) not in pos]
-        if missing:
-            raise TraceError(f"layers: layer ids {missing} not in the trace (it has {list(self.layer_ids)})")
-        return self.slice(layers=[pos[int(i)] for i in layer_ids])
-
     @classmethod
     def concat(cls, parts: Sequence[Trace]) -> Trace:
         """Steps of ``parts`` one after the other (same layers/experts; step ids must keep increasing)."""
@@ -253,18 +226,17 @@ class Trace:
     @classmethod
     def load(cls, path: str | os.PathLike[str], iter_range: str | Sequence[int] | None = None,
              layers: Sequence[int] | None = None) -> Trace:
-        """Read a trace written by :meth:`save`, or a recording directory (ranks summed).
+        """Read a trace file written by :meth:`save` (:func:`eplb.read_trace` reads any format and directories).
 
         ``iter_range`` keeps steps with ids in ``[start, stop)``; ``layers`` keeps those MoE layer
-        positions. A recording directory only reads the chunks that overlap ``iter_range``.
+        positions.
         """
         from safetensors import safe_open
 
         p = Path(path)
         if p.is_dir():
-            from eplb.stats.store import read_dir
-
-            return read_dir(p, iter_range=iter_range, layers=layers)
+            raise TraceError(f"{p}: is a directory; Trace.load reads one trace file (eplb.read_trace reads "
+                             f"recording directories and every engine's format)")
         if not p.is_file():
             raise TraceError(f"{p}: no such trace file")
         try:
