@@ -22,7 +22,8 @@ from eplb.placement import Placement
 from eplb.policies.exclude import serves_all, survivors, unsafe_layers
 from eplb.policies.keep import keep_in_place
 
-__all__ = ["PlanRequest", "PlanResult", "compute_plan", "drain_placement", "plan_excluding", "recover_placement"]
+__all__ = ["PlanRequest", "PlanResult", "compute_plan", "drain_placement", "plan_excluding", "policy_layout",
+           "recover_placement"]
 
 
 def _checksum(layers: Sequence[int], rows: np.ndarray) -> int:
@@ -68,6 +69,17 @@ class PlanResult:
     checksum: int
 
 
+def policy_layout(options: Mapping[str, Any] | None, num_experts: int) -> tuple[int, dict[str, Any]]:
+    """``(num_groups, the other options)`` of a config's ``policy_options``: the one place the online
+    planner reads ``num_groups``; 1 when it does not divide the experts (a flat plan)."""
+    opts = dict(options or {})
+    try:
+        g = max(1, int(opts.pop("num_groups", 1)))
+    except (TypeError, ValueError):
+        raise InputError(f"policy_options.num_groups: expected a positive integer, got {options!r}") from None
+    return (g if num_experts % g == 0 else 1), opts
+
+
 def plan_excluding(loads: ArrayLike, current: Placement, excluded_ranks: Sequence[int], *, policy: str,
                    options: Mapping[str, Any] | None = None) -> Placement:
     """A placement of ``current``'s shape in which the ranks ``excluded_ranks`` hold no expert that is
@@ -87,11 +99,8 @@ def plan_excluding(loads: ArrayLike, current: Placement, excluded_ranks: Sequenc
     slot_idx = np.concatenate([np.arange(r * spr, (r + 1) * spr) for r in keep])
     sub_cur = Placement(current.phy2log[:, slot_idx], E, len(keep), 1, current.layer_ids) \
         if np.all(current.logcnt > 0) and serves_all(current.phy2log[:, slot_idx], E) else None
-    opts = dict(options or {})
+    num_groups, opts = policy_layout(options, E)
     opts.pop("num_nodes", None)
-    num_groups = int(opts.pop("num_groups", 1))
-    if E % num_groups:
-        num_groups = 1
     if sub_cur is not None and policy_info(policy).migration_aware:
         opts["current"] = sub_cur
     sub = plan(x, S2, len(keep), num_nodes=1, num_groups=num_groups, policy=policy, layer_ids=current.layer_ids,
@@ -133,9 +142,8 @@ def recover_placement(previous: Placement, lost_ranks: Sequence[int], loads: Arr
     lost_nodes = {r // rpn for r in lost}
     whole = all(all(q in lost for q in range(n * rpn, (n + 1) * rpn)) for n in lost_nodes)
     N2 = previous.num_nodes - len(lost_nodes) if whole and previous.num_nodes > 1 else 1
-    opts = dict(options or {})
-    num_groups = int(opts.pop("num_groups", 1))
-    if E % num_groups or num_groups % N2:
+    num_groups, opts = policy_layout(options, E)
+    if num_groups % N2:
         num_groups = max(1, N2) if E % max(1, N2) == 0 else 1
     new = plan(x, S2, len(keep), num_nodes=N2, num_groups=num_groups, policy=policy, layer_ids=previous.layer_ids,
                **opts)
@@ -163,10 +171,7 @@ def compute_plan(req: PlanRequest) -> PlanResult:
     if req.excluded_ranks:
         new = plan_excluding(window, cur, req.excluded_ranks, policy=req.policy, options=req.options)
     else:
-        opts = dict(req.options)
-        num_groups = int(opts.pop("num_groups", 1))
-        if cur.num_experts % num_groups:
-            num_groups = 1
+        num_groups, opts = policy_layout(req.options, cur.num_experts)
         if policy_info(req.policy).migration_aware:  # the placement in service, to move few experts
             opts["current"] = cur
         new = plan(window, cur.num_slots, cur.num_ranks, num_nodes=cur.num_nodes, num_groups=num_groups,

@@ -32,8 +32,10 @@ __all__ = ["POLICIES", "PolicyFn", "PolicyInfo", "check_serves", "load_policy_pl
 @register_policy("deepseek")
 def _deepseek(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
               **options: Any) -> np.ndarray:
-    """DeepSeek's ``rebalance_experts``: hierarchical when ``num_groups % num_nodes == 0``, else global."""
-    phy2log, _, _ = rebalance_experts(loads.sum(0).astype(np.float32), num_slots, num_groups, num_nodes, num_ranks)
+    """DeepSeek's ``rebalance_experts``: hierarchical when ``num_groups % num_nodes == 0``, else global.
+    (Inputs are validated by :func:`plan`; the inner function is called, not the checking entry point.)"""
+    g, n = (num_groups, num_nodes) if num_groups % num_nodes == 0 else (1, 1)
+    phy2log, _, _ = rebalance_experts_hierarchical(loads.sum(0).astype(np.float32), num_slots, g, n, num_ranks)
     return np.asarray(phy2log)
 
 

@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from eplb._checks import ArrayLike, check_layout, check_load, check_positive_int
-from eplb.errors import InputError
+from eplb._checks import ArrayLike, check_layout, check_load
 
 __all__ = ["balanced_packing", "rebalance_experts", "rebalance_experts_hierarchical", "replicate"]
 
@@ -139,10 +138,8 @@ def rebalance_experts_hierarchical(
 def _check_args(weight: ArrayLike, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
     w = check_load(weight, "weight", ndim=2, dtype=np.float32)
     E = w.shape[1]
-    check_positive_int(num_groups, "num_groups")
-    check_layout(E, num_replicas, num_gpus, num_nodes, names=("num_replicas", "num_gpus", "num_nodes"))
-    if E % num_groups:
-        raise InputError(f"num_groups: {E} experts cannot be split into {num_groups} equal groups")
+    check_layout(E, num_replicas, num_gpus, num_nodes, num_groups=num_groups,
+                 names=("num_replicas", "num_gpus", "num_nodes", "num_groups"))
     return w
 
 
