@@ -367,6 +367,7 @@ def plan_cmd(
     format: Annotated[str | None, typer.Option("--format", "-f", help="trtllm | vllm-ascend | sglang | vllm | native (default: from the suffix).")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Policy option KEY=VALUE (repeatable), e.g. max_replicas=16.")] = None,
     num_layers: Annotated[int | None, typer.Option("--num-layers", help="sglang: model layers (rows) to write, for trailing dense layers.")] = None,
+    trtllm_ep_size: Annotated[bool, typer.Option("--trtllm-ep-size", help="trtllm: also write 'ep_size' (for report_load_statistics.py --projection_eplb_config_path; TensorRT-LLM's serving loader rejects it).")] = False,
 ) -> None:
     """Plan a placement from a trace and write it as an engine map (TensorRT-LLM generate_eplb_config.py)."""
     from eplb.formats import format_for_path, write_placement
@@ -388,6 +389,9 @@ def plan_cmd(
     opts: dict[str, Any] = {}
     if fmt == "trtllm":
         opts["layer_updates_per_iter"] = layer_updates_per_iter
+        opts["with_ep_size"] = trtllm_ep_size
+    elif trtllm_ep_size:
+        raise ValueError("trtllm-ep-size: only used by the trtllm format")
     if num_layers is not None:
         opts["num_layers"] = num_layers
     write_placement(pl, output, fmt, **opts)
@@ -511,6 +515,7 @@ def convert_cmd(
     force: Annotated[bool, typer.Option("--force", help="Trace outputs: replace an existing output.")] = False,
     expert_map: Annotated[str | None, typer.Option("--expert-map", help="Trace inputs: the vllm-ascend expert map that maps its per-slot load arrays to experts.")] = None,
     iter_range: Annotated[str | None, typer.Option("--iter-range", help="Trace inputs: steps a-b to keep.")] = None,
+    trtllm_ep_size: Annotated[bool, typer.Option("--trtllm-ep-size", help="trtllm output: also write 'ep_size' (report projection only; TensorRT-LLM's serving loader rejects it).")] = False,
 ) -> None:
     """Convert a map between engine formats, or a trace between statistics formats (eplb.stats readers/writers)."""
     from eplb.formats import FORMATS, format_for_path, read_placement, write_placement
@@ -535,6 +540,10 @@ def convert_cmd(
         if fmt_out != "trtllm":
             raise ValueError("layer-updates-per-iter: only used by the trtllm format")
         opts["layer_updates_per_iter"] = layer_updates_per_iter
+    if trtllm_ep_size:
+        if fmt_out != "trtllm":
+            raise ValueError("trtllm-ep-size: only used by the trtllm format")
+        opts["with_ep_size"] = True
     if num_layers is not None:
         if fmt_out != "sglang":
             raise ValueError("num-layers: only used by the sglang format")

@@ -1,0 +1,106 @@
+"""Engine round trips that must really load (issue 16): each test encodes one engine's contract
+as docs/engines/contracts.md states it (the engine's own loader re-implemented where it is small)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from eplb.cli import app
+from eplb.formats import read_placement
+from eplb.stats.trace import Trace
+from eplb.synthetic import zipf_counts
+
+runner = CliRunner()
+
+
+def ok(args: list[str]) -> str:
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, (res.output, res.exception)
+    return res.output
+
+
+def fails(args: list[str], match: str) -> str:
+    res = runner.invoke(app, args)
+    assert res.exit_code != 0, res.output
+    text = f"{res.output}\n{res.exception}"
+    import re
+
+    assert re.search(match, text), text
+    return text
+
+
+@pytest.fixture(scope="module")
+def trace_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SYNTHETIC (Zipf) trace: 12 steps x 3 MoE layers (model ids 1, 3, 5) x 16 experts, top-2."""
+    counts = zipf_counts(12, 3, 16, tokens_per_step=64, top_k=2, skew=1.2, seed=7)
+    tr = Trace(counts, layer_ids=(1, 3, 5), top_k=2, model="synthetic", source="synthetic: zipf_counts seed 7")
+    path = tmp_path_factory.mktemp("trace") / "trace.safetensors"
+    tr.save(path)
+    return path
+
+
+# ------------------------------------------------------------------ 1. TensorRT-LLM's loader
+def _pydantic_config() -> type:
+    """TensorRT-LLM's current ``MoeLoadBalancerConfig``: pydantic, extra fields forbidden, ep_* private."""
+    from pydantic import BaseModel, ConfigDict, PrivateAttr
+
+    class MoeLoadBalancerConfig(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        num_slots: int | None = None
+        initial_global_assignments: dict[int, list[int]] | None = None
+        layer_updates_per_iter: int = 0
+        _ep_rank: int | None = PrivateAttr(default=None)
+        _ep_size: int | None = PrivateAttr(default=None)
+
+    return MoeLoadBalancerConfig
+
+
+@dataclasses.dataclass
+class _DataclassConfig:
+    """TensorRT-LLM's older ``MoeLoadBalancerConfig``: a dataclass whose ep_rank / ep_size are not init fields."""
+
+    num_slots: int | None = None
+    initial_global_assignments: dict[int, list[int]] | None = None
+    layer_updates_per_iter: int = 0
+    ep_rank: int | None = dataclasses.field(default=None, init=False)
+    ep_size: int | None = dataclasses.field(default=None, init=False)
+
+
+def _trtllm_load(cls: type, path: Path) -> Any:
+    """What TensorRT-LLM does with ``moe_config.load_balancer: <path>``."""
+    with open(path) as f:
+        return cls(**yaml.safe_load(f))
+
+
+@pytest.mark.parametrize("cls", [_pydantic_config(), _DataclassConfig], ids=["pydantic", "dataclass"])
+def test_trtllm_loads_the_default_yaml(tmp_path: Path, trace_file: Path, cls: type) -> None:
+    out = tmp_path / "moe_load_balancer.yaml"
+    ok(["plan", str(trace_file), "--ep-size", "4", "--num-slots", "20", "-o", str(out)])
+    cfg = _trtllm_load(cls, out)
+    pl = read_placement(out)  # eplb still knows the EP size
+    assert pl.num_ranks == 4 and cfg.num_slots == 20 and cfg.layer_updates_per_iter == 0
+    assert cfg.initial_global_assignments == {lid: pl.phy2log[i].tolist() for i, lid in enumerate(pl.layer_ids)}
+    assert sorted(cfg.initial_global_assignments) == [1, 3, 5]
+    # the seed's form: flow-style lists, exactly the three keys
+    text = out.read_text()
+    assert "  1: [" in text and set(yaml.safe_load(text)) == {"num_slots", "initial_global_assignments",
+                                                               "layer_updates_per_iter"}
+    # ep_size only on request; such a file is rejected by both loader forms, and eplb reads it too
+    out2 = tmp_path / "projection.yaml"
+    ok(["plan", str(trace_file), "--ep-size", "4", "--num-slots", "20", "-o", str(out2), "--trtllm-ep-size"])
+    assert yaml.safe_load(out2.read_text())["ep_size"] == 4
+    with pytest.raises((TypeError, ValueError)):
+        _trtllm_load(cls, out2)
+    assert read_placement(out2) == pl
+    # convert writes the serving form by default too
+    out3 = tmp_path / "converted.yaml"
+    ok(["convert", str(out2), str(out3)])
+    _trtllm_load(cls, out3)
+    assert read_placement(out3) == pl
