@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -103,3 +104,62 @@ def test_trtllm_loads_the_default_yaml(tmp_path: Path, trace_file: Path, cls: ty
     ok(["convert", str(out2), str(out3)])
     _trtllm_load(cls, out3)
     assert read_placement(out3) == pl
+
+
+# ------------------------------------------------------------------ 2. vLLM: never raise on a layout vLLM accepts
+@pytest.mark.parametrize("planner", ["eplb-hierarchical", "deepseek-hierarchical"])
+def test_vllm_hierarchical_falls_back_to_global(planner: str) -> None:
+    """vLLM's default policy uses the hierarchical algorithm only when num_groups % num_nodes == 0."""
+    from eplb.integrations.vllm import make_policy
+    from eplb.policies.deepseek import rebalance_experts_hierarchical
+
+    w = np.random.default_rng(0).integers(0, 100, size=(3, 16)).astype(np.int64)
+    cls = make_policy(planner)
+    for groups in (1, 3):  # 1 group on 2 nodes; 3 groups (not dividing 16) -> 1
+        out = np.asarray(cls.rebalance_experts(w, 24, groups, 2, 4, None))
+        assert out.shape == (3, 24) and out.dtype == np.int64
+        assert all(set(out[i].tolist()) == set(range(16)) for i in range(3))
+    if planner == "deepseek-hierarchical":  # the global fallback is DeepSeek's global algorithm exactly
+        ref, _, _ = rebalance_experts_hierarchical(w.astype(np.float32), 24, 1, 1, 4)
+        assert np.array_equal(np.asarray(cls.rebalance_experts(w, 24, 1, 2, 4, None)), ref)
+
+
+def test_vllm_policy_never_raises_on_an_accepted_layout(monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    import eplb.integrations._core as core
+    import eplb.integrations.vllm as v
+    from eplb.policies.deepseek import rebalance_experts_hierarchical
+
+    def boom(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("planner bug")
+
+    monkeypatch.setattr(core, "_plan", boom)
+    w = np.random.default_rng(1).integers(0, 100, size=(2, 8)).astype(np.int64)
+    with caplog.at_level("WARNING", logger="eplb.integrations"):
+        out = np.asarray(v.make_policy("eplb").rebalance_experts(w, 12, 1, 1, 4, None))
+    ref, _, _ = rebalance_experts_hierarchical(w.astype(np.float32), 12, 1, 1, 4)
+    assert np.array_equal(out, ref) and "DeepSeek's global algorithm" in caplog.text
+    monkeypatch.undo()
+    from eplb.integrations._core import EngineLayoutError
+
+    with pytest.raises(EngineLayoutError):  # a layout vLLM rejects as well: still an error
+        v.make_policy("eplb").rebalance_experts(w, 10, 1, 1, 4, None)
+
+
+def test_vllm_policy_class_pickles_by_reference() -> None:
+    import pickle
+    import subprocess
+    import sys
+
+    from eplb.integrations.vllm import make_policy
+
+    for planner, gain in (("eplb", 0.0), ("deepseek-hierarchical", 0.05), ("eplb-robust", None)):
+        cls = make_policy(planner, gain)
+        data = pickle.dumps(cls)
+        assert pickle.loads(data) is cls
+        # a fresh process (vLLM's workers) resolves the class by name
+        code = ("import pickle,sys; c = pickle.loads(sys.stdin.buffer.read()); "
+                "print(c.planner, c.min_gain)")
+        res = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, check=True,
+                             env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+        assert res.stdout.decode().split() == [planner, str(gain)]

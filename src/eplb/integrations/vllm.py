@@ -169,10 +169,44 @@ class EplbPolicy(_Base):
         return torch.from_numpy(np.ascontiguousarray(new, dtype=np.int64))
 
 
+def _class_name(planner: str, min_gain: float | None) -> str:
+    name = f"EplbPolicy_{planner.replace('-', '_')}"
+    if min_gain != 0.0:
+        name += "__gain_" + ("none" if min_gain is None else repr(float(min_gain)).replace(".", "p").replace("-", "m"))
+    return name
+
+
 def make_policy(planner: str | None = None, min_gain: float | None = 0.0) -> type[EplbPolicy]:
-    """A :class:`EplbPolicy` subclass bound to ``planner`` and ``min_gain``."""
+    """A :class:`EplbPolicy` subclass bound to ``planner`` and ``min_gain``.
+
+    The class is a module attribute (``eplb.integrations.vllm.EplbPolicy_<planner>``; created on
+    first access in a fresh process too), so ``pickle`` stores it by reference.
+    """
     name = resolve_planner(planner)
-    return type(f"EplbPolicy_{name.replace('-', '_')}", (EplbPolicy,), {"planner": name, "min_gain": min_gain})
+    cls_name = _class_name(name, min_gain)
+    cls = globals().get(cls_name)
+    if not (isinstance(cls, type) and issubclass(cls, EplbPolicy)):
+        cls = type(cls_name, (EplbPolicy,), {"planner": name, "min_gain": min_gain, "__module__": __name__,
+                                             "__qualname__": cls_name})
+        globals()[cls_name] = cls
+    return cls
+
+
+def __getattr__(attr: str) -> Any:
+    """Re-create a :func:`make_policy` class by its name (unpickling in a process that did not make it)."""
+    if attr.startswith("EplbPolicy_"):
+        from eplb.policies import load_policy_plugins
+
+        base, _, gain = attr[len("EplbPolicy_"):].partition("__gain_")
+        for planner in load_policy_plugins():
+            if planner.replace("-", "_") == base:
+                mg: float | None = 0.0
+                if gain:
+                    mg = None if gain == "none" else float(gain.replace("m", "-").replace("p", "."))
+                cls = make_policy(planner, mg)
+                if cls.__name__ == attr:
+                    return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 def register() -> type[EplbPolicy] | None:
