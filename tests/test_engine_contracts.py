@@ -163,3 +163,25 @@ def test_vllm_policy_class_pickles_by_reference() -> None:
         res = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, check=True,
                              env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
         assert res.stdout.decode().split() == [planner, str(gain)]
+
+
+# ------------------------------------------------------------------ 8. model layer ids
+def test_layer_ids_for_traces_in_plan_and_convert(tmp_path: Path) -> None:
+    """A plain .npy of DeepSeek-V2-Lite's 26 MoE layers: the YAML must be keyed by model layers 1..26."""
+    counts = zipf_counts(4, 26, 64, tokens_per_step=128, top_k=6, skew=1.1, seed=3)  # SYNTHETIC
+    npy = tmp_path / "loads.npy"
+    np.save(npy, counts)
+    out = tmp_path / "lb.yaml"
+    ok(["plan", str(npy), "--ep-size", "8", "--num-slots", "72", "--layer-ids", "1-26", "-o", str(out)])
+    assert sorted(yaml.safe_load(out.read_text())["initial_global_assignments"]) == list(range(1, 27))
+    conv = tmp_path / "loads.safetensors"
+    ok(["convert", str(npy), str(conv), "--layer-ids", "1-26"])
+    tr = Trace.load(conv)
+    assert tr.layer_ids == tuple(range(1, 27)) and np.array_equal(tr.counts, counts)
+    # ids of a trace that records them select layers; unknown ones are an error naming both
+    sel = tmp_path / "sel.safetensors"
+    ok(["convert", str(conv), str(sel), "--layer-ids", "3,5"])
+    assert Trace.load(sel).layer_ids == (3, 5)
+    assert np.array_equal(Trace.load(sel).counts, counts[:, [2, 4]])
+    fails(["plan", str(conv), "--ep-size", "8", "--layer-ids", "0-25", "-o", str(tmp_path / "x.yaml")],
+          r"layer-ids: the trace has 26 MoE layers with ids \[1, 2, \.\.\., 26\]; 26 ids given and \[0\]")

@@ -368,6 +368,7 @@ def plan_cmd(
     option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Policy option KEY=VALUE (repeatable), e.g. max_replicas=16.")] = None,
     num_layers: Annotated[int | None, typer.Option("--num-layers", help="sglang: model layers (rows) to write, for trailing dense layers.")] = None,
     trtllm_ep_size: Annotated[bool, typer.Option("--trtllm-ep-size", help="trtllm: also write 'ep_size' (for report_load_statistics.py --projection_eplb_config_path; TensorRT-LLM's serving loader rejects it).")] = False,
+    layer_ids: Annotated[str | None, typer.Option("--layer-ids", help="Model layer ids of the trace's MoE layers, e.g. '1-26' (labels a trace numbered 0..L-1, else selects those layers).")] = None,
 ) -> None:
     """Plan a placement from a trace and write it as an engine map (TensorRT-LLM generate_eplb_config.py)."""
     from eplb.formats import format_for_path, write_placement
@@ -377,8 +378,13 @@ def plan_cmd(
         raise ValueError(f"layer-updates-per-iter: expected >= 0, got {layer_updates_per_iter}")
     if num_layers is not None and fmt != "sglang":
         raise ValueError("num-layers: only used by the sglang format")
+    lids = _parse_layer_ids(layer_ids)  # fail before any work on a bad list
     tr = load_trace(trace, iter_range)
-    ep = ep_size or tr.ep_size
+    if lids is not None:
+        tr = tr.with_layer_ids(lids)
+    ep = tr.ep_size if ep_size is None else ep_size
+    if ep is not None and ep < 1 and ep_size is not None:
+        raise ValueError(f"ep-size: expected a positive number of ranks, got {ep_size}")
     if not ep:
         raise ValueError("ep-size: the trace does not record an EP size; pass --ep-size")
     t0 = time.perf_counter()
@@ -527,7 +533,8 @@ def convert_cmd(
         from eplb.cli.stats import convert_trace
 
         tr = convert_trace(str(input), output, from_format=from_ if from_ not in (None, "native") else None,
-                           to_format=to, iter_range=iter_range, ep_size=ep_size, expert_map=expert_map, overwrite=force)
+                           to_format=to, iter_range=iter_range, ep_size=ep_size, expert_map=expert_map, overwrite=force,
+                           layer_ids=_parse_layer_ids(layer_ids))
         print(f"wrote trace {output}: {tr.num_steps} steps x {tr.num_layers} layers x {tr.num_experts} experts")
         return
     if iter_range is not None:

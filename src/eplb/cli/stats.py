@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,14 +36,18 @@ def load_trace_arg(spec: str | os.PathLike[str], fmt: str | None = None, *, iter
 
 def convert_trace(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, from_format: str | None = None,
                   to_format: str | None = None, iter_range: str | None = None, ep_size: int | None = None,
-                  expert_map: str | None = None, overwrite: bool = False) -> Any:
+                  expert_map: str | None = None, overwrite: bool = False,
+                  layer_ids: Sequence[int] | None = None) -> Any:
     """Read ``src`` (any trace format) and write it to ``dst`` (format from ``to_format`` or the extension).
 
-    Returns the trace written. Used by ``eplb convert`` for trace files.
+    ``layer_ids`` labels or selects model layers (:meth:`Trace.with_layer_ids`). Returns the trace
+    written. Used by ``eplb convert`` for trace files.
     """
     from eplb.stats.importers import write_trace
 
     tr = load_trace_arg(src, from_format, iter_range=iter_range, expert_map=expert_map)
+    if layer_ids is not None:
+        tr = tr.with_layer_ids(layer_ids)
     write_trace(tr, dst, to_format or None, overwrite=overwrite, ep_size=ep_size)
     return tr
 
