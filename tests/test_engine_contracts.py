@@ -185,3 +185,11 @@ def test_layer_ids_for_traces_in_plan_and_convert(tmp_path: Path) -> None:
     assert np.array_equal(Trace.load(sel).counts, counts[:, [2, 4]])
     fails(["plan", str(conv), "--ep-size", "8", "--layer-ids", "0-25", "-o", str(tmp_path / "x.yaml")],
           r"layer-ids: the trace has 26 MoE layers with ids \[1, 2, \.\.\., 26\]; 26 ids given and \[0\]")
+
+
+# ------------------------------------------------------------------ 10. smaller contracts
+@pytest.mark.parametrize("cmd", [["plan", "-o", "x.yaml"], ["evaluate", "--held-out", "0-6:6-12"], ["report"],
+                                 ["simulate", "--num-slots", "20"], ["capacity"]])
+def test_ep_size_zero_is_an_error(tmp_path: Path, trace_file: Path, cmd: list[str]) -> None:
+    args = [cmd[0], str(trace_file), *cmd[1:], "--ep-size", "0"]
+    fails(args, r"--ep-size.*greater than or equal to 1")

@@ -357,7 +357,7 @@ def plan_placement(
 def plan_cmd(
     trace: Annotated[str, typer.Argument(help="Trace file/directory any eplb.stats reader accepts, or builtin:NAME.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Map file to write.")],
-    ep_size: Annotated[int | None, typer.Option("--ep-size", help="EP ranks (default: the trace's).")] = None,
+    ep_size: Annotated[int | None, typer.Option("--ep-size", min=1, help="EP ranks (default: the trace's).")] = None,
     num_slots: Annotated[int | None, typer.Option("--num-slots", help="Physical slots per layer (default: experts).")] = None,
     num_nodes: Annotated[int, typer.Option("--num-nodes", help="Nodes (divides ep-size).")] = 1,
     num_groups: Annotated[int, typer.Option("--num-groups", help="Expert groups (hierarchical policies).")] = 1,
@@ -382,9 +382,7 @@ def plan_cmd(
     tr = load_trace(trace, iter_range)
     if lids is not None:
         tr = tr.with_layer_ids(lids)
-    ep = tr.ep_size if ep_size is None else ep_size
-    if ep is not None and ep < 1 and ep_size is not None:
-        raise ValueError(f"ep-size: expected a positive number of ranks, got {ep_size}")
+    ep = ep_size or tr.ep_size  # --ep-size 0 is refused by the option itself (min=1)
     if not ep:
         raise ValueError("ep-size: the trace does not record an EP size; pass --ep-size")
     t0 = time.perf_counter()
@@ -450,7 +448,7 @@ def _ids(ids: Sequence[int]) -> str:
 def validate_cmd(
     map_file: Annotated[Path, typer.Argument(metavar="MAP", help="Map file of any format.")],
     num_experts: Annotated[int | None, typer.Option("--num-experts", help="Expected number of experts.")] = None,
-    ep_size: Annotated[int | None, typer.Option("--ep-size", help="Expected EP size (required by formats that do not record it to check slots per rank).")] = None,
+    ep_size: Annotated[int | None, typer.Option("--ep-size", min=1, help="Expected EP size (required by formats that do not record it to check slots per rank).")] = None,
     num_nodes: Annotated[int | None, typer.Option("--num-nodes")] = None,
     format: Annotated[str | None, typer.Option("--format", "-f", help="Map format (default: detected).")] = None,
     trace: Annotated[str | None, typer.Option("--trace", help="Also check the map fits this trace (layers, experts).")] = None,
@@ -511,7 +509,7 @@ def convert_cmd(
     from_: Annotated[str | None, typer.Option("--from", help="Input format (default: detected).")] = None,
     to: Annotated[str | None, typer.Option("--to", help="Output format (default: from OUT's suffix).")] = None,
     num_experts: Annotated[int | None, typer.Option("--num-experts")] = None,
-    ep_size: Annotated[int | None, typer.Option("--ep-size", help="EP size, when the input format does not record it.")] = None,
+    ep_size: Annotated[int | None, typer.Option("--ep-size", min=1, help="EP size, when the input format does not record it.")] = None,
     num_nodes: Annotated[int | None, typer.Option("--num-nodes")] = None,
     layer_ids: Annotated[str | None, typer.Option("--layer-ids", help="Model layer ids, e.g. '1,3,5-47' (select rows / label positional rows).")] = None,
     num_layers: Annotated[int | None, typer.Option("--num-layers", help="sglang output: model layers (rows).")] = None,
@@ -574,7 +572,7 @@ def evaluate_cmd(
     trace: Annotated[str, typer.Argument(help="Trace file/directory, or builtin:NAME.")],
     placement: Annotated[Path | None, typer.Option("--placement", "-p", help="Map file of any format.")] = None,
     iter_range: Annotated[str | None, typer.Option("--iter-range", help="Steps a-b to evaluate on.")] = None,
-    ep_size: Annotated[int | None, typer.Option("--ep-size", help="EP size (for maps that do not record it, and held-out plans).")] = None,
+    ep_size: Annotated[int | None, typer.Option("--ep-size", min=1, help="EP size (for maps that do not record it, and held-out plans).")] = None,
     held_out: Annotated[str | None, typer.Option("--held-out", help="PLAN:EVAL ranges, e.g. 0-64:64-128: plan with --policy on PLAN, evaluate on EVAL.")] = None,
     policy: Annotated[str | None, typer.Option("--policy", help="Policy for --held-out (default: the best registered).")] = None,
     num_slots: Annotated[int | None, typer.Option("--num-slots", help="Slots for --held-out plans without --placement.")] = None,
@@ -764,7 +762,7 @@ def demo(
 
 def demo_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Output directory (default: a new temporary directory).")] = None,
-    ep_size: Annotated[int, typer.Option("--ep-size")] = 16,
+    ep_size: Annotated[int, typer.Option("--ep-size", min=1)] = 16,
     num_slots: Annotated[int, typer.Option("--num-slots")] = 144,
     policy: Annotated[str | None, typer.Option("--policy", help="Default: the best registered policy ('eplb').")] = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots")] = True,

@@ -62,7 +62,7 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
 
 def simulate_cmd(
     trace: str = typer.Argument(..., help=TRACE_HELP),
-    ep_size: int = typer.Option(..., "--ep-size", help="EP ranks (GPUs)"),
+    ep_size: int = typer.Option(..., "--ep-size", min=1, help="EP ranks (GPUs)"),
     num_slots: int | None = typer.Option(None, "--num-slots", help="physical slots per layer (default: experts, "
                                                                    "rounded up to a multiple of --ep-size)"),
     num_nodes: int = typer.Option(1, "--num-nodes", help="nodes (inter-node all-to-all uses inter_node_gbps)"),
@@ -134,7 +134,7 @@ def simulate_cmd(
 
 def capacity_cmd(
     trace: str = typer.Argument(..., help=TRACE_HELP),
-    ep_size: int = typer.Option(..., "--ep-size", help="EP ranks (GPUs)"),
+    ep_size: int = typer.Option(..., "--ep-size", min=1, help="EP ranks (GPUs)"),
     target_imbalance: float = typer.Option(0.1, "--target-imbalance", help="target mean imbalance ratio "
                                                                            "(max/mean - 1 of rank load)"),
     held_out: float = typer.Option(0.5, "--held-out", help="fraction of trailing steps held out for evaluation "

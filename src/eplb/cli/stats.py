@@ -83,7 +83,7 @@ def _read_placement(path: Path, tr: Any, ep_size: int | None) -> Any:
 def report(
     trace: Annotated[str, typer.Argument(help="Trace: builtin:NAME, an eplb .safetensors file, a recording directory, "
                                          "a TensorRT-LLM dump directory, an SGLang .pt dump, or .npy/.npz/.csv/.json.")],
-    ep_size: Annotated[int | None, typer.Option("--ep-size", help="Ranks (default: the placement's, else the "
+    ep_size: Annotated[int | None, typer.Option("--ep-size", min=1, help="Ranks (default: the placement's, else the "
                                                 "trace's recorded EP size).")] = None,
     placement: Annotated[Path | None, typer.Option("--placement", help="Project the loads onto this map file "
                                                    "(TensorRT-LLM YAML, vllm-ascend/SGLang/vLLM/native JSON).")] = None,
