@@ -193,3 +193,30 @@ def test_layer_ids_for_traces_in_plan_and_convert(tmp_path: Path) -> None:
 def test_ep_size_zero_is_an_error(tmp_path: Path, trace_file: Path, cmd: list[str]) -> None:
     args = [cmd[0], str(trace_file), *cmd[1:], "--ep-size", "0"]
     fails(args, r"--ep-size.*greater than or equal to 1")
+
+
+@pytest.mark.parametrize("policy, valid", [("eplb", "max_replicas"), ("deepseek", "none"),
+                                           ("eplb-robust", "max_steps"), ("eplb-dispatch", "alphas")])
+def test_mistyped_policy_option_lists_the_valid_ones(trace_file: Path, tmp_path: Path, policy: str, valid: str) -> None:
+    text = fails(["plan", str(trace_file), "--ep-size", "4", "--num-slots", "20", "--policy", policy,
+                  "-O", "max_replica=4", "-o", str(tmp_path / "x.yaml")],
+                 rf"max_replica: policy '{policy}' has no option 'max_replica'; its options: .*{valid}")
+    assert "Traceback" not in text and not (tmp_path / "x.yaml").exists()
+
+
+def test_one_overwrite_rule_for_maps_and_traces(trace_file: Path, tmp_path: Path) -> None:
+    yml, tr_out = tmp_path / "lb.yaml", tmp_path / "t.npz"
+    plan = ["plan", str(trace_file), "--ep-size", "4", "--num-slots", "20", "-o", str(yml)]
+    ok(plan)
+    first = yml.read_bytes()
+    for args, out in ((plan + ["--policy", "deepseek"], yml), (["convert", str(yml), str(yml)], yml),
+                      (["convert", str(trace_file), str(tr_out)], None)):
+        if out is None:
+            ok(args)
+            out = tr_out
+        before = out.read_bytes()
+        fails(args, rf"output: .*{out.name} already exists \(pass --force to replace it\)")
+        assert out.read_bytes() == before
+    assert yml.read_bytes() == first
+    ok(plan + ["--policy", "deepseek", "--force"])
+    assert yml.read_bytes() != first

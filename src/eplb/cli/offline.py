@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
-from eplb.cli._args import check_layout_args
+from eplb.cli._args import check_layout_args, check_output
 from eplb.placement import Placement
 from eplb.stats.trace import Trace, atomic_write, parse_range
 
@@ -369,11 +369,13 @@ def plan_cmd(
     num_layers: Annotated[int | None, typer.Option("--num-layers", help="sglang: model layers (rows) to write, for trailing dense layers.")] = None,
     trtllm_ep_size: Annotated[bool, typer.Option("--trtllm-ep-size", help="trtllm: also write 'ep_size' (for report_load_statistics.py --projection_eplb_config_path; TensorRT-LLM's serving loader rejects it).")] = False,
     layer_ids: Annotated[str | None, typer.Option("--layer-ids", help="Model layer ids of the trace's MoE layers, e.g. '1-26' (labels a trace numbered 0..L-1, else selects those layers).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
     """Plan a placement from a trace and write it as an engine map (TensorRT-LLM generate_eplb_config.py)."""
     from eplb.formats import format_for_path, write_placement
 
     fmt = format_for_path(output, format)  # fail before any work on a bad name
+    check_output(output, force)
     if layer_updates_per_iter < 0:
         raise ValueError(f"layer-updates-per-iter: expected >= 0, got {layer_updates_per_iter}")
     if num_layers is not None and fmt != "sglang":
@@ -516,7 +518,7 @@ def convert_cmd(
     layer_updates_per_iter: Annotated[int | None, typer.Option("--layer-updates-per-iter", help="trtllm output.")] = None,
     num_slots: Annotated[int | None, typer.Option("--num-slots", help="sglang logical_count input: slots to plan.")] = None,
     policy: Annotated[str | None, typer.Option("--policy", help="sglang logical_count input: policy.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Trace outputs: replace an existing output.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output (map or trace).")] = False,
     expert_map: Annotated[str | None, typer.Option("--expert-map", help="Trace inputs: the vllm-ascend expert map that maps its per-slot load arrays to experts.")] = None,
     iter_range: Annotated[str | None, typer.Option("--iter-range", help="Trace inputs: steps a-b to keep.")] = None,
     trtllm_ep_size: Annotated[bool, typer.Option("--trtllm-ep-size", help="trtllm output: also write 'ep_size' (report projection only; TensorRT-LLM's serving loader rejects it).")] = False,
@@ -527,6 +529,7 @@ def convert_cmd(
     builtin = str(input).startswith(BUILTIN_PREFIX)
     if not builtin and not input.exists():
         raise ValueError(f"{input}: no such file or directory")
+    check_output(output, force)
     if builtin or expert_map is not None or _is_trace_input(input, from_):
         from eplb.cli.stats import convert_trace
 

@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
+from eplb.cli._args import check_output
+
 TRACE_FORMATS = "eplb, eplb-dir, trtllm, sglang, vllm-ascend, npy, npz, csv, json"
 
 
@@ -200,6 +202,7 @@ def merge(
     from eplb.stats.importers import read_trace, write_trace
     from eplb.stats.store import merge as merge_traces
 
+    check_output(output, force)
     trs = [read_trace(s, in_fmt) for s in shards]
     out = merge_traces(trs, sources=[str(s) for s in shards])
     write_trace(out, output, fmt, overwrite=force)
@@ -243,8 +246,7 @@ def record(
 
     out = output or Path(os.environ.get(ENV_PATH) or DEFAULT_PATH)
     rng = iter_range if iter_range is not None else (os.environ.get(ENV_RANGE) or None)
-    if out.exists() and not force:
-        raise ValueError(f"output: {out} already exists (pass --force to replace it)")
+    check_output(out, force)
     out_fmt = fmt or detect_format(out, for_write=True)
     prompts = read_prompts(dataset, limit)
     m, tok, desc = build_model(model, shrink=shrink, seed=seed, random_weights=random_weights)
