@@ -220,3 +220,39 @@ def test_one_overwrite_rule_for_maps_and_traces(trace_file: Path, tmp_path: Path
     assert yml.read_bytes() == first
     ok(plan + ["--policy", "deepseek", "--force"])
     assert yml.read_bytes() != first
+
+
+def test_vllm_ascend_load_array_needs_its_expert_map(tmp_path: Path) -> None:
+    """vllm-ascend's moe_load counts tokens per physical slot: without the map they cannot be read."""
+    from eplb import plan
+    from eplb.formats import write_placement
+    from eplb.stats.importers import read_trace, write_trace
+
+    counts = zipf_counts(3, 2, 8, tokens_per_step=64, top_k=2, skew=1.3, seed=5)  # SYNTHETIC
+    tr = Trace(counts)
+    pl = plan(counts, 12, 4, policy="eplb", max_replicas=4)
+    assert pl.colocated_duplicates().sum() == 0
+    write_trace(tr, tmp_path / "moe_load.npy", "vllm-ascend", placement=pl)
+    write_placement(pl, tmp_path / "expert_map.json", "vllm-ascend")
+    with pytest.raises(ValueError, match=r"moe_load\.npy: a vllm-ascend moe_load array counts tokens per physical slot"):
+        read_trace(tmp_path / "moe_load.npy", "vllm-ascend")
+    fails(["report", str(tmp_path / "moe_load.npy"), "--format", "vllm-ascend", "--ep-size", "4"],
+          r"pass the expert map it was recorded with \(--expert-map")
+    back = read_trace(tmp_path / "moe_load.npy", "vllm-ascend", expert_map=tmp_path / "expert_map.json")
+    assert np.array_equal(back.counts, counts)
+
+
+def test_out_of_range_expert_blamed_on_its_model_layer(tmp_path: Path) -> None:
+    """A vllm-ascend map numbers MoE layers 0..L-1; read for a trace of model layers 1, 3 the bad
+    id in its second row is in model layer 3."""
+    import json
+
+    dev = lambda d, ex: {"device_id": d, "device_expert": ex}  # noqa: E731
+    m = {"moe_layer_count": 2, "layer_list": [
+        {"layer_id": 0, "device_count": 2, "device_list": [dev(0, [0, 1]), dev(1, [2, 3])]},
+        {"layer_id": 1, "device_count": 2, "device_list": [dev(0, [0, 1]), dev(1, [2, 7])]}]}
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    tr = Trace(zipf_counts(4, 2, 4, tokens_per_step=16, top_k=1, skew=1.0, seed=1), layer_ids=(1, 3))  # SYNTHETIC
+    tr.save(tmp_path / "t.safetensors")
+    fails(["evaluate", str(tmp_path / "t.safetensors"), "--placement", str(tmp_path / "m.json")],
+          r"m\.json: .*layer 3: slot 3 holds expert 7")

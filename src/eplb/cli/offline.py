@@ -415,9 +415,18 @@ def plan_cmd(
 
 def _read_for_trace(path: Path, fmt: str | None, tr: Trace, trace_spec: str, **kw: Any) -> Placement:
     """Read a map that must fit ``tr`` (experts, layers); a misfit names the trace, a bad file its own problem."""
-    from eplb.formats import MapFormatError, read_placement
+    from eplb.formats import FORMATS, MapFormatError, detect_format, read_placement
     from eplb.stats.report import align_placement
 
+    if FORMATS[fmt or detect_format(path)].layer_axis == "moe" and "layer_ids" not in kw:
+        # rows numbered by MoE layer: label them with the trace's model layer ids, so that every
+        # message (an out-of-range expert id, a missing expert) names the model layer
+        try:
+            read_placement(path, fmt, **kw, layer_ids=tr.layer_ids)
+            kw["layer_ids"] = tr.layer_ids
+        except MapFormatError as exc:
+            if "layer ids given" not in str(exc) and "no row for layer" not in str(exc):
+                kw["layer_ids"] = tr.layer_ids
     try:
         pl = read_placement(path, fmt, num_experts=tr.num_experts, **kw)
     except MapFormatError as exc:

@@ -275,7 +275,8 @@ def read_placement(
                 raise MapFormatError(f"{p}: no expert ids >= 0 in the map")
             if E > d.phy2log.shape[1]:
                 i, s = (int(v) for v in np.argwhere(d.phy2log == E - 1)[0])
-                lid = d.layer_ids[i] if d.layer_ids is not None else i
+                lid = d.layer_ids[i] if d.layer_ids is not None else (
+                    int(layer_ids[i]) if layer_ids is not None and len(layer_ids) == d.phy2log.shape[0] else i)
                 raise MapFormatError(
                     f"{p}: layer {lid}: slot {s} holds expert {E - 1}, but {d.phy2log.shape[1]} slots per layer can "
                     f"serve at most {d.phy2log.shape[1]} experts (pass num_experts / --num-experts to check ids)"
@@ -288,8 +289,11 @@ def read_placement(
         if S % R:
             raise MapFormatError(f"{p}: {S} slots per layer are not divisible by ep_size={R} "
                                  "(every device needs the same number of slots)")
+        labels = d.layer_ids or ()
+        if d.layer_ids is None and layer_ids is not None and len(layer_ids) == d.phy2log.shape[0]:
+            labels = tuple(int(i) for i in layer_ids)  # positional rows: errors name the model layer
         try:
-            pl = Placement(d.phy2log, E, R, N, d.layer_ids or (), {**d.meta})
+            pl = Placement(d.phy2log, E, R, N, labels, {**d.meta})
         except PlacementError as exc:  # "phy2log" is our name for the file's map: drop it
             raise MapFormatError(f"{p}: {str(exc).removeprefix('phy2log: ')}") from None
         if fmt == "native":

@@ -482,14 +482,22 @@ def _load_array(p: Path, key: str) -> np.ndarray:
     raise TraceError(f"{p}: unknown file type {suf!r} for a load array (.npy, .pt, .json)")
 
 
-def read_vllm_ascend(path: str | os.PathLike[str], expert_map: str | os.PathLike[str] | Placement | None = None) -> Trace:
+def read_vllm_ascend(path: str | os.PathLike[str], expert_map: str | os.PathLike[str] | Placement | None = None
+                     ) -> Trace:
     """Read a vllm-ascend ``moe_load`` array ``[L, D, spr]`` / ``[T, L, D, spr]`` into logical counts ``[T, L, E]``.
 
     Physical loads are summed into their logical expert through ``expert_map`` (vllm-ascend's
-    expert-map JSON: ``layer_list[i].device_list[d].device_expert[j]`` = expert at local slot ``j``);
-    without a map slot ``d*spr + j`` is expert ``d*spr + j``.
+    expert-map JSON: ``layer_list[i].device_list[d].device_expert[j]`` = expert at local slot ``j``,
+    or a Placement). The array alone does not say which expert a slot holds, so a map is required;
+    ``expert_map="identity"`` states that slot ``d*spr + j`` is expert ``d*spr + j`` (no redundant
+    experts, default layout).
     """
     p = Path(path)
+    if expert_map is None:
+        raise TraceError(f"{p}: a vllm-ascend moe_load array counts tokens per physical slot, not per expert: pass "
+                         "the expert map it was recorded with (--expert-map expert_map.json, vllm-ascend's "
+                         "expert_map_path / expert_map_record_path), or --expert-map identity when every device "
+                         "holds its experts in the default order without redundant experts")
     arr = _load_array(p, "moe_load")
     if arr.ndim == 3:
         arr = arr[None]
@@ -500,7 +508,7 @@ def read_vllm_ascend(path: str | os.PathLike[str], expert_map: str | os.PathLike
     if arr.dtype.kind not in "biuf" or np.any(arr < 0):
         raise TraceError(f"{p}: moe_load must hold non-negative numbers")
     phys = arr.reshape(T, L, D * spr).astype(np.float64)
-    if expert_map is None:
+    if isinstance(expert_map, str) and expert_map == "identity":
         phy2log, E = np.tile(np.arange(D * spr), (L, 1)), D * spr
     else:
         phy2log, E = _ascend_phy2log(expert_map, L, D, spr)
