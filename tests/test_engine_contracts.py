@@ -256,3 +256,94 @@ def test_out_of_range_expert_blamed_on_its_model_layer(tmp_path: Path) -> None:
     tr.save(tmp_path / "t.safetensors")
     fails(["evaluate", str(tmp_path / "t.safetensors"), "--placement", str(tmp_path / "m.json")],
           r"m\.json: .*layer 3: slot 3 holds expert 7")
+
+
+# ------------------------------------------------------------------ 4. raw SGLang dumps
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _esft_passes() -> np.ndarray:
+    """REAL routing: DeepSeek-V2-Lite-architecture ESFT-vanilla-lite on the ESFT 'law' samples (one sample =
+    one pass), [33 passes, 26 MoE layers = model layers 1..26, 64 experts], top-6 (tests/golden/README.md)."""
+    return np.load(GOLDEN / "esft_dsv2lite_law_passes.npz")["counts"].astype(np.int64)
+
+
+def _sglang_dump(path: Path, passes: np.ndarray, *, buffer: int = 1000, start: int = 0) -> None:
+    """SGLang's stat dump of DeepSeek-V2-Lite: [buffer passes, 27 model layers, 64], layer 0 dense (zero),
+    unused ring-buffer passes zero, the passes written from row ``start`` on (wrapping)."""
+    import torch
+
+    T, L, E = passes.shape
+    lc = np.zeros((buffer, L + 1, E), dtype=np.int32)
+    rows = (start + np.arange(T)) % buffer
+    lc[rows, 1:] = passes
+    torch.save({"rank": 0, "logical_count": torch.from_numpy(lc), "average_utilization_rate_over_window": None},
+               str(path))
+
+
+def _flat(obj: Any, key: str = "") -> dict[str, Any]:
+    """Nested JSON -> {path: leaf} (numbers compared with approx)."""
+    if isinstance(obj, dict):
+        return {k2: v for k, x in obj.items() for k2, v in _flat(x, f"{key}.{k}").items()}
+    if isinstance(obj, list):
+        return {k2: v for i, x in enumerate(obj) for k2, v in _flat(x, f"{key}[{i}]").items()}
+    return {key: obj}
+
+
+def test_raw_sglang_dump_reads_as_its_moe_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from eplb.stats.importers import read_trace
+    from eplb.stats.report import load_table
+
+    passes = _esft_passes()
+    monkeypatch.chdir(tmp_path)
+    tmp_path = Path(".")
+    dump, clean = tmp_path / "dump.pt", tmp_path / "t.safetensors"
+    _sglang_dump(dump, passes)
+    Trace(passes, layer_ids=tuple(range(1, 27)), top_k=6).save(clean)
+    tr = read_trace(dump)
+    assert tr.layer_ids == tuple(range(1, 27)) and np.array_equal(tr.counts, passes)
+    assert tr.meta["dropped_empty_passes"] == 1000 - 33 and tr.meta["dropped_dense_layers"] == [0]
+    ref = load_table(read_trace(clean), 8)
+    got = load_table(tr, 8)
+    assert got.layer_ids == ref.layer_ids and np.allclose(got.imbalance, ref.imbalance)
+    assert got.average[2] > 0.1  # the real imbalance, not diluted by 967 empty passes
+    # every command sees the same MoE layers: report, plan (YAML keys 1..26), evaluate
+    rep_dump = ok(["report", str(dump), "--ep-size", "8"]).replace("dump.pt", "T")
+    rep_clean = ok(["report", str(clean), "--ep-size", "8"]).replace("t.safetensors", "T")
+    assert rep_dump == rep_clean
+    out = tmp_path / "lb.yaml"
+    ok(["plan", str(dump), "--ep-size", "8", "--num-slots", "72", "-o", str(out)])
+    assert sorted(yaml.safe_load(out.read_text())["initial_global_assignments"]) == list(range(1, 27))
+    import json
+
+    ok(["evaluate", str(dump), "--placement", str(out), "--json", "a.json"])
+    ok(["evaluate", str(clean), "--placement", str(out), "--json", "b.json"])
+    ev_dump, ev_clean = (json.loads(Path(f).read_text())["evaluations"] for f in ("a.json", "b.json"))
+    assert _flat(ev_dump) == pytest.approx(_flat(ev_clean), rel=1e-12)
+    conv = tmp_path / "conv.safetensors"
+    ok(["convert", str(dump), str(conv)])
+    assert Trace.load(conv).layer_ids == tuple(range(1, 27))
+
+
+def test_wrapped_sglang_buffer_warns_and_all_zero_is_an_error(tmp_path: Path) -> None:
+    from eplb.stats.importers import read_trace
+
+    passes = _esft_passes()
+    full = np.concatenate([passes] * 31)[:1000]  # a filled 1000-pass buffer
+    _sglang_dump(tmp_path / "full.pt", full, start=500)
+    with pytest.warns(UserWarning, match="may have wrapped"):
+        tr = read_trace(tmp_path / "full.pt")
+    assert tr.meta["sglang_buffer_wrapped"] is True and tr.num_steps == 1000
+    _sglang_dump(tmp_path / "zero.pt", passes[:0])
+    with pytest.raises(ValueError, match="logical_count is all zero: no tokens were routed"):
+        read_trace(tmp_path / "zero.pt")
+
+
+def test_all_zero_window_warns(tmp_path: Path) -> None:
+    from eplb.cli.offline import evaluate_placement
+
+    c = zipf_counts(8, 2, 8, tokens_per_step=32, top_k=2, skew=1.0, seed=2)  # SYNTHETIC
+    c[4:] = 0  # an idle held-out window
+    tr = Trace(c, source="idle")
+    with pytest.warns(UserWarning, match="idle: the window .* holds no routed tokens"):
+        evaluate_placement(tr.slice("4-8"), None, 4)

@@ -257,30 +257,16 @@ def find_new_dump(
 
 def tidy_dump_trace(trace: Trace, *, source: str | None = None, model: str = "", ep_size: int = 0,
                     meta: dict[str, Any] | None = None) -> Trace:
-    """A trace read from an SGLang ``stat`` dump, without the rows and layers that hold no data.
+    """A trace read from an SGLang ``stat`` dump, without the rows and layers that hold no data
+    (:func:`eplb.stats.importers.clean_sglang_dump`, which every read of a raw dump applies), with
+    the server's model, EP size and ``meta``."""
+    from eplb.stats.importers import clean_sglang_dump
 
-    Unused ring-buffer rows (all-zero forward passes) are dropped; layers with no tokens at all
-    (SGLang's dump has a row per model layer, dense layers included) are dropped and ``layer_ids``
-    keep the model layer index of the others. Raises :class:`TraceError` when nothing was routed.
-    """
-    counts = trace.counts
-    src = source or trace.source
-    passes = counts.sum(axis=(1, 2)) > 0
-    layers = counts.sum(axis=(0, 2)) > 0
-    if not passes.any():
-        raise TraceError(f"{src}: logical_count is all zero: no tokens were routed while recording "
-                         "(send traffic to the server during the recording window)")
-    info: dict[str, Any] = dict(trace.meta)
-    info.update({
-        "sglang_buffer_rows": int(counts.shape[0]),
-        "sglang_num_layers": int(counts.shape[1]),
-        "dropped_empty_passes": int((~passes).sum()),
-    })
-    info.update(meta or {})
-    lids = np.asarray(trace.layer_ids)[layers]
-    assert trace.step_ids is not None
-    return Trace(counts[passes][:, layers], tuple(int(i) for i in lids), trace.step_ids[passes], trace.top_k,
-                 model or trace.model, src, int(ep_size) or trace.ep_size, info)
+    tr = clean_sglang_dump(trace, source=source)
+    tr.meta.update(meta or {})
+    tr.model = model or tr.model
+    tr.ep_size = int(ep_size) or tr.ep_size
+    return tr
 
 
 def read_dump(path: str | os.PathLike[str], **tidy: Any) -> Trace:
@@ -297,7 +283,12 @@ def read_dump(path: str | os.PathLike[str], **tidy: Any) -> Trace:
             raise TraceError(f"{exc}: a per_pass/per_token dump; start SGLang with "
                              "--expert-distribution-recorder-mode stat") from None
         raise
-    return tidy_dump_trace(tr, **tidy)
+    if tidy.get("source"):  # read_sglang cleaned the raw dump already
+        tr.source = str(tidy["source"])
+    tr.meta.update(tidy.get("meta") or {})
+    tr.model = str(tidy.get("model") or tr.model)
+    tr.ep_size = int(tidy.get("ep_size") or 0) or tr.ep_size
+    return tr
 
 
 def pull(

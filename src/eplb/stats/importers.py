@@ -39,7 +39,7 @@ from eplb.placement import Placement
 from eplb.stats.trace import Trace, TraceError, atomic_write
 
 __all__ = [
-    "FORMATS", "detect_format", "read_trace", "read_trtllm", "read_sglang", "read_vllm_ascend", "write_trace",
+    "FORMATS", "clean_sglang_dump", "detect_format", "read_trace", "read_trtllm", "read_sglang", "read_vllm_ascend", "write_trace",
     "write_trtllm", "write_sglang", "write_vllm_ascend",
 ]
 
@@ -408,7 +408,45 @@ def read_sglang(path: str | os.PathLike[str]) -> Trace:
         tr = Trace(arr, lids, steps, top_k, source=f"sglang:{p}")
     except ValueError as exc:
         raise TraceError(f"{p}: key 'logical_count': {exc}") from None
+    if not isinstance(info, dict):  # SGLang's own dump (eplb's files carry their layer ids and steps)
+        return clean_sglang_dump(tr, buffer_size=obj.get("buffer_size") if isinstance(obj.get("buffer_size"), int)
+                                 else None)
     return _apply_info(tr, info)
+
+
+def clean_sglang_dump(trace: Trace, *, source: str | None = None, buffer_size: int | None = None) -> Trace:
+    """SGLang's ``stat`` dump without the rows and layers that hold no data.
+
+    SGLang's ``logical_count`` is ``[ring-buffer passes, model layers, E]``: a dense layer is an
+    all-zero column and an unused pass an all-zero row. Both are dropped; ``layer_ids`` keep the
+    model layer index of the MoE layers (DeepSeek-V2-Lite: ``1..26``) and ``step_ids`` the buffer
+    row of each pass. A full buffer (``buffer_size`` rows, default 1000) may have wrapped: SGLang does not record where it
+    was writing, so the pass order may be rotated; ``meta["sglang_buffer_wrapped"]`` says so (with
+    a warning). Raises :class:`TraceError` when nothing was routed at all.
+    """
+    import warnings
+
+    counts = trace.counts
+    src = source or trace.source
+    passes = counts.sum(axis=(1, 2)) > 0
+    layers = counts.sum(axis=(0, 2)) > 0
+    if not passes.any():
+        raise TraceError(f"{src}: logical_count is all zero: no tokens were routed while recording "
+                         "(send traffic to the server during the recording window)")
+    info: dict[str, Any] = dict(trace.meta)
+    info.update({"sglang_buffer_rows": int(counts.shape[0]), "sglang_num_layers": int(counts.shape[1]),
+                 "dropped_empty_passes": int((~passes).sum()),
+                 "dropped_dense_layers": [int(i) for i in np.asarray(trace.layer_ids)[~layers]]})
+    if bool(passes.all()) and counts.shape[0] == (buffer_size or 1000):  # full buffer (default size 1000)
+        info["sglang_buffer_wrapped"] = True
+        warnings.warn(f"{src}: every one of the {counts.shape[0]} ring-buffer passes holds data: the buffer may "
+                      "have wrapped, so older passes were overwritten and the pass order may be rotated (per-step "
+                      "ranges such as --held-out are then not chronological); record with "
+                      "--expert-distribution-recorder-buffer-size -1", stacklevel=3)
+    lids = np.asarray(trace.layer_ids)[layers]
+    assert trace.step_ids is not None
+    return Trace(counts[passes][:, layers], tuple(int(i) for i in lids), trace.step_ids[passes], trace.top_k,
+                 trace.model, src, trace.ep_size, info)
 
 
 def write_sglang(trace: Trace, path: str | os.PathLike[str]) -> None:
