@@ -190,24 +190,37 @@ class PullResult:
     server_info: dict[str, Any] = field(default_factory=dict)
 
 
-def _request(url: str, method: str, timeout: float) -> bytes:
-    req = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)
+#: Environment variables read by :func:`pull` when no key is passed (SGLang's ``--api-key`` / ``--admin-api-key``).
+API_KEY_ENV = "EPLB_SGLANG_API_KEY"
+ADMIN_API_KEY_ENV = "EPLB_SGLANG_ADMIN_API_KEY"
+
+
+def _request(url: str, method: str, timeout: float, key: str | None = None) -> bytes:
+    """One HTTP request; ``key`` goes in ``Authorization: Bearer`` and never into a message."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    req = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return bytes(resp.read())
     except urllib.error.HTTPError as exc:
         body = exc.read()[:200].decode("utf-8", "replace").strip()
-        raise SGLangPullError(f"sglang: {method} {url} answered HTTP {exc.code} {exc.reason}: {body}") from None
+        if key:
+            body = body.replace(key, "***")
+        hint = ""
+        if exc.code in (401, 403):
+            hint = (f" (the server requires an API key: pass --api-key / --admin-api-key or set ${API_KEY_ENV} / "
+                    f"${ADMIN_API_KEY_ENV}{'; the key given was refused' if key else ''})")
+        raise SGLangPullError(f"sglang: {method} {url} answered HTTP {exc.code} {exc.reason}: {body}{hint}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise SGLangPullError(f"sglang: {method} {url} failed: {reason}") from None
 
 
-def _server_info(base: str, timeout: float) -> dict[str, Any]:
+def _server_info(base: str, timeout: float, key: str | None = None) -> dict[str, Any]:
     """``/server_info`` (newer SGLang) or ``/get_server_info``; ``{}`` when neither answers JSON."""
     for ep in ("/server_info", "/get_server_info"):
         try:
-            obj = json.loads(_request(base + ep, "GET", timeout))
+            obj = json.loads(_request(base + ep, "GET", timeout, key))
         except (SGLangPullError, ValueError):
             continue
         if isinstance(obj, dict):
@@ -300,6 +313,8 @@ def pull(
     dump_timeout: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
     on_event: Callable[[str], None] | None = None,
+    api_key: str | None = None,
+    admin_api_key: str | None = None,
 ) -> PullResult:
     """Record ``seconds`` of expert routing on the SGLang server at ``url`` and read the dump.
 
@@ -312,6 +327,10 @@ def pull(
         dump_timeout: how long to wait for the dump file to appear (s).
         sleep: injectable for tests.
         on_event: called with a short progress line per step.
+        api_key: SGLang's ``--api-key`` (default ``$EPLB_SGLANG_API_KEY``), sent as
+            ``Authorization: Bearer``; never logged or put in a message.
+        admin_api_key: SGLang's ``--admin-api-key`` (default ``$EPLB_SGLANG_ADMIN_API_KEY``), sent
+            instead of ``api_key`` to the record/dump routes when given.
 
     Returns:
         A :class:`PullResult`; ``trace.counts`` is ``[passes, MoE layers, E]``.
@@ -325,8 +344,11 @@ def pull(
     if not d.is_dir():
         raise ValueError(f"--dump-dir: {d} is not a directory (SGLang writes its dumps into ${DUMP_DIR_ENV} on the server)")
     say = on_event or (lambda _msg: None)
+    key = api_key or os.environ.get(API_KEY_ENV) or None
+    admin = admin_api_key or os.environ.get(ADMIN_API_KEY_ENV) or None
+    rec_key = admin or key
 
-    info = _server_info(base, timeout)
+    info = _server_info(base, timeout, key or admin)
     mode = info.get("expert_distribution_recorder_mode", "unknown") if info else "unknown"
     if info and mode is None:
         raise SGLangPullError(
@@ -339,15 +361,15 @@ def pull(
             "--expert-distribution-recorder-mode stat"
         )
     start, stop, dump = (base + ep for ep in ENDPOINTS)
-    _request(start, "POST", timeout)
+    _request(start, "POST", timeout, rec_key)
     say(f"recording expert distribution on {base} for {seconds:g} s")
     try:
         if seconds > 0:
             sleep(seconds)
     finally:
-        _request(stop, "POST", timeout)
+        _request(stop, "POST", timeout, rec_key)
     before = _dump_files(d)
-    _request(dump, "POST", timeout)
+    _request(dump, "POST", timeout, rec_key)
     path = find_new_dump(d, before, timeout=dump_timeout, sleep=sleep)
     say(f"reading {path}")
     ep_size = info.get("ep_size", 0) if info else 0
