@@ -64,10 +64,14 @@ ENDPOINTS = ("/start_expert_distribution_record", "/stop_expert_distribution_rec
 
 _DEEPSEEK_NAMES = {
     "deepseek": "deepseek-global",
-    "deepseek_vec": "deepseek-global",
     "deepseek_hierarchical": "deepseek-hierarchical",
-    "deepseek_vec_hierarchical": "deepseek-hierarchical",
 }
+#: SGLang's vectorised variant (per-step scores, chunked replication, int32 maps): its own algorithm, not
+#: DeepSeek's; eplb does not reproduce it and refuses the names rather than return different maps.
+_UNSUPPORTED_NAMES = ("deepseek_vec", "deepseek_vec_hierarchical")
+#: SGLang's elastic-EP algorithm: plans over the active ranks only (eplb: ``excluded_ranks``).
+ELASTIC_NAMES = ("elasticity_aware",)
+SUPPORTED_ALGORITHMS = ("auto", *_DEEPSEEK_NAMES, *ELASTIC_NAMES)
 
 
 # ----------------------------------------------------------------------------- the algorithm
@@ -76,24 +80,50 @@ _DEEPSEEK_NAMES = {
 def algorithm_to_planner(algorithm: Any) -> str:
     """The eplb policy for an SGLang algorithm value (an ``EplbAlgorithm`` member or a string).
 
-    SGLang's DeepSeek names map to DeepSeek's policies (``deepseek``/``deepseek_vec`` -> global,
-    ``*_hierarchical`` -> hierarchical); ``"auto"``, ``"eplb"`` and ``None`` -> eplb's best policy;
-    any name registered in :data:`eplb.POLICIES` is used as is.
+    SGLang's DeepSeek names map to DeepSeek's policies (``deepseek`` -> global,
+    ``deepseek_hierarchical`` -> hierarchical: identical maps); ``elasticity_aware`` -> eplb's best
+    policy planned over the active ranks (:func:`rebalance_experts` passes ``excluded_ranks``);
+    ``"auto"``, ``"eplb"`` and ``None`` -> eplb's best policy; any name registered in
+    :data:`eplb.POLICIES` is used as is. ``deepseek_vec*`` (SGLang's own vectorised variant, whose
+    maps differ from DeepSeek's) is refused with an error naming the supported names.
     """
     name = getattr(algorithm, "name", algorithm)
-    if name is None or name in ("auto", "eplb"):
+    if name is None or name in ("auto", "eplb", *ELASTIC_NAMES):
         return resolve_planner(None)
     if not isinstance(name, str):
         raise ValueError(f"algorithm: expected an SGLang EplbAlgorithm or a policy name, got {algorithm!r}")
     if name in _DEEPSEEK_NAMES:
         return _DEEPSEEK_NAMES[name]
+    if name in _UNSUPPORTED_NAMES:
+        raise ValueError(
+            f"algorithm: {name!r} is SGLang's vectorised variant (its own maps, int32), which eplb does not "
+            f"reproduce; supported SGLang names: {', '.join(SUPPORTED_ALGORITHMS)} (or an eplb policy name)"
+        )
     try:
         return resolve_planner(name)
     except ValueError:
         raise ValueError(
-            f"algorithm: {name!r} is neither an SGLang DeepSeek algorithm ({sorted(_DEEPSEEK_NAMES)}), 'auto', "
+            f"algorithm: {name!r} is neither a supported SGLang algorithm ({', '.join(SUPPORTED_ALGORITHMS)}) "
             "nor an eplb policy"
         ) from None
+
+
+def _active_ranks(active_ranks: ArrayLike | None, num_gpus: int) -> np.ndarray:
+    """``[num_gpus]`` bool mask of active ranks: given, else SGLang's elastic-EP state, else all."""
+    if active_ranks is None:
+        try:
+            from sglang.srt.elastic_ep.elastic_ep import get_elastic_ep_state  # type: ignore[import-not-found]
+
+            active_ranks = get_elastic_ep_state().active_ranks
+        except Exception:
+            return np.ones(num_gpus, dtype=bool)
+    mask = np.asarray(active_ranks.detach().cpu().numpy() if hasattr(active_ranks, "detach") else active_ranks)
+    if mask.shape != (num_gpus,):
+        raise EngineLayoutError(f"active_ranks: expected a mask of {num_gpus} ranks, got shape {tuple(mask.shape)}")
+    mask = mask.astype(bool)
+    if not mask.any():
+        raise EngineLayoutError("active_ranks: no active rank")
+    return mask
 
 
 def rebalance_experts(
@@ -105,6 +135,7 @@ def rebalance_experts(
     algorithm: Any = "auto",
     *,
     current_physical_to_logical_map: ArrayLike | None = None,
+    active_ranks: ArrayLike | None = None,
 ) -> tuple[Any, Any, Any]:
     """SGLang's ``rebalance_experts`` backed by eplb.
 
@@ -117,6 +148,10 @@ def rebalance_experts(
         algorithm: see :func:`algorithm_to_planner` (default ``"auto"`` = eplb's best policy).
         current_physical_to_logical_map: optional ``[layers, S]`` map served now; when given the
             plan keeps experts where they are when the balance allows (eplb extension).
+        active_ranks: ``elasticity_aware`` only: ``[num_gpus]`` mask of the ranks alive (default:
+            SGLang's elastic-EP state when importable, else all). The plan uses only their slots;
+            ``logical_to_all_physical_map`` / ``expert_count`` list only slots on active ranks
+            (slots of inactive ranks hold spare copies that are never dispatched to).
 
     Returns:
         ``(physical_to_logical_map [L, S], logical_to_all_physical_map [L, E, K] (-1 padded),
@@ -136,6 +171,8 @@ def rebalance_experts(
     num_gpus = S // local
     planner = algorithm_to_planner(algorithm)
     weight = tpe.sum(0) if tpe.ndim == 3 else tpe
+    if getattr(algorithm, "name", algorithm) in ELASTIC_NAMES:
+        return _elastic(tpe, S, num_gpus, planner, _active_ranks(active_ranks, num_gpus))
     if planner.startswith("deepseek") and current_physical_to_logical_map is None:
         from eplb.policies.deepseek import rebalance_experts as ds
 
@@ -154,6 +191,36 @@ def rebalance_experts(
     p = Placement(new, int(tpe.shape[-1]), num_gpus)
     return (torch.from_numpy(np.array(p.phy2log, dtype=np.int64)), torch.from_numpy(p.log2phy),
             torch.from_numpy(p.logcnt))
+
+
+def _elastic(tpe: np.ndarray, S: int, num_gpus: int, planner: str, alive: np.ndarray) -> tuple[Any, Any, Any]:
+    """SGLang's ``elasticity_aware`` contract with eplb's planner: plan over the active ranks only."""
+    import torch
+
+    from eplb.policies import plan
+
+    E = int(tpe.shape[-1])
+    dead = [int(r) for r in np.flatnonzero(~alive)]
+    try:
+        pl = plan(tpe, S, num_gpus, policy=planner, excluded_ranks=dead)
+    except ValueError as exc:
+        raise EngineLayoutError(f"elasticity_aware: {exc}") from None
+    L, spr = pl.num_layers, S // num_gpus
+    active_slot = np.repeat(alive, spr)  # [S]
+    p2l = np.where(active_slot[None], pl.phy2log, -1)
+    cnt = np.zeros((L, E), dtype=np.int64)
+    for layer in range(L):
+        cnt[layer] = np.bincount(p2l[layer][p2l[layer] >= 0], minlength=E)
+    K = int(cnt.max())
+    log2phy = np.full((L, E, K), -1, dtype=np.int64)
+    for layer in range(L):
+        fill = np.zeros(E, dtype=np.int64)
+        for slot in np.flatnonzero(p2l[layer] >= 0):
+            e = int(p2l[layer, slot])
+            log2phy[layer, e, fill[e]] = slot
+            fill[e] += 1
+    return (torch.from_numpy(np.array(pl.phy2log, dtype=np.int64)), torch.from_numpy(log2phy),
+            torch.from_numpy(cnt))
 
 
 # --------------------------------------------------------------------- --init-expert-location
