@@ -347,3 +347,29 @@ def test_all_zero_window_warns(tmp_path: Path) -> None:
     tr = Trace(c, source="idle")
     with pytest.warns(UserWarning, match="idle: the window .* holds no routed tokens"):
         evaluate_placement(tr.slice("4-8"), None, 4)
+
+
+# ------------------------------------------------------------------ 9. eplb record on real DeepSeek configs
+#: the public config.json values of deepseek-ai/DeepSeek-V2-Lite and deepseek-ai/DeepSeek-V3 (no weights)
+DEEPSEEK_V2_LITE = {'attention_bias': False, 'attention_dropout': 0.0, 'aux_loss_alpha': 0.001, 'bos_token_id': 100000, 'eos_token_id': 100001, 'first_k_dense_replace': 1, 'hidden_act': 'silu', 'hidden_size': 2048, 'initializer_range': 0.02, 'intermediate_size': 10944, 'kv_lora_rank': 512, 'max_position_embeddings': 163840, 'model_type': 'deepseek_v2', 'moe_intermediate_size': 1408, 'moe_layer_freq': 1, 'n_group': 1, 'n_routed_experts': 64, 'n_shared_experts': 2, 'norm_topk_prob': False, 'num_attention_heads': 16, 'num_experts_per_tok': 6, 'num_hidden_layers': 27, 'num_key_value_heads': 16, 'pretraining_tp': 1, 'q_lora_rank': None, 'qk_nope_head_dim': 128, 'qk_rope_head_dim': 64, 'rms_norm_eps': 1e-06, 'rope_scaling': {'beta_fast': 32, 'beta_slow': 1, 'factor': 40, 'mscale': 0.707, 'mscale_all_dim': 0.707, 'original_max_position_embeddings': 4096, 'type': 'yarn'}, 'rope_theta': 10000, 'routed_scaling_factor': 1.0, 'scoring_func': 'softmax', 'seq_aux': True, 'tie_word_embeddings': False, 'topk_group': 1, 'topk_method': 'greedy', 'use_cache': True, 'v_head_dim': 128, 'vocab_size': 102400}
+DEEPSEEK_V3 = {'attention_bias': False, 'attention_dropout': 0.0, 'bos_token_id': 0, 'eos_token_id': 1, 'ep_size': 1, 'first_k_dense_replace': 3, 'hidden_act': 'silu', 'hidden_size': 7168, 'initializer_range': 0.02, 'intermediate_size': 18432, 'kv_lora_rank': 512, 'max_position_embeddings': 163840, 'model_type': 'deepseek_v3', 'moe_intermediate_size': 2048, 'moe_layer_freq': 1, 'n_group': 8, 'n_routed_experts': 256, 'n_shared_experts': 1, 'norm_topk_prob': True, 'num_attention_heads': 128, 'num_experts_per_tok': 8, 'num_hidden_layers': 61, 'num_key_value_heads': 128, 'num_nextn_predict_layers': 1, 'q_lora_rank': 1536, 'qk_nope_head_dim': 128, 'qk_rope_head_dim': 64, 'quantization_config': {'activation_scheme': 'dynamic', 'fmt': 'e4m3', 'quant_method': 'fp8', 'weight_block_size': [128, 128]}, 'rms_norm_eps': 1e-06, 'rope_scaling': {'beta_fast': 32, 'beta_slow': 1, 'factor': 40, 'mscale': 1.0, 'mscale_all_dim': 1.0, 'original_max_position_embeddings': 4096, 'type': 'yarn'}, 'rope_theta': 10000, 'routed_scaling_factor': 2.5, 'scoring_func': 'sigmoid', 'tie_word_embeddings': False, 'topk_group': 4, 'topk_method': 'noaux_tc', 'use_cache': True, 'v_head_dim': 128, 'vocab_size': 129280}
+
+
+@pytest.mark.parametrize("name, cfg, moe_layers", [
+    ("DeepSeek-V2-Lite", DEEPSEEK_V2_LITE, list(range(1, 27))),
+    # every value of the real file but the depth (5 layers instead of 61: 2 MoE layers of 256 experts) for CI time
+    ("DeepSeek-V3", {**DEEPSEEK_V3, "num_hidden_layers": 5}, [3, 4]),
+])
+def test_record_on_real_deepseek_configs(tmp_path: Path, name: str, cfg: dict[str, Any], moe_layers: list[int]) -> None:
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "prompts.txt").write_text("the quick brown fox\njumps over the lazy dog\n")
+    out = tmp_path / "t.safetensors"
+    ok(["record", "--model", str(tmp_path / "config.json"), "--dataset", str(tmp_path / "prompts.txt"), "-o", str(out),
+        "-q", "--max-tokens", "8"])
+    tr = Trace.load(out)
+    assert list(tr.layer_ids) == moe_layers and tr.num_experts == cfg["n_routed_experts"]
+    # every token of every MoE layer is routed to top-k experts: equal per-layer totals, a multiple of k
+    per_layer = tr.counts.sum(-1)
+    assert np.all(per_layer == per_layer[:, :1]) and np.all(per_layer % cfg["num_experts_per_tok"] == 0)
