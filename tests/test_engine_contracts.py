@@ -373,3 +373,11 @@ def test_record_on_real_deepseek_configs(tmp_path: Path, name: str, cfg: dict[st
     # every token of every MoE layer is routed to top-k experts: equal per-layer totals, a multiple of k
     per_layer = tr.counts.sum(-1)
     assert np.all(per_layer == per_layer[:, :1]) and np.all(per_layer % cfg["num_experts_per_tok"] == 0)
+
+
+def test_validate_says_an_sglang_dump_is_no_map(tmp_path: Path) -> None:
+    _sglang_dump(tmp_path / "dump.pt", _esft_passes())
+    text = fails(["validate", str(tmp_path / "dump.pt"), "--ep-size", "8"],
+                 r"dump\.pt: holds load counts \(SGLang 'logical_count': an expert-distribution dump / trace\), "
+                 r"not a placement map")
+    assert "OK" not in text

@@ -469,6 +469,13 @@ def validate_cmd(
     from eplb.formats import EPSizeMissing, detect_format, read_placement
 
     fmt = format or detect_format(map_file)
+    if fmt == "sglang" and _holds_loads(map_file):
+        raise ValueError(
+            f"{map_file}: holds load counts (SGLang 'logical_count': an expert-distribution dump / trace), not a "
+            f"placement map. SGLang plans a map from it at start-up (--init-expert-location); to see and check "
+            f"the map eplb plans from it: eplb plan {map_file} --ep-size N -o map.json --format sglang; "
+            f"eplb validate map.json --ep-size N"
+        )
     kw: dict[str, Any] = dict(num_experts=num_experts, num_nodes=num_nodes, num_slots=num_slots)
     try:
         pl = read_placement(map_file, fmt, ep_size=ep_size, **kw)
@@ -483,6 +490,15 @@ def validate_cmd(
         _read_for_trace(map_file, fmt, tr, trace, ep_size=pl.num_ranks, num_nodes=num_nodes, num_slots=num_slots)
         note += f"; fits trace {trace} ({tr.num_layers} layers, {tr.num_experts} experts)"
     print(f"OK {map_file} ({fmt}): {desc}{note}")
+
+
+def _holds_loads(path: Path) -> bool:
+    """The file is SGLang's load form (``logical_count``), not a ``physical_to_logical_map``."""
+    from eplb.formats import _parse
+    from eplb.formats._common import read_bytes
+
+    _, obj = _parse(path, read_bytes(path))
+    return isinstance(obj, dict) and "logical_count" in obj and "physical_to_logical_map" not in obj
 
 
 # ============================================================================ convert
