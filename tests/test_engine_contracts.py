@@ -381,3 +381,21 @@ def test_validate_says_an_sglang_dump_is_no_map(tmp_path: Path) -> None:
                  r"dump\.pt: holds load counts \(SGLang 'logical_count': an expert-distribution dump / trace\), "
                  r"not a placement map")
     assert "OK" not in text
+
+
+def test_simulator_takes_the_expert_size_from_the_trace_or_options(tmp_path: Path) -> None:
+    from eplb.sim.cost import expert_shape
+
+    assert expert_shape("deepseek-ai/DeepSeek-V2-Lite") == ({"hidden_size": 2048, "moe_intermediate_size": 1408},
+                                                            "the public config of deepseek-ai/DeepSeek-V2-Lite")
+    assert expert_shape("Qwen/Qwen3-30B-A3B", {"hidden_size": 64})[0] == {"hidden_size": 64,
+                                                                          "moe_intermediate_size": 768}
+    assert expert_shape("x", {}, dtype_bytes=1)[0] == {"dtype_bytes": 1}
+    assert expert_shape("unknown-model") == ({}, "")
+    tr = Trace(_esft_passes()[:8], layer_ids=tuple(range(1, 27)), top_k=6, model="deepseek-ai/DeepSeek-V2-Lite")
+    tr.save(tmp_path / "t.safetensors")
+    base = ["simulate", str(tmp_path / "t.safetensors"), "--ep-size", "8", "--num-slots", "72", "--no-progress",
+            "--policy", "deepseek"]
+    assert "expert size: hidden 2048 x intermediate 1408 x 2 byte(s) (the public config" in " ".join(ok(base).split())
+    text = " ".join(ok([*base, "--hidden-size", "4096", "--dtype-bytes", "1"]).split())
+    assert "expert size: hidden 4096 x intermediate 1408 x 1 byte(s) (options, the public config" in text

@@ -259,6 +259,11 @@ def record(
                           source=source, device=device)
     assert tr is not None
     tr.model = getattr(m.config, "_name_or_path", "") or model
+    for key, attrs in (("hidden_size", ("hidden_size",)), ("moe_intermediate_size", ("moe_intermediate_size",
+                                                                                     "intermediate_size"))):
+        val = next((getattr(m.config, a) for a in attrs if isinstance(getattr(m.config, a, None), int)), None)
+        if val:  # the expert size of the model recorded (eplb simulate prices migrations with it)
+            tr.meta.setdefault(key, int(val))
     if tr.ep_size <= 1:
         tr.ep_size = 0
     write_trace(tr, out, out_fmt, overwrite=force)
