@@ -399,3 +399,28 @@ def test_simulator_takes_the_expert_size_from_the_trace_or_options(tmp_path: Pat
     assert "expert size: hidden 2048 x intermediate 1408 x 2 byte(s) (the public config" in " ".join(ok(base).split())
     text = " ".join(ok([*base, "--hidden-size", "4096", "--dtype-bytes", "1"]).split())
     assert "expert size: hidden 4096 x intermediate 1408 x 1 byte(s) (options, the public config" in text
+
+
+# ------------------------------------------------------------------ 5. vllm-ascend options per version
+def test_vllm_ascend_serving_options_per_version(trace_file: Path, tmp_path: Path) -> None:
+    import json
+    import re
+
+    from eplb.runtime.manager import BalancerConfig
+
+    out = tmp_path / "expert_map.json"
+    text = ok(["plan", str(trace_file), "--ep-size", "4", "--num-slots", "20", "-O", "max_replicas=4",
+               "-o", str(out), "--format", "vllm-ascend"])
+    lines = dict(re.findall(r"serve with vllm-ascend (<= v0\.13|>= v0\.18): --additional-config '(.*)'", text))
+    old, new = json.loads(lines["<= v0.13"]), json.loads(lines[">= v0.18"])
+    assert old == {"expert_map_path": str(out.resolve()), "init_redundancy_expert": 4}
+    # v0.18 on reads only additional_config["eplb_config"]: nothing at the top level
+    assert new == {"eplb_config": {"expert_map_path": str(out.resolve()), "num_redundant_experts": 4}}
+    # the slot count the file holds matches the redundant count (else v0.18 fails: capacity mismatch)
+    m = json.loads(out.read_text())
+    per_dev = {len(d["device_expert"]) for ly in m["layer_list"] for d in ly["device_list"]}
+    assert per_dev == {5} and 4 * 5 - 16 == new["eplb_config"]["num_redundant_experts"]
+    # eplb's online balancer reads both forms
+    for cfg in (old, new):
+        c = BalancerConfig.from_dict(cfg)
+        assert c.expert_map_path == str(out.resolve()) and c.num_redundant_experts == 4

@@ -411,6 +411,15 @@ def plan_cmd(
     if "lower_bound" in m:
         line += f"; max rank load {m['in_sample_max_load']:.2f} vs lower bound {m['lower_bound']:.2f} (gap {m['optimality_gap']:.2%})"
     print(line + f"; planned in {dt * 1000:.0f} ms")
+    _serving_hint(fmt, output, pl)
+
+
+def _serving_hint(fmt: str, output: Path, pl: Placement) -> None:
+    """How to serve the written map, per engine version where the options differ."""
+    if fmt == "vllm-ascend":
+        from eplb.formats.vllm_ascend import serving_hint
+
+        print(serving_hint(str(output.resolve()), pl))
 
 
 def _read_for_trace(path: Path, fmt: str | None, tr: Trace, trace_spec: str, **kw: Any) -> Placement:
@@ -593,6 +602,7 @@ def convert_cmd(
         lost.append("the EP size")
     note = f" (not recorded by {fmt_out}: {'; '.join(lost)})" if lost else ""
     print(f"wrote {output} ({fmt_out}) from {input} ({src}): {_describe(pl)}{note}")
+    _serving_hint(fmt_out, output, pl)
 
 
 # ============================================================================ evaluate
