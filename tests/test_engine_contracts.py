@@ -4,6 +4,7 @@ as docs/engines/contracts.md states it (the engine's own loader re-implemented w
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +300,7 @@ def test_raw_sglang_dump_reads_as_its_moe_layers(tmp_path: Path, monkeypatch: py
     tmp_path = Path(".")
     dump, clean = tmp_path / "dump.pt", tmp_path / "t.safetensors"
     _sglang_dump(dump, passes)
-    Trace(passes, layer_ids=tuple(range(1, 27)), top_k=6).save(clean)
+    Trace(passes, layer_ids=tuple(range(1, 27))).save(clean)  # SGLang's dump records no top-k either
     tr = read_trace(dump)
     assert tr.layer_ids == tuple(range(1, 27)) and np.array_equal(tr.counts, passes)
     assert tr.meta["dropped_empty_passes"] == 1000 - 33 and tr.meta["dropped_dense_layers"] == [0]
@@ -424,3 +425,58 @@ def test_vllm_ascend_serving_options_per_version(trace_file: Path, tmp_path: Pat
     for cfg in (old, new):
         c = BalancerConfig.from_dict(cfg)
         assert c.expert_map_path == str(out.resolve()) and c.num_redundant_experts == 4
+
+
+# ------------------------------------------------------------------ 3. group-limited routing
+def _nodes_per_group(phy2log: np.ndarray, num_groups: int, num_nodes: int, num_experts: int) -> np.ndarray:
+    """[L, G] number of nodes holding some replica of some expert of each group."""
+    L, S = phy2log.shape
+    node = np.arange(S) // (S // num_nodes)
+    gs = num_experts // num_groups
+    out = np.zeros((L, num_groups), dtype=np.int64)
+    for layer in range(L):
+        for g in range(num_groups):
+            out[layer, g] = len(set(node[(phy2log[layer] // gs) == g].tolist()))
+    return out
+
+
+def test_group_limited_default_keeps_groups_on_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 groups on 4 nodes (DeepSeek-V3-like grouping, SYNTHETIC Zipf loads): vLLM's default keeps each group on
+    one node; so must eplb's default, in the CLI and in the vLLM plug-in; --policy eplb spreads them."""
+    from eplb.integrations.vllm import make_policy
+
+    c = zipf_counts(6, 3, 64, tokens_per_step=512, top_k=8, skew=1.2, seed=4)
+    tr = Trace(c, layer_ids=(3, 4, 5), top_k=8)
+    tr.save(tmp_path / "t.safetensors")
+    args = ["plan", str(tmp_path / "t.safetensors"), "--ep-size", "16", "--num-slots", "80", "--num-nodes", "4",
+            "--num-groups", "8", "--format", "native"]
+    ok([*args, "-o", str(tmp_path / "a.json")])
+    a = read_placement(tmp_path / "a.json")
+    assert a.meta["policy"] == "eplb-hierarchical"
+    assert np.all(_nodes_per_group(a.phy2log, 8, 4, 64) == 1)
+    ok([*args, "-o", str(tmp_path / "b.json"), "--policy", "eplb"])  # the explicit trade-off: better token balance
+    b = read_placement(tmp_path / "b.json")
+    assert _nodes_per_group(b.phy2log, 8, 4, 64).mean() > 1
+    # the vLLM plug-in: same rule (EPLB_VLLM_GROUP_LIMITED=0 spreads)
+    cls = make_policy("eplb")
+    v = np.asarray(cls.rebalance_experts(c.sum(0), 80, 8, 4, 16, None))
+    assert np.all(_nodes_per_group(v, 8, 4, 64) == 1)
+    monkeypatch.setenv("EPLB_VLLM_GROUP_LIMITED", "0")
+    v0 = np.asarray(cls.rebalance_experts(c.sum(0), 80, 8, 4, 16, None))
+    assert _nodes_per_group(v0, 8, 4, 64).mean() > 1
+    # evaluate shows ranks and nodes per token (expected from counts here: the trace has no top-k ids)
+    text = ok(["evaluate", str(tmp_path / "t.safetensors"), "--placement", str(tmp_path / "a.json")])
+    assert re.search(r"map a\.json: [\d.]+ ranks and [\d.]+ nodes per token \(expected from counts", text)
+
+
+def test_fanout_per_token_exact_with_topk_ids() -> None:
+    from eplb import Placement
+    from eplb.metrics import fanout_per_token
+
+    # 4 experts, 2 ranks on 2 nodes, experts 0 and 2 on both ranks
+    pl = Placement([[0, 1, 2, 0, 3, 2]], 4, 2, 2)
+    ids = np.array([[[0, 1]], [[1, 2]], [[3, 2]]])  # [N=3, L=1, k=2]
+    fan = fanout_per_token(pl, topk_ids=ids)
+    # token 0: expert 1 on rank 0, expert 0 on rank 0 or 1 (1/2): 1.5 ranks; token 1: experts 1 (r0), 2 (r0 or r1): 1.5
+    # token 2: expert 3 on rank 1, expert 2 on r0 or r1: 1.5
+    assert fan["method"] == "topk_ids" and fan["ranks"].tolist() == [1.5] and fan["nodes"].tolist() == [1.5]

@@ -248,6 +248,12 @@ def evaluate_placement(
         ev.balanced_imbalance, ev.balanced_max_load = ev.imbalance, ev.max_load
     if bound:
         ev.lower_bound, ev.gap = _bound_and_gap(c, pl)
+    if trace.topk_ids is not None or trace.top_k:
+        from eplb.metrics import fanout_per_token
+
+        fan = fanout_per_token(pl, topk_ids=trace.topk_ids, counts=c, top_k=trace.top_k)
+        ev.extra.update(ranks_per_token=round(fan["mean_ranks"], 4), nodes_per_token=round(fan["mean_nodes"], 4),
+                        fanout_method=fan["method"])
     return ev
 
 
@@ -267,6 +273,16 @@ def _summary_table(evals: Sequence[Evaluation], title: str) -> Any:
         t.add_row(ev.label, ev.window, f"{ev.num_slots}/{ev.num_ranks}", f"{ev.imbalance:.4f}", f"{ev.max_load:.2f}",
                   f(ev.balanced_imbalance, ".4f"), f(ev.dispatch_bound, ".2f"), f(ev.lower_bound, ".2f"), f(ev.gap, ".2%"))
     return t
+
+
+def _print_fanout(evals: Sequence[Evaluation]) -> None:
+    """Ranks and nodes one token is sent to (all-to-all fan-out), where the trace allows it."""
+    for ev in evals:
+        if "ranks_per_token" in ev.extra:
+            how = ("exact from the tokens' top-k ids" if ev.extra["fanout_method"] == "topk_ids"
+                   else "expected from counts, independent choices")
+            print(f"{ev.label}: {ev.extra['ranks_per_token']:.2f} ranks and {ev.extra['nodes_per_token']:.2f} nodes "
+                  f"per token ({how}; uniform replica choice)")
 
 
 def _per_layer_table(before: Evaluation, after: Evaluation, title: str) -> Any:
@@ -309,12 +325,12 @@ def _golden_text(before: Evaluation, after: Evaluation, extra: Sequence[Evaluati
 
 
 # ============================================================================ plan
-def _best_policy(policy: str | None) -> str:
+def _best_policy(policy: str | None, num_groups: int = 1, num_nodes: int = 1) -> str:
     from eplb.formats import default_policy
     from eplb.policies import load_policy_plugins
 
     if policy is None:
-        return default_policy()
+        return default_policy(num_groups, num_nodes)
     POLICIES = load_policy_plugins()
     if policy not in POLICIES:
         raise ValueError(f"policy: unknown policy {policy!r}; expected one of {sorted(POLICIES)}")
@@ -337,7 +353,7 @@ def plan_placement(
     from eplb import __version__
     from eplb.policies import plan
 
-    pol = _best_policy(policy)
+    pol = _best_policy(policy, num_groups, num_nodes)
     S = int(num_slots) if num_slots is not None else trace.num_experts
     check_layout_args(trace.num_experts, S, int(ep_size), int(num_nodes), int(num_groups))
     meta = {
@@ -653,7 +669,7 @@ def evaluate_cmd(
     if rng_plan is not None and rng_eval is not None:
         S = pl.num_slots if pl is not None else (num_slots or tr_all.num_experts)
         opts = _parse_options(option)
-        pol = _best_policy(policy)
+        pol = _best_policy(policy, num_groups, num_nodes)
         planned = plan_placement(tr_all.slice(rng_plan), ep_size=ep, num_slots=S, num_nodes=num_nodes,
                                  num_groups=num_groups, policy=pol, trace_spec=trace, options=opts)
         ho = evaluate_placement(tr_eval, planned, label=f"{pol} planned on {rng_plan[0]}-{rng_plan[1]} (held-out)",
@@ -669,6 +685,7 @@ def evaluate_cmd(
     if per_layer and before is not None and after is not None:
         con.print(_per_layer_table(before, after, f"Load per rank, {trace} steps {after.window}: {before.label} -> {after.label}"))
     con.print(_summary_table(evals, f"{trace}: {tr_eval.num_steps} steps, {ep} ranks (imbalance = max/mean - 1 per step, averaged)"))
+    _print_fanout(evals)
     if json_out is not None:
         atomic_write(json_out, (json.dumps({"trace": trace, "evaluations": [e.to_dict() for e in evals]}, indent=2) + "\n").encode())
 

@@ -188,6 +188,7 @@ def plan_for_engine(
     planner: str | None = None,
     min_gain: float | None = 0.0,
     name: str = "weight",
+    group_limited: bool = True,
 ) -> np.ndarray:
     """Plan a new ``phy2log [L, S]`` (int64) for an engine; see the module docstring.
 
@@ -203,10 +204,16 @@ def plan_for_engine(
             new row's or of a fresh plan's (``None`` disables this; only for a complete old map of
             the same shape).
         name: argument name used in error messages.
+        group_limited: with expert groups dividing evenly over several nodes, plan ``"eplb"`` as
+            ``"eplb-hierarchical"`` (every group on one node: the node bound of group-limited
+            routing, as vLLM's default policy). False: spread groups for the best token balance.
     """
     arr = check_load(loads, name, ndim=(2, 3))
     layout = normalize_layout(arr, num_slots, num_groups, num_nodes, num_ranks)
     policy = resolve_planner(planner)
+    if group_limited and policy == "eplb" and layout.num_groups > 1 and layout.num_nodes > 1 \
+            and layout.num_groups % layout.num_nodes == 0:
+        policy = "eplb-hierarchical"  # keep each expert group on one node, as the engines' default policies do
     if policy in GLOBAL_FALLBACK and layout.num_groups % layout.num_nodes:
         log.info("eplb: %d expert group(s) cannot be split over %d nodes; %r falls back to the global %r (as the "
                  "engine's default policy does)", layout.num_groups, layout.num_nodes, policy, GLOBAL_FALLBACK[policy])

@@ -21,6 +21,9 @@ calls :func:`register` in every process. It does nothing unless ``EPLB_VLLM_POLI
   planner, and log ``eplb: vLLM EPLB policy 'default' -> eplb ...`` at INFO;
 * ``EPLB_VLLM_MIN_GAIN`` (float, default ``0``): keep a layer's current map unless both the new
   plan and a fresh plan lower its max rank load by more than this fraction (``-1`` disables it);
+* ``EPLB_VLLM_GROUP_LIMITED`` (default on): when ``num_groups % num_nodes == 0`` (several nodes),
+  the ``eplb`` planner keeps every expert group on one node, like vLLM's default policy (the node
+  bound of group-limited routing); ``0`` spreads groups for the best token balance;
 * ``EPLB_VLLM_RECORD=PATH``: also save every load window the policy sees as one step of an eplb
   trace (safetensors, rewritten atomically, global rank 0 only) -- vLLM's expert statistics.
 """
@@ -38,6 +41,7 @@ import numpy as np
 from eplb.integrations._core import EngineLayoutError, plan_for_engine, resolve_planner
 
 __all__ = [
+    "ENV_GROUP_LIMITED",
     "ENV_MIN_GAIN",
     "ENV_POLICY",
     "ENV_RECORD",
@@ -51,6 +55,7 @@ __all__ = [
 ENV_POLICY = "EPLB_VLLM_POLICY"
 ENV_MIN_GAIN = "EPLB_VLLM_MIN_GAIN"
 ENV_RECORD = "EPLB_VLLM_RECORD"
+ENV_GROUP_LIMITED = "EPLB_VLLM_GROUP_LIMITED"
 _OFF = {"", "0", "off", "false", "no", "none", "default", "vllm"}
 
 log = logging.getLogger("eplb.integrations.vllm")
@@ -156,8 +161,10 @@ class EplbPolicy(_Base):
         import torch
 
         planner = resolve_planner(cls.planner)
+        grouped = os.environ.get(ENV_GROUP_LIMITED, "1").strip().lower() not in _OFF - {"default"}
         new = plan_for_engine(weight, num_replicas, num_ranks, num_nodes=num_nodes, num_groups=num_groups,
-                              old=old_global_expert_indices, planner=planner, min_gain=cls.min_gain)
+                              old=old_global_expert_indices, planner=planner, min_gain=cls.min_gain,
+                              group_limited=grouped)
         if _recorder is not None and _rank0():
             try:
                 from eplb._checks import to_numpy
