@@ -467,6 +467,8 @@ def test_group_limited_default_keeps_groups_on_nodes(tmp_path: Path, monkeypatch
     # evaluate shows ranks and nodes per token (expected from counts here: the trace has no top-k ids)
     text = ok(["evaluate", str(tmp_path / "t.safetensors"), "--placement", str(tmp_path / "a.json")])
     assert re.search(r"map a\.json: [\d.]+ ranks and [\d.]+ nodes per token \(expected from counts", text)
+    rep = ok(["report", str(tmp_path / "t.safetensors"), "--placement", str(tmp_path / "a.json")])
+    assert re.search(r"\(a\.json\): [\d.]+ ranks and [\d.]+ nodes per token \(expected from counts", rep)
 
 
 def test_fanout_per_token_exact_with_topk_ids() -> None:
