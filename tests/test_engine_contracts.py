@@ -148,22 +148,22 @@ def test_vllm_policy_never_raises_on_an_accepted_layout(monkeypatch: pytest.Monk
 
 
 def test_vllm_policy_class_pickles_by_reference() -> None:
+    import os
     import pickle
     import subprocess
     import sys
 
     from eplb.integrations.vllm import make_policy
 
-    for planner, gain in (("eplb", 0.0), ("deepseek-hierarchical", 0.05), ("eplb-robust", None)):
-        cls = make_policy(planner, gain)
-        data = pickle.dumps(cls)
-        assert pickle.loads(data) is cls
-        # a fresh process (vLLM's workers) resolves the class by name
-        code = ("import pickle,sys; c = pickle.loads(sys.stdin.buffer.read()); "
-                "print(c.planner, c.min_gain)")
-        res = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, check=True,
-                             env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
-        assert res.stdout.decode().split() == [planner, str(gain)]
+    cases = (("eplb", 0.0), ("deepseek-hierarchical", 0.05), ("eplb-robust", None))
+    classes = tuple(make_policy(planner, gain) for planner, gain in cases)
+    data = pickle.dumps(classes)
+    assert pickle.loads(data) == classes
+    # a fresh process (vLLM's workers) resolves the classes by name
+    code = "import pickle,sys; print(*[f'{c.planner},{c.min_gain}' for c in pickle.loads(sys.stdin.buffer.read())])"
+    res = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert res.stdout.decode().split() == [f"{p},{g}" for p, g in cases]
 
 
 # ------------------------------------------------------------------ 8. model layer ids
