@@ -189,6 +189,12 @@ def evaluate_placement(
         ev.balanced_imbalance, ev.balanced_max_load = ev.imbalance, ev.max_load
     if bound:
         ev.lower_bound, ev.gap = bound_and_gap(c, pl)
+    if trace.topk_ids is not None or trace.top_k:
+        from eplb.metrics import fanout_per_token
+
+        fan = fanout_per_token(pl, topk_ids=trace.topk_ids, counts=c, top_k=trace.top_k)
+        ev.extra.update(ranks_per_token=round(fan["mean_ranks"], 4), nodes_per_token=round(fan["mean_nodes"], 4),
+                        fanout_method=fan["method"])
     return ev
 
 def golden_text(before: Evaluation, after: Evaluation, extra: Sequence[Evaluation]) -> str:
@@ -206,13 +212,14 @@ def golden_text(before: Evaluation, after: Evaluation, extra: Sequence[Evaluatio
         lines.append(" | ".join(parts))
     return "\n".join(lines) + "\n"
 
-def resolve_policy(policy: str | None) -> str:
-    """``policy`` checked against the registry, or the best registered one (``"eplb"``)."""
+def resolve_policy(policy: str | None, num_groups: int = 1, num_nodes: int = 1) -> str:
+    """``policy`` checked against the registry, or the best registered one for the layout
+    (:func:`eplb.formats.default_policy`)."""
     from eplb.formats import default_policy
     from eplb.policies import policy_info
 
     if policy is None:
-        return default_policy()
+        return default_policy(num_groups, num_nodes)
     return policy_info(policy).name
 
 
@@ -232,7 +239,7 @@ def plan_placement(
     from eplb import __version__
     from eplb.policies import plan
 
-    pol = resolve_policy(policy)
+    pol = resolve_policy(policy, num_groups, num_nodes)
     S = int(num_slots) if num_slots is not None else trace.num_experts
     check_layout(trace.num_experts, S, int(ep_size), int(num_nodes), num_groups=int(num_groups),
                  names=("num-slots", "ep-size", "num-nodes", "num-groups"))

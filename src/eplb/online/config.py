@@ -241,7 +241,8 @@ class BalancerConfig(BaseModel):
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "config") -> BalancerConfig:
         """Build from a mapping using eplb's names or any engine's (:data:`ALIASES`; keys may use
-        dashes, capitals and a leading ``--``). vllm-ascend's ``dynamic_eplb: false`` and xLLM's
+        dashes, capitals and a leading ``--``; vllm-ascend's options at the top level (up to v0.13) or under
+        ``eplb_config`` (v0.18 on)). vllm-ascend's ``dynamic_eplb: false`` and xLLM's
         ``enable_eplb: false`` switch online updates off; :data:`IGNORED` keys are skipped. Errors
         name ``source`` and the key as written."""
         if not isinstance(d, Mapping):
@@ -249,7 +250,11 @@ class BalancerConfig(BaseModel):
         names = set(cls.model_fields)
         out: dict[str, Any] = {}
         used: dict[str, str] = {}  # field -> key as written
-        for raw_key, value in d.items():
+        items = list(d.items())
+        nested = d.get("eplb_config")
+        if isinstance(nested, Mapping):  # vllm-ascend >= v0.18: additional_config["eplb_config"]
+            items = [(k, v) for k, v in items if k != "eplb_config"] + list(nested.items())
+        for raw_key, value in items:
             key = _norm_key(str(raw_key))
             if key in _SWITCHES:
                 if not isinstance(value, bool):

@@ -24,12 +24,23 @@ from eplb._checks import ArrayLike, check_layout, check_load
 from eplb.errors import InputError
 from eplb.placement import Placement
 from eplb.policies.deepseek import rebalance_experts, rebalance_experts_hierarchical
-from eplb.policies.registry import POLICIES, PolicyFn, PolicyInfo, check_serves, policy_info, register_policy
+from eplb.policies.registry import (
+    POLICIES,
+    POLICY_OPTIONS,
+    PolicyFn,
+    PolicyInfo,
+    check_options,
+    check_serves,
+    policy_info,
+    register_policy,
+)
 
-__all__ = ["POLICIES", "PolicyFn", "PolicyInfo", "check_serves", "load_policy_plugins", "plan", "policy_info",
-           "rebalance_experts", "register_policy"]
+__all__ = ["POLICIES", "POLICY_OPTIONS", "PolicyFn", "PolicyInfo", "check_options", "check_serves",
+           "load_policy_plugins", "plan", "policy_info", "rebalance_experts", "register_policy"]
 
-@register_policy("deepseek")
+
+
+@register_policy("deepseek", options=())
 def _deepseek(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
               **options: Any) -> np.ndarray:
     """DeepSeek's ``rebalance_experts``: hierarchical when ``num_groups % num_nodes == 0``, else global.
@@ -39,7 +50,7 @@ def _deepseek(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: i
     return np.asarray(phy2log)
 
 
-@register_policy("deepseek-global")
+@register_policy("deepseek-global", options=())
 def _deepseek_global(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
                      **options: Any) -> np.ndarray:
     """DeepSeek's global policy (one group, one node) regardless of topology."""
@@ -47,7 +58,7 @@ def _deepseek_global(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_n
     return phy2log
 
 
-@register_policy("deepseek-hierarchical")
+@register_policy("deepseek-hierarchical", options=())
 def _deepseek_hier(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
                    **options: Any) -> np.ndarray:
     """DeepSeek's hierarchical policy; requires ``num_groups % num_nodes == 0``."""
@@ -90,16 +101,17 @@ def plan(
     Returns:
         A validated :class:`Placement` whose ``meta`` records the policy and parameters.
     """
-    info = check_serves(policy, current=options.get("current") is not None,
-                        excluded=bool(options.get("excluded_ranks")))
+    pinfo = check_serves(policy, current=options.get("current") is not None,
+                         excluded=bool(options.get("excluded_ranks")))
     arr = check_load(loads, "loads", ndim=(2, 3))
     if arr.ndim == 2:
         arr = arr[None]
     E = arr.shape[2]
     check_layout(E, num_slots, num_ranks, num_nodes, num_groups=num_groups)
-    assert info.fn is not None
-    phy2log = info.fn(arr, num_slots=int(num_slots), num_ranks=int(num_ranks), num_nodes=int(num_nodes),
-                               num_groups=int(num_groups), **options)
+    check_options(policy, options)
+    assert pinfo.fn is not None
+    phy2log = pinfo.fn(arr, num_slots=int(num_slots), num_ranks=int(num_ranks), num_nodes=int(num_nodes),
+                       num_groups=int(num_groups), **options)
     info: dict[str, Any] = {"policy": policy, "num_groups": int(num_groups)}
     for k, v in options.items():
         if isinstance(v, (int, float, str, bool)):

@@ -19,7 +19,7 @@ engine integrations, the online balancer, ``simulate`` / ``capacity`` -- sees ev
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,7 +27,8 @@ import numpy as np
 
 from eplb.errors import InputError
 
-__all__ = ["POLICIES", "PolicyFn", "PolicyInfo", "check_serves", "policy_info", "register_policy"]
+__all__ = ["POLICIES", "POLICY_OPTIONS", "PolicyFn", "PolicyInfo", "check_options", "check_serves", "policy_info",
+           "register_policy"]
 
 PolicyFn = Callable[..., np.ndarray]
 _MIGRATION = ("none", "optional", "required")
@@ -43,6 +44,7 @@ class PolicyInfo:
     per_step: bool = False
     hierarchical: bool = False
     excluded_ranks: bool = False
+    options: tuple[str, ...] | None = None  # the options it takes (None: not declared, passed unchecked)
     fn: PolicyFn | None = None
 
     @property
@@ -69,13 +71,15 @@ _INFO: dict[str, PolicyInfo] = {i.name: i for i in (
 )}
 
 
-def register_policy(name: str, *, migration: str | None = None, per_step: bool | None = None,
-                    hierarchical: bool | None = None, excluded_ranks: bool | None = None
-                    ) -> Callable[[PolicyFn], PolicyFn]:
+def register_policy(name: str, options: Sequence[str] | None = None, *, migration: str | None = None,
+                    per_step: bool | None = None, hierarchical: bool | None = None,
+                    excluded_ranks: bool | None = None) -> Callable[[PolicyFn], PolicyFn]:
     """Decorator registering a policy function under ``name`` (signature: see :mod:`eplb.policies`).
 
-    A built-in keeps its declared capabilities; a new policy declares its own (default: not
-    migration-aware, sums only, flat, no excluded ranks).
+    ``options``: the option names it takes; :func:`eplb.plan` then refuses any other option with an
+    error listing these (``None``: not declared, options are passed through unchecked). A built-in
+    keeps its declared capabilities; a new policy declares its own (default: not migration-aware,
+    sums only, flat, no excluded ranks).
     """
     if migration is not None and migration not in _MIGRATION:
         raise InputError(f"migration: expected one of {list(_MIGRATION)}, got {migration!r}")
@@ -85,7 +89,7 @@ def register_policy(name: str, *, migration: str | None = None, per_step: bool |
         changes = {k: v for k, v in (("migration", migration), ("per_step", per_step),
                                      ("hierarchical", hierarchical), ("excluded_ranks", excluded_ranks))
                    if v is not None}
-        _INFO[name] = replace(base, fn=fn, **changes)
+        _INFO[name] = replace(base, fn=fn, options=tuple(options) if options is not None else None, **changes)
         return fn
 
     return deco
@@ -119,6 +123,21 @@ def check_serves(name: str, *, current: bool = False, excluded: bool = False, wh
     return info
 
 
+def check_options(policy: str, options: Mapping[str, Any]) -> None:
+    """Refuse options ``policy`` does not take; the error names the option and lists the valid ones.
+
+    ``current`` (the placement in service) is governed by the policy's ``migration`` capability
+    (:func:`check_serves`), not by its option list.
+    """
+    valid = policy_info(policy).options
+    if valid is None:
+        return
+    for key in options:
+        if key not in valid and key != "current":
+            listed = ", ".join(valid) if valid else "none"
+            raise InputError(f"{key}: policy {policy!r} has no option {key!r}; its options: {listed}")
+
+
 class _Policies(Mapping[str, PolicyFn]):
     """``name -> policy function`` over every declared policy; a policy's module is imported on access."""
 
@@ -144,3 +163,31 @@ class _Policies(Mapping[str, PolicyFn]):
 
 #: Every registered policy by name (lazy: the defining module is imported when a policy is looked up).
 POLICIES: Mapping[str, PolicyFn] = _Policies()
+
+
+class _Options(Mapping[str, tuple[str, ...]]):
+    """``name -> declared option names`` of the policies that declared them (modules imported on access)."""
+
+    def _declared(self) -> dict[str, tuple[str, ...]]:
+        out = {}
+        for n in sorted(_INFO):
+            opts = policy_info(n).options
+            if opts is not None:
+                out[n] = opts
+        return out
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        opts = policy_info(name).options if name in _INFO else None
+        if opts is None:
+            raise KeyError(name)
+        return opts
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._declared())
+
+    def __len__(self) -> int:
+        return len(self._declared())
+
+
+#: The options (``plan(..., **options)`` / ``-O KEY=VALUE``) each policy takes, where it declared them.
+POLICY_OPTIONS: Mapping[str, tuple[str, ...]] = _Options()
