@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from eplb.dispatch.kernel import HAVE_TRITON, plan_quotas_triton, rank_share_cum_triton
+from eplb.dispatch.kernel import HAVE_TRITON, fused_token_slots, plan_quotas_triton, rank_share_cum_triton
 from eplb.dispatch.solver import balanced_quotas, slot_quotas
 from eplb.dispatch.table import DispatchTable
 
@@ -189,7 +189,7 @@ def _check(topk_ids: torch.Tensor, table: DispatchTable, strategy: str, rank: in
 
 
 def assign_slots(topk_ids: torch.Tensor, table: DispatchTable, strategy: str = "local-first", *, rank: int,
-                 global_counts: torch.Tensor | None = None) -> torch.Tensor:
+                 global_counts: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Physical slot of every (token, choice) routed on this rank.
 
     Args:
@@ -199,6 +199,10 @@ def assign_slots(topk_ids: torch.Tensor, table: DispatchTable, strategy: str = "
         rank: this rank's index in the EP group.
         global_counts: ``[R, E]`` (source rank, expert) counts of this step over all ranks, this rank's row
             included (``"balanced"`` only; e.g. an ``all_gather`` of every rank's ``bincount``).
+        backend: ``"torch"`` (the reference, any device), ``"triton"`` (:func:`~eplb.dispatch.kernel.fused_token_slots`:
+            balanced in two kernel launches, round-robin in one) or ``"auto"`` (Triton on CUDA when available).
+            Both give identical slots. On CUDA the ids are not range-checked (that would sync with the host):
+            they must lie in ``[0, E)``.
 
     Returns:
         ``[N, k]`` ``int64`` slot ids; slot ``s`` lives on rank ``s // table.slots_per_rank``. Every entry is a
@@ -206,6 +210,10 @@ def assign_slots(topk_ids: torch.Tensor, table: DispatchTable, strategy: str = "
         so the per-slot totals over all ranks equal :func:`plan_quotas`.
     """
     _check(topk_ids, table, strategy, rank, global_counts)
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    if strategy != "local-first" and (backend == "triton" or (backend == "auto" and topk_ids.is_cuda and HAVE_TRITON)):
+        return fused_token_slots(topk_ids, table, strategy, rank, global_counts)
     ids2 = topk_ids.to(torch.int64)
     ids = ids2.reshape(-1)
     if strategy == "local-first":
