@@ -153,3 +153,23 @@ def test_fused_kernels_in_triton_interpreter_equal_reference() -> None:
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "interpreted kernels ok" in res.stdout
+
+
+# ----------------------------------------------------------------------------- send matrix (CPU)
+@settings(max_examples=40, deadline=None)
+@given(R=st.integers(1, 7), spr=st.integers(1, 4), k=st.integers(1, 4), n_tok=st.integers(0, 40),
+       strategy=st.sampled_from(["local-first", "round-robin", "balanced"]), seed=st.integers(0, 2**31 - 1))
+def test_send_matrix_equals_every_ranks_assignment(R: int, spr: int, k: int, n_tok: int, strategy: str,
+                                                   seed: int) -> None:
+    from eplb.dispatch import send_matrix
+
+    rng = np.random.default_rng(seed)
+    E = int(rng.integers(max(1, R * spr // 2), R * spr + 1))
+    p = _placement(rng, R, spr, E, N=2 if R % 2 == 0 else 1)
+    tab = DispatchTable.from_placement(p, 0)
+    ids = [torch.as_tensor(rng.integers(0, E, (int(rng.integers(0, n_tok + 1)), k))) for _ in range(R)]
+    g = torch.stack([torch.bincount(t.reshape(-1), minlength=E) for t in ids])
+    m = send_matrix(g, tab, strategy)
+    for r in range(R):
+        slots = assign_slots(ids[r], tab, strategy, rank=r, global_counts=g)
+        assert torch.equal(m[r], torch.bincount(slots.reshape(-1), minlength=R * spr)), r

@@ -9,14 +9,15 @@ Each of the ``R`` ranks of an EP group holds ``spr = S / R`` physical slots of o
 with ``H`` the hidden size and ``I`` the expert intermediate size (transformers' ``gate_up_proj`` /
 ``down_proj`` layout). A forward step on every rank:
 
-1. counts its (token, expert) pairs per logical expert (``balanced`` strategy: ``all_gather`` of
-   the ``[E]`` counts, so every rank computes the same global split);
+1. counts its (token, expert) pairs per logical expert and exchanges them: one ``all_gather`` of
+   ``E + 1`` ints per rank, for every strategy (the extra int is an input-error flag, so a bad input
+   on one rank raises on every rank);
 2. maps each pair to a physical slot (:func:`eplb.dispatch.assign_slots`: ``local-first``,
-   ``round-robin`` or ``balanced``);
-3. exchanges per-slot counts (one ``all_to_all_single`` of ``R x (spr + 1)`` ints; the extra column
-   carries an input-error flag so a bad input on one rank raises on every rank; with
-   ``max_num_tokens`` each row also carries this rank's ``R`` per-destination row totals, so every
-   rank learns the full ``[R, R]`` send matrix from the same exchange -- still one host sync);
+   ``round-robin`` or ``balanced``; balanced plans from the gathered ``[R, E]`` counts);
+3. derives from the same counts the whole ``[R, S]`` send matrix (:func:`eplb.dispatch.send_matrix`):
+   what it receives from every source for each local slot, and (``max_num_tokens``) the ``[R, R]``
+   rows of every (source, destination) pair -- one host sync for the split sizes; so ``balanced`` and
+   ``local-first`` make the same collectives (1 count exchange + 2 all-to-alls per round);
 4. in each round: sends the tokens (``all_to_all_single`` with uneven splits), computes its slots
    with a grouped GEMM + SwiGLU, and returns the outputs (second ``all_to_all_single``), weighted by
    ``topk_weights`` and summed per token (fp32 accumulation). Without ``max_num_tokens`` there is
@@ -42,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from eplb.dispatch import DispatchTable, assign_slots
+from eplb.dispatch import DispatchTable, assign_slots, send_matrix
 from eplb.placement import Placement, PlacementError
 from eplb.runtime.compute import Activation, expert_ffn, resolve_activation, resolve_impl
 from eplb.runtime.distributed import AgreementError, GroupInfo, agree, fingerprint, group_info
@@ -363,44 +364,43 @@ class ExpertParallelMoE(nn.Module):
         err_code = bad_ids.to(torch.int64) * _ERR_IDS + (_ERR_SHAPE if local_err is not None else 0)
 
         table = self._dispatch_table()
-        global_counts = None
-        if self.strategy == "balanced":
-            local = torch.zeros(E, dtype=torch.int64, device=dev).index_add_(
-                0, flat_ids, torch.ones_like(flat_ids))
-            global_counts = self._all_gather_counts(local)
+        # the one count exchange (every strategy): all_gather of this rank's [E] expert counts + error flag;
+        # from the [R, E] counts every rank derives the whole [R, S] send matrix (eplb.dispatch.send_matrix),
+        # so balanced needs no collective of its own
+        local = torch.zeros(E + 1, dtype=torch.int64, device=dev)
+        local[:E].index_add_(0, flat_ids, torch.ones_like(flat_ids))
+        local[E] = err_code
+        gathered = self._all_gather_counts(local)  # [R, E + 1]
+        global_counts = gathered[:, :E]
         slots = assign_slots(ids, table, self.strategy, rank=self.rank, global_counts=global_counts)
         flat = slots.reshape(-1).to(torch.int64)
         order = torch.argsort(flat, stable=True)
-        sent = torch.zeros(S, dtype=torch.int64, device=dev).index_add_(0, flat, torch.ones_like(flat))
+        send_all = send_matrix(global_counts, table, self.strategy)  # [R, S] rows source -> slot
+        sent = send_all[self.rank]
         self.slot_counts += sent
-        self.expert_counts.index_add_(0, self.placement_row, sent)  # counts per expert from the slot counts
+        self.expert_counts += local[:E]
 
-        # exchange per-slot counts + error flag: send[r] = (counts of rank r's slots, err); with max_num_tokens
-        # also this rank's row totals for every destination, so each rank learns the full [R, R] send matrix
         chunked = self.max_num_tokens is not None
+        mine = send_all[:, self.rank * spr:(self.rank + 1) * spr]  # [R, spr] rows each source sends here
         send_rows = sent.view(R, spr).sum(1)  # [R] rows this rank sends to each rank
-        parts = [sent.view(R, spr), err_code.view(1, 1).expand(R, 1)]
+        parts = [mine.reshape(-1), gathered[:, E], send_rows]
         if chunked:
-            parts.append(send_rows.view(1, R).expand(R, R))
-        hdr = torch.cat(parts, dim=1)
-        W = int(hdr.shape[1])
-        recv_hdr = self._exchange_header(hdr)  # [R, W]: row s = what source s sends here
-        host = torch.cat([recv_hdr.reshape(-1), send_rows]).cpu().numpy()  # the one host sync
-        recv_np = host[: R * W].reshape(R, W)
-        codes = recv_np[:, spr]
+            parts.append(send_all.view(R, R, spr).sum(-1).reshape(-1))  # [R, R] source -> destination rows
+        host = torch.cat(parts).cpu().numpy()  # the one host sync
+        recv_counts_np = host[: R * spr].reshape(R, spr)
+        codes = host[R * spr: R * spr + R]
         if np.any(codes != 0):
             self._raise_input_error(codes, local_err)
-        send_tot = host[R * W:].astype(np.int64)
-        recv_counts_np = recv_np[:, :spr]
+        send_tot = host[R * spr + R: R * spr + 2 * R].astype(np.int64)
         recv_tot = recv_counts_np.sum(1).astype(np.int64)
-        matrix = recv_np[:, spr + 1:].astype(np.int64) if chunked else None
+        matrix = host[R * spr + 2 * R:].reshape(R, R).astype(np.int64) if chunked else None
         plan = _round_plan(send_tot, recv_tot, matrix, self.rank, self.max_num_tokens)
 
         w_all = topk_weights.reshape(-1)[order].float()
         out = torch.zeros(N, H, dtype=torch.float32, device=dev)
         # local slot of every row this rank receives, in the incoming order (source-major, then local slot)
         total_in = int(recv_tot.sum())
-        lsid = torch.repeat_interleave(torch.arange(spr, device=dev).repeat(R), recv_hdr[:, :spr].reshape(-1),
+        lsid = torch.repeat_interleave(torch.arange(spr, device=dev).repeat(R), mine.reshape(-1),
                                        output_size=total_in)
         block_end = np.cumsum(recv_counts_np.reshape(-1))
         block_start = block_end - recv_counts_np.reshape(-1)
@@ -452,14 +452,6 @@ class ExpertParallelMoE(nn.Module):
         parts = [torch.empty_like(local) for _ in range(info.size)]
         dist.all_gather(parts, local.contiguous(), group=info.group)
         return torch.stack(parts)
-
-    def _exchange_header(self, hdr: torch.Tensor) -> torch.Tensor:
-        info = self._info
-        if not info.distributed:
-            return hdr.clone()
-        out = torch.empty_like(hdr)
-        dist.all_to_all_single(out, hdr.contiguous(), group=info.group)
-        return out
 
     def _all_to_all(self, x: torch.Tensor, send_split: list[int], recv_split: list[int]) -> torch.Tensor:
         info = self._info
