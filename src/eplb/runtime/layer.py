@@ -47,6 +47,7 @@ from eplb.dispatch import DispatchTable, assign_slots, send_matrix
 from eplb.placement import Placement, PlacementError
 from eplb.runtime.compute import Activation, expert_ffn, resolve_activation, resolve_impl
 from eplb.runtime.distributed import AgreementError, GroupInfo, agree, fingerprint, group_info
+from eplb.runtime.static_exchange import static_exchange_forward
 
 __all__ = ["STRATEGIES", "ExpertParallelMoE", "reference_moe"]
 
@@ -102,6 +103,13 @@ class ExpertParallelMoE(nn.Module):
             same on every rank (checked by ``verify``).
         compute: ``"auto"`` (grouped GEMM where supported), ``"grouped"`` or ``"loop"``.
         activation: ``"silu"`` (SwiGLU, default) or a callable applied to the gate half.
+        capacity: static-capacity mode (with ``max_tokens_per_rank``): every rank sends every rank exactly
+            ``capacity`` rows per round, in ``ceil(max_tokens_per_rank * min(k, spr) / capacity)`` rounds, with no
+            host sync (the forward can be captured in a CUDA graph; :mod:`eplb.runtime.static_exchange`).
+            A step over capacity uses the later rounds; ``N > max_tokens_per_rank`` raises ``ValueError`` on that
+            rank after the collectives (the others get NaN outputs); bad expert ids on any rank make every
+            rank's output NaN and count in ``error_steps`` (no host sync to raise).
+        max_tokens_per_rank: the most tokens any rank passes to one forward (static-capacity mode).
         verify: check across ranks at construction (one ``all_gather``) that every rank holds the
             same placement row, sizes and strategy; a mismatch raises on every rank.
 
@@ -134,6 +142,8 @@ class ExpertParallelMoE(nn.Module):
         group: Any = None,
         strategy: str = "local-first",
         max_num_tokens: int | None = None,
+        capacity: int | None = None,
+        max_tokens_per_rank: int | None = None,
         compute: str = "auto",
         activation: str | Activation | None = "silu",
         verify: bool = True,
@@ -144,10 +154,11 @@ class ExpertParallelMoE(nn.Module):
         error: str | None = None
         try:
             self._validate_args(w13, w2, placement, layer_pos, strategy, max_num_tokens)
+            _validate_capacity(capacity, max_tokens_per_rank, max_num_tokens)
         except ValueError as exc:
             error = str(exc)
         if verify:
-            digest = self._digest(placement, layer_pos, strategy, w13, w2, max_num_tokens) if error is None else b"\x00" * 32
+            digest = self._digest(placement, layer_pos, strategy, w13, w2, (max_num_tokens, capacity, max_tokens_per_rank)) if error is None else b"\x00" * 32
             agree(info, f"ExpertParallelMoE(layer {layer_pos})", digest, error, device=_device_of(w13))
         elif error is not None:
             raise PlacementError(f"ExpertParallelMoE(layer {layer_pos}): {error}")
@@ -162,6 +173,8 @@ class ExpertParallelMoE(nn.Module):
         self.rank = info.rank
         self.strategy = strategy
         self.max_num_tokens = max_num_tokens
+        self.capacity = capacity
+        self.max_tokens_per_rank = max_tokens_per_rank
         self.hidden_size = int(w13.shape[2])
         self.intermediate_size = int(w2.shape[2])
         self.act = resolve_activation(activation)
@@ -176,6 +189,7 @@ class ExpertParallelMoE(nn.Module):
                              persistent=False)
         self.register_buffer("local_slot_counts", torch.zeros(self.slots_per_rank, dtype=torch.int64, device=dev),
                              persistent=False)
+        self.register_buffer("error_steps", torch.zeros((), dtype=torch.int64, device=dev), persistent=False)
         self._compute_req = compute
         self._impl: str | None = None
         self._table: Any = None
@@ -187,7 +201,7 @@ class ExpertParallelMoE(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def _validate_args(self, w13: torch.Tensor, w2: torch.Tensor, placement: Placement, layer_pos: int,
-                       strategy: str, max_num_tokens: int | None) -> None:
+                       strategy: str, max_num_tokens: Any) -> None:
         info = self._info
         if not isinstance(placement, Placement):
             raise ValueError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
@@ -220,7 +234,7 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"w13/w2: expected floating-point weights, got {w13.dtype}")
 
     def _digest(self, placement: Placement, layer_pos: int, strategy: str, w13: torch.Tensor,
-                w2: torch.Tensor, max_num_tokens: int | None) -> bytes:
+                w2: torch.Tensor, max_num_tokens: Any) -> bytes:
         return fingerprint(placement.phy2log[layer_pos].tobytes(), placement.num_experts, placement.num_ranks,
                            placement.num_nodes, strategy, tuple(w13.shape[1:]), tuple(w2.shape[1:]), str(w13.dtype),
                            max_num_tokens)
@@ -228,7 +242,8 @@ class ExpertParallelMoE(nn.Module):
     def verify(self) -> None:
         """Collective: raise on every rank unless all ranks hold the same placement row, sizes and chunking."""
         agree(self._info, f"ExpertParallelMoE(layer {self.layer_pos})",
-              self._digest(self._table_placement, 0, self.strategy, self.w13, self.w2, self.max_num_tokens), None,
+              self._digest(self._table_placement, 0, self.strategy, self.w13, self.w2,
+                           (self.max_num_tokens, self.capacity, self.max_tokens_per_rank)), None,
               device=self.w13.device)
 
     # ------------------------------------------------------------------ tables
@@ -345,7 +360,7 @@ class ExpertParallelMoE(nn.Module):
             return self._forward(hidden, topk_ids, topk_weights)
 
     def _forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        E, S, R, spr, H = self.num_experts, self.num_slots, self.num_ranks, self.slots_per_rank, self.hidden_size
+        E, R, spr, H = self.num_experts, self.num_ranks, self.slots_per_rank, self.hidden_size
         dev = self.w13.device
         local_err = self._check_inputs(hidden, topk_ids, topk_weights)
         if local_err is None and self.route_override is not None:
@@ -356,6 +371,15 @@ class ExpertParallelMoE(nn.Module):
             hidden = torch.zeros(0, H, dtype=self.w13.dtype, device=dev)
             topk_ids = torch.zeros(0, 1, dtype=torch.int64, device=dev)
             topk_weights = torch.zeros(0, 1, dtype=torch.float32, device=dev)
+        static = self.capacity is not None
+        if static and local_err is None and int(topk_ids.shape[0]) > int(self.max_tokens_per_rank):  # host shapes
+            local_err = (f"{int(topk_ids.shape[0])} tokens ({int(topk_ids.shape[0]) * int(topk_ids.shape[1])} rows) "
+                         f"exceed max_tokens_per_rank={self.max_tokens_per_rank} of the static capacity "
+                         f"(capacity={self.capacity} rows per rank pair and round)")
+            k_in = int(topk_ids.shape[1])
+            hidden = torch.zeros(0, H, dtype=self.w13.dtype, device=dev)
+            topk_ids = torch.zeros(0, k_in, dtype=torch.int64, device=dev)
+            topk_weights = torch.zeros(0, k_in, dtype=torch.float32, device=dev)
         N, k = int(topk_ids.shape[0]), int(topk_ids.shape[1])
         ids = topk_ids.to(torch.int64)
         bad_ids = ((ids < 0) | (ids >= E)).any()
@@ -379,6 +403,14 @@ class ExpertParallelMoE(nn.Module):
         sent = send_all[self.rank]
         self.slot_counts += sent
         self.expert_counts += local[:E]
+        if static:  # fixed splits, no host sync (CUDA-graph capturable)
+            poison = (gathered[:, E] != 0).any()
+            self.error_steps += poison.to(torch.int64)
+            y = static_exchange_forward(self, hidden, ids, slots, send_all, topk_weights, poison)
+            self.steps += 1
+            if local_err is not None:  # this rank knows on the host: raise after taking part
+                raise ValueError(f"ExpertParallelMoE(layer {self.layer_pos}): {local_err}")
+            return y.to(hidden.dtype)
 
         chunked = self.max_num_tokens is not None
         mine = send_all[:, self.rank * spr:(self.rank + 1) * spr]  # [R, spr] rows each source sends here
@@ -496,7 +528,8 @@ class ExpertParallelMoE(nn.Module):
         return (f"layer_pos={self.layer_pos}, experts={self.num_experts}, slots={self.num_slots}, "
                 f"ranks={self.num_ranks}, rank={self.rank}, slots_per_rank={self.slots_per_rank}, "
                 f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, strategy={self.strategy!r}, "
-                f"max_num_tokens={self.max_num_tokens}")
+                f"max_num_tokens={self.max_num_tokens}, capacity={self.capacity}, "
+                f"max_tokens_per_rank={self.max_tokens_per_rank}")
 
     # ------------------------------------------------------------ factories
     @classmethod
@@ -594,6 +627,18 @@ def _round_plan(send_tot: np.ndarray, recv_tot: np.ndarray, matrix: np.ndarray |
         length = hi - lo
         plan.append((lo[me], length[me], length[:, me]))
     return plan
+
+
+def _validate_capacity(capacity: int | None, max_tokens_per_rank: int | None, max_num_tokens: int | None) -> None:
+    for name, v in (("capacity", capacity), ("max_tokens_per_rank", max_tokens_per_rank)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"{name}: expected a positive integer or None, got {v!r}")
+    if (capacity is None) != (max_tokens_per_rank is None):
+        raise ValueError("capacity / max_tokens_per_rank: the static-capacity mode needs both (rows per rank pair "
+                         f"and round, tokens per rank), got capacity={capacity!r}, "
+                         f"max_tokens_per_rank={max_tokens_per_rank!r}")
+    if capacity is not None and max_num_tokens is not None:
+        raise ValueError("capacity and max_num_tokens: choose one (static-capacity rounds or host-planned rounds)")
 
 
 def _device_of(t: Any) -> torch.device | None:
