@@ -190,31 +190,35 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
 
     @triton.jit
     def _token_slots_kernel(ids_ptr, cum_ptr, l2p_ptr, cnt_ptr, out_ptr, M, K, rank,
-                            BALANCED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KK: tl.constexpr):
+                            BALANCED: tl.constexpr, BLOCK_M: tl.constexpr, LOG_KK: tl.constexpr):
         # one program per expert e: the occurrence rank of each entry of e (a running prefix count over the
-        # row-major ids, chunk by chunk), its replica (balanced: the first j with occ < cum[e, j], else
-        # round-robin; round-robin: (occ + rank) % replicas) and its slot log2phy[e, rep]; every entry is
-        # written by exactly the program of its expert, so the result is deterministic.
+        # row-major ids, chunk by chunk), its replica (balanced: the number of running shares cum[e, j] <= occ,
+        # a binary search over the non-decreasing row, padded with M > occ; past the shares round-robin;
+        # round-robin: (occ + rank) % replicas) and its slot log2phy[e, rep]. Every entry is written by the
+        # program of its expert only, so the result is deterministic.
         e = tl.program_id(0)
         offs = tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_KK)
         n = tl.maximum(tl.load(cnt_ptr + e).to(tl.int32), 1)
-        if BALANCED:
-            cum = tl.minimum(tl.load(cum_ptr + e * K + offs_k, mask=offs_k < K, other=M), M).to(tl.int32)  # occ < M
         carry = tl.zeros([1], dtype=tl.int32)
         for m0 in range(0, M, BLOCK_M):
             idx = m0 + offs
             ids = tl.load(ids_ptr + idx, mask=idx < M, other=-1).to(tl.int32)
-            h = (ids == e).to(tl.int32)
+            hit = ids == e
+            h = hit.to(tl.int32)
             occ = tl.cumsum(h, 0) - h + carry
             carry += tl.sum(h, 0)
             if BALANCED:
-                rep = tl.sum((cum[None, :] <= occ[:, None]).to(tl.int32), axis=1)
+                rep = tl.zeros([BLOCK_M], dtype=tl.int32)
+                for step in tl.static_range(LOG_KK):
+                    half = 1 << (LOG_KK - 1 - step)
+                    j = rep + (half - 1)
+                    c = tl.load(cum_ptr + e * K + j, mask=hit & (j < K), other=M)
+                    rep = tl.where(tl.minimum(c, M).to(tl.int32) <= occ, rep + half, rep)
                 rep = tl.where(rep >= n, (occ + rank) % n, rep)
             else:
                 rep = (occ + rank) % n
-            slot = tl.load(l2p_ptr + e * K + rep, mask=h > 0, other=0)
-            tl.store(out_ptr + idx, slot, mask=h > 0)
+            slot = tl.load(l2p_ptr + e * K + rep, mask=hit, other=0)
+            tl.store(out_ptr + idx, slot, mask=hit)
 
 
 def _launch(g: torch.Tensor, tabs: dict[str, torch.Tensor], num_colors: int, num_ranks: int, *, slots: bool,
@@ -350,6 +354,7 @@ def _fused_args(table: Any) -> dict[str, Any]:
                 "q": torch.empty((F, Kd), dtype=torch.int64, device=dev),
                 "scratch": torch.empty((blk_r + blk_e + blk_f * blk_k,), dtype=torch.int64, device=dev)}
         cache = {"dev": dev, "tabs": tabs, "logcnt": table.logcnt.contiguous(), "E": E, "K": K,
+                 "log_kk": int(triton.next_power_of_2(K + 1)).bit_length() - 1,  # a search over K + 1 >= padded
                  "F": F, "Kd": Kd, "bufs": bufs,
                  "block": {"BLOCK_E": triton.next_power_of_2(E), "BLOCK_F": triton.next_power_of_2(F),
                            "BLOCK_K": triton.next_power_of_2(Kd), "BLOCK_KK": triton.next_power_of_2(K),
@@ -402,5 +407,5 @@ def fused_token_slots(topk_ids: torch.Tensor, table: Any, strategy: str, rank: i
     bm = token_block or min(2048, max(128, triton.next_power_of_2(M)))
     tw = token_warps or (4 if bm <= 1024 else 8)
     _token_slots_kernel[(E,)](ids, cum, a["tabs"]["log2phy"], a["logcnt"], out, M, K, int(rank),
-                              BALANCED=balanced, BLOCK_M=bm, BLOCK_KK=a["block"]["BLOCK_KK"], num_warps=tw)
+                              BALANCED=balanced, BLOCK_M=bm, LOG_KK=a["log_kk"], num_warps=tw)
     return out

@@ -51,7 +51,7 @@ from eplb.runtime.static_exchange import static_exchange_forward
 
 __all__ = ["STRATEGIES", "ExpertParallelMoE", "reference_moe"]
 
-STRATEGIES = ("local-first", "round-robin", "balanced")
+STRATEGIES = ("local-first", "round-robin", "balanced", "auto")
 
 # error bits carried in the count exchange
 _ERR_IDS = 1  # topk_ids outside [0, E)
@@ -95,7 +95,10 @@ class ExpertParallelMoE(nn.Module):
         layer_pos: row of ``placement`` this layer serves (0-based position, not the model layer id).
         group: the EP process group (``None``: WORLD if initialised; without ``torch.distributed``
             only a one-rank placement is accepted and no collective runs).
-        strategy: replica choice, one of :data:`STRATEGIES`; must be the same on every rank.
+        strategy: replica choice, one of :data:`STRATEGIES`; must be the same on every rank. ``"auto"``:
+            the strategy of ``auto_decision`` (balanced only where a cost model predicts a net gain).
+        auto_decision: with ``strategy="auto"``, this layer's :class:`eplb.dispatch.auto.AutoDecision` (from
+            :func:`eplb.dispatch.auto.auto_strategies`; its strategy is part of the cross-rank agreement).
         max_num_tokens: largest number of (token, expert) rows any rank receives and computes per
             all-to-all round (TensorRT-LLM's ``moe max_num_tokens``: a hot rank's receive buffer and
             expert compute stay bounded; the forward runs as many rounds as the most loaded rank
@@ -144,6 +147,7 @@ class ExpertParallelMoE(nn.Module):
         max_num_tokens: int | None = None,
         capacity: int | None = None,
         max_tokens_per_rank: int | None = None,
+        auto_decision: Any = None,
         compute: str = "auto",
         activation: str | Activation | None = "silu",
         verify: bool = True,
@@ -155,10 +159,12 @@ class ExpertParallelMoE(nn.Module):
         try:
             self._validate_args(w13, w2, placement, layer_pos, strategy, max_num_tokens)
             _validate_capacity(capacity, max_tokens_per_rank, max_num_tokens)
+            _validate_auto(strategy, auto_decision)
         except ValueError as exc:
             error = str(exc)
         if verify:
-            digest = self._digest(placement, layer_pos, strategy, w13, w2, (max_num_tokens, capacity, max_tokens_per_rank)) if error is None else b"\x00" * 32
+            digest = self._digest(placement, layer_pos, _effective(strategy, auto_decision), w13, w2,
+                                  (max_num_tokens, capacity, max_tokens_per_rank)) if error is None else b"\x00" * 32
             agree(info, f"ExpertParallelMoE(layer {layer_pos})", digest, error, device=_device_of(w13))
         elif error is not None:
             raise PlacementError(f"ExpertParallelMoE(layer {layer_pos}): {error}")
@@ -172,6 +178,8 @@ class ExpertParallelMoE(nn.Module):
         self.slots_per_rank = placement.slots_per_rank
         self.rank = info.rank
         self.strategy = strategy
+        self.auto_decision = auto_decision if strategy == "auto" else None
+        self.dispatch_strategy = _effective(strategy, auto_decision)  # what assign_slots runs
         self.max_num_tokens = max_num_tokens
         self.capacity = capacity
         self.max_tokens_per_rank = max_tokens_per_rank
@@ -242,7 +250,7 @@ class ExpertParallelMoE(nn.Module):
     def verify(self) -> None:
         """Collective: raise on every rank unless all ranks hold the same placement row, sizes and chunking."""
         agree(self._info, f"ExpertParallelMoE(layer {self.layer_pos})",
-              self._digest(self._table_placement, 0, self.strategy, self.w13, self.w2,
+              self._digest(self._table_placement, 0, self.dispatch_strategy, self.w13, self.w2,
                            (self.max_num_tokens, self.capacity, self.max_tokens_per_rank)), None,
               device=self.w13.device)
 
@@ -269,6 +277,14 @@ class ExpertParallelMoE(nn.Module):
         return self._impl
 
     # ---------------------------------------------------------------- counters
+    def dispatch_info(self) -> dict[str, Any]:
+        """The dispatch strategy this layer runs and, for ``"auto"``, the choice's predicted gain and cost (ms)."""
+        info: dict[str, Any] = {"strategy": self.strategy, "dispatch_strategy": self.dispatch_strategy}
+        if self.auto_decision is not None:
+            info.update(predicted_gain_ms=float(self.auto_decision.predicted_gain_ms),
+                        cost_ms=float(self.auto_decision.cost_ms))
+        return info
+
     def take_counts(self) -> torch.Tensor:
         """``int64 [E]`` pairs per logical expert since the last call; zeroes the counter (no host sync)."""
         out = self.expert_counts.clone()
@@ -396,10 +412,10 @@ class ExpertParallelMoE(nn.Module):
         local[E] = err_code
         gathered = self._all_gather_counts(local)  # [R, E + 1]
         global_counts = gathered[:, :E]
-        slots = assign_slots(ids, table, self.strategy, rank=self.rank, global_counts=global_counts)
+        slots = assign_slots(ids, table, self.dispatch_strategy, rank=self.rank, global_counts=global_counts)
         flat = slots.reshape(-1).to(torch.int64)
         order = torch.argsort(flat, stable=True)
-        send_all = send_matrix(global_counts, table, self.strategy)  # [R, S] rows source -> slot
+        send_all = send_matrix(global_counts, table, self.dispatch_strategy)  # [R, S] rows source -> slot
         sent = send_all[self.rank]
         self.slot_counts += sent
         self.expert_counts += local[:E]
@@ -527,7 +543,8 @@ class ExpertParallelMoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"layer_pos={self.layer_pos}, experts={self.num_experts}, slots={self.num_slots}, "
                 f"ranks={self.num_ranks}, rank={self.rank}, slots_per_rank={self.slots_per_rank}, "
-                f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, strategy={self.strategy!r}, "
+                f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, strategy={self.strategy!r}"
+                f"{'' if self.auto_decision is None else ' -> ' + repr(self.auto_decision.as_dict())}, "
                 f"max_num_tokens={self.max_num_tokens}, capacity={self.capacity}, "
                 f"max_tokens_per_rank={self.max_tokens_per_rank}")
 
@@ -627,6 +644,20 @@ def _round_plan(send_tot: np.ndarray, recv_tot: np.ndarray, matrix: np.ndarray |
         length = hi - lo
         plan.append((lo[me], length[me], length[:, me]))
     return plan
+
+
+def _effective(strategy: str, auto_decision: Any) -> str:
+    return str(auto_decision.strategy) if strategy == "auto" and auto_decision is not None else strategy
+
+
+def _validate_auto(strategy: str, auto_decision: Any) -> None:
+    if strategy != "auto":
+        if auto_decision is not None:
+            raise ValueError(f"auto_decision: only with strategy='auto', got strategy={strategy!r}")
+        return
+    if auto_decision is None or getattr(auto_decision, "strategy", None) not in ("local-first", "balanced"):
+        raise ValueError("auto_decision: strategy='auto' needs this layer's eplb.dispatch.auto.AutoDecision "
+                         f"(from eplb.dispatch.auto.auto_strategies), got {auto_decision!r}")
 
 
 def _validate_capacity(capacity: int | None, max_tokens_per_rank: int | None, max_num_tokens: int | None) -> None:
