@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 import eplb
-from _common import command_line, sample_ms, write_text
+from _common import command_line, cuda_graphed, sample_ms, write_text
 from eplb.dispatch import DispatchTable, assign_slots, layer_tables, lp_max_load, plan_quotas, source_shares
 from eplb.dispatch.assign import balanced_replica, balanced_token_slots, token_occurrence
 from eplb.dispatch.kernel import HAVE_TRITON, plan_quotas_triton, rank_share_cum_triton
@@ -60,18 +60,7 @@ def timeit(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int 
 
 def graphed(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any] | None:
     """``fn`` captured in a CUDA graph (None on CPU)."""
-    if device.type != "cuda":
-        return None
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    return cuda_graphed(fn, device)
 
 
 def run_config(name: str, E: int, R: int, S: int, layers: int, steps: int, tokens_per_rank: int, top_k: int,
@@ -256,19 +245,7 @@ def token_side_config(E: int, R: int, S: int, tokens_per_rank: int, top_k: int, 
 
 def graphed_many(fn: Callable[[], Any], device: torch.device, reps: int) -> Callable[[], Any] | None:
     """``reps`` calls of ``fn`` captured in one CUDA graph (a model graph holds one call per layer)."""
-    if device.type != "cuda":
-        return None
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    return g.replay
+    return cuda_graphed(fn, device, reps)
 
 
 BUDGET_REPS = 20
