@@ -24,7 +24,9 @@ __all__ = ["AutoDecision", "auto_strategies", "balanced_dispatch_cost_ms"]
 
 #: Balanced minus local-first ``assign_slots`` per layer in a CUDA graph on one H200 (fused Triton path),
 #: ``a + b * pairs`` ms for a rank's (token, expert) pairs, ``a`` by EP size; fitted to
-#: bench/results/dispatch_gpu.md (dispatch budget table, deepseek placements). A coarse, conservative line.
+#: bench/results/dispatch_budget_h200_first.md (deepseek and eplb-dispatch placements, E=256, S=288). A coarse line,
+#: conservative for the current token kernel (bench/results/dispatch_gpu.md measures 67-133 us) and far too high
+#: for small tables (Llama-4 at 16 ranks: 13-34 us in bench/results/critical_path.md): pass dispatch_cost_ms then.
 _COST_FIT = {36: (0.095, 5.8e-6), 72: (0.070, 4.7e-6)}
 
 
