@@ -42,6 +42,12 @@ def test_auto_takes_balanced_only_for_a_net_gain() -> None:
     # repeated calls give identical decisions (float64 on identical inputs)
     assert auto_strategies(c, p, linear_ms) == auto_strategies(c, p, linear_ms)
     assert balanced_dispatch_cost_ms(2048, 72) > balanced_dispatch_cost_ms(256, 72) > 0
+    from eplb.dispatch.auto import auto_line, auto_summary
+
+    summ = auto_summary(d)
+    assert summ["balanced_layers"] == [0] and summ["best_layer"] == 0
+    assert summ["predicted_gain_ms"] == pytest.approx(d[0].predicted_gain_ms) and summ["cost_ms"] == pytest.approx(0.05)
+    assert auto_line(summ).startswith("auto dispatch: balanced on 1/2 layers [0], predicted gain")
     with pytest.raises(ValueError, match="counts: expected"):
         auto_strategies(c[:, :1], p, linear_ms)
 
