@@ -184,6 +184,7 @@ def evaluate_placement(
         ev.balanced_max_load = float(brl.max(-1).mean())
         if bound:
             ev.dispatch_bound = float(np.asarray(per_step_lower_bound(c, pl)).mean())
+        ev.extra["auto_dispatch"] = auto_dispatch(c, pl, brl)
     elif dispatch:  # no replicas: every token has one slot, balanced dispatch is the static split
         ev.balanced_layers = table.imbalance
         ev.balanced_imbalance, ev.balanced_max_load = ev.imbalance, ev.max_load
@@ -196,6 +197,17 @@ def evaluate_placement(
         ev.extra.update(ranks_per_token=round(fan["mean_ranks"], 4), nodes_per_token=round(fan["mean_nodes"], 4),
                         fanout_method=fan["method"])
     return ev
+
+def auto_dispatch(counts: np.ndarray, placement: Placement, balanced_loads: np.ndarray) -> dict[str, Any]:
+    """``strategy="auto"``'s per-layer choice on these counts with the default (measured) cost model."""
+    from eplb.dispatch.auto import auto_strategies, auto_summary
+    from eplb.sim.cost import default_cost_model
+
+    cm = default_cost_model()
+    out = auto_summary(auto_strategies(counts, placement, cm.compute_ms, balanced_loads=balanced_loads))
+    out["cost_model"] = f"{cm.device}, {cm.date}"
+    return out
+
 
 def golden_text(before: Evaluation, after: Evaluation, extra: Sequence[Evaluation]) -> str:
     """Deterministic plain-text report (no timings, no paths): the demo's golden output."""

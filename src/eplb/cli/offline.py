@@ -477,6 +477,11 @@ def evaluate_cmd(
         con.print(_per_layer_table(before, after, f"Load per rank, {trace} steps {after.window}: {before.label} -> {after.label}"))
     con.print(_summary_table(evals, f"{trace}: {tr_eval.num_steps} steps, {ep} ranks (imbalance = max/mean - 1 per step, averaged)"))
     _print_fanout(evals)
+    from eplb.dispatch.auto import auto_line
+
+    for ev in evals:
+        if "auto_dispatch" in ev.extra:
+            con.print(f"{ev.label}: {auto_line(ev.extra['auto_dispatch'])} (cost model {ev.extra['auto_dispatch']['cost_model']})")
     if json_out is not None:
         atomic_write(json_out, (json.dumps({"trace": trace, "evaluations": [e.to_dict() for e in evals]}, indent=2) + "\n").encode())
 
