@@ -168,13 +168,16 @@ def _tile_schedule(counts: torch.Tensor, M: int, block_m: int) -> tuple[torch.Te
 
 def fp8_grouped_mm(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                    counts: torch.Tensor, block: Sequence[int] = DEFAULT_BLOCK,
-                   out_dtype: torch.dtype = torch.bfloat16, block_m: int | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype = torch.bfloat16, block_m: int | None = None,
+                   num_warps: int | None = None, num_stages: int = 3) -> torch.Tensor:
     """``y[m] = dequant(x)[m] @ dequant(w[s])^T`` for rows grouped by slot (Triton, CUDA).
 
     Args:
         x: ``fp8 [M, K]`` rows grouped by slot; x_scale: ``float32 [M, ceil(K/bk)]`` (:func:`quantize_act`).
         w: ``fp8 [S, N, K]``; w_scale: ``float32 [S, ceil(N/bn), ceil(K/bk)]``.
         counts: ``[S]`` rows per slot (device).
+        block_m: rows per tile (default 16 when slots average <= 64 rows, else 64); num_warps default
+            4 (8 for ``block_m >= 128``).
     """
     M, K = int(x.shape[0]), int(x.shape[1])
     S, N = int(w.shape[0]), int(w.shape[1])
@@ -190,7 +193,7 @@ def fp8_grouped_mm(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_sc
     _kernel()[grid](x, x_scale, w, w_scale, out, tile_e, tile_r0, tile_r1, N, K,
                     x.stride(0), x_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
                     out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, GROUP_N=bn,
-                    num_warps=4, num_stages=3)
+                    num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages)
     return out
 
 
