@@ -307,7 +307,8 @@ def _migrate_worker(rank, world):
            "sent": bal.executor.bytes_sent, "received": bal.executor.bytes_received,
            "verified": bal.executor.transfers_verified, "final": bal.placement.phy2log.tolist(),
            "first": pl.phy2log.tolist(), "plans": [p["bytes"] for p in bal.history],
-           "transfers": [p["transfers"] for p in bal.history]}
+           "transfers": [p["transfers"] for p in bal.history], "peak": bal.executor.peak_staging_bytes,
+           "budget": cfg.max_staging_bytes}
     bal.close(record=False)
     return out
 
@@ -327,6 +328,9 @@ def test_fp8_migration_is_bit_exact_and_outputs_equal_eplb_off(world):
     assert total == sum(r0["transfers"]) * r0["bpe"] > 0
     assert sum(r["sent"] for r in res) == sum(r["received"] for r in res) == total
     assert sum(r["verified"] for r in res) == sum(r0["transfers"])  # every received expert was fingerprinted
+    # staging is counted in quantised experts (weights + scales), within the budget
+    assert all(0 <= r["peak"] <= r["budget"] and r["peak"] % r0["bpe"] == 0 for r in res)
+    assert max(r["peak"] for r in res) > 0
 
 
 def _corrupt_worker(rank, world, verify):
