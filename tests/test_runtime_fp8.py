@@ -199,6 +199,35 @@ def test_fp8_triton_kernel_matches_dequantised_bf16_reference():
     assert rel < 8e-2, rel  # FP8 activations (3 mantissa bits, 1x128 groups) on top of the shared FP8 weights
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with FP8 (compute capability >= 8.9)")
+def test_fp8_layer_on_gpu_migrates_and_serves_like_eplb_off():
+    """One GPU rank: the layer runs the Triton kernel; a local migration (every slot rewritten) keeps
+    weight and scale bytes exact and the outputs equal to the never-migrated layer within FP8 tolerance."""
+    from eplb.runtime.manager import plan_migration
+
+    full = {n: t.cuda() for n, t in _fp8_full(1, 6, seed=11).items()}
+    pl = Placement.contiguous(1, 6, 1, 8)
+    kw = dict(compute_dtype=torch.bfloat16)
+    layer = _fp8_layers_kw(full, pl, **kw)[0]
+    off = _fp8_layers_kw(full, pl, **kw)[0]
+    assert layer.compute_impl == "fp8-triton"
+    new = np.array([5, 4, 3, 2, 1, 0, 5, 0])
+    ex = MigrationExecutor([layer])
+    ex.finish(ex.launch([plan_migration(pl.phy2log[0], new, 1, layer=0)]))
+    torch.cuda.synchronize()
+    assert layer.placement_row.tolist() == new.tolist()
+    for j, e in enumerate(new):
+        for n in NAMES:
+            assert torch.equal(getattr(layer, n)[j].view(torch.uint8), full[n][0][e].view(torch.uint8)), (j, n)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(64, H, device="cuda", generator=g, dtype=torch.bfloat16)
+    ids = torch.stack([torch.randperm(6, device="cuda", generator=g)[:K] for _ in range(64)])
+    wts = torch.rand(64, K, device="cuda", generator=g)
+    a, b = layer(x, ids, wts).float(), off(x, ids, wts).float()
+    assert float((a - b).norm() / b.norm()) < 1e-2
+
+
 _INTERP_SCRIPT = r"""
 import torch
 from eplb.runtime.fp8 import dequantize_blockwise, fp8_expert_ffn, fp8_grouped_mm, quantize_act, quantize_blockwise
@@ -242,11 +271,15 @@ def test_fp8_triton_kernel_in_the_interpreter():
 
 
 # ------------------------------------------------------------------------------ online migration
-def _fp8_layers(full, pl, **kw):
+def _fp8_layers_kw(full, pl, **kw):
     return [ExpertParallelMoE.from_full_weights(full["w13"][i], full["w2"][i], pl, i,
                                                 w13_scale_inv=full["w13_scale_inv"][i],
-                                                w2_scale_inv=full["w2_scale_inv"][i], compute_dtype=torch.float64,
-                                                activation="relu", **kw) for i in range(pl.num_layers)]
+                                                w2_scale_inv=full["w2_scale_inv"][i], **kw)
+            for i in range(pl.num_layers)]
+
+
+def _fp8_layers(full, pl, **kw):
+    return _fp8_layers_kw(full, pl, compute_dtype=torch.float64, activation="relu", **kw)
 
 
 def _check_bits(layers, full, rank):
