@@ -180,6 +180,21 @@ def _quantised_act_reference(x, counts, q13, s13, q2, s2):
     return torch.cat(out)
 
 
+def test_commit_takes_weights_and_scales_together():
+    full = _fp8_full(1, 4, seed=12)
+    pl = Placement.contiguous(1, 4, 1, 4)
+    layer = _fp8_layers(full, pl)[0]
+    new = {n: getattr(layer, n).flip(0).clone() for n in NAMES}
+    with pytest.raises(ValueError, match=r"missing \['w2_scale_inv'\]"):
+        layer.commit(np.array([3, 2, 1, 0]), {n: t for n, t in new.items() if n != "w2_scale_inv"})
+    with pytest.raises(ValueError, match=r"w13_scale_inv must be torch.float32\[4, 2, 2\], got torch.float64"):
+        layer.commit(np.array([3, 2, 1, 0]), {**new, "w13_scale_inv": new["w13_scale_inv"].double()})
+    assert layer.placement_row.tolist() == [0, 1, 2, 3]  # nothing swapped by the rejected commits
+    layer.commit(np.array([3, 2, 1, 0]), new)
+    assert ExpertWeightSet.of(layer).equal(ExpertWeightSet(new))
+    assert layer.placement_row.tolist() == [3, 2, 1, 0]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs a CUDA GPU with FP8 (compute capability >= 8.9)")
 def test_fp8_triton_kernel_matches_dequantised_bf16_reference():

@@ -33,8 +33,8 @@ expert it sends (:meth:`ExpertWeightSet.fingerprints`, computed on the device at
 len(expert_weight_names)`` bytes); at :meth:`MigrationExecutor.finish` each destination recomputes them
 over its staging buffers, and one all-reduce of the mismatch counts makes every rank raise
 :class:`TransferCorruptionError` *before* any slot is written or any map swapped (a wrong scale or a
-flipped bit never reaches a forward). This costs one small all-reduce and one host sync per commit
-boundary; with ``verify_transfers=False`` neither happens.
+flipped bit never reaches a forward). This costs one small all-reduce and a few host syncs per commit
+boundary; with ``verify_transfers=False`` none of it happens.
 """
 
 from __future__ import annotations
@@ -308,10 +308,7 @@ class MigrationExecutor:
                         src, e = job.recv_src[k]
                         bad.append(f"layer {job.mig.layer} expert {e} from rank {src}: {', '.join(names)}")
         if dist.is_available() and dist.is_initialized() and self.num_ranks > 1:
-            dev_ok = self.device.type == "cuda" or dist.get_backend(self.group) == "gloo"
-            buf = n_bad if dev_ok else n_bad.cpu()
-            dist.all_reduce(buf, group=self.group)
-            n_bad = buf
+            dist.all_reduce(n_bad, group=self.group)  # every rank learns every rank's mismatches
         counts = n_bad.cpu().tolist()
         if any(counts):
             where = [r for r, c in enumerate(counts) if c]

@@ -156,7 +156,10 @@ class ExpertParallelMoE(nn.Module):
         self._info: GroupInfo = group_info(group)
         info = self._info
         error: str | None = None
-        self.block_size = (int(block_size[0]), int(block_size[1])) if len(block_size) == 2 else tuple(block_size)
+        try:
+            self.block_size: tuple[int, ...] = tuple(int(v) for v in block_size)
+        except (TypeError, ValueError):
+            self.block_size = ()
         try:
             self._validate_args(w13, w2, placement, layer_pos, strategy, max_num_tokens)
             self._validate_fp8(w13, w2, w13_scale_inv, w2_scale_inv, compute_dtype)
