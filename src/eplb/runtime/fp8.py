@@ -222,11 +222,12 @@ def resolve_fp8_impl(impl: str, w13: torch.Tensor, block: Sequence[int] = DEFAUL
 def fp8_expert_ffn(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
                    w2: torch.Tensor, w2_scale: torch.Tensor, *, block: Sequence[int] = DEFAULT_BLOCK,
                    act: Activation = F.silu, impl: str = "dequant", compute_dtype: torch.dtype = torch.bfloat16,
-                   counts_host: Sequence[int] | None = None) -> torch.Tensor:
+                   counts_host: Sequence[int] | None = None, block_m: int | None = None) -> torch.Tensor:
     """SwiGLU experts with FP8 block-scaled weights on tokens sorted by slot; ``[M, H]`` in ``compute_dtype``.
 
     ``impl``: ``"fp8-triton"``; ``"dequant"`` (dequantise, then the dense grouped GEMM where it runs, else
-    the loop); ``"grouped"`` / ``"loop"`` (dequantise, then that dense implementation).
+    the loop); ``"grouped"`` / ``"loop"`` (dequantise, then that dense implementation). ``block_m``: the
+    Triton kernel's tile height (default: :func:`fp8_grouped_mm`'s).
     """
     inter = int(w2.shape[2])
     if impl == "fp8-triton":
@@ -235,10 +236,10 @@ def fp8_expert_ffn(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13
             return x.new_zeros(0, int(w2.shape[1]), dtype=compute_dtype)
         bk = int(block[1])
         xq, xs = quantize_act(x, bk)
-        h = fp8_grouped_mm(xq, xs, w13, w13_scale, counts, block, out_dtype=torch.float32)
+        h = fp8_grouped_mm(xq, xs, w13, w13_scale, counts, block, out_dtype=torch.float32, block_m=block_m)
         a = act(h[:, :inter]) * h[:, inter:]
         aq, as_ = quantize_act(a, bk)
-        return fp8_grouped_mm(aq, as_, w2, w2_scale, counts, block, out_dtype=compute_dtype)
+        return fp8_grouped_mm(aq, as_, w2, w2_scale, counts, block, out_dtype=compute_dtype, block_m=block_m)
     d13 = dequantize_blockwise(w13, w13_scale, block, compute_dtype)
     d2 = dequantize_blockwise(w2, w2_scale, block, compute_dtype)
     dense = resolve_impl("auto", d13, d2) if impl == "dequant" else impl
