@@ -463,3 +463,24 @@ def test_fp8_drained_rank_outputs_equal_eplb_off():
         assert r["drained"] and all(r["equal"])
     assert res[2]["computed_after"] == 0 and res[2]["received"] == 0
     assert all(r["computed_after"] > 0 for i, r in enumerate(res) if i != 2)
+
+
+def _static_worker(rank, world):
+    full = _fp8_full(1, 6, seed=13)
+    pl = Placement.contiguous(1, 6, world, 8)
+    eager = _fp8_layers(full, pl, strategy="balanced")[0]
+    static = _fp8_layers(full, pl, strategy="balanced", capacity=6, max_tokens_per_rank=N_TOK)[0]
+    same = []
+    for step in range(3):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        hidden = torch.randint(-4, 5, (N_TOK, H), generator=g).double() / 4
+        ids = torch.stack([torch.randperm(6, generator=g)[:K] for _ in range(N_TOK)])
+        wts = torch.randint(1, 4, (N_TOK, K), generator=g).double() / 4
+        same.append(bool(torch.equal(static(hidden, ids, wts), eager(hidden, ids, wts))))
+    return same
+
+
+def test_fp8_static_capacity_mode_equals_eager():
+    """The static-capacity exchange (fixed buffers, padding rows) serves FP8 experts like the eager one."""
+    res = run_distributed(_static_worker, 2, timeout_s=120)
+    assert all(all(r) for r in res), res
