@@ -22,7 +22,7 @@ import numpy as np
 
 from eplb._checks import ArrayLike, check_layout, check_load, check_positive_int
 from eplb.placement import Placement
-from eplb.policies.deepseek import rebalance_experts, rebalance_experts_hierarchical
+from eplb.policies.deepseek import rebalance_experts, rebalance_experts_hierarchical, to_float32
 
 __all__ = ["POLICIES", "PolicyFn", "load_policy_plugins", "plan", "rebalance_experts", "register_policy"]
 
@@ -44,7 +44,7 @@ def register_policy(name: str) -> Callable[[PolicyFn], PolicyFn]:
 def _deepseek(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
               **options: Any) -> np.ndarray:
     """DeepSeek's ``rebalance_experts``: hierarchical when ``num_groups % num_nodes == 0``, else global."""
-    phy2log, _, _ = rebalance_experts(loads.sum(0).astype(np.float32), num_slots, num_groups, num_nodes, num_ranks)
+    phy2log, _, _ = rebalance_experts(to_float32(loads.sum(0)), num_slots, num_groups, num_nodes, num_ranks)
     return np.asarray(phy2log)
 
 
@@ -52,7 +52,7 @@ def _deepseek(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: i
 def _deepseek_global(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
                      **options: Any) -> np.ndarray:
     """DeepSeek's global policy (one group, one node) regardless of topology."""
-    phy2log, _, _ = rebalance_experts_hierarchical(loads.sum(0).astype(np.float32), num_slots, 1, 1, num_ranks)
+    phy2log, _, _ = rebalance_experts_hierarchical(to_float32(loads.sum(0)), num_slots, 1, 1, num_ranks)
     return phy2log
 
 
@@ -62,7 +62,7 @@ def _deepseek_hier(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nod
     """DeepSeek's hierarchical policy; requires ``num_groups % num_nodes == 0``."""
     if num_groups % num_nodes:
         raise ValueError(f"num_groups: hierarchical policy needs num_groups ({num_groups}) divisible by num_nodes ({num_nodes})")
-    phy2log, _, _ = rebalance_experts_hierarchical(loads.sum(0).astype(np.float32), num_slots, num_groups, num_nodes, num_ranks)
+    phy2log, _, _ = rebalance_experts_hierarchical(to_float32(loads.sum(0)), num_slots, num_groups, num_nodes, num_ranks)
     return phy2log
 
 
