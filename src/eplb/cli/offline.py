@@ -495,6 +495,30 @@ def _is_trace_input(path: Path, from_: str | None) -> bool:
     return fmt == "sglang" and isinstance(obj, dict) and "logical_count" in obj and from_ != "sglang"
 
 
+def _holds_logical_count(path: Path) -> bool:
+    from eplb.formats import _parse
+    from eplb.formats._common import read_bytes
+
+    if path.is_dir() or path.suffix.lower() in TRACE_ONLY_SUFFIXES:
+        return False
+    try:
+        fmt, obj = _parse(path, read_bytes(path))
+    except ValueError:
+        return False
+    return fmt == "sglang" and isinstance(obj, dict) and "logical_count" in obj
+
+
+def _is_trace_output(output: Path, to: str | None) -> bool:
+    """Whether ``eplb convert`` writes a trace: ``--to`` names a trace-only format, or OUT is a directory,
+    has no suffix or a trace-only suffix (``.safetensors .npy .npz .csv``). Otherwise OUT is a map."""
+    from eplb.formats import FORMATS
+    from eplb.stats.importers import FORMATS as TRACE_FORMATS
+
+    if to is not None:
+        return to in TRACE_FORMATS and to not in FORMATS
+    return output.is_dir() or output.suffix == "" or output.suffix.lower() in TRACE_ONLY_SUFFIXES
+
+
 def convert_cmd(
     input: Annotated[Path, typer.Argument(metavar="IN", help="Map (or trace) to read.")],
     output: Annotated[Path, typer.Argument(metavar="OUT", help="File to write.")],
@@ -518,7 +542,13 @@ def convert_cmd(
     builtin = str(input).startswith(BUILTIN_PREFIX)
     if not builtin and not input.exists():
         raise ValueError(f"{input}: no such file or directory")
-    if builtin or expert_map is not None or _is_trace_input(input, from_):
+    trace_in = builtin or expert_map is not None or _is_trace_input(input, from_)
+    if trace_in and not builtin and expert_map is None and not _is_trace_output(output, to) \
+            and _holds_logical_count(input):
+        # SGLang's logical_count file is also a map input (planned on read, as `eplb validate` reads it):
+        # a map output gets a planned map, never trace bytes under a map's name
+        trace_in = False
+    if trace_in:
         from eplb.cli.stats import convert_trace
 
         tr = convert_trace(str(input), output, from_format=from_ if from_ not in (None, "native") else None,

@@ -27,14 +27,13 @@ import io
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from eplb._atomic import atomic_dir
 from eplb._checks import exact_counts
 from eplb._safe_read import parse_json, read_bytes
 from eplb.placement import Placement
@@ -157,6 +156,7 @@ def write_trace(
         if p.is_dir() != is_dir_fmt:
             raise TraceError(f"{p}: exists as a {'directory' if p.is_dir() else 'file'}, but format {fmt!r} writes a "
                              f"{'directory' if is_dir_fmt else 'file'}")
+        _check_same_kind(p, fmt)
     if fmt == "eplb":
         trace.save(p)
     elif fmt == "eplb-dir":
@@ -181,6 +181,23 @@ def write_trace(
         _write_plain(trace, p, fmt)
 
 
+def _check_same_kind(p: Path, fmt: str) -> None:
+    """``--force`` replaces only an output of the kind being written: a directory holding a trace of
+    ``fmt`` (or nothing), or a regular file; never another directory, a device or a link to one."""
+    if p.is_symlink():
+        raise TraceError(f"{p}: is a symbolic link; not replacing it")
+    if p.is_dir():
+        if any(p.iterdir()):
+            try:
+                have = detect_format(p)
+            except TraceError:
+                raise TraceError(f"{p}: exists and holds no trace; not replacing it (remove it yourself)") from None
+            if have != fmt:
+                raise TraceError(f"{p}: holds a {have} trace, not {fmt}; not replacing it")
+    elif not p.is_file():
+        raise TraceError(f"{p}: exists and is not a regular file; not replacing it")
+
+
 def _step_slice(trace: Trace, a: int, b: int) -> Trace:
     assert trace.step_ids is not None
     ids = trace.step_ids[a:b]
@@ -188,22 +205,8 @@ def _step_slice(trace: Trace, a: int, b: int) -> Trace:
 
 
 def _atomic_dir(dest: Path, build: Callable[[Path], None]) -> None:
-    """Build a directory under a temporary sibling name, then move it to ``dest`` (replacing it)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        build(tmp)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            os.rmdir(old)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Build a directory under a temporary sibling name, then swap it in (see :func:`eplb._atomic.atomic_dir`)."""
+    atomic_dir(dest, build)
 
 
 def _eplb_info(trace: Trace) -> dict[str, Any]:

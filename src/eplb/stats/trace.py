@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from eplb._atomic import atomic_write
 from eplb._checks import MAX_COUNT, ArrayLike, check_load, exact_counts, exact_ints
 
 __all__ = ["Trace", "TraceError", "atomic_write", "parse_range", "reading"]
@@ -71,24 +71,6 @@ def parse_range(spec: str | Sequence[int] | None, name: str = "iter-range") -> t
     if b <= a:
         raise ValueError(f"{name}: stop ({b}) must be greater than start ({a})")
     return a, b
-
-
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def check_total(c: np.ndarray, name: str) -> None:
