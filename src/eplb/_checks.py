@@ -66,6 +66,9 @@ MAX_COUNT = 2**53
 INT64_MAX = 2**63 - 1
 
 
+_IS_BOOL = np.frompyfunc(lambda v: isinstance(v, bool), 1, 1)
+
+
 def exact_counts(x: ArrayLike, name: str = "counts", *, ndim: int | tuple[int, ...] = (2, 3)) -> np.ndarray:
     """Token counts as an exact ``int64`` array, or a ValueError naming ``name`` and the first bad index.
 
@@ -83,6 +86,12 @@ def exact_counts(x: ArrayLike, name: str = "counts", *, ndim: int | tuple[int, .
         arr = np.asarray(x)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{name}: expected a rectangular array of counts ({str(exc).splitlines()[0]})") from None
+    if isinstance(x, (list, tuple)) and arr.dtype.kind in "iuf" and arr.size:
+        # numpy turns true / false among numbers into 1 / 0: a JSON boolean is no count
+        is_bool = _IS_BOOL(np.asarray(x, dtype=object)).astype(bool)
+        if is_bool.any():
+            bad = np.argwhere(is_bool)[0].tolist()
+            raise ValueError(f"{name}: expected a count at index {bad}, got a boolean")
     ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
     if arr.ndim not in ndims:
         shapes = " or ".join({2: "[layers, experts]", 3: "[steps, layers, experts]", 1: "[experts]",
@@ -98,7 +107,7 @@ def exact_counts(x: ArrayLike, name: str = "counts", *, ndim: int | tuple[int, .
             flat[i] = _exact_count(v, name, np.unravel_index(i, arr.shape))
         return out
     if kind == "b":
-        return arr.astype(np.int64)
+        raise ValueError(f"{name}: expected integer token counts, got booleans (dtype {arr.dtype})")
     if kind in "iu":
         if arr.min() < 0:
             bad = np.argwhere(arr < 0)[0].tolist()
@@ -192,11 +201,18 @@ def check_positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+#: Most slots per layer (and ranks) a placement may have: far above any deployment (DeepSeek-V3: 288-320).
+MAX_SLOTS = 1 << 20
+
+
 def check_layout(num_experts: int, num_slots: int, num_ranks: int, num_nodes: int = 1) -> None:
     """Check that ``num_slots`` slots can be laid out over ranks and nodes for ``num_experts`` experts."""
     check_positive_int(num_slots, "num_replicas")
     check_positive_int(num_ranks, "num_gpus")
     check_positive_int(num_nodes, "num_nodes")
+    for name, v in (("num_replicas", num_slots), ("num_gpus", num_ranks)):
+        if v > MAX_SLOTS:
+            raise ValueError(f"{name}: {v} is larger than the supported maximum {MAX_SLOTS}")
     if num_slots < num_experts:
         raise ValueError(
             f"num_replicas: {num_slots} physical slots cannot serve {num_experts} logical experts "

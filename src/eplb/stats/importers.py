@@ -517,8 +517,8 @@ def read_vllm_ascend(path: str | os.PathLike[str], expert_map: str | os.PathLike
         raise TraceError(f"{p}: expected moe_load of shape [layers, devices, slots per device] "
                          f"(or [steps, ...]), got {tuple(arr.shape)}")
     T, L, D, spr = arr.shape
-    if arr.dtype.kind not in "biuf" or np.any(arr < 0):
-        raise TraceError(f"{p}: moe_load must hold non-negative numbers")
+    if arr.dtype.kind not in "iuf" or np.any(arr < 0):
+        raise TraceError(f"{p}: moe_load must hold non-negative numbers (got dtype {arr.dtype})")
     if arr.size == 0:
         raise TraceError(f"{p}: moe_load is empty (shape {tuple(arr.shape)})")
     big = ~np.isfinite(arr) | (arr > 2**53) if arr.dtype.kind == "f" else arr > 2**53
@@ -626,7 +626,7 @@ def _rect(p: Path, obj: Any, what: str) -> np.ndarray:
             raise TraceError(f"{p}: {what + ' is' if what else 'not'} a rectangular array (ragged rows?)") from None
         if any(isinstance(v, (list, tuple, dict)) for v in arr.reshape(-1)):
             raise TraceError(f"{p}: {what + ' is' if what else 'not'} a rectangular array (ragged rows?)")
-    return arr
+    return obj if isinstance(obj, (list, tuple)) else arr  # lists: exact_counts also refuses booleans in them
 
 
 def _json_file(p: Path) -> Any:
