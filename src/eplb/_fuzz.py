@@ -545,28 +545,45 @@ def _json_counts(path: Path) -> list[Any] | None:
 
 
 def _csv_counts(path: Path) -> list[Any] | None:
+    """Exact counts of a CSV trace as the format defines it (optional header naming 'layer' / 'step')."""
+    import csv
+
     try:
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        rows = [r for r in csv.reader(path.read_bytes().decode("utf-8").splitlines()) if r and any(c.strip() for c in r)]
     except Exception:  # noqa: BLE001
         return None
-    if not lines:
+    if not rows:
         return None
-    header = lines[0].split(",")
-    rows = [ln.split(",") for ln in lines[1:]]
-    if header[:2] != ["step", "layer"] or any(len(r) != len(header) for r in rows) or not rows:
+
+    def isnum(c: str) -> bool:
+        try:
+            float(c)
+            return True
+        except ValueError:
+            return False
+
+    if all(isnum(c) for c in rows[0]):
+        return _exact_grid([[_exact_csv(c) for c in r] for r in rows], (2,))
+    header = [c.strip().lower() for c in rows[0]]
+    body = rows[1:]
+    if "layer" not in header or not body or any(len(r) != len(header) for r in body):
         return None
-    vals: dict[tuple[int, int], list[int]] = {}
-    for r in rows:
-        s, ly = (_exact_csv(c, 2**63 - 1) for c in r[:2])
-        cs = [_exact_csv(c) for c in r[2:]]
-        if s is None or ly is None or any(c is None for c in cs) or (s, ly) in vals:
+    lc = header.index("layer")
+    sc = header.index("step") if "step" in header else None
+    ecols = [j for j in range(len(header)) if j not in (lc, sc)]
+    vals: dict[tuple[int, int], list[int | None]] = {}
+    for r in body:
+        ly = _exact_csv(r[lc], 2**63 - 1)
+        st = _exact_csv(r[sc], 2**63 - 1) if sc is not None else 0
+        cs = [_exact_csv(r[j]) for j in ecols]
+        if ly is None or st is None or any(c is None for c in cs) or (st, ly) in vals or not cs:
             return None
-        vals[(s, ly)] = cs  # type: ignore[assignment]
+        vals[(st, ly)] = cs
     steps = sorted({k[0] for k in vals})
     layers = sorted({k[1] for k in vals})
     if len(vals) != len(steps) * len(layers):
         return None
-    return [[vals[(s, ly)] for ly in layers] for s in steps]
+    return [[vals[(st, ly)] for ly in layers] for st in steps]
 
 
 def _exact_csv(c: str, maximum: int = 2**53) -> int | None:

@@ -80,6 +80,11 @@ def load_policy_plugins() -> dict[str, PolicyFn]:
     return POLICIES
 
 
+#: Largest per-layer total load handed to a policy as is; larger layers are scaled down (ratios kept), so
+#: squares and sums stay finite in float64 and DeepSeek's float32 arithmetic does not overflow.
+_SAFE_TOTAL = 1e30
+
+
 def plan(
     loads: ArrayLike,
     num_slots: int,
@@ -119,6 +124,9 @@ def plan(
     check_layout(E, num_slots, num_ranks, num_nodes)
     if E % num_groups:
         raise ValueError(f"num_groups: {E} experts cannot be split into {num_groups} equal groups")
+    tot = arr.sum(axis=(0, 2), keepdims=True)  # [1, L, 1]
+    if float(tot.max()) > _SAFE_TOTAL:  # only ratios matter to a policy: keep its arithmetic finite
+        arr = np.where(tot > _SAFE_TOTAL, arr * (_SAFE_TOTAL / np.maximum(tot, 1.0)), arr)
     phy2log = POLICIES[policy](arr, num_slots=int(num_slots), num_ranks=int(num_ranks), num_nodes=int(num_nodes),
                                num_groups=int(num_groups), **options)
     info: dict[str, Any] = {"policy": policy, "num_groups": int(num_groups)}

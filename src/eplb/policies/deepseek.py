@@ -143,9 +143,9 @@ def to_float32(weight: np.ndarray) -> np.ndarray:
     """``weight`` as float32 for DeepSeek's arithmetic, scaled down when a layer's total would overflow
     float32 (only the ratios of loads matter to the policy; a load past 3.4e38 would become inf)."""
     w = np.asarray(weight, dtype=np.float64)
-    top = float(w.sum(-1).max()) if w.size else 0.0
-    if top > _F32_SAFE:
-        w = w * (_F32_SAFE / top)
+    if w.size:
+        tot = w.sum(-1, keepdims=True)  # rows (layers) are planned independently: scale each on its own
+        w = np.where(tot > _F32_SAFE, w * (_F32_SAFE / np.maximum(tot, 1.0)), w)
     return w.astype(np.float32)
 
 

@@ -236,8 +236,11 @@ def _load_st(f: Path) -> dict[str, np.ndarray]:
         if "bf16" in str(exc).lower() or "bfloat16" in str(exc).lower():
             from safetensors.torch import load_file as load_torch
 
-            return {k: v.float().numpy() for k, v in load_torch(str(f)).items()}
-        raise TraceError(f"{f}: not a readable safetensors file ({exc})") from None
+            try:
+                return {k: v.float().numpy() for k, v in load_torch(str(f)).items()}
+            except Exception:  # noqa: BLE001 - not a bf16 file after all: a corrupt header
+                pass
+        raise TraceError(f"{f}: not a readable safetensors file ({str(exc)[:200]})") from None
 
 
 def _parse_keyed(f: Path, data: dict[str, np.ndarray], shape: tuple[int, ...] | None, what: str,

@@ -35,10 +35,9 @@ class TraceError(ValueError):
     """A trace file or array is malformed; the message names the file and field."""
 
 
-#: Exceptions a reader turns into its own clear error when malformed input provokes them deep inside
-#: numpy / safetensors / torch (a bug-free reader raises its own error first; this is the safety net).
-UNCLEAR = (TypeError, ValueError, OverflowError, RecursionError, MemoryError, IndexError, KeyError, AttributeError,
-           UnicodeError, EOFError, OSError)
+#: Exceptions a reader turns into its own clear error (naming the file) when malformed input provokes them
+#: deep inside a library; the readers raise their own precise errors first, this is the safety net.
+UNCLEAR = (Exception,)  # numpy, safetensors, torch, pickle, zipfile: whatever malformed bytes provoke
 
 
 @contextlib.contextmanager
@@ -48,8 +47,14 @@ def reading(path: str | os.PathLike[str], error: type[ValueError] = None) -> Ite
     err = error or TraceError
     try:
         yield
-    except err:
-        raise
+    except err as exc:
+        if str(path) in str(exc) or Path(path).name in str(exc):
+            raise
+        try:
+            new = type(exc)(f"{path}: {exc}")
+        except Exception:  # noqa: BLE001 - a subclass with another signature
+            new = err(f"{path}: {exc}")
+        raise new from None
     except UNCLEAR as exc:
         if isinstance(exc, ValueError) and str(exc).startswith(str(path)):
             raise err(str(exc)) from None
