@@ -55,6 +55,12 @@ class Outcome:
     fmt: str
     mutation: str
     detail: str = ""
+    reader: str = ""  # "map:<format>", "trace:<format>" or "plan" (set by run_cases)
+
+
+#: Paths a TensorRT-LLM options file's ``load_balancer`` is pointed at (``bench/fuzz.py --before`` drops
+#: ``/dev/zero``: an unbounded reader would read it until memory runs out).
+INDIRECT_TARGETS = ["/dev/zero", "../../etc/passwd", "lb.yaml", "fifo", "missing.yaml", "/etc/hostname"]
 
 
 @contextmanager
@@ -378,8 +384,7 @@ def map_case(rng: random.Random, fmt: str, tmp: Path, limit_s: float = 10.0) -> 
         doc = {key: arr, "ep_size": pl.num_ranks}
     else:
         if r < 0.1 and fmt == "trtllm-options":
-            doc["moe_config"]["load_balancer"] = rng.choice(("/dev/zero", "../../etc/passwd", "lb.yaml", "fifo",
-                                                             "missing.yaml", "/etc/hostname"))
+            doc["moe_config"]["load_balancer"] = rng.choice(INDIRECT_TARGETS)
             mutation = f"indirect={doc['moe_config']['load_balancer']}"
             if doc["moe_config"]["load_balancer"] == "fifo" and not (tmp / "fifo").exists() and hasattr(os, "mkfifo"):
                 os.mkfifo(tmp / "fifo")
@@ -762,6 +767,7 @@ def run_cases(n: int, seed: int, *, limit_s: float = 10.0, kinds: tuple[str, ...
                 o = trace_case(rng, fmt, case_dir, limit_s)
             else:
                 o = plan_case(rng, limit_s)
+            o.reader = f"{kind}:{fmt}" if kind != "plan" else "plan"
             out.append(o)
             if on_case is not None:
                 on_case(o)
