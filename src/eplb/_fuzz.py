@@ -682,7 +682,11 @@ def plan_case(rng: random.Random, limit_s: float = 20.0) -> Outcome:
     import eplb
     from eplb.policies import POLICIES
 
-    policy = rng.choice(sorted(p for p in POLICIES if p != "eplb-incremental"))
+    import eplb.dispatch  # noqa: F401 - registers eplb-dispatch
+
+    # eplb's own policies (not test or plug-in ones); incremental needs current=
+    policy = rng.choice(sorted(p for p, fn in POLICIES.items()
+                               if p != "eplb-incremental" and getattr(fn, "__module__", "").startswith("eplb.")))
     T, L, E = rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 6)
     R = rng.randint(1, 4)
     S = R * rng.randint(max(1, -(-E // R)), -(-E // R) + 3)

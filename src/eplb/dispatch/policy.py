@@ -125,7 +125,7 @@ def pack_for_dispatch(loads: np.ndarray, cnt: np.ndarray, num_ranks: int, num_no
 
 
 def _as_integer_counts(loads: np.ndarray) -> np.ndarray:
-    if np.all(loads == np.round(loads)):
+    if np.all(loads == np.round(loads)) and float(loads.max(initial=0.0)) <= 2**53:  # exact in int64
         return loads.astype(np.int64)
     per_step = loads.sum(-1).mean()
     scale = 4096.0 / per_step if per_step > 0 else 1.0
