@@ -74,18 +74,19 @@ def test_trace_sums_past_2_53_are_refused() -> None:
 
 
 # ----------------------------------------------------------------------------- convert of logical_count
-def test_convert_logical_count_to_a_map_writes_a_map(tmp_path: Path) -> None:
+def test_convert_logical_count_to_a_map_name_is_refused_not_written_as_a_trace(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from eplb.cli import app
 
     (tmp_path / "lc.json").write_text(json.dumps({"logical_count": [[[5, 1, 1, 3], [2, 2, 2, 2]]]}))
-    out = tmp_path / "moe_load_balancer.yaml"
-    res = CliRunner().invoke(app, ["convert", str(tmp_path / "lc.json"), str(out), "--ep-size", "2"])
-    assert res.exit_code == 0, res.output
-    assert out.is_file()
-    pl = read_placement(out)
-    assert pl.num_experts == 4 and pl.num_ranks == 2
+    for name, extra in (("moe_load_balancer.yaml", []), ("map.json", ["--to", "native"])):
+        out = tmp_path / name
+        res = CliRunner().invoke(app, ["convert", str(tmp_path / "lc.json"), str(out), "--ep-size", "2", *extra])
+        assert res.exit_code != 0 and "holds load counts" in str(res.exception)
+        assert not out.exists()  # before: a trace directory named moe_load_balancer.yaml, trace bytes in map.json
+    res = CliRunner().invoke(app, ["convert", str(tmp_path / "lc.json"), str(tmp_path / "t.npz")])
+    assert res.exit_code == 0 and read_trace(tmp_path / "t.npz").counts.tolist() == [[[5, 1, 1, 3], [2, 2, 2, 2]]]
 
 
 # ----------------------------------------------------------------------------- --force
