@@ -82,9 +82,9 @@ def test_cli_verbs_exit_0_or_2_on_mutated_files(tmp_path: Path, monkeypatch: pyt
         if verb == "validate":
             argv = ["validate", str(src), "--ep-size", "1"]
         elif verb == "report":
-            argv = ["report", str(src), "--ep-size", "1"] + (["--format", fmt] if fmt == "vllm-ascend" else [])
+            argv = ["report", str(src), "--ep-size", "1"] + (["--format", fmt, "--expert-map", "identity"] if fmt == "vllm-ascend" else [])
         else:
-            argv = ["convert", str(src), str(d / "out.npz")] + (["--from", fmt] if fmt == "vllm-ascend" else [])
+            argv = ["convert", str(src), str(d / "out.npz")] + (["--from", fmt, "--expert-map", "identity"] if fmt == "vllm-ascend" else [])
         code = _cli(argv, monkeypatch)  # anything but exit 0 / exit 2 (a traceback) fails the test
         err = capsys.readouterr().err
         assert code in (0, 2), (argv, err)

@@ -354,7 +354,7 @@ def map_case(rng: random.Random, fmt: str, tmp: Path, limit_s: float = 10.0) -> 
                 "vllm-pt": "vllm", "trtllm-options": "trtllm"}.get(fmt, fmt)
     suffix = {"trtllm": ".yaml", "trtllm-options": ".yaml", "sglang-pt": ".pt", "vllm-pt": ".pt"}.get(fmt, ".json")
     path = tmp / f"map{suffix}"
-    kw: dict[str, Any] = {"ep_size": pl.num_ranks} if base_fmt == "sglang" else {}
+    kw: dict[str, Any] = {"ep_size": pl.num_ranks}  # checked against the file where it records one
     if fmt == "sglang-count":
         doc: Any = {"logical_count": _trace(rng).counts.tolist()}
         kw = {"ep_size": 1}
@@ -525,7 +525,8 @@ def trace_case(rng: random.Random, fmt: str, tmp: Path, limit_s: float = 10.0) -
             data, mutation = mutate_bytes(f.read_bytes(), rng)
             f.write_bytes(data)
         want = _trtllm_counts(path)
-    return _classify(fmt, mutation, path, lambda: read_trace(path, fmt if fmt != "eplb" else None),
+    emap = "identity" if fmt == "vllm-ascend" else None  # its per-slot loads need a map (identity layout here)
+    return _classify(fmt, mutation, path, lambda: read_trace(path, fmt if fmt != "eplb" else None, expert_map=emap),
                      lambda got: _check_counts(got, want), limit_s)
 
 
@@ -680,9 +681,8 @@ def _trtllm_counts(path: Path) -> list[Any] | None:
 def plan_case(rng: random.Random, limit_s: float = 20.0) -> Outcome:
     """``eplb.plan`` on adversarial loads and sizes; a valid answer is a Placement of the asked shape."""
     import eplb
-    from eplb.policies import POLICIES
-
     import eplb.dispatch  # noqa: F401 - registers eplb-dispatch
+    from eplb.policies import POLICIES
 
     # eplb's own policies (not test or plug-in ones); incremental needs current=
     policy = rng.choice(sorted(p for p, fn in POLICIES.items()
