@@ -28,7 +28,7 @@ import numpy as np
 
 from eplb.placement import Placement
 from eplb.policies import register_policy
-from eplb.policies.deepseek import rebalance_experts
+from eplb.policies.deepseek import rebalance_experts, to_float32
 
 __all__ = ["coverage_counts", "dispatch_aware_placement", "pack_for_dispatch", "replica_counts", "window_balanced_max"]
 
@@ -41,6 +41,8 @@ def replica_counts(weight: np.ndarray, num_slots: int, max_replicas: int) -> np.
     rows = np.arange(L)
     for _ in range(num_slots - E):  # items: redundant slots
         score = np.where(cnt < max_replicas, weight / cnt, -np.inf)
+        full = ~np.isfinite(score).any(1)  # every expert at max_replicas (more slots than E x R): co-locate
+        score[full] = weight[full] / cnt[full]
         best = np.argmax(score, axis=1)
         cnt[rows, best] += 1
     return cnt
@@ -99,12 +101,15 @@ def pack_for_dispatch(loads: np.ndarray, cnt: np.ndarray, num_ranks: int, num_no
     fluid_vol = np.zeros((L, R))
     rank_load = np.zeros((L, R, T))  # per-step load of each rank (fluid at uniform share)
     slot_of_rank = np.zeros((L, R), dtype=np.int64)
-    phy2log = np.empty((L, S), dtype=np.int64)
+    phy2log = np.full((L, S), -1, dtype=np.int64)
     for i in range(S):  # items
         e = items[:, i]
         is_fl = fluid[rows, e]
         x = share[:, rows, e].T  # [L, T]
         ok = (free > 0) & ~has[rows, :, e]
+        # no free rank without this expert (more replicas than ranks, or the free slots sit on ranks that
+        # hold it already): a co-located replica, never a write past a full rank's slots
+        ok = np.where(ok.any(1, keepdims=True), ok, free > 0)
         cov = np.einsum("lrt,lt->lr", rank_load, x)
         score_fl = fluid_vol * (1 + 1e-9) + rank_load.mean(-1) * 1e-9
         score = np.where(is_fl[:, None], score_fl, cov)
@@ -115,11 +120,12 @@ def pack_for_dispatch(loads: np.ndarray, cnt: np.ndarray, num_ranks: int, num_no
         has[rows, r, e] = True
         fluid_vol[rows, r] += np.where(is_fl, mean[rows, e] / cnt[rows, e], 0.0)
         rank_load[rows, r] += x
+    assert (phy2log >= 0).all(), "pack_for_dispatch: a slot was left unassigned"
     return phy2log
 
 
 def _as_integer_counts(loads: np.ndarray) -> np.ndarray:
-    if np.all(loads == np.round(loads)):
+    if np.all(loads == np.round(loads)) and float(loads.max(initial=0.0)) <= 2**53:  # exact in int64
         return loads.astype(np.int64)
     per_step = loads.sum(-1).mean()
     scale = 4096.0 / per_step if per_step > 0 else 1.0
@@ -165,7 +171,7 @@ def dispatch_aware_placement(
         cands[f"coverage={h:g}"] = pack_for_dispatch(loads, coverage_counts(loads, num_slots, R, h), R, num_nodes)
     if include_deepseek:
         ng = num_groups if E % num_groups == 0 else 1
-        cands["deepseek"] = np.asarray(rebalance_experts(mean.astype(np.float32), num_slots, ng, num_nodes, R)[0])
+        cands["deepseek"] = np.asarray(rebalance_experts(to_float32(mean), num_slots, ng, num_nodes, R)[0])
     opts = {"sweeps": 3, "int_sweeps": 1, **(solver_options or {})}
     names = list(cands)
     scores = np.stack([window_balanced_max(loads, Placement(cands[n], E, R, num_nodes), **opts) for n in names])

@@ -40,7 +40,7 @@ import numpy as np
 from eplb._checks import ArrayLike, to_numpy
 from eplb.placement import Placement
 from eplb.policies import POLICIES, plan, register_policy
-from eplb.policies.deepseek import rebalance_experts_hierarchical
+from eplb.policies.deepseek import rebalance_experts_hierarchical, to_float32
 from eplb.policies.incremental import incremental_rows
 from eplb.policies.packing import (
     dedup_pass,
@@ -199,7 +199,7 @@ def hierarchical_rows(
                     rounds=rounds, perturb=perturb)
     ours = np.take_along_axis(experts.reshape(L * N, E // N), loc, axis=1).reshape(L, num_slots)
     # DeepSeek hierarchical, improved inside each node (global ids, rows = (layer, node))
-    ds, _, _ = rebalance_experts_hierarchical(weight.astype(np.float32), num_slots, G, N, num_ranks)
+    ds, _, _ = rebalance_experts_hierarchical(to_float32(weight), num_slots, G, N, num_ranks)
     w_rep = np.repeat(weight, N, axis=0)
     ds_rows = dedup_pass(w_rep, swap_search(w_rep, ds.reshape(L * N, -1), num_ranks // N, max_iters=max_iters),
                          num_ranks // N).reshape(L, num_slots)
@@ -211,7 +211,7 @@ def hierarchical_rows(
 
 def _deepseek_start(weight: np.ndarray, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int) -> np.ndarray:
     """Exactly what the ``"deepseek"`` policy returns for these loads."""
-    w32 = weight.astype(np.float32)
+    w32 = to_float32(weight)
     if num_groups % num_nodes == 0:
         p, _, _ = rebalance_experts_hierarchical(w32, num_slots, num_groups, num_nodes, num_ranks)
     else:
