@@ -105,9 +105,6 @@ def simulate_cmd(
 
     data = load_trace(trace, fmt)
     cm = load_cost_model(cost_model, base=reference_cost_model()) if cost_model is not None else default_cost_model()
-<<<<<<< HEAD
-    pols = _split_list(policy) or ([DEFAULT_POLICY] if not placement else [])
-=======
     from eplb.sim.cost import expert_shape
 
     shape, shape_src = expert_shape(data.model, data.meta, hidden_size=hidden_size,
@@ -116,8 +113,7 @@ def simulate_cmd(
         cm = cm.with_(**shape)
     shape_line = (f"expert size: hidden {cm.hidden_size} x intermediate {cm.moe_intermediate_size} x {cm.dtype_bytes} "
                   f"byte(s) ({shape_src or 'the cost model: pass --hidden-size / --moe-intermediate-size for this model'})")
-    pols = _split_list(policy) or (["deepseek"] if not placement else [])
->>>>>>> main
+    pols = _split_list(policy) or ([DEFAULT_POLICY] if not placement else [])
     places = {}
     for f in placement or ():
         from eplb.formats import read_placement
