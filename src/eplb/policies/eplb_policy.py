@@ -374,8 +374,10 @@ def _window_rows(loads: np.ndarray, num_slots: int, num_ranks: int, num_nodes: i
        steps (64 candidate swaps scored per step and iteration, at most ``min(2 S, 64)`` iterations), kept per
        layer where it is better on the whole window. (Splitting the window into search / validation steps was
        tried: it avoids fitting i.i.d. noise on SYNTHETIC data but loses half of the gain on the real traces.)
-    3. fallback, per layer: where DeepSeek's placement (the exact ``"deepseek"`` policy) has a lower mean
-       per-step max rank load on the whole window, DeepSeek's is returned.
+    3. per layer, among this plan and DeepSeek's (the exact ``"deepseek"`` policy), each also with its colocated
+       duplicates removed (:func:`~eplb.policies.packing.dedup_pass`), the one with the fewest duplicates within
+       ``DUP_TOLERANCE`` of the lowest mean per-step max rank load on the whole window and never above
+       DeepSeek's: so the result is never worse than DeepSeek's on the window under that per-step metric.
 
     Cost: ``O(S * L * (S + E * R))`` for step 1, ``O(iters * L * (spr * S + 64 * T'))`` for step 2
     (``T' = min(T, max_steps)``), ``O(T * L * S)`` for the checks.
@@ -391,9 +393,28 @@ def _window_rows(loads: np.ndarray, num_slots: int, num_ranks: int, num_nodes: i
     found = robust_rows(loads[steps], start, num_ranks, max_iters=iters, cand=64)
     keep = step_max_mean(loads, found, num_ranks) < step_max_mean(loads, start, num_ranks)
     out = np.where(keep[:, None], found, start)
-    ds_ok = np.ones(L, dtype=bool) if cap is None else (phy2log_counts(ds, E) <= cap).all(axis=1)
-    use_ds = ds_ok & (step_max_mean(loads, ds, num_ranks) < step_max_mean(loads, out, num_ranks))
-    return np.where(use_ds[:, None], ds, out)
+    # per layer: the candidate with the fewest colocated duplicates among those within DUP_TOLERANCE of the best
+    # mean per-step max (never above DeepSeek's), then the lowest; DeepSeek's own placement is the last resort
+    cands = [dedup_pass(w, out, num_ranks, max_replicas=cap), out, dedup_pass(w, ds, num_ranks, max_replicas=cap), ds]
+    obj = np.stack([step_max_mean(loads, c, num_ranks) for c in cands])  # [C, L]
+    if cap is not None:
+        for i in (2, 3):
+            obj[i] = np.where((phy2log_counts(cands[i], E) <= cap).all(axis=1), obj[i], np.inf)
+    dups = np.stack([np.clip(expert_pack_count(c, E, num_ranks) - 1, 0, None).sum(axis=(1, 2)) for c in cands])
+    rows = np.flatnonzero((dups > 0).all(axis=0))
+    if rows.size:  # every candidate wastes a slot there: add the summed-load plan (its deeper search removes them)
+        full = out.copy()
+        full[rows] = eplb_rows(w[rows], num_slots, num_ranks, max_replicas=cap, start=None if cap else ds[rows],
+                               max_iters=max_iters)
+        cands.append(full)
+        obj = np.concatenate([obj, step_max_mean(loads, full, num_ranks)[None]])
+        dups = np.concatenate([dups, np.clip(expert_pack_count(full, E, num_ranks) - 1, 0, None).sum(axis=(1, 2))[None]])
+    C = len(cands)
+    best = obj.min(axis=0)
+    lim = np.minimum(best * (1 + DUP_TOLERANCE), obj[3])
+    near = obj <= np.maximum(lim, best)[None] * (1 + 1e-12)
+    order = np.lexsort((np.arange(C)[:, None].repeat(L, 1), obj, np.where(near, dups, np.inf)), axis=0)
+    return np.stack(cands)[order[0], np.arange(L)]
 
 
 # ---------------------------------------------------------------------------------- registered
