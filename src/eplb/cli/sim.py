@@ -96,6 +96,9 @@ def simulate_cmd(
                                                      "size (an expert is 3 x hidden x intermediate weights)"),
     dtype_bytes: int | None = typer.Option(None, "--dtype-bytes", min=1, help="bytes per weight/activation element "
                                            "(2 = bf16, 1 = fp8)"),
+    weight_format: str | None = typer.Option(None, "--weight-format", help="expert weights: 'dense' (dtype bytes) or "
+                                             "'fp8-block' (FP8 + float32 128x128 block scales, DeepSeek-V3 layout); "
+                                             "default: the cost model's"),
 ) -> None:
     """Replay a trace step by step under placements and the online balancer; print a side-by-side summary."""
     from rich.console import Console
@@ -111,8 +114,17 @@ def simulate_cmd(
                                     moe_intermediate_size=moe_intermediate_size, dtype_bytes=dtype_bytes)
     if shape:
         cm = cm.with_(**shape)
-    shape_line = (f"expert size: hidden {cm.hidden_size} x intermediate {cm.moe_intermediate_size} x {cm.dtype_bytes} "
-                  f"byte(s) ({shape_src or 'the cost model: pass --hidden-size / --moe-intermediate-size for this model'})")
+    if weight_format is not None:
+        from eplb.sim.cost import WEIGHT_FORMATS
+
+        if weight_format not in WEIGHT_FORMATS:
+            raise typer.BadParameter(f"expected one of {list(WEIGHT_FORMATS)}, got {weight_format!r}",
+                                     param_hint="--weight-format")
+        cm = cm.with_(weight_format=weight_format)
+    wfmt = "FP8 + block scales" if cm.weight_format == "fp8-block" else f"{cm.dtype_bytes} byte(s)"
+    shape_line = (f"expert size: hidden {cm.hidden_size} x intermediate {cm.moe_intermediate_size} x {wfmt} "
+                  f"({shape_src or 'the cost model: pass --hidden-size / --moe-intermediate-size for this model'}): "
+                  f"{cm.expert_bytes:,} bytes per expert")
     pols = _split_list(policy) or ([DEFAULT_POLICY] if not placement else [])
     places = {}
     for f in placement or ():
@@ -143,9 +155,26 @@ def simulate_cmd(
     console.print(report.table())
     console.print(f"cost model: {cm.device}, {cm.date}, {cm.source}")
     console.print(shape_line)
+    _print_auto(console, report, data, cm)
     if out is not None:
         files = report.save(out, plots=plots)
         console.print("wrote " + ", ".join(str(p) for p in files))
+
+
+def _print_auto(console: Any, report: Any, data: Any, cm: Any) -> None:
+    """``strategy="auto"``'s per-layer choice for each static run's placement (on the replayed counts)."""
+    import numpy as np
+
+    from eplb.dispatch.auto import auto_line, auto_strategies, auto_summary
+
+    for r in report.results:
+        pl = r.final_placement
+        if r.mode != "static" or pl is None or pl.num_slots <= pl.num_experts:
+            continue
+        counts = np.asarray(data.counts, dtype=np.float64)
+        if counts.shape[1:] != (pl.num_layers, pl.num_experts):
+            continue
+        console.print(f"{r.label}: {auto_line(auto_summary(auto_strategies(counts, pl, cm.compute_ms)))}")
 
 
 def capacity_cmd(

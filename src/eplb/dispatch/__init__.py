@@ -3,12 +3,13 @@
 * :class:`DispatchTable` -- one layer's device tables, from a :class:`~eplb.Placement`.
 * :func:`assign_slots` -- token -> slot on one rank: ``"local-first"``, ``"round-robin"``, ``"balanced"``.
 * :func:`plan_quotas` / :func:`source_shares` -- the balanced global plan every rank computes identically.
+* :func:`send_matrix` -- every rank's per-slot rows of a step from the gathered ``[R, E]`` counts alone.
 * :func:`split_counts` -- slot loads ``[..., L, S]`` of counts ``[..., L, E]`` under a strategy (evaluate/simulate).
 * :func:`per_step_lower_bound` -- LP bound of a fixed placement with perfect dispatch.
 * policy ``"eplb-dispatch"`` -- a placement designed for balanced dispatch (registered on import).
 """
 
-from eplb.dispatch.assign import STRATEGIES, assign_slots, occurrence, plan_quotas, source_shares
+from eplb.dispatch.assign import STRATEGIES, assign_slots, occurrence, plan_quotas, send_matrix, source_shares
 from eplb.dispatch.policy import dispatch_aware_placement
 from eplb.dispatch.solver import balanced_quotas, lp_max_load, waterfill
 from eplb.dispatch.split import SPLIT_STRATEGIES, per_step_lower_bound, split_counts, split_rank_loads
@@ -26,6 +27,7 @@ __all__ = [
     "occurrence",
     "per_step_lower_bound",
     "plan_quotas",
+    "send_matrix",
     "source_shares",
     "split_counts",
     "split_rank_loads",

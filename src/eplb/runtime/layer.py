@@ -7,16 +7,20 @@ Each of the ``R`` ranks of an EP group holds ``spr = S / R`` physical slots of o
 * ``w2`` ``[spr, H, I]`` down projection,
 
 with ``H`` the hidden size and ``I`` the expert intermediate size (transformers' ``gate_up_proj`` /
-``down_proj`` layout). A forward step on every rank:
+``down_proj`` layout). FP8 experts (DeepSeek-V3 layout, :mod:`eplb.runtime.fp8`) add ``w13_scale_inv``
+and ``w2_scale_inv`` (float32 per-block scales); every per-expert tensor of the layer is listed in
+``expert_weight_names`` and handled as one :class:`~eplb.runtime.weights.ExpertWeightSet` (slicing,
+commit, the balancer's transfers, bytes and fingerprints). A forward step on every rank:
 
-1. counts its (token, expert) pairs per logical expert (``balanced`` strategy: ``all_gather`` of
-   the ``[E]`` counts, so every rank computes the same global split);
+1. counts its (token, expert) pairs per logical expert and exchanges them: one ``all_gather`` of
+   ``E + 1`` ints per rank, for every strategy (the extra int is an input-error flag, so a bad input
+   on one rank raises on every rank);
 2. maps each pair to a physical slot (:func:`eplb.dispatch.assign_slots`: ``local-first``,
-   ``round-robin`` or ``balanced``);
-3. exchanges per-slot counts (one ``all_to_all_single`` of ``R x (spr + 1)`` ints; the extra column
-   carries an input-error flag so a bad input on one rank raises on every rank; with
-   ``max_num_tokens`` each row also carries this rank's ``R`` per-destination row totals, so every
-   rank learns the full ``[R, R]`` send matrix from the same exchange -- still one host sync);
+   ``round-robin`` or ``balanced``; balanced plans from the gathered ``[R, E]`` counts);
+3. derives from the same counts the whole ``[R, S]`` send matrix (:func:`eplb.dispatch.send_matrix`):
+   what it receives from every source for each local slot, and (``max_num_tokens``) the ``[R, R]``
+   rows of every (source, destination) pair -- one host sync for the split sizes; so ``balanced`` and
+   ``local-first`` make the same collectives (1 count exchange + 2 all-to-alls per round);
 4. in each round: sends the tokens (``all_to_all_single`` with uneven splits), computes its slots
    with a grouped GEMM + SwiGLU, and returns the outputs (second ``all_to_all_single``), weighted by
    ``topk_weights`` and summed per token (fp32 accumulation). Without ``max_num_tokens`` there is
@@ -42,14 +46,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from eplb.dispatch import DispatchTable, assign_slots
+from eplb.dispatch import DispatchTable, assign_slots, send_matrix
 from eplb.placement import Placement, PlacementError
 from eplb.runtime.compute import Activation, expert_ffn, resolve_activation, resolve_impl
 from eplb.runtime.distributed import AgreementError, GroupInfo, agree, fingerprint, group_info
+from eplb.runtime.fp8 import DEFAULT_BLOCK, FP8_DTYPE, fp8_expert_ffn, resolve_fp8_impl, scale_shape
+from eplb.runtime.static_exchange import static_exchange_forward
+from eplb.runtime.weights import ExpertWeightSet
 
-__all__ = ["STRATEGIES", "ExpertParallelMoE", "reference_moe"]
+__all__ = ["STRATEGIES", "ExpertParallelMoE", "rank_slots", "reference_moe"]
 
-STRATEGIES = ("local-first", "round-robin", "balanced")
+STRATEGIES = ("local-first", "round-robin", "balanced", "auto")
 
 # error bits carried in the count exchange
 _ERR_IDS = 1  # topk_ids outside [0, E)
@@ -87,22 +94,38 @@ class ExpertParallelMoE(nn.Module):
     """One MoE layer's experts, expert-parallel over a process group, with redundant slots.
 
     Args:
-        w13: ``[spr, 2I, H]`` this rank's slots' gate+up weights (any float dtype, incl. bf16).
+        w13: ``[spr, 2I, H]`` this rank's slots' gate+up weights (any float dtype, incl. bf16, or
+            ``float8_e4m3fn`` with ``w13_scale_inv``).
         w2: ``[spr, H, I]`` this rank's slots' down weights (same dtype and device).
         placement: the model's :class:`~eplb.Placement` (``num_ranks`` must equal the group size).
         layer_pos: row of ``placement`` this layer serves (0-based position, not the model layer id).
         group: the EP process group (``None``: WORLD if initialised; without ``torch.distributed``
             only a one-rank placement is accepted and no collective runs).
-        strategy: replica choice, one of :data:`STRATEGIES`; must be the same on every rank.
+        strategy: replica choice, one of :data:`STRATEGIES`; must be the same on every rank. ``"auto"``:
+            the strategy of ``auto_decision`` (balanced only where a cost model predicts a net gain).
+        auto_decision: with ``strategy="auto"``, this layer's :class:`eplb.dispatch.auto.AutoDecision` (from
+            :func:`eplb.dispatch.auto.auto_strategies`; its strategy is part of the cross-rank agreement).
         max_num_tokens: largest number of (token, expert) rows any rank receives and computes per
             all-to-all round (TensorRT-LLM's ``moe max_num_tokens``: a hot rank's receive buffer and
             expert compute stay bounded; the forward runs as many rounds as the most loaded rank
             needs, every rank taking part in each); ``None``: one round with everything. Must be the
             same on every rank (checked by ``verify``).
-        compute: ``"auto"`` (grouped GEMM where supported), ``"grouped"`` or ``"loop"``.
+        compute: ``"auto"`` (grouped GEMM where supported), ``"grouped"`` or ``"loop"``; FP8 experts also
+            take ``"fp8-triton"`` and ``"dequant"`` (:func:`eplb.runtime.fp8.resolve_fp8_impl`).
         activation: ``"silu"`` (SwiGLU, default) or a callable applied to the gate half.
+        capacity: static-capacity mode (with ``max_tokens_per_rank``): every rank sends every rank exactly
+            ``capacity`` rows per round, in ``ceil(max_tokens_per_rank * min(k, spr) / capacity)`` rounds, with no
+            host sync (the forward can be captured in a CUDA graph; :mod:`eplb.runtime.static_exchange`).
+            A step over capacity uses the later rounds; ``N > max_tokens_per_rank`` raises ``ValueError`` on that
+            rank after the collectives (the others get NaN outputs); bad expert ids on any rank make every
+            rank's output NaN and count in ``error_steps`` (no host sync to raise).
+        max_tokens_per_rank: the most tokens any rank passes to one forward (static-capacity mode).
         verify: check across ranks at construction (one ``all_gather``) that every rank holds the
             same placement row, sizes and strategy; a mismatch raises on every rank.
+        w13_scale_inv, w2_scale_inv: FP8 experts only: ``float32 [spr, 2I/bn, ceil(H/bk)]`` and
+            ``[spr, ceil(H/bn), ceil(I/bk)]`` block scales (``W = weight * scale_inv`` per block).
+        block_size: ``(bn, bk)`` of the FP8 scales (default ``(128, 128)``).
+        compute_dtype: FP8 experts: dtype of the activations and outputs (default bfloat16).
 
     Attributes:
         placement_row: ``int64 [S]`` (buffer) phy2log of this layer.
@@ -133,20 +156,35 @@ class ExpertParallelMoE(nn.Module):
         group: Any = None,
         strategy: str = "local-first",
         max_num_tokens: int | None = None,
+        capacity: int | None = None,
+        max_tokens_per_rank: int | None = None,
+        auto_decision: Any = None,
         compute: str = "auto",
         activation: str | Activation | None = "silu",
         verify: bool = True,
+        w13_scale_inv: torch.Tensor | None = None,
+        w2_scale_inv: torch.Tensor | None = None,
+        block_size: Sequence[int] = DEFAULT_BLOCK,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self._info: GroupInfo = group_info(group)
         info = self._info
         error: str | None = None
         try:
+            self.block_size: tuple[int, ...] = tuple(int(v) for v in block_size)
+        except (TypeError, ValueError):
+            self.block_size = ()
+        try:
             self._validate_args(w13, w2, placement, layer_pos, strategy, max_num_tokens)
+            self._validate_fp8(w13, w2, w13_scale_inv, w2_scale_inv, compute_dtype)
+            _validate_capacity(capacity, max_tokens_per_rank, max_num_tokens)
+            _validate_auto(strategy, auto_decision)
         except ValueError as exc:
             error = str(exc)
         if verify:
-            digest = self._digest(placement, layer_pos, strategy, w13, w2, max_num_tokens) if error is None else b"\x00" * 32
+            digest = self._digest(placement, layer_pos, _effective(strategy, auto_decision), w13, w2,
+                                  (max_num_tokens, capacity, max_tokens_per_rank)) if error is None else b"\x00" * 32
             agree(info, f"ExpertParallelMoE(layer {layer_pos})", digest, error, device=_device_of(w13))
         elif error is not None:
             raise PlacementError(f"ExpertParallelMoE(layer {layer_pos}): {error}")
@@ -160,12 +198,23 @@ class ExpertParallelMoE(nn.Module):
         self.slots_per_rank = placement.slots_per_rank
         self.rank = info.rank
         self.strategy = strategy
+        self.auto_decision = auto_decision if strategy == "auto" else None
+        self.dispatch_strategy = _effective(strategy, auto_decision)  # what assign_slots runs
         self.max_num_tokens = max_num_tokens
+        self.capacity = capacity
+        self.max_tokens_per_rank = max_tokens_per_rank
         self.hidden_size = int(w13.shape[2])
         self.intermediate_size = int(w2.shape[2])
         self.act = resolve_activation(activation)
         self.w13 = nn.Parameter(w13.detach(), requires_grad=False)
         self.w2 = nn.Parameter(w2.detach(), requires_grad=False)
+        self.fp8 = w13.dtype == FP8_DTYPE
+        if self.fp8:
+            assert w13_scale_inv is not None and w2_scale_inv is not None
+            self.w13_scale_inv = nn.Parameter(w13_scale_inv.detach(), requires_grad=False)
+            self.w2_scale_inv = nn.Parameter(w2_scale_inv.detach(), requires_grad=False)
+            self.expert_weight_names = ("w13", "w13_scale_inv", "w2", "w2_scale_inv")
+        self.compute_dtype: torch.dtype = (compute_dtype or torch.bfloat16) if self.fp8 else w13.dtype
         dev = w13.device
         self.register_buffer("placement_row", torch.as_tensor(np.array(placement.phy2log[layer_pos]), dtype=torch.int64,
                                                               device=dev).clone(), persistent=False)
@@ -175,6 +224,7 @@ class ExpertParallelMoE(nn.Module):
                              persistent=False)
         self.register_buffer("local_slot_counts", torch.zeros(self.slots_per_rank, dtype=torch.int64, device=dev),
                              persistent=False)
+        self.register_buffer("error_steps", torch.zeros((), dtype=torch.int64, device=dev), persistent=False)
         self._compute_req = compute
         self._impl: str | None = None
         self._table: Any = None
@@ -186,7 +236,7 @@ class ExpertParallelMoE(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def _validate_args(self, w13: torch.Tensor, w2: torch.Tensor, placement: Placement, layer_pos: int,
-                       strategy: str, max_num_tokens: int | None) -> None:
+                       strategy: str, max_num_tokens: Any) -> None:
         info = self._info
         if not isinstance(placement, Placement):
             raise ValueError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
@@ -218,16 +268,44 @@ class ExpertParallelMoE(nn.Module):
         if not w13.is_floating_point():
             raise ValueError(f"w13/w2: expected floating-point weights, got {w13.dtype}")
 
+    def _validate_fp8(self, w13: torch.Tensor, w2: torch.Tensor, s13: torch.Tensor | None, s2: torch.Tensor | None,
+                      compute_dtype: torch.dtype | None) -> None:
+        if w13.dtype != FP8_DTYPE:
+            if s13 is not None or s2 is not None:
+                raise ValueError(f"w13_scale_inv/w2_scale_inv: given, but the weights are {w13.dtype}, not "
+                                 f"float8_e4m3fn")
+            return
+        if len(self.block_size) != 2 or min(self.block_size) <= 0:
+            raise ValueError(f"block_size: expected two positive integers (bn, bk), got {self.block_size}")
+        if s13 is None or s2 is None:
+            raise ValueError("w13_scale_inv/w2_scale_inv: float8_e4m3fn experts need both block scales")
+        spr, two_i, H = (int(v) for v in w13.shape)
+        inter = two_i // 2
+        bn = self.block_size[0]
+        if inter % bn:
+            raise ValueError(f"block_size: the expert intermediate size {inter} is not a multiple of the scale block "
+                             f"rows {bn} (gate and up are stacked in w13)")
+        for name, s, rows, cols in (("w13_scale_inv", s13, two_i, H), ("w2_scale_inv", s2, H, inter)):
+            want = (spr, *scale_shape(rows, cols, self.block_size))
+            if not isinstance(s, torch.Tensor) or tuple(s.shape) != want or s.dtype != torch.float32:
+                got = f"{s.dtype}{list(s.shape)}" if isinstance(s, torch.Tensor) else type(s).__name__
+                raise ValueError(f"{name}: expected float32{list(want)} for block {self.block_size}, got {got}")
+            if s.device != w13.device:
+                raise ValueError(f"{name}: on {s.device}, the weights on {w13.device}")
+        if compute_dtype is not None and not compute_dtype.is_floating_point:
+            raise ValueError(f"compute_dtype: expected a floating-point dtype, got {compute_dtype}")
+
     def _digest(self, placement: Placement, layer_pos: int, strategy: str, w13: torch.Tensor,
-                w2: torch.Tensor, max_num_tokens: int | None) -> bytes:
+                w2: torch.Tensor, max_num_tokens: Any) -> bytes:
         return fingerprint(placement.phy2log[layer_pos].tobytes(), placement.num_experts, placement.num_ranks,
                            placement.num_nodes, strategy, tuple(w13.shape[1:]), tuple(w2.shape[1:]), str(w13.dtype),
-                           max_num_tokens)
+                           max_num_tokens, self.block_size if w13.dtype == FP8_DTYPE else None)
 
     def verify(self) -> None:
         """Collective: raise on every rank unless all ranks hold the same placement row, sizes and chunking."""
         agree(self._info, f"ExpertParallelMoE(layer {self.layer_pos})",
-              self._digest(self._table_placement, 0, self.strategy, self.w13, self.w2, self.max_num_tokens), None,
+              self._digest(self._table_placement, 0, self.dispatch_strategy, self.w13, self.w2,
+                           (self.max_num_tokens, self.capacity, self.max_tokens_per_rank)), None,
               device=self.w13.device)
 
     # ------------------------------------------------------------------ tables
@@ -246,13 +324,37 @@ class ExpertParallelMoE(nn.Module):
         return self._table_placement
 
     @property
+    def expert_weights(self) -> ExpertWeightSet:
+        """The live per-slot tensors of ``expert_weight_names`` as one set (no copy)."""
+        return ExpertWeightSet.of(self)
+
+    @property
     def compute_impl(self) -> str:
-        """``"grouped"`` or ``"loop"`` (resolved on first use)."""
+        """``"grouped"`` or ``"loop"``; FP8 experts: ``"fp8-triton"``, ``"dequant+grouped"`` or
+        ``"dequant+loop"`` (resolved on first use)."""
         if self._impl is None:
-            self._impl = resolve_impl(self._compute_req, self.w13, self.w2)
+            if not self.fp8:
+                self._impl = resolve_impl(self._compute_req, self.w13, self.w2)
+            else:
+                impl = resolve_fp8_impl(self._compute_req, self.w13, self.block_size)
+                if impl != "fp8-triton":
+                    n = min(2, self.slots_per_rank)
+                    probe13 = torch.zeros(n, *self.w13.shape[1:], dtype=self.compute_dtype, device=self.w13.device)
+                    probe2 = torch.zeros(n, *self.w2.shape[1:], dtype=self.compute_dtype, device=self.w2.device)
+                    dense = resolve_impl("auto" if impl == "dequant" else impl, probe13, probe2)
+                    impl = f"dequant+{dense}"
+                self._impl = impl
         return self._impl
 
     # ---------------------------------------------------------------- counters
+    def dispatch_info(self) -> dict[str, Any]:
+        """The dispatch strategy this layer runs and, for ``"auto"``, the choice's predicted gain and cost (ms)."""
+        info: dict[str, Any] = {"strategy": self.strategy, "dispatch_strategy": self.dispatch_strategy}
+        if self.auto_decision is not None:
+            info.update(predicted_gain_ms=float(self.auto_decision.predicted_gain_ms),
+                        cost_ms=float(self.auto_decision.cost_ms))
+        return info
+
     def take_counts(self) -> torch.Tensor:
         """``int64 [E]`` pairs per logical expert since the last call; zeroes the counter (no host sync)."""
         out = self.expert_counts.clone()
@@ -290,8 +392,9 @@ class ExpertParallelMoE(nn.Module):
         for name in self.expert_weight_names:
             cur = getattr(self, name)
             new = new_local_weights[name]
-            if tuple(new.shape) != tuple(cur.shape):
-                raise ValueError(f"commit: {name} must have shape {tuple(cur.shape)}, got {tuple(new.shape)}")
+            if tuple(new.shape) != tuple(cur.shape) or new.dtype != cur.dtype:
+                raise ValueError(f"commit: {name} must be {cur.dtype}{list(cur.shape)}, got "
+                                 f"{new.dtype}{list(new.shape)}")
         for name in self.expert_weight_names:
             cur, new = getattr(self, name), new_local_weights[name]
             if new.data_ptr() != cur.data_ptr():  # the live tensors themselves (updated in place): no copy
@@ -344,7 +447,7 @@ class ExpertParallelMoE(nn.Module):
             return self._forward(hidden, topk_ids, topk_weights)
 
     def _forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        E, S, R, spr, H = self.num_experts, self.num_slots, self.num_ranks, self.slots_per_rank, self.hidden_size
+        E, R, spr, H = self.num_experts, self.num_ranks, self.slots_per_rank, self.hidden_size
         dev = self.w13.device
         local_err = self._check_inputs(hidden, topk_ids, topk_weights)
         if local_err is None and self.route_override is not None:
@@ -352,9 +455,18 @@ class ExpertParallelMoE(nn.Module):
             if tuple(topk_ids.shape) != tuple(topk_weights.shape):
                 local_err = f"route_override returned shape {tuple(topk_ids.shape)}, expected {tuple(topk_weights.shape)}"
         if local_err is not None:  # take part in the collectives with no tokens, then raise everywhere
-            hidden = torch.zeros(0, H, dtype=self.w13.dtype, device=dev)
+            hidden = torch.zeros(0, H, dtype=self.compute_dtype, device=dev)
             topk_ids = torch.zeros(0, 1, dtype=torch.int64, device=dev)
             topk_weights = torch.zeros(0, 1, dtype=torch.float32, device=dev)
+        static = self.capacity is not None
+        if static and local_err is None and int(topk_ids.shape[0]) > int(self.max_tokens_per_rank):  # host shapes
+            local_err = (f"{int(topk_ids.shape[0])} tokens ({int(topk_ids.shape[0]) * int(topk_ids.shape[1])} rows) "
+                         f"exceed max_tokens_per_rank={self.max_tokens_per_rank} of the static capacity "
+                         f"(capacity={self.capacity} rows per rank pair and round)")
+            k_in = int(topk_ids.shape[1])
+            hidden = torch.zeros(0, H, dtype=self.compute_dtype, device=dev)
+            topk_ids = torch.zeros(0, k_in, dtype=torch.int64, device=dev)
+            topk_weights = torch.zeros(0, k_in, dtype=torch.float32, device=dev)
         N, k = int(topk_ids.shape[0]), int(topk_ids.shape[1])
         ids = topk_ids.to(torch.int64)
         bad_ids = ((ids < 0) | (ids >= E)).any()
@@ -363,44 +475,51 @@ class ExpertParallelMoE(nn.Module):
         err_code = bad_ids.to(torch.int64) * _ERR_IDS + (_ERR_SHAPE if local_err is not None else 0)
 
         table = self._dispatch_table()
-        global_counts = None
-        if self.strategy == "balanced":
-            local = torch.zeros(E, dtype=torch.int64, device=dev).index_add_(
-                0, flat_ids, torch.ones_like(flat_ids))
-            global_counts = self._all_gather_counts(local)
-        slots = assign_slots(ids, table, self.strategy, rank=self.rank, global_counts=global_counts)
+        # the one count exchange (every strategy): all_gather of this rank's [E] expert counts + error flag;
+        # from the [R, E] counts every rank derives the whole [R, S] send matrix (eplb.dispatch.send_matrix),
+        # so balanced needs no collective of its own
+        local = torch.zeros(E + 1, dtype=torch.int64, device=dev)
+        local[:E].index_add_(0, flat_ids, torch.ones_like(flat_ids))
+        local[E] = err_code
+        gathered = self._all_gather_counts(local)  # [R, E + 1]
+        global_counts = gathered[:, :E]
+        slots = assign_slots(ids, table, self.dispatch_strategy, rank=self.rank, global_counts=global_counts)
         flat = slots.reshape(-1).to(torch.int64)
         order = torch.argsort(flat, stable=True)
-        sent = torch.zeros(S, dtype=torch.int64, device=dev).index_add_(0, flat, torch.ones_like(flat))
+        send_all = send_matrix(global_counts, table, self.dispatch_strategy)  # [R, S] rows source -> slot
+        sent = send_all[self.rank]
         self.slot_counts += sent
-        self.expert_counts.index_add_(0, self.placement_row, sent)  # counts per expert from the slot counts
+        self.expert_counts += local[:E]
+        if static:  # fixed splits, no host sync (CUDA-graph capturable)
+            poison = (gathered[:, E] != 0).any()
+            self.error_steps += poison.to(torch.int64)
+            y = static_exchange_forward(self, hidden, ids, slots, send_all, topk_weights, poison)
+            self.steps += 1
+            if local_err is not None:  # this rank knows on the host: raise after taking part
+                raise ValueError(f"ExpertParallelMoE(layer {self.layer_pos}): {local_err}")
+            return y.to(hidden.dtype)
 
-        # exchange per-slot counts + error flag: send[r] = (counts of rank r's slots, err); with max_num_tokens
-        # also this rank's row totals for every destination, so each rank learns the full [R, R] send matrix
         chunked = self.max_num_tokens is not None
+        mine = send_all[:, self.rank * spr:(self.rank + 1) * spr]  # [R, spr] rows each source sends here
         send_rows = sent.view(R, spr).sum(1)  # [R] rows this rank sends to each rank
-        parts = [sent.view(R, spr), err_code.view(1, 1).expand(R, 1)]
+        parts = [mine.reshape(-1), gathered[:, E], send_rows]
         if chunked:
-            parts.append(send_rows.view(1, R).expand(R, R))
-        hdr = torch.cat(parts, dim=1)
-        W = int(hdr.shape[1])
-        recv_hdr = self._exchange_header(hdr)  # [R, W]: row s = what source s sends here
-        host = torch.cat([recv_hdr.reshape(-1), send_rows]).cpu().numpy()  # the one host sync
-        recv_np = host[: R * W].reshape(R, W)
-        codes = recv_np[:, spr]
+            parts.append(send_all.view(R, R, spr).sum(-1).reshape(-1))  # [R, R] source -> destination rows
+        host = torch.cat(parts).cpu().numpy()  # the one host sync
+        recv_counts_np = host[: R * spr].reshape(R, spr)
+        codes = host[R * spr: R * spr + R]
         if np.any(codes != 0):
             self._raise_input_error(codes, local_err)
-        send_tot = host[R * W:].astype(np.int64)
-        recv_counts_np = recv_np[:, :spr]
+        send_tot = host[R * spr + R: R * spr + 2 * R].astype(np.int64)
         recv_tot = recv_counts_np.sum(1).astype(np.int64)
-        matrix = recv_np[:, spr + 1:].astype(np.int64) if chunked else None
+        matrix = host[R * spr + 2 * R:].reshape(R, R).astype(np.int64) if chunked else None
         plan = _round_plan(send_tot, recv_tot, matrix, self.rank, self.max_num_tokens)
 
         w_all = topk_weights.reshape(-1)[order].float()
         out = torch.zeros(N, H, dtype=torch.float32, device=dev)
         # local slot of every row this rank receives, in the incoming order (source-major, then local slot)
         total_in = int(recv_tot.sum())
-        lsid = torch.repeat_interleave(torch.arange(spr, device=dev).repeat(R), recv_hdr[:, :spr].reshape(-1),
+        lsid = torch.repeat_interleave(torch.arange(spr, device=dev).repeat(R), mine.reshape(-1),
                                        output_size=total_in)
         block_end = np.cumsum(recv_counts_np.reshape(-1))
         block_start = block_end - recv_counts_np.reshape(-1)
@@ -453,14 +572,6 @@ class ExpertParallelMoE(nn.Module):
         dist.all_gather(parts, local.contiguous(), group=info.group)
         return torch.stack(parts)
 
-    def _exchange_header(self, hdr: torch.Tensor) -> torch.Tensor:
-        info = self._info
-        if not info.distributed:
-            return hdr.clone()
-        out = torch.empty_like(hdr)
-        dist.all_to_all_single(out, hdr.contiguous(), group=info.group)
-        return out
-
     def _all_to_all(self, x: torch.Tensor, send_split: list[int], recv_split: list[int]) -> torch.Tensor:
         info = self._info
         if not info.distributed:
@@ -484,10 +595,10 @@ class ExpertParallelMoE(nn.Module):
         spr = self.slots_per_rank
         n = int(recv_x.shape[0])
         dev = recv_x.device
-        out = torch.empty(n, self.hidden_size, dtype=self.w13.dtype, device=dev)
+        out = torch.empty(n, self.hidden_size, dtype=self.compute_dtype, device=dev)
         if n == 0:
             return out
-        impl = self.compute_impl
+        impl = self.compute_impl.removeprefix("dequant+")
         perm = torch.argsort(lsid, stable=True)
         counts = torch.zeros(spr, dtype=torch.int64, device=dev).index_add_(0, lsid, torch.ones_like(lsid))
         host = None
@@ -495,16 +606,34 @@ class ExpertParallelMoE(nn.Module):
             a, b = first, first + n
             ov = np.clip(np.minimum(block_end, b) - np.maximum(block_start, a), 0, None).reshape(-1, spr).sum(0)
             host = [int(v) for v in ov]
-        y = expert_ffn(recv_x[perm], counts, self.w13, self.w2, act=self.act, impl=impl, counts_host=host)
+        y = self._expert_ffn(recv_x[perm], counts, host)
         out[perm] = y
         self.local_slot_counts += counts
         return out
 
+    @property
+    def _needs_host_counts(self) -> bool:
+        """Whether the expert compute needs the per-slot counts on the host (the loop implementation)."""
+        return self.compute_impl.removeprefix("dequant+") == "loop"
+
+    def _expert_ffn(self, x: torch.Tensor, counts: torch.Tensor, counts_host: Sequence[int] | None = None
+                    ) -> torch.Tensor:
+        """The local slots' experts on rows sorted by slot (dense or FP8 weights): ``[M, H]`` in ``compute_dtype``."""
+        impl = self.compute_impl.removeprefix("dequant+")
+        if self.fp8:
+            return fp8_expert_ffn(x, counts, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv,
+                                  block=self.block_size, act=self.act, impl=impl, compute_dtype=self.compute_dtype,
+                                  counts_host=counts_host)
+        return expert_ffn(x, counts, self.w13, self.w2, act=self.act, impl=impl, counts_host=counts_host)
+
     def extra_repr(self) -> str:
         return (f"layer_pos={self.layer_pos}, experts={self.num_experts}, slots={self.num_slots}, "
                 f"ranks={self.num_ranks}, rank={self.rank}, slots_per_rank={self.slots_per_rank}, "
-                f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, strategy={self.strategy!r}, "
-                f"max_num_tokens={self.max_num_tokens}")
+                f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, strategy={self.strategy!r}"
+                f"{'' if self.auto_decision is None else ' -> ' + repr(self.auto_decision.as_dict())}, "
+                f"max_num_tokens={self.max_num_tokens}, capacity={self.capacity}, "
+                f"max_tokens_per_rank={self.max_tokens_per_rank}"
+                + (f", fp8 block={self.block_size}, compute_dtype={self.compute_dtype}" if self.fp8 else ""))
 
     # ------------------------------------------------------------ factories
     @classmethod
@@ -518,15 +647,21 @@ class ExpertParallelMoE(nn.Module):
         group: Any = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        w13_scale_inv: torch.Tensor | None = None,
+        w2_scale_inv: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> ExpertParallelMoE:
         """Build from all ``E`` experts' weights (``[E, 2I, H]``, ``[E, H, I]``): keeps this rank's slots only.
 
-        Replicated experts become independent copies. ``device``/``dtype`` convert the local slice.
+        Replicated experts become independent copies. ``device``/``dtype`` convert the local slice
+        (``dtype`` applies to dense weights; FP8 weights and their scales keep their dtypes). FP8 experts:
+        pass ``w13_scale_inv`` ``[E, 2I/bn, ceil(H/bk)]`` and ``w2_scale_inv`` ``[E, ceil(H/bn), ceil(I/bk)]``;
+        the scales are sliced with their weights.
         """
         info = group_info(group)
         error = None
         w13 = w2 = None
+        scales: dict[str, torch.Tensor] = {}
         try:
             if not isinstance(placement, Placement):
                 raise ValueError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
@@ -541,7 +676,18 @@ class ExpertParallelMoE(nn.Module):
             if placement.num_ranks != info.size:
                 raise PlacementError(f"placement is for ep_size={placement.num_ranks} ranks but the process group "
                                      f"has {info.size} ranks")
-            w13, w2 = local_slice(w13_full, w2_full, placement, layer_pos, info.rank, device=device, dtype=dtype)
+            extra = {n: t for n, t in (("w13_scale_inv", w13_scale_inv), ("w2_scale_inv", w2_scale_inv))
+                     if t is not None}
+            for n, t in extra.items():
+                if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] != placement.num_experts:
+                    raise ValueError(f"{n}: expected [E={placement.num_experts}, rows, cols] block scales, got "
+                                     f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            full = ExpertWeightSet({"w13": w13_full, "w2": w2_full, **extra})
+            dense = dtype if w13_full.dtype != FP8_DTYPE else None
+            local = rank_slots(full, placement, layer_pos, info.rank, device=device,
+                               dtypes={"w13": dense, "w2": dense} if dense is not None else None)
+            w13, w2 = local["w13"], local["w2"]
+            scales = {n: local[n] for n in extra}
         except ValueError as exc:
             error = str(exc)
         if error is not None:
@@ -552,20 +698,23 @@ class ExpertParallelMoE(nn.Module):
                   device=torch.device(device) if device is not None else None)
             raise AssertionError("unreachable")  # agree raised
         assert w13 is not None and w2 is not None
-        return cls(w13, w2, placement, layer_pos, group=group, **kwargs)
+        return cls(w13, w2, placement, layer_pos, group=group, **scales, **kwargs)
+
+
+def rank_slots(full: ExpertWeightSet, placement: Placement, layer_pos: int, rank: int, *, device: Any = None,
+               dtypes: Mapping[str, torch.dtype | None] | None = None) -> ExpertWeightSet:
+    """Copies of every tensor of the experts in ``rank``'s slots of one layer (``full``: ``[E, ...]`` each)."""
+    experts = placement.rank_experts()[layer_pos, rank]
+    dts = {n: d for n, d in (dtypes or {}).items() if d is not None}
+    return full.select(np.array(experts), device=device, dtypes=dts or None)
 
 
 def local_slice(w13_full: torch.Tensor, w2_full: torch.Tensor, placement: Placement, layer_pos: int, rank: int,
                 *, device: Any = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w13 [spr, 2I, H], w2 [spr, H, I])`` copies of the experts in ``rank``'s slots of one layer."""
-    experts = placement.rank_experts()[layer_pos, rank]
-    idx = torch.as_tensor(np.array(experts), dtype=torch.int64, device=w13_full.device)
-    w13 = w13_full.detach().index_select(0, idx)
-    w2 = w2_full.detach().index_select(0, idx)
-    if device is not None or dtype is not None:
-        w13 = w13.to(device=device, dtype=dtype)
-        w2 = w2.to(device=device, dtype=dtype)
-    return w13.contiguous(), w2.contiguous()
+    local = rank_slots(ExpertWeightSet({"w13": w13_full, "w2": w2_full}), placement, layer_pos, rank, device=device,
+                       dtypes={"w13": dtype, "w2": dtype})
+    return local["w13"], local["w2"]
 
 
 def _round_plan(send_tot: np.ndarray, recv_tot: np.ndarray, matrix: np.ndarray | None, rank: int,
@@ -602,6 +751,32 @@ def _round_plan(send_tot: np.ndarray, recv_tot: np.ndarray, matrix: np.ndarray |
         length = hi - lo
         plan.append((lo[me], length[me], length[:, me]))
     return plan
+
+
+def _effective(strategy: str, auto_decision: Any) -> str:
+    return str(auto_decision.strategy) if strategy == "auto" and auto_decision is not None else strategy
+
+
+def _validate_auto(strategy: str, auto_decision: Any) -> None:
+    if strategy != "auto":
+        if auto_decision is not None:
+            raise ValueError(f"auto_decision: only with strategy='auto', got strategy={strategy!r}")
+        return
+    if auto_decision is None or getattr(auto_decision, "strategy", None) not in ("local-first", "balanced"):
+        raise ValueError("auto_decision: strategy='auto' needs this layer's eplb.dispatch.auto.AutoDecision "
+                         f"(from eplb.dispatch.auto.auto_strategies), got {auto_decision!r}")
+
+
+def _validate_capacity(capacity: int | None, max_tokens_per_rank: int | None, max_num_tokens: int | None) -> None:
+    for name, v in (("capacity", capacity), ("max_tokens_per_rank", max_tokens_per_rank)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"{name}: expected a positive integer or None, got {v!r}")
+    if (capacity is None) != (max_tokens_per_rank is None):
+        raise ValueError("capacity / max_tokens_per_rank: the static-capacity mode needs both (rows per rank pair "
+                         f"and round, tokens per rank), got capacity={capacity!r}, "
+                         f"max_tokens_per_rank={max_tokens_per_rank!r}")
+    if capacity is not None and max_num_tokens is not None:
+        raise ValueError("capacity and max_num_tokens: choose one (static-capacity rounds or host-planned rounds)")
 
 
 def _device_of(t: Any) -> torch.device | None:
