@@ -24,12 +24,18 @@ from eplb._checks import ArrayLike, check_layout, check_load, check_positive_int
 from eplb.placement import Placement
 from eplb.policies.deepseek import rebalance_experts, rebalance_experts_hierarchical, to_float32
 
-__all__ = ["POLICIES", "POLICY_OPTIONS", "PolicyFn", "check_options", "load_policy_plugins", "plan", "rebalance_experts", "register_policy"]
+__all__ = ["DEFAULT_POLICY", "POLICIES", "POLICY_OPTIONS", "PolicyFn", "check_options", "load_policy_plugins", "plan",
+           "rebalance_experts", "register_policy"]
 
 PolicyFn = Callable[..., np.ndarray]
 POLICIES: dict[str, PolicyFn] = {}
 #: The options (``plan(..., **options)`` / ``-O KEY=VALUE``) each policy takes, where it declared them.
 POLICY_OPTIONS: dict[str, tuple[str, ...]] = {}
+
+DEFAULT_POLICY = "eplb"
+"""The policy every entry point uses when none is named (``plan``, ``evaluate``, ``simulate``, ``capacity``, the
+runtime manager and the engine plug-ins): :func:`eplb.policies.eplb_policy.eplb_policy`, which plans ``[T, L, E]``
+windows on the per-step objective with a per-layer DeepSeek fallback."""
 
 
 def register_policy(name: str, options: Sequence[str] | None = None) -> Callable[[PolicyFn], PolicyFn]:
@@ -117,7 +123,7 @@ def plan(
     *,
     num_nodes: int = 1,
     num_groups: int = 1,
-    policy: str = "eplb",
+    policy: str = DEFAULT_POLICY,
     layer_ids: Sequence[int] = (),
     meta: Mapping[str, Any] | None = None,
     **options: Any,

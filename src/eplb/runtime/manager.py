@@ -45,6 +45,7 @@ import numpy as np
 from eplb._checks import ArrayLike, check_load, to_numpy
 from eplb.metrics import balancedness, rank_loads
 from eplb.placement import Placement, PlacementError
+from eplb.policies import DEFAULT_POLICY
 from eplb.policies.keep import keep_in_place
 
 __all__ = [
@@ -166,7 +167,7 @@ class BalancerConfig:
     min_balancedness_gain: float = 0.0
     dispatch_strategy: str | None = None
     window_size: int = 1000
-    policy: str = "eplb"
+    policy: str = DEFAULT_POLICY
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     policy_backend: str = "thread"
     initial_global_assignments: Mapping[int, tuple[int, ...]] | None = None
