@@ -15,6 +15,7 @@ import pytest
 
 import eplb
 from eplb.formats import MapFormatError, read_placement, write_placement
+from eplb.metrics import rank_loads
 from eplb.placement import Placement
 from eplb.stats.importers import read_trace, write_trace
 from eplb.stats.trace import Trace, TraceError
@@ -145,8 +146,13 @@ def test_loads_overflowing_float32_still_give_valid_placements(policy: str) -> N
     assert pl.num_slots == 16 and (pl.logcnt >= 1).all()
     # layer 0's expert 0 carries ~all the load: it gets the most replicas (4 = one per rank, or more)
     assert pl.logcnt[0, 0] == pl.logcnt[0].max() >= 4
-    # only ratios matter: the same placement as for the loads scaled down by 1e280
-    assert np.array_equal(pl.phy2log, eplb.plan(loads / 1e280, 16, 4, policy=policy).phy2log) or policy != "eplb"
+    # only ratios matter: a placement as good as the one for the loads scaled down by 1e280 (the window search may
+    # break ties differently on the rescaled floats, so compare per-step imbalance, not the maps)
+    if policy == "eplb":  # the float64 policy; DeepSeek's float32 path rounds the rescaled loads differently
+        small = loads / 1e280
+        other = eplb.plan(small, 16, 4, policy=policy)
+        imb = [(lambda rl: rl.max(-1) / rl.mean(-1))(rank_loads(small, p)).mean(0) for p in (pl, other)]
+        np.testing.assert_allclose(imb[0], imb[1], rtol=1e-9)
 
 
 # ----------------------------------------------------------------------------- eplb-incremental at scale
