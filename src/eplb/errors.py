@@ -24,13 +24,14 @@ working. The old names stay importable from their modules (``eplb.PlacementError
     ├── EplbIOError (OSError)              a file could not be written
     ├── PullError (OSError)                a server or its dump could not be reached
     └── BalancerError (RuntimeError)       the online balancer stopped (policy failed, plans disagree)
+        └── StalledRankError               a peer stopped answering a collective within its deadline
 """
 
 from __future__ import annotations
 
 __all__ = [
     "AgreementError", "BalancerError", "ConfigError", "CostModelError", "EngineLayoutError", "EplbError",
-    "EplbIOError", "InputError", "MapFormatError", "PlacementError", "PullError", "TraceError",
+    "EplbIOError", "InputError", "MapFormatError", "PlacementError", "PullError", "StalledRankError", "TraceError",
 ]
 
 
@@ -85,3 +86,18 @@ class PullError(EplbError, OSError):
 class BalancerError(EplbError, RuntimeError):
     """The online balancer cannot go on (the policy failed on some rank, ranks computed different plans);
     raised on every rank at the same step."""
+
+
+class StalledRankError(BalancerError):
+    """A peer stopped answering an eplb collective within the watchdog's deadline
+    (:class:`eplb.runtime._watchdog.CollectiveWatchdog`, ``BalancerConfig.collective_timeout_s``).
+
+    Attributes:
+        ranks: the ranks (in the group) that did not reach the collective (empty when unknown).
+        collective: what was waited for.
+    """
+
+    def __init__(self, msg: str, ranks: tuple[int, ...] = (), collective: str = "") -> None:
+        super().__init__(msg)
+        self.ranks = ranks
+        self.collective = collective

@@ -346,6 +346,30 @@ def _is_trace_input(path: Path, from_: str | None) -> bool:
     return fmt == "sglang" and isinstance(obj, dict) and "logical_count" in obj and from_ != "sglang"
 
 
+def _holds_logical_count(path: Path) -> bool:
+    from eplb.formats import _parse
+    from eplb.formats._common import read_bytes
+
+    if path.is_dir() or path.suffix.lower() in TRACE_ONLY_SUFFIXES:
+        return False
+    try:
+        fmt, obj = _parse(path, read_bytes(path))
+    except ValueError:
+        return False
+    return fmt == "sglang" and isinstance(obj, dict) and "logical_count" in obj
+
+
+def _is_trace_output(output: Path, to: str | None) -> bool:
+    """Whether ``eplb convert`` writes a trace: ``--to`` names a trace-only format, or OUT is a directory,
+    has no suffix or a trace-only suffix (``.safetensors .npy .npz .csv``). Otherwise OUT is a map."""
+    from eplb.formats import FORMATS
+    from eplb.stats.io import FORMATS as TRACE_FORMATS
+
+    if to is not None:
+        return to in TRACE_FORMATS and to not in FORMATS
+    return output.is_dir() or output.suffix == "" or output.suffix.lower() in TRACE_ONLY_SUFFIXES
+
+
 def convert_cmd(
     input: Annotated[Path, typer.Argument(metavar="IN", help="Map (or trace) to read.")],
     output: Annotated[Path, typer.Argument(metavar="OUT", help="File to write.")],
@@ -371,7 +395,15 @@ def convert_cmd(
     if not builtin and not input.exists():
         raise InputError(f"{input}: no such file or directory")
     check_output(output, force)
-    if builtin or expert_map is not None or _is_trace_input(input, from_):
+    trace_in = builtin or expert_map is not None or _is_trace_input(input, from_)
+    if trace_in and not builtin and expert_map is None and not _is_trace_output(output, to) \
+            and _holds_logical_count(input):
+        # SGLang's logical_count file holds loads (as `eplb validate` says): never trace bytes under a map's name
+        raise InputError(
+            f"{input}: holds load counts (SGLang 'logical_count'), not a placement map, and {output} names a map; "
+            f"plan one from it: eplb plan {input} --ep-size N -o {output} (or convert to a trace: --to npz / .npz)"
+        )
+    if trace_in:
         from eplb.cli.stats import convert_trace
 
         tr = convert_trace(str(input), output, from_format=from_ if from_ not in (None, "native") else None,

@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from eplb.cli._args import check_layout_args
+from eplb.policies import DEFAULT_POLICY
 
 TRACE_HELP = ("trace: 'builtin:NAME' (eplb.datasets), an eplb .safetensors trace, a recording directory, a "
               "TensorRT-LLM dump directory, an SGLang .pt dump, or a plain .npy/.npz/.csv/.json [T, L, E] array")
@@ -124,7 +125,7 @@ def simulate_cmd(
     shape_line = (f"expert size: hidden {cm.hidden_size} x intermediate {cm.moe_intermediate_size} x {wfmt} "
                   f"({shape_src or 'the cost model: pass --hidden-size / --moe-intermediate-size for this model'}): "
                   f"{cm.expert_bytes:,} bytes per expert")
-    pols = _split_list(policy) or (["deepseek"] if not placement else [])
+    pols = _split_list(policy) or ([DEFAULT_POLICY] if not placement else [])
     places = {}
     for f in placement or ():
         from eplb.formats import read_placement
@@ -202,7 +203,7 @@ def capacity_cmd(
     from eplb.sim.capacity import capacity
 
     data = load_trace(trace, fmt)
-    pols = _split_list(policies) or ["deepseek"]
+    pols = _split_list(policies) or [DEFAULT_POLICY]
     console = Console()
     with _progress(progress and console.is_terminal and not as_json) as update:
         res = capacity(data, ep_size=ep_size, target_imbalance=target_imbalance, held_out=held_out, policies=pols,

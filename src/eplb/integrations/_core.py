@@ -34,7 +34,7 @@ from eplb._checks import ArrayLike, check_load, check_positive_int, to_numpy
 from eplb.errors import EngineLayoutError, InputError
 from eplb.metrics import rank_loads
 from eplb.placement import Placement
-from eplb.policies import POLICIES, plan, policy_info
+from eplb.policies import DEFAULT_POLICY, POLICIES, plan, policy_info
 from eplb.policies.keep import align_ranks, align_to_current, preserve_slots, rank_counts
 
 #: ``[L, R, E]`` replicas per rank of a ``[L, S]`` map (kept name; the implementation is shared).
@@ -106,10 +106,11 @@ def normalize_layout(loads: np.ndarray, num_slots: Any, num_groups: Any, num_nod
 
 
 def resolve_planner(name: str | None) -> str:
-    """The registered eplb policy to use: ``name``, or ``"eplb"`` falling back to ``"deepseek"``."""
+    """The registered eplb policy to use: ``name``, or :data:`~eplb.policies.DEFAULT_POLICY` falling back to
+    ``"deepseek"``."""
     if name:
         return policy_info(name).name
-    return "eplb" if "eplb" in POLICIES else "deepseek"
+    return DEFAULT_POLICY if DEFAULT_POLICY in POLICIES else "deepseek"
 
 
 def _valid_current(old: np.ndarray | None, layout: Layout) -> Placement | None:

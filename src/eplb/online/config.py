@@ -32,6 +32,7 @@ from pydantic import (
 from eplb._checks import check_load, to_numpy
 from eplb.errors import ConfigError
 from eplb.placement import Placement, PlacementError
+from eplb.policies.registry import DEFAULT_POLICY
 from eplb.strategies import SPLIT_STRATEGIES
 
 __all__ = ["ALIASES", "BalancerConfig", "DISPATCH_STRATEGIES", "IGNORED", "POLICY_BACKENDS", "read_map"]
@@ -151,7 +152,13 @@ class BalancerConfig(BaseModel):
     improves by more than this, ``dispatch_strategy`` the replica split balancedness is judged under
     (``None``: the layers' own strategy in the runtime, ``"uniform"`` elsewhere).
 
-    Reporting: ``log_interval`` steps between log lines (0: off), ``metrics_port`` for Prometheus.
+    Reporting: ``log_interval`` steps between log lines (0: off), ``metrics_port`` (0-65535) for a
+    Prometheus HTTP endpoint (``None``: no server), bound to ``metrics_addr`` (default ``127.0.0.1``: this
+    host only; ``"0.0.0.0"`` to expose it on every interface).
+
+    Robustness: ``collective_timeout_s`` (default 60 s): the deadline of the balancer's collectives; a
+    peer that stops answering for that long is reported on every surviving rank
+    (:class:`eplb.errors.StalledRankError` naming it) instead of a hang.
     """
 
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid", arbitrary_types_allowed=True)
@@ -167,7 +174,7 @@ class BalancerConfig(BaseModel):
     min_balancedness_gain: Num = _f(0.0, "min_balancedness_gain", ge=0, le=1, allow_inf_nan=False)
     dispatch_strategy: str | None = None
     window_size: Int = _f(1000, "window_size", ge=1)
-    policy: str = _f("eplb", *_aliases_of("policy"), min_length=1)
+    policy: str = _f(DEFAULT_POLICY, *_aliases_of("policy"), min_length=1)
     policy_options: dict[str, Any] = Field(default_factory=dict)
     policy_backend: str = "thread"
     initial_assignments: dict[int, tuple[int, ...]] | None = _f(None, *_aliases_of("initial_assignments"))
@@ -178,7 +185,9 @@ class BalancerConfig(BaseModel):
     max_migration_bytes_per_step: Int | None = _f(None, "max_migration_bytes_per_step", ge=1)
     num_ranks: Int | None = _f(None, *_aliases_of("num_ranks"), ge=1)
     log_interval: Int = _f(0, *_aliases_of("log_interval"), ge=0)
-    metrics_port: Int | None = _f(None, "metrics_port", ge=0)
+    metrics_port: Int | None = _f(None, "metrics_port", ge=0, le=65535)
+    metrics_addr: str = _f("127.0.0.1", "metrics_addr", min_length=1, strict=True)
+    collective_timeout_s: Num = _f(60.0, "collective_timeout_s", gt=0, allow_inf_nan=False)
     enabled: bool = Field(True, strict=True)
 
     # ---------------------------------------------------------------- validators

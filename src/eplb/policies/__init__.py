@@ -23,8 +23,9 @@ import numpy as np
 from eplb._checks import ArrayLike, check_layout, check_load
 from eplb.errors import InputError
 from eplb.placement import Placement
-from eplb.policies.deepseek import rebalance_experts, rebalance_experts_hierarchical
+from eplb.policies.deepseek import rebalance_experts, rebalance_experts_hierarchical, to_float32
 from eplb.policies.registry import (
+    DEFAULT_POLICY,
     POLICIES,
     POLICY_OPTIONS,
     PolicyFn,
@@ -35,7 +36,7 @@ from eplb.policies.registry import (
     register_policy,
 )
 
-__all__ = ["POLICIES", "POLICY_OPTIONS", "PolicyFn", "PolicyInfo", "check_options", "check_serves",
+__all__ = ["DEFAULT_POLICY", "POLICIES", "POLICY_OPTIONS", "PolicyFn", "PolicyInfo", "check_options", "check_serves",
            "load_policy_plugins", "plan", "policy_info", "rebalance_experts", "register_policy"]
 
 
@@ -46,7 +47,7 @@ def _deepseek(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: i
     """DeepSeek's ``rebalance_experts``: hierarchical when ``num_groups % num_nodes == 0``, else global.
     (Inputs are validated by :func:`plan`; the inner function is called, not the checking entry point.)"""
     g, n = (num_groups, num_nodes) if num_groups % num_nodes == 0 else (1, 1)
-    phy2log, _, _ = rebalance_experts_hierarchical(loads.sum(0).astype(np.float32), num_slots, g, n, num_ranks)
+    phy2log, _, _ = rebalance_experts_hierarchical(to_float32(loads.sum(0)), num_slots, g, n, num_ranks)
     return np.asarray(phy2log)
 
 
@@ -54,7 +55,7 @@ def _deepseek(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: i
 def _deepseek_global(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
                      **options: Any) -> np.ndarray:
     """DeepSeek's global policy (one group, one node) regardless of topology."""
-    phy2log, _, _ = rebalance_experts_hierarchical(loads.sum(0).astype(np.float32), num_slots, 1, 1, num_ranks)
+    phy2log, _, _ = rebalance_experts_hierarchical(to_float32(loads.sum(0)), num_slots, 1, 1, num_ranks)
     return phy2log
 
 
@@ -64,13 +65,18 @@ def _deepseek_hier(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nod
     """DeepSeek's hierarchical policy; requires ``num_groups % num_nodes == 0``."""
     if num_groups % num_nodes:
         raise InputError(f"num_groups: hierarchical policy needs num_groups ({num_groups}) divisible by num_nodes ({num_nodes})")
-    phy2log, _, _ = rebalance_experts_hierarchical(loads.sum(0).astype(np.float32), num_slots, num_groups, num_nodes, num_ranks)
+    phy2log, _, _ = rebalance_experts_hierarchical(to_float32(loads.sum(0)), num_slots, num_groups, num_nodes, num_ranks)
     return phy2log
 
 
 def load_policy_plugins() -> Mapping[str, PolicyFn]:
     """Every registered policy (compatibility: the registry is lazy, nothing needs loading first)."""
     return POLICIES
+
+
+#: Largest per-layer total load handed to a policy as is; larger layers are scaled down (ratios kept), so
+#: squares and sums stay finite in float64 and DeepSeek's float32 arithmetic does not overflow.
+_SAFE_TOTAL = 1e30
 
 
 def plan(
@@ -80,7 +86,7 @@ def plan(
     *,
     num_nodes: int = 1,
     num_groups: int = 1,
-    policy: str = "eplb",
+    policy: str = DEFAULT_POLICY,
     layer_ids: Sequence[int] = (),
     meta: Mapping[str, Any] | None = None,
     **options: Any,
@@ -110,6 +116,9 @@ def plan(
     check_layout(E, num_slots, num_ranks, num_nodes, num_groups=num_groups)
     check_options(policy, options)
     assert pinfo.fn is not None
+    tot = arr.sum(axis=(0, 2), keepdims=True)  # [1, L, 1]
+    if float(tot.max()) > _SAFE_TOTAL:  # only ratios matter to a policy: keep its arithmetic finite
+        arr = np.where(tot > _SAFE_TOTAL, arr * (_SAFE_TOTAL / np.maximum(tot, 1.0)), arr)
     phy2log = pinfo.fn(arr, num_slots=int(num_slots), num_ranks=int(num_ranks), num_nodes=int(num_nodes),
                        num_groups=int(num_groups), **options)
     info: dict[str, Any] = {"policy": policy, "num_groups": int(num_groups)}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from eplb.errors import InputError
-from eplb.policies.keep import preserve_slots
+from eplb.policies.align import align_ranks
 
 __all__ = [
     "align_ranks",
@@ -366,63 +366,6 @@ def _merge_dups(weight: np.ndarray, p2l: np.ndarray, counts: np.ndarray, iw: np.
     iw[rr] = np.take_along_axis(weight[rr] / np.maximum(counts[rr], 1), p2l[rr], axis=1)
     loads[rr] = pack_loads(iw[rr], P)
     has[rr] = expert_pack_count(p2l[rr], E, P)
-
-
-def align_ranks(current: np.ndarray, new: np.ndarray, num_packs: int, num_experts: int) -> np.ndarray:
-    """Relabel the packs of ``new`` (and reorder slots inside each) to overlap ``current`` the most.
-
-    Permuting whole packs and slots within a pack leaves every pack's load unchanged, so the
-    result balances exactly as well as ``new`` while needing fewer expert copies from ``current``.
-    Packs are matched greedily (the pair sharing the most experts first, vectorised over rows) and
-    then improved by pairwise exchanges; inside a pack an expert that stays keeps its old slot.
-    (The pack matching stays greedy rather than :func:`eplb.policies.keep.match_ranks`: that one
-    maximises distinct experts kept, which can cost a copy or two more when a pack holds an expert
-    twice; the within-pack step is :func:`eplb.policies.keep.preserve_slots`.)
-
-    Args:
-        current, new: ``[X, S]`` phy2log rows.
-
-    Returns:
-        ``[X, S]`` placement equal to ``new`` up to pack relabelling and within-pack slot order.
-    """
-    X, S = new.shape
-    P = num_packs
-    spr = S // P
-    rows = np.arange(X)
-    cur_has = expert_pack_count(current, num_experts, P)  # [X, E, P]
-    new_has = expert_pack_count(new, num_experts, P)
-    # overlap[x, q, p]: replicas of new pack q already present on old pack p (a copy is saved for each)
-    overlap = np.einsum("xeq,xep->xqp", np.minimum(new_has, 1).astype(np.float64), np.minimum(cur_has, 1).astype(np.float64))
-    assign = np.full((X, P), -1, dtype=np.int64)  # new pack q -> old pack p
-    used_q = np.zeros((X, P), dtype=bool)
-    used_p = np.zeros((X, P), dtype=bool)
-    for _ in range(P):
-        score = np.where(used_q[:, :, None] | used_p[:, None, :], -1.0, overlap)
-        flat = np.argmax(score.reshape(X, -1), axis=1)
-        q, p = flat // P, flat % P
-        assign[rows, q] = p
-        used_q[rows, q] = True
-        used_p[rows, p] = True
-    # pairwise improvement of the matching
-    for _ in range(2 * P):
-        val = overlap[rows[:, None], np.arange(P)[None, :], assign]  # [X, P]
-        cross = overlap[rows[:, None, None], np.arange(P)[None, :, None], assign[:, None, :]]  # q1 with p(q2)
-        gain = cross + cross.transpose(0, 2, 1) - val[:, :, None] - val[:, None, :]
-        flat = np.argmax(gain.reshape(X, -1), axis=1)
-        g = gain.reshape(X, -1)[rows, flat]
-        sel = g > 0.5
-        if not sel.any():
-            break
-        r = rows[sel]
-        q1, q2 = flat[sel] // P, flat[sel] % P
-        p1, p2 = assign[r, q1].copy(), assign[r, q2].copy()
-        assign[r, q1], assign[r, q2] = p2, p1
-    # move new pack q into old pack position assign[q]
-    blocks = new.reshape(X, P, spr)
-    out = np.empty_like(blocks)
-    out[rows[:, None], assign] = blocks
-    # within each pack: experts that stay keep their old local slot
-    return preserve_slots(out.reshape(X, S), current, P, num_experts)
 
 
 def _top2_by_expert(val: np.ndarray, p2l: np.ndarray, counts: np.ndarray, slot_pack: np.ndarray

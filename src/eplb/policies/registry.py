@@ -27,10 +27,16 @@ import numpy as np
 
 from eplb.errors import InputError
 
-__all__ = ["POLICIES", "POLICY_OPTIONS", "PolicyFn", "PolicyInfo", "check_options", "check_serves", "policy_info",
+__all__ = ["DEFAULT_POLICY", "POLICIES", "POLICY_OPTIONS", "PolicyFn", "PolicyInfo", "check_options", "check_serves", "policy_info",
            "register_policy"]
 
 PolicyFn = Callable[..., np.ndarray]
+
+DEFAULT_POLICY = "eplb"
+"""The policy every entry point uses when none is named (``plan``, ``evaluate``, ``simulate``, ``capacity``, the
+runtime manager and the engine plug-ins): :func:`eplb.policies.eplb_policy.eplb_policy`, which plans ``[T, L, E]``
+windows on the per-step objective with a per-layer DeepSeek fallback."""
+
 _MIGRATION = ("none", "optional", "required")
 
 
@@ -63,7 +69,7 @@ _INFO: dict[str, PolicyInfo] = {i.name: i for i in (
     PolicyInfo("deepseek", _P, hierarchical=True),
     PolicyInfo("deepseek-global", _P),
     PolicyInfo("deepseek-hierarchical", _P, hierarchical=True),
-    PolicyInfo("eplb", _EP, migration="optional", hierarchical=True, excluded_ranks=True),
+    PolicyInfo("eplb", _EP, migration="optional", per_step=True, hierarchical=True, excluded_ranks=True),
     PolicyInfo("eplb-hierarchical", _EP, migration="optional", hierarchical=True, excluded_ranks=True),
     PolicyInfo("eplb-incremental", _EP, migration="required", hierarchical=True, excluded_ranks=True),
     PolicyInfo("eplb-robust", "eplb.policies.robust", per_step=True, excluded_ranks=True),

@@ -280,8 +280,14 @@ class MigrationExecutor:
         """Wait for the posted transfers (CUDA: the serving stream waits for the side stream's event)."""
         main = torch.cuda.current_stream(self.device) if self.cuda else None
         ctx: Any = torch.cuda.stream(self._stream) if self._stream is not None else _nullctx()
+        wd = getattr(self, "watchdog", None)
+        self._finishes = getattr(self, "_finishes", 0) + 1
+        waited = wd is not None and not self.cuda
+        if waited:  # gloo: the host waits, so bound it (a stalled peer is named); a P2P work is waited once
+            wd.wait_all(inflight.reqs, f"weight transfers of layers {list(inflight.layers)}", f"mig-{self._finishes}",
+                        p2p=True)
         with ctx:
-            for req in inflight.reqs:
+            for req in inflight.reqs if not waited else ():
                 req.wait()  # NCCL: the side stream waits; gloo: the host waits for the (finished) transfer
             if self._stream is not None:
                 inflight.event = self._stream.record_event()

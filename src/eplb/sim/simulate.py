@@ -16,6 +16,7 @@ import numpy as np
 from eplb._checks import ArrayLike, check_layout, check_positive_int
 from eplb.errors import InputError
 from eplb.placement import Placement
+from eplb.policies import DEFAULT_POLICY
 from eplb.sim.capacity import known_policies, plan_placement
 from eplb.sim.cost import CostModel, default_cost_model
 from eplb.sim.engine import SimInput, SimResult, as_sim_input, check_fits, replay_static
@@ -46,7 +47,7 @@ def simulate(
     num_slots: int | None = None,
     num_nodes: int = 1,
     num_groups: int = 1,
-    policies: Sequence[str] = ("deepseek",),
+    policies: Sequence[str] = (DEFAULT_POLICY,),
     placements: Mapping[str, Placement] | None = None,
     strategy: str = "uniform",
     online: Any = None,

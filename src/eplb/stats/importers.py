@@ -22,7 +22,6 @@ name and renamed), and every reader error names the file and the key/field at fa
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -33,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from eplb._checks import exact_counts
 from eplb._io import atomic_dir, atomic_write
+from eplb._safe_read import parse_json, read_bytes
 from eplb.placement import Placement
 from eplb.stats.trace import Trace, TraceError
 
@@ -73,8 +74,11 @@ def _load_st(f: Path) -> dict[str, np.ndarray]:
         if "bf16" in str(exc).lower() or "bfloat16" in str(exc).lower():
             from safetensors.torch import load_file as load_torch
 
-            return {k: v.float().numpy() for k, v in load_torch(str(f)).items()}
-        raise TraceError(f"{f}: not a readable safetensors file ({exc})") from None
+            try:
+                return {k: v.float().numpy() for k, v in load_torch(str(f)).items()}
+            except Exception:  # noqa: BLE001 - not a bf16 file after all: a corrupt header
+                pass
+        raise TraceError(f"{f}: not a readable safetensors file ({str(exc)[:200]})") from None
 
 
 def _parse_keyed(f: Path, data: dict[str, np.ndarray], shape: tuple[int, ...] | None, what: str,
@@ -91,8 +95,11 @@ def _parse_keyed(f: Path, data: dict[str, np.ndarray], shape: tuple[int, ...] | 
             raise TraceError(f"{f}: key {key!r}: counts must be finite integers")
         if np.any(arr < 0):
             raise TraceError(f"{f}: key {key!r}: negative count {arr[arr < 0].flat[0]} (expert {int(np.argmax(arr < 0))})")
+        try:
+            a = exact_counts(arr, f"key {key!r}", ndim=arr.ndim) if arr.size else arr.astype(np.int64)
+        except ValueError as exc:
+            raise TraceError(f"{f}: {exc}") from None
         k = (int(m.group(1)), int(m.group(2)))
-        a = arr.astype(np.int64)
         out[k] = out[k] + a if k in out else a
 
 
@@ -122,16 +129,14 @@ def read_trtllm(path: str | os.PathLike[str], *, raw: bool = False) -> Trace:
     mf = p / "meta_info.json"
     if not mf.is_file():
         raise TraceError(f"{mf}: missing (a TensorRT-LLM dump needs meta_info.json)")
-    try:
-        meta_info = json.loads(mf.read_text())
-    except json.JSONDecodeError as exc:
-        raise TraceError(f"{mf}: not valid JSON ({exc})") from None
+    meta_info = _json_file(mf)
     if not isinstance(meta_info, dict):
         raise TraceError(f"{mf}: expected a JSON object")
     for key in ("num_experts", "num_experts_per_token"):
         if key not in meta_info:
             raise TraceError(f"{mf}: missing field '{key}'")
-    E, k = int(meta_info["num_experts"]), int(meta_info["num_experts_per_token"])
+    E = _int_field(mf, meta_info, "num_experts", 1)
+    k = _int_field(mf, meta_info, "num_experts_per_token", 0)
     files = sorted((int(m.group(1)), f) for f in p.iterdir() if (m := _RANK_FILE.match(f.name)))
     if not files:
         raise TraceError(f"{p}: no rank{{R}}.safetensors files")
@@ -256,8 +261,8 @@ def read_sglang(path: str | os.PathLike[str]) -> Trace:
         raise TraceError(f"{p}: key 'logical_count': expected [steps, layers, experts], got shape {tuple(arr.shape)}")
     info = obj.get("eplb_trace")
     try:
-        info = json.loads(info) if isinstance(info, str) else None
-    except json.JSONDecodeError:
+        info = parse_json(p, info.encode(), error=TraceError) if isinstance(info, str) else None
+    except TraceError:
         info = None
     lids = tuple(info.get("layer_ids", ())) if isinstance(info, dict) else ()
     steps = np.asarray(info["step_ids"]) if isinstance(info, dict) and "step_ids" in info else None
@@ -331,10 +336,7 @@ def _ascend_phy2log(expert_map: str | os.PathLike[str] | Placement, L: int, D: i
                              f"the load array {L} x {D * spr}")
         return pl.phy2log, pl.num_experts
     f = Path(expert_map)
-    try:
-        d = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TraceError(f"{f}: not a readable expert-map JSON ({exc})") from None
+    d = _json_file(f)
     if not isinstance(d, dict) or "layer_list" not in d:
         raise TraceError(f"{f}: missing field 'layer_list'")
     layers = sorted(d["layer_list"], key=lambda x: int(x.get("layer_id", 0)))
@@ -354,6 +356,7 @@ def _load_array(p: Path, key: str) -> np.ndarray:
     suf = p.suffix.lower()
     try:
         if suf == ".npy":
+            _regular(p)
             return np.load(p, allow_pickle=False)
         if suf in (".pt", ".pth"):
             import torch
@@ -365,7 +368,7 @@ def _load_array(p: Path, key: str) -> np.ndarray:
                 obj = obj[key]
             return obj.detach().cpu().numpy() if hasattr(obj, "detach") else np.asarray(obj)
         if suf == ".json":
-            obj = json.loads(p.read_text())
+            obj = _json_file(p)
             if isinstance(obj, dict):
                 if key not in obj:
                     raise TraceError(f"{p}: missing key {key!r}")
@@ -401,8 +404,14 @@ def read_vllm_ascend(path: str | os.PathLike[str], expert_map: str | os.PathLike
         raise TraceError(f"{p}: expected moe_load of shape [layers, devices, slots per device] "
                          f"(or [steps, ...]), got {tuple(arr.shape)}")
     T, L, D, spr = arr.shape
-    if arr.dtype.kind not in "biuf" or np.any(arr < 0):
-        raise TraceError(f"{p}: moe_load must hold non-negative numbers")
+    if arr.dtype.kind not in "iuf" or np.any(arr < 0):
+        raise TraceError(f"{p}: moe_load must hold non-negative numbers (got dtype {arr.dtype})")
+    if arr.size == 0:
+        raise TraceError(f"{p}: moe_load is empty (shape {tuple(arr.shape)})")
+    big = ~np.isfinite(arr) | (arr > 2**53) if arr.dtype.kind == "f" else arr > 2**53
+    if np.any(big):  # per-slot loads may be fractional (a split count), but must stay exact in float64
+        bad = np.argwhere(big)[0].tolist()
+        raise TraceError(f"{p}: moe_load: load {arr[tuple(bad)]} at index {bad} is not finite or larger than 2**53")
     phys = arr.reshape(T, L, D * spr).astype(np.float64)
     if isinstance(expert_map, str) and expert_map == "identity":
         phy2log, E = np.tile(np.arange(D * spr), (L, 1)), D * spr
@@ -460,148 +469,30 @@ def write_vllm_ascend(trace: Trace, path: str | os.PathLike[str], *, ep_size: in
         raise TraceError(f"{p}: vllm-ascend loads are written as .npy, .pt or .json, not {suf or '(no extension)'!r}")
 
 
-# =========================================================================== plain arrays
-def _trace_from_obj(p: Path, obj: Any) -> Trace:
-    if isinstance(obj, dict):
-        key = next((k for k in ("counts", "logical_count", "load", "loads") if k in obj), None)
-        if key is None:
-            raise TraceError(f"{p}: missing key 'counts' (keys: {sorted(map(str, obj))[:10]})")
-        try:
-            arr = np.asarray(obj[key])
-        except ValueError:
-            raise TraceError(f"{p}: key {key!r} is not a rectangular array") from None
-        if arr.dtype == object:
-            raise TraceError(f"{p}: key {key!r} is not a rectangular numeric array (ragged rows?)")
-        try:
-            return Trace(arr, tuple(obj.get("layer_ids", ())), obj.get("step_ids"), int(obj.get("top_k", 0)),
-                         str(obj.get("model", "")), str(obj.get("source", "") or f"{p.suffix[1:]}:{p}"),
-                         int(obj.get("ep_size", 0)), dict(obj.get("meta", {}) or {}))
-        except ValueError as exc:
-            raise TraceError(f"{p}: key {key!r}: {exc}") from None
-    try:
-        arr = np.asarray(obj)
-    except ValueError:
-        raise TraceError(f"{p}: not a rectangular array") from None
-    if arr.dtype == object:
-        raise TraceError(f"{p}: not a rectangular numeric array (ragged rows?)")
-    try:
-        return Trace(arr, source=f"{p.suffix[1:]}:{p}")
-    except ValueError as exc:
-        raise TraceError(f"{p}: {exc}") from None
+# =========================================================================== shared helpers
+def _json_file(p: Path) -> Any:
+    """A JSON file, bounded in size and depth; errors name the file."""
+    return parse_json(p, read_bytes(p, error=TraceError), error=TraceError)
 
 
-def _read_plain(p: Path, fmt: str) -> Trace:
-    if fmt == "npy":
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except Exception as exc:
-            raise TraceError(f"{p}: not a readable .npy file ({str(exc).splitlines()[0]})") from None
-        return _trace_from_obj(p, arr)
-    if fmt == "npz":
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                d = {k: z[k] for k in z.files}
-        except Exception as exc:
-            raise TraceError(f"{p}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
-        if "counts" not in d and len(d) == 1:
-            d = {"counts": next(iter(d.values()))}
-        if "meta_json" in d:
-            info = json.loads(str(d.pop("meta_json")))
-            d.update({k: v for k, v in info.items() if k not in d})
-        return _trace_from_obj(p, d)
-    if fmt == "json":
-        try:
-            obj = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise TraceError(f"{p}: not valid JSON ({exc})") from None
-        return _trace_from_obj(p, obj)
-    if fmt == "csv":
-        return _read_csv(p)
-    raise TraceError(f"format: {fmt!r} is not a plain array format")
+def _regular(p: Path) -> None:
+    if not p.is_file():
+        raise TraceError(f"{p}: not a regular file")
 
 
-def _read_csv(p: Path) -> Trace:
-    rows = list(csv.reader(p.read_text().splitlines()))
-    rows = [r for r in rows if r and any(c.strip() for c in r)]
-    if not rows:
-        raise TraceError(f"{p}: empty CSV")
-
-    def num(v: str, line: int, col: int) -> float:
-        try:
-            return float(v)
-        except ValueError:
-            raise TraceError(f"{p}: line {line}, column {col + 1}: {v!r} is not a number") from None
-
-    header = None
-    if any(not _isnum(c) for c in rows[0]):
-        header = [c.strip().lower() for c in rows[0]]
-        rows = rows[1:]
-    width = {len(r) for r in rows}
-    if len(width) != 1:
-        raise TraceError(f"{p}: rows have different numbers of columns {sorted(width)}")
-    data = np.array([[num(c, i + 1 + (header is not None), j) for j, c in enumerate(r)] for i, r in enumerate(rows)])
-    if header is None:
-        return _trace_from_obj(p, data)
-    if len(header) != data.shape[1]:
-        raise TraceError(f"{p}: header has {len(header)} columns, rows have {data.shape[1]}")
-    if "layer" not in header:
-        raise TraceError(f"{p}: header must name a 'layer' column (and optionally 'step'), got {header[:4]}...")
-    lc = header.index("layer")
-    sc = header.index("step") if "step" in header else None
-    ecols = [j for j in range(len(header)) if j not in (lc, sc)]
-    layers = sorted({int(v) for v in data[:, lc]})
-    steps = sorted({int(v) for v in data[:, sc]}) if sc is not None else [0]
-    lpos = {v: i for i, v in enumerate(layers)}
-    spos = {v: i for i, v in enumerate(steps)}
-    out = np.zeros((len(steps), len(layers), len(ecols)))
-    seen = np.zeros((len(steps), len(layers)), dtype=bool)
-    for i, row in enumerate(data):
-        s = spos[int(row[sc])] if sc is not None else 0
-        pos = lpos[int(row[lc])]
-        if seen[s, pos]:
-            raise TraceError(f"{p}: line {i + 2}: duplicate row for step {steps[s]}, layer {layers[pos]}")
-        seen[s, pos] = True
-        out[s, pos] = row[ecols]
-    if not seen.all():
-        s, layer_pos = (int(v) for v in np.argwhere(~seen)[0])
-        raise TraceError(f"{p}: no row for step {steps[s]}, layer {layers[layer_pos]}")
-    try:
-        return Trace(out, tuple(layers), np.asarray(steps) if sc is not None else None, source=f"csv:{p}")
-    except ValueError as exc:
-        raise TraceError(f"{p}: {exc}") from None
-
-
-def _isnum(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
-def _write_plain(trace: Trace, p: Path, fmt: str) -> None:
-    assert trace.step_ids is not None
-    if fmt == "npy":
-        buf = io.BytesIO()
-        np.save(buf, trace.counts)
-        atomic_write(p, buf.getvalue())
-    elif fmt == "npz":
-        buf = io.BytesIO()
-        info = {k: v for k, v in _eplb_info(trace).items()}
-        np.savez_compressed(buf, counts=trace.counts, step_ids=trace.step_ids,
-                            layer_ids=np.asarray(trace.layer_ids, dtype=np.int64), meta_json=np.asarray(json.dumps(info)))
-        atomic_write(p, buf.getvalue())
-    elif fmt == "json":
-        obj = {**_eplb_info(trace), "num_experts": trace.num_experts, "step_ids": trace.step_ids.tolist(),
-               "counts": trace.counts.tolist()}
-        atomic_write(p, json.dumps(obj).encode())
-    elif fmt == "csv":
-        out = io.StringIO()
-        w = csv.writer(out, lineterminator="\n")
-        w.writerow(["step", "layer", *range(trace.num_experts)])
-        for t, s in enumerate(trace.step_ids):
-            for j, lid in enumerate(trace.layer_ids):
-                w.writerow([int(s), lid, *trace.counts[t, j].tolist()])
-        atomic_write(p, out.getvalue().encode())
-    else:
-        raise TraceError(f"format: {fmt!r} is not a plain array format")
+def _int_field(p: Path, obj: Any, key: str, minimum: int, default: int | None = None) -> int:
+    """``obj[key]`` as an int in ``[minimum, 2**31)`` (no bools, no fractions) or a TraceError naming it."""
+    if not isinstance(obj, dict):
+        raise TraceError(f"{p}: expected a JSON object, got {type(obj).__name__}")
+    if key not in obj or obj[key] is None:
+        if default is None:
+            raise TraceError(f"{p}: missing field '{key}'")
+        return default
+    v = obj[key]
+    if isinstance(v, np.ndarray) and v.ndim == 0:
+        v = v.item()
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2**31:
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not minimum <= int(v) < 2**31:
+        raise TraceError(f"{p}: field '{key}': expected an integer in [{minimum}, 2**31), got {str(v)[:40]!r}")
+    return int(v)

@@ -15,10 +15,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from eplb._io import atomic_dir
+from eplb._safe_read import reading
 from eplb.placement import Placement
 from eplb.stats.importers import (
-    _read_plain,
-    _write_plain,
     read_sglang,
     read_trtllm,
     read_vllm_ascend,
@@ -26,6 +25,7 @@ from eplb.stats.importers import (
     write_trtllm,
     write_vllm_ascend,
 )
+from eplb.stats.plain import _read_plain, _write_plain
 from eplb.stats.store import TraceWriter, read_dir
 from eplb.stats.trace import Trace, TraceError
 
@@ -77,8 +77,24 @@ def read_trace(
     expert_map: str | os.PathLike[str] | Placement | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Trace:
-    """Read a trace of any format (``format`` overrides detection); slice by ``iter_range``/``layers`` positions."""
+    """Read a trace of any format (``format`` overrides detection); slice by ``iter_range``/``layers`` positions.
+
+    Every malformed input is a :class:`TraceError` whose message starts with the file's name.
+    """
     p = Path(path)
+    with reading(p):
+        return _read_trace(p, format, iter_range=iter_range, layers=layers, expert_map=expert_map, progress=progress)
+
+
+def _read_trace(
+    p: Path,
+    format: str | None,
+    *,
+    iter_range: str | Sequence[int] | None,
+    layers: Sequence[int] | None,
+    expert_map: str | os.PathLike[str] | Placement | None,
+    progress: Callable[[int], None] | None,
+) -> Trace:
     if not p.exists():
         raise TraceError(f"{p}: no such file or directory")
     fmt = _check_format(format) if format else detect_format(p)
@@ -121,6 +137,7 @@ def write_trace(
         if p.is_dir() != is_dir_fmt:
             raise TraceError(f"{p}: exists as a {'directory' if p.is_dir() else 'file'}, but format {fmt!r} writes a "
                              f"{'directory' if is_dir_fmt else 'file'}")
+        _check_same_kind(p, fmt)
     if fmt == "eplb":
         trace.save(p)
     elif fmt == "eplb-dir":
@@ -141,6 +158,23 @@ def write_trace(
         write_vllm_ascend(trace, p, ep_size=ep_size, placement=placement)
     else:
         _write_plain(trace, p, fmt)
+
+
+def _check_same_kind(p: Path, fmt: str) -> None:
+    """``--force`` replaces only an output of the kind being written: a directory holding a trace of
+    ``fmt`` (or nothing), or a regular file; never another directory, a device or a link to one."""
+    if p.is_symlink():
+        raise TraceError(f"{p}: is a symbolic link; not replacing it")
+    if p.is_dir():
+        if any(p.iterdir()):
+            try:
+                have = detect_format(p)
+            except TraceError:
+                raise TraceError(f"{p}: exists and holds no trace; not replacing it (remove it yourself)") from None
+            if have != fmt:
+                raise TraceError(f"{p}: holds a {have} trace, not {fmt}; not replacing it")
+    elif not p.is_file():
+        raise TraceError(f"{p}: exists and is not a regular file; not replacing it")
 
 
 def _step_slice(trace: Trace, a: int, b: int) -> Trace:

@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from eplb._checks import ArrayLike, check_load
+from eplb._checks import MAX_COUNT, ArrayLike, check_load, exact_counts, exact_ints
 from eplb._io import atomic_write  # noqa: F401 (moved to eplb._io; re-exported)
+from eplb._safe_read import UNCLEAR, reading  # noqa: F401 (moved to eplb._safe_read; re-exported)
 from eplb.errors import InputError, TraceError
 
-__all__ = ["Trace", "TraceError", "atomic_write", "parse_range"]
+__all__ = ["Trace", "TraceError", "atomic_write", "parse_range", "reading"]
 
 
 
@@ -47,6 +48,15 @@ def parse_range(spec: str | Sequence[int] | None, name: str = "iter-range") -> t
     if b <= a:
         raise InputError(f"{name}: stop ({b}) must be greater than start ({a})")
     return a, b
+
+
+def check_total(c: np.ndarray, name: str) -> None:
+    """Sums over steps (what planners and ``Trace.total`` use) must stay exact: at most 2**53."""
+    tot = c.sum(0, dtype=np.float64)
+    if tot.size and float(tot.max()) > MAX_COUNT:
+        bad = np.unravel_index(int(np.argmax(tot)), tot.shape)
+        raise TraceError(f"{name}: the sum over steps at (layer, expert) position {[int(i) for i in bad]} exceeds 2**53 "
+                         "and cannot be kept exact")
 
 
 def _short(ids: Sequence[int]) -> str:
@@ -87,17 +97,25 @@ class Trace:
     topk_offsets: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        c = check_load(self.counts, "counts", ndim=(2, 3), dtype=np.float64)
+        try:
+            c = exact_counts(self.counts, "counts", ndim=(2, 3))
+        except ValueError as exc:
+            raise TraceError(str(exc)) from None
         if c.ndim == 2:
             c = c[None]
-        if np.any(c != np.round(c)):
-            raise TraceError("counts: expected integer token counts")
-        self.counts = c.astype(np.int64)
+        check_total(c, "counts")
+        self.counts = c
         T, L, _ = self.counts.shape
-        self.layer_ids = tuple(int(i) for i in self.layer_ids) if len(self.layer_ids) else tuple(range(L))
+        try:
+            lids = exact_ints(list(self.layer_ids), "layer_ids", minimum=0) if len(self.layer_ids) else np.arange(L)
+            steps = np.arange(T, dtype=np.int64) if self.step_ids is None else exact_ints(self.step_ids, "step_ids")
+        except ValueError as exc:
+            raise TraceError(str(exc)) from None
+        self.layer_ids = tuple(int(i) for i in lids)
         if len(self.layer_ids) != L:
             raise TraceError(f"layer_ids: {len(self.layer_ids)} ids for {L} layers")
-        steps = np.arange(T, dtype=np.int64) if self.step_ids is None else np.asarray(self.step_ids, dtype=np.int64)
+        if len(set(self.layer_ids)) != L:
+            raise TraceError(f"layer_ids: duplicate layer ids in {list(self.layer_ids)[:8]}")
         if steps.shape != (T,):
             raise TraceError(f"step_ids: expected {T} step ids, got shape {steps.shape}")
         if T > 1 and np.any(np.diff(steps) <= 0):
@@ -106,15 +124,22 @@ class Trace:
         self.step_ids = steps
         E = self.counts.shape[2]
         if self.cooccurrence is not None:
-            co = check_load(self.cooccurrence, "cooccurrence", ndim=4, dtype=np.float64)
+            try:
+                co = exact_counts(self.cooccurrence, "cooccurrence", ndim=4)
+            except ValueError as exc:
+                raise TraceError(str(exc)) from None
             if co.shape != (T, L, E, E):
                 raise TraceError(f"cooccurrence: expected shape {(T, L, E, E)}, got {tuple(co.shape)}")
-            self.cooccurrence = co.astype(np.int64)
+            check_total(co, "cooccurrence")
+            self.cooccurrence = co
         if (self.topk_ids is None) != (self.topk_offsets is None):
             raise TraceError("topk_ids: topk_ids and topk_offsets must be given together")
         if self.topk_ids is not None and self.topk_offsets is not None:
             ids = np.asarray(self.topk_ids)
-            off = np.asarray(self.topk_offsets, dtype=np.int64)
+            try:
+                off = exact_ints(self.topk_offsets, "topk_offsets", minimum=0)
+            except ValueError as exc:
+                raise TraceError(str(exc)) from None
             if ids.ndim != 3 or ids.shape[1] != L or ids.dtype.kind not in "iu":
                 raise TraceError(f"topk_ids: expected an integer [tokens, {L}, k] array, got {ids.dtype} {tuple(ids.shape)}")
             if off.shape != (T + 1,) or off[0] != 0 or off[-1] != ids.shape[0] or np.any(np.diff(off) < 0):
@@ -265,9 +290,14 @@ class Trace:
         ``iter_range`` keeps steps with ids in ``[start, stop)``; ``layers`` keeps those MoE layer
         positions.
         """
+        p = Path(path)
+        with reading(p):
+            return cls._load(p, iter_range, layers)
+
+    @classmethod
+    def _load(cls, p: Path, iter_range: str | Sequence[int] | None, layers: Sequence[int] | None) -> Trace:
         from safetensors import safe_open
 
-        p = Path(path)
         if p.is_dir():
             raise TraceError(f"{p}: is a directory; Trace.load reads one trace file (eplb.read_trace reads "
                              f"recording directories and every engine's format)")
@@ -288,13 +318,23 @@ class Trace:
             raise
         except Exception as exc:  # safetensors raises its own error types
             raise TraceError(f"{p}: not a readable safetensors trace ({exc})") from None
+        from eplb._safe_read import parse_json
+
+        info: Mapping[str, Any] = parse_json(f"{p}: metadata 'eplb.trace'", md.get("eplb.trace", "{}").encode(),
+                                             error=TraceError)
+        if not isinstance(info, dict):
+            raise TraceError(f"{p}: metadata 'eplb.trace': expected a JSON object, got {type(info).__name__}")
+        for key in ("top_k", "ep_size"):
+            v = info.get(key, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**31:
+                raise TraceError(f"{p}: metadata 'eplb.trace': field '{key}': expected an integer in [0, 2**31), "
+                                 f"got {str(v)[:40]!r}")
+        lids, meta = info.get("layer_ids", ()), info.get("meta", {})
+        if not isinstance(lids, (list, tuple)) or not isinstance(meta, dict):
+            raise TraceError(f"{p}: metadata 'eplb.trace': 'layer_ids' must be a list and 'meta' a mapping")
         try:
-            info: Mapping[str, Any] = json.loads(md.get("eplb.trace", "{}"))
-        except json.JSONDecodeError as exc:
-            raise TraceError(f"{p}: metadata 'eplb.trace' is not valid JSON ({exc})") from None
-        try:
-            tr = cls(counts, tuple(info.get("layer_ids", ())), steps, int(info.get("top_k", 0)), str(info.get("model", "")),
-                     str(info.get("source", "")), int(info.get("ep_size", 0)), dict(info.get("meta", {})), co, ids, off)
+            tr = cls(counts, tuple(lids), steps, int(info.get("top_k", 0)), str(info.get("model", "")),
+                     str(info.get("source", "")), int(info.get("ep_size", 0)), dict(meta), co, ids, off)
         except ValueError as exc:
             raise TraceError(f"{p}: {exc}") from None
         return tr.slice(iter_range, layers) if iter_range is not None or layers is not None else tr
