@@ -412,10 +412,14 @@ class ExpertParallelMoE(nn.Module):
         local[E] = err_code
         gathered = self._all_gather_counts(local)  # [R, E + 1]
         global_counts = gathered[:, :E]
-        slots = assign_slots(ids, table, self.dispatch_strategy, rank=self.rank, global_counts=global_counts)
+        # balanced: one plan per step, solved inside assign_slots and reused by send_matrix
+        quotas = (torch.empty(table.log2phy.shape, dtype=torch.int64, device=dev)
+                  if self.dispatch_strategy == "balanced" else None)
+        slots = assign_slots(ids, table, self.dispatch_strategy, rank=self.rank, global_counts=global_counts,
+                             quotas_out=quotas)
         flat = slots.reshape(-1).to(torch.int64)
         order = torch.argsort(flat, stable=True)
-        send_all = send_matrix(global_counts, table, self.dispatch_strategy)  # [R, S] rows source -> slot
+        send_all = send_matrix(global_counts, table, self.dispatch_strategy, quotas=quotas)  # [R, S] source -> slot
         sent = send_all[self.rank]
         self.slot_counts += sent
         self.expert_counts += local[:E]
