@@ -11,30 +11,90 @@ reaches the same choice (the EP layer also folds the choice into its cross-rank 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from eplb._checks import ArrayLike
 from eplb.dispatch.split import split_rank_loads
+from eplb.dispatch.table import DispatchTable
 from eplb.placement import Placement
 
-__all__ = ["AutoDecision", "auto_line", "auto_strategies", "auto_summary", "balanced_dispatch_cost_ms"]
+__all__ = ["AutoDecision", "auto_line", "auto_strategies", "auto_summary", "balanced_dispatch_cost_ms",
+           "calibrate_dispatch_cost_ms", "solver_sweeps"]
 
-#: Balanced minus local-first ``assign_slots`` per layer in a CUDA graph on one H200 (fused Triton path),
-#: ``a + b * pairs`` ms for a rank's (token, expert) pairs, ``a`` by EP size; fitted to
-#: bench/results/dispatch_budget_h200_first.md (deepseek and eplb-dispatch placements, E=256, S=288). A coarse line,
-#: conservative for the current token kernel (bench/results/dispatch_gpu.md measures 67-133 us) and far too high
-#: for small tables (Llama-4 at 16 ranks: 13-34 us in bench/results/critical_path.md): pass dispatch_cost_ms then.
-_COST_FIT = {36: (0.095, 5.8e-6), 72: (0.070, 4.7e-6)}
+#: Balanced minus local-first ``assign_slots`` per layer in a CUDA graph on one H200 (fused Triton path), in
+#: microseconds, by the table's size: ``base + per_sweep * solver_sweeps + per_chunk * ceil(pairs / 2048)``.
+#: ``solver_sweeps`` = water-filling updates the plan kernel runs (one with a single colour, else at most
+#: ``(6 + 2) * colours``); a token chunk is 2048 (token, expert) pairs of this rank scanned by every expert's
+#: program. Fitted to bench/results/dispatch_gpu.md and the assign_slots parts of bench/results/critical_path.md.
+_COST_US = {"base": 15.0, "per_sweep": 2.8, "per_chunk": 1.6}
 
 
-def balanced_dispatch_cost_ms(pairs_per_rank: float, num_ranks: int) -> float:
-    """Predicted extra time (ms) of balanced over local-first dispatch for one layer (H200, CUDA graph)."""
-    keys = sorted(_COST_FIT)
-    a, b = _COST_FIT[min(keys, key=lambda r: abs(r - num_ranks))]
-    return float(a + b * max(float(pairs_per_rank), 0.0))
+def solver_sweeps(num_colors: int, sweeps: int = 6, int_sweeps: int = 2) -> int:
+    """Water-filling updates of the balanced plan kernel (an upper bound: it stops early at a fixed point)."""
+    if num_colors <= 0:
+        return 0
+    return 1 if num_colors == 1 and int_sweeps >= 1 else (sweeps + int_sweeps) * num_colors
+
+
+def balanced_dispatch_cost_ms(pairs_per_rank: float, num_ranks: int | None = None, *, num_colors: int = 1) -> float:
+    """Predicted extra time (ms) of balanced over local-first dispatch for one layer (H200, CUDA graph) from the
+    table's size: this rank's (token, expert) pairs and the layer's colour count (``DispatchTable.num_colors``).
+    ``num_ranks`` is accepted for older callers; the measured cost depends on it only through the colours."""
+    chunks = -(-max(int(round(float(pairs_per_rank))), 0) // 2048)
+    us = _COST_US["base"] + _COST_US["per_sweep"] * solver_sweeps(int(num_colors)) + _COST_US["per_chunk"] * chunks
+    return float(us) / 1000.0
+
+
+def calibrate_dispatch_cost_ms(table: DispatchTable, tokens_per_rank: int, top_k: int, *, iters: int = 20,
+                               seed: int = 0) -> float:
+    """Measure balanced minus local-first ``assign_slots`` (ms per call) on ``table``'s device for
+    ``tokens_per_rank`` tokens of ``top_k`` (SYNTHETIC uniform routing, every rank with the same counts): CUDA
+    graph replays on CUDA, plain calls elsewhere; the median of ``iters``. A once-per-table calibration for
+    :func:`auto_strategies`' ``dispatch_cost_ms`` (agree on it across ranks, e.g. the max of an all-reduce)."""
+    import statistics
+    import time
+
+    import torch
+
+    from eplb.dispatch.assign import assign_slots
+
+    dev = table.log2phy.device
+    gen = torch.Generator().manual_seed(seed)
+    E, R = table.num_experts, table.num_ranks
+    ids = torch.randint(0, E, (int(tokens_per_rank), int(top_k)), generator=gen).to(dev)
+    g = torch.bincount(ids.reshape(-1), minlength=E).expand(R, E).contiguous()
+    times = {}
+    for strat in ("local-first", "balanced"):
+        def run(strat: str = strat) -> torch.Tensor:
+            return assign_slots(ids, table, strat, rank=0, global_counts=g)
+
+        fn = run
+        if dev.type == "cuda":
+            run()
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            fn = graph.replay
+        fn()
+        samples = []
+        for _ in range(max(int(iters), 1)):
+            if dev.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t0) * 1e3)
+        times[strat] = statistics.median(samples)
+    return max(times["balanced"] - times["local-first"], 0.0)
 
 
 @dataclass(frozen=True)
@@ -50,7 +110,7 @@ class AutoDecision:
 
 
 def auto_strategies(counts: ArrayLike, placement: Placement, compute_ms: Callable[[np.ndarray, int], np.ndarray],
-                    *, dispatch_cost_ms: float | None = None,
+                    *, dispatch_cost_ms: float | Sequence[float | None] | None = None,
                     balanced_loads: np.ndarray | None = None) -> list[AutoDecision]:
     """One :class:`AutoDecision` per layer of ``placement``.
 
@@ -59,8 +119,9 @@ def auto_strategies(counts: ArrayLike, placement: Placement, compute_ms: Callabl
         placement: the placement the layers run.
         compute_ms: ``fn(tokens [..], slots_per_rank) -> ms [..]`` expert-compute time of a rank (e.g.
             ``CostModel.compute_ms``).
-        dispatch_cost_ms: balanced's extra dispatch time per layer; default :func:`balanced_dispatch_cost_ms`
-            at the mean pairs per rank of the counts.
+        dispatch_cost_ms: balanced's extra dispatch time, one for every layer or one per layer (``None`` entries:
+            the default), e.g. from :func:`calibrate_dispatch_cost_ms`; default :func:`balanced_dispatch_cost_ms`
+            from the layer's table size (mean pairs per rank of the counts, its colour count).
         balanced_loads: ``[T, L, R]`` balanced rank loads of these counts if already computed (reused).
     """
     c = np.asarray(counts, dtype=np.float64)
@@ -75,11 +136,18 @@ def auto_strategies(counts: ArrayLike, placement: Placement, compute_ms: Callabl
            else split_rank_loads(c, placement, "balanced")).max(-1)
     t_lf = np.asarray(compute_ms(lf, spr), dtype=np.float64).mean(0)  # [L]
     t_bal = np.asarray(compute_ms(bal, spr), dtype=np.float64).mean(0)
+    per_layer = (list(dispatch_cost_ms) if dispatch_cost_ms is not None and not np.isscalar(dispatch_cost_ms)
+                 else [dispatch_cost_ms] * placement.num_layers)
+    if len(per_layer) != placement.num_layers:
+        raise ValueError(f"dispatch_cost_ms: expected one value or {placement.num_layers} (one per layer), "
+                         f"got {len(per_layer)}")
     out = []
     for layer in range(placement.num_layers):
         gain = float(t_lf[layer] - t_bal[layer])
-        cost = float(dispatch_cost_ms) if dispatch_cost_ms is not None else balanced_dispatch_cost_ms(
-            float(c[:, layer].sum(-1).mean()) / R, R)
+        given = per_layer[layer]
+        cost = float(given) if given is not None else balanced_dispatch_cost_ms(  # type: ignore[arg-type]
+            float(c[:, layer].sum(-1).mean()) / R, R,
+            num_colors=DispatchTable.from_placement(placement, layer).num_colors)
         out.append(AutoDecision("balanced" if gain > cost else "local-first", gain, cost))
     return out
 
