@@ -160,7 +160,8 @@ def run_rows(name: str, counts: np.ndarray, R: int, S: int, top_k: int, tprs: tu
             g_np = split_ranks(c, R, pairs, rng)
             g_cpu = torch.as_tensor(g_np)
             row: dict[str, Any] = {"name": name, "tpr": tpr, "R": R, "step": step, "layer": layer, "ms": {},
-                                   "load": {}, "auto": auto[layer], "model": model[layer]}
+                                   "load": {}, "auto": auto[layer], "model": model[layer],
+                                   "colours": DispatchTable.from_placement(pls["eplb-dispatch"], layer).num_colors}
             for cfg in CONFIGS:
                 pol, _, strat = cfg.partition("+")
                 if pol not in pls:
@@ -224,7 +225,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, dev: torch.devi
         "SYNTHETIC uniform ids of this size); `auto (model)`: with the table-size cost model "
         "(eplb.dispatch.auto.balanced_dispatch_cost_ms, no measurement).",
         "",
-        "| rows | tok/rank | step/layer | " + " | ".join(cols) + " | auto picks (gain / cost ms) | model picks (cost ms) "
+        "| rows | tok/rank | step/layer | " + " | ".join(cols) + " | auto picks (gain / cost ms) | model picks (cost ms; colours) "
         "| captured: balanced | captured: auto | hot-rank rows (ds-lf / ed-lf / ed-bal) |",
         "| --- | --- | --- |" + " --- |" * len(cols) + " --- | --- | --- | --- | --- |",
     ]
@@ -241,7 +242,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, dev: torch.devi
         lines.append(f"| {r['name']} R={r['R']} | {r['tpr']} | {r['step']}/{r['layer']} | "
                      + " | ".join(f"{ms[c]['total']:.3f}" if c in ms else "n/a" for c in cols)
                      + f" | {a.strategy} ({a.predicted_gain_ms:.3f} / {a.cost_ms:.3f}) | {r['model'].strategy} "
-                     f"({r['model'].cost_ms:.3f}) | {cap('eplb-dispatch+balanced')} | "
+                     f"({r['model'].cost_ms:.3f}; {r['colours']}) | {cap('eplb-dispatch+balanced')} | "
                      f"{cap('auto')} | {r['load']['deepseek+lf']} / {r['load']['eplb-dispatch+lf']} / "
                      f"{r['load']['eplb-dispatch+balanced']} |")
     lines += ["", "## Parts (ms): assign_slots / grouped GEMM / modelled all-to-all x2", "",
