@@ -296,7 +296,7 @@ def _launch(g: torch.Tensor, tabs: dict[str, torch.Tensor], num_colors: int, num
     K = l2p.shape[-1]
     block = {"BLOCK_E": triton.next_power_of_2(E), "BLOCK_F": triton.next_power_of_2(F),
              "BLOCK_K": triton.next_power_of_2(Kd), "BLOCK_KK": triton.next_power_of_2(K),
-             "BLOCK_R": triton.next_power_of_2(num_ranks), "BLOCK_G": min(16, triton.next_power_of_2(G))}
+             "BLOCK_R": triton.next_power_of_2(num_ranks), "BLOCK_G": min(32, triton.next_power_of_2(G))}
     out = torch.empty((B, F, Kd), dtype=torch.int64, device=g.device)
     slot_out = torch.empty((B, E, K) if slots else (1,), dtype=torch.int64, device=g.device)
     shares = src_rank >= 0
@@ -466,7 +466,7 @@ def fused_token_slots(topk_ids: torch.Tensor, table: Any, strategy: str, rank: i
             G, G * E, int(rank), int(table.slots_per_rank), 0, 0, 0, 0, 0, 0,
             E, a["F"], a["Kd"], K, table.num_ranks, int(table.num_colors), sw, isw,
             FRAC_BITS=fb, BIG=1 << 60, SLOTS=False, SHARES=False, num_warps=num_warps,
-            BLOCK_G=min(16, triton.next_power_of_2(G)), **blk,
+            BLOCK_G=min(32, triton.next_power_of_2(G)), **blk,
         )
         slot_q = bufs["slot_q"] if quotas_out is None else quotas_out
         assert slot_q.shape == (E, K) and slot_q.dtype == torch.int64 and slot_q.is_contiguous()
