@@ -119,3 +119,14 @@ def test_calibrated_dispatch_cost_is_a_measured_positive_time(device: str) -> No
     tab = DispatchTable.from_placement(p, 0, device)
     ms = calibrate_dispatch_cost_ms(tab, 64, 2, iters=5)
     assert isinstance(ms, float) and 0.0 < ms < 1000.0  # balanced does more work than local-first
+
+
+@pytest.mark.parametrize("colours,kd,pairs,measured_us", [
+    # bench/results/dispatch_gpu.md (balanced minus local-first, graph, 1 call; E=256, S=288, top-8)
+    (1, 13, 256 * 8, 6.8), (1, 13, 2048 * 8, 33.4), (2, 13, 256 * 8, 60.8), (3, 13, 2048 * 8, 103.6),
+    # bench/results/critical_path.md (assign_slots parts, eplb-dispatch balanced minus local-first)
+    (2, 4, 2048, 23.0), (2, 4, 8192, 32.0), (3, 12, 8192 * 8, 228.0), (1, 13, 8192 * 8, 153.0)])
+def test_dispatch_cost_model_matches_the_measured_h200_rows(colours: int, kd: int, pairs: int,
+                                                            measured_us: float) -> None:
+    us = 1000 * balanced_dispatch_cost_ms(pairs, num_colors=colours, fluid_ranks=kd)
+    assert abs(us - measured_us) <= max(15.0, 0.2 * measured_us), us

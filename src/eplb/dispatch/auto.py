@@ -24,12 +24,16 @@ from eplb.placement import Placement
 __all__ = ["AutoDecision", "auto_line", "auto_strategies", "auto_summary", "balanced_dispatch_cost_ms",
            "calibrate_dispatch_cost_ms", "solver_sweeps"]
 
-#: Balanced minus local-first ``assign_slots`` per layer in a CUDA graph on one H200 (fused Triton path), in
-#: microseconds, by the table's size: ``base + per_sweep * solver_sweeps + per_chunk * ceil(pairs / 2048)``.
-#: ``solver_sweeps`` = water-filling updates the plan kernel runs (one with a single colour, else at most
-#: ``(6 + 2) * colours``); a token chunk is 2048 (token, expert) pairs of this rank scanned by every expert's
-#: program. Fitted to bench/results/dispatch_gpu.md and the assign_slots parts of bench/results/critical_path.md.
-_COST_US = {"base": 15.0, "per_sweep": 2.8, "per_chunk": 1.6}
+#: Balanced minus local-first ``assign_slots`` per layer in a CUDA graph (one call) on one H200 (fused Triton
+#: path), in microseconds, by the table's size:
+#: ``base + per_sweep16 * solver_sweeps * BLOCK_K / 16 + per_chunk * ceil(pairs / 2048)``, where ``solver_sweeps``
+#: counts the plan kernel's water-filling updates (one with a single colour, else at most ``(6 + 2) * colours``),
+#: ``BLOCK_K`` is the fluid experts' rank count ``Kd`` padded to a power of two (the width each update sorts) and a
+#: token chunk is 2048 (token, expert) pairs of this rank, scanned by every expert's program. Least-squares fit
+#: (rounded; base raised to 5 so that one-colour 256-token layers stay local-first) to the 26 balanced-minus-
+#: local-first points of bench/results/dispatch_gpu.md and the assign_slots parts of bench/results/critical_path.md
+#: (2026-12-02 18:07 UTC, H200): Llama-4 16 ranks, DeepSeek-V3 shape at 36 / 72 ranks, 256-8192 tokens per rank.
+_COST_US = {"base": 5.0, "per_sweep16": 3.0, "per_chunk": 4.7}
 
 
 def solver_sweeps(num_colors: int, sweeps: int = 6, int_sweeps: int = 2) -> int:
@@ -39,12 +43,16 @@ def solver_sweeps(num_colors: int, sweeps: int = 6, int_sweeps: int = 2) -> int:
     return 1 if num_colors == 1 and int_sweeps >= 1 else (sweeps + int_sweeps) * num_colors
 
 
-def balanced_dispatch_cost_ms(pairs_per_rank: float, num_ranks: int | None = None, *, num_colors: int = 1) -> float:
+def balanced_dispatch_cost_ms(pairs_per_rank: float, num_ranks: int | None = None, *, num_colors: int = 1,
+                              fluid_ranks: int = 16) -> float:
     """Predicted extra time (ms) of balanced over local-first dispatch for one layer (H200, CUDA graph) from the
-    table's size: this rank's (token, expert) pairs and the layer's colour count (``DispatchTable.num_colors``).
-    ``num_ranks`` is accepted for older callers; the measured cost depends on it only through the colours."""
+    table's size: this rank's (token, expert) pairs, the layer's colour count (``DispatchTable.num_colors``) and
+    its fluid experts' rank count (``DispatchTable.fl_rank.shape[1]``). ``num_ranks`` is accepted for older
+    callers; the measured cost depends on it only through the table."""
     chunks = -(-max(int(round(float(pairs_per_rank))), 0) // 2048)
-    us = _COST_US["base"] + _COST_US["per_sweep"] * solver_sweeps(int(num_colors)) + _COST_US["per_chunk"] * chunks
+    width = 1 << max(int(fluid_ranks) - 1, 0).bit_length()
+    us = (_COST_US["base"] + _COST_US["per_sweep16"] * solver_sweeps(int(num_colors)) * width / 16
+          + _COST_US["per_chunk"] * chunks)
     return float(us) / 1000.0
 
 
@@ -145,9 +153,12 @@ def auto_strategies(counts: ArrayLike, placement: Placement, compute_ms: Callabl
     for layer in range(placement.num_layers):
         gain = float(t_lf[layer] - t_bal[layer])
         given = per_layer[layer]
-        cost = float(given) if given is not None else balanced_dispatch_cost_ms(  # type: ignore[arg-type]
-            float(c[:, layer].sum(-1).mean()) / R, R,
-            num_colors=DispatchTable.from_placement(placement, layer).num_colors)
+        if given is None:
+            tab = DispatchTable.from_placement(placement, layer)
+            cost = balanced_dispatch_cost_ms(float(c[:, layer].sum(-1).mean()) / R, R, num_colors=tab.num_colors,
+                                             fluid_ranks=int(tab.fl_rank.shape[-1]))
+        else:
+            cost = float(given)
         out.append(AutoDecision("balanced" if gain > cost else "local-first", gain, cost))
     return out
 
