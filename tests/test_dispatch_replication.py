@@ -25,7 +25,6 @@ from eplb.dispatch.replication import (
     uniform_start,
 )
 
-
 CUDA = torch.cuda.is_available()
 try:
     import triton  # noqa: F401
