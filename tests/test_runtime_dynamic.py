@@ -38,7 +38,7 @@ def _hot_inputs(N: int, k: int, E: int, hot: int, seed: int, dtype: torch.dtype 
 
 def _worker(rank: int, world: int, D: int, dtype_name: str) -> dict:
     dtype = getattr(torch, dtype_name)
-    E, P = 3 * world, 3  # no redundant static slot: every expert once, 3 per rank
+    E = 3 * world  # no redundant static slot: every expert once, 3 per rank
     results = {"copies": 0, "layers": []}
     rng = np.random.default_rng(7)  # same on every rank
     pool = None

@@ -153,11 +153,12 @@ def simulate_cmd(
     for r in report.results:
         rep = r.meta.get("replication")
         if rep:
+            window = f"{rep['hide_ms']:.3f} ms" if rep["hide_ms"] is not None else "the dispatch"
             console.print(f"{r.label}: {rep['copies_per_layer_mean']:.1f} copies per layer (cap {rep['max_recv']} "
                           f"received / {rep['max_send']} sent per rank), copy time per layer mean "
                           f"{rep['copy_ms_per_layer_mean']:.3f} ms, max {rep['copy_ms_per_layer_max']:.3f} ms; "
                           f"{rep['exposed_layers']} layer(s) ({rep['exposed_layers_frac']:.1%}) could not hide their "
-                          f"copies under {'%.3f ms' % rep['hide_ms'] if rep['hide_ms'] is not None else 'the dispatch'}"
+                          f"copies under {window}"
                           + (" (lookahead: copies move during the previous step)" if rep["lookahead"] else ""))
     console.print(f"cost model: {cm.device}, {cm.date}, {cm.source}")
     if out is not None:
