@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"static {r['static']:.3f}, static + balanced dispatch {r['balanced']:.3f}, per-step oracle (fresh "
             f"`deepseek` placement every step) {r['oracle']:.3f}; whole-token floor (max rank load ceil(tokens / R), no "
-            f"placement or split can do better) {r['floor']:.3f}. DeepSeek-V3 decode layer at 2048 tokens per rank "
+            f"placement or split can do better; the oracle's static split is fractional, so it can go below this) "
+            f"{r['floor']:.3f}. DeepSeek-V3 decode layer at 2048 tokens per rank "
             f"(H200 model, {S // R} slots per rank): {r['window']:.2f} ms.",
             "",
             "| budget | D | recv / send cap | imbalance | / oracle | bal. start | lookahead | copies per layer | copy ms per "
