@@ -196,6 +196,8 @@ def _kernel_cases(seed: int, n: int) -> list[dict]:
               "min_copy_gain": int(rng.integers(1, 4))}
         if i % 2:
             kw["max_copies"] = int(rng.integers(0, 5))
+        if i % 4 == 3:
+            kw["max_iters"] = int(rng.integers(0, 3))
         cases.append({"phy2log": pl.phy2log.tolist(), "E": E, "R": R, "excluded": pl.meta.get("excluded_ranks", []),
                       "counts": counts.tolist(), "D": int(rng.integers(0, 3)), "kw": kw})
     return cases

@@ -59,9 +59,9 @@ if HAVE_TRITON:
         static_col = offs_j < P
         nrecv = tl.zeros([BLOCK_R], dtype=tl.int32)
         nsend = tl.zeros([BLOCK_R], dtype=tl.int32)
-        ncopy = 0
-        it = 0
-        go = max_iters > 0
+        ncopy = tl.full((), 0, tl.int32)
+        it = tl.full((), 0, tl.int32)
+        go = it < max_iters
         while go:
             Lhi = tl.max(tl.where(rv, L, -1), axis=0)
             hi = tl.min(tl.where(rv & (L == Lhi), offs_r, BLOCK_R), axis=0)
