@@ -140,7 +140,7 @@ def plan_replication_gpu(
     max_copies: int | None = None,
     max_iters: int | None = None,
     min_copy_gain: int = 1,
-    num_warps: int = 4,
+    num_warps: int = 8,
     out: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`eplb.dispatch.replication.plan_replication` (uniform start) in one launch (Triton), on ``counts``' device.
