@@ -132,9 +132,10 @@ def test_trtllm_schema(tmp_path: Path, pl: Placement) -> None:
     path = tmp_path / "moe_load_balancer.yaml"
     write_placement(pl, path, layer_updates_per_iter=2)
     text = path.read_text()
-    # TensorRT-LLM's save_eplb_config: sorted keys, block-style mapping, flow-style lists on one line
+    # TensorRT-LLM's save_eplb_config: sorted keys, block-style mapping, flow-style lists on one line;
+    # exactly the keys its MoeLoadBalancerConfig accepts (the EP size only in a comment, for eplb)
     assert text == (
-        "ep_size: 3\n"
+        "# ep_size: 3 (eplb; TensorRT-LLM reads only the keys below)\n"
         "initial_global_assignments:\n"
         "  1: [0, 1, 2, 3, 4, 0, 5, 1, 2]\n"
         "  3: [5, 4, 3, 2, 1, 0, 0, 3, 4]\n"
@@ -142,14 +143,19 @@ def test_trtllm_schema(tmp_path: Path, pl: Placement) -> None:
         "num_slots: 9\n"
     )
     cfg = yaml.safe_load(text)
-    assert set(cfg) == {"ep_size", "initial_global_assignments", "layer_updates_per_iter", "num_slots"}
-    assert cfg["num_slots"] == 9 and cfg["ep_size"] == 3 and cfg["layer_updates_per_iter"] == 2
+    assert set(cfg) == {"initial_global_assignments", "layer_updates_per_iter", "num_slots"}
+    assert cfg["num_slots"] == 9 and cfg["layer_updates_per_iter"] == 2
     assert cfg["initial_global_assignments"] == {1: pl.phy2log[0].tolist(), 3: pl.phy2log[1].tolist()}
+    assert read_placement(path) == pl  # eplb reads the EP size back from the comment
+    # on request (the report's --projection_eplb_config_path needs it) the key itself
+    write_placement(pl, path, layer_updates_per_iter=2, with_ep_size=True)
+    cfg = yaml.safe_load(path.read_text())
+    assert set(cfg) == {"ep_size", "initial_global_assignments", "layer_updates_per_iter", "num_slots"}
     # rank r holds slots [r*S/ep, (r+1)*S/ep): TensorRT-LLM's report projection reshapes (ep_size, -1)
     rows = np.asarray(cfg["initial_global_assignments"][1]).reshape(cfg["ep_size"], -1)
     assert rows.tolist() == pl.rank_experts()[0].tolist()
-    write_placement(pl, path, with_ep_size=False)
-    assert "ep_size" not in yaml.safe_load(path.read_text())
+    assert read_placement(path) == pl
+    path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "ep_size"}))  # a hand-written file
     assert read_placement(path, ep_size=3) == pl
     # a long map stays one line per layer (width=inf)
     big = Placement(np.tile(np.arange(300) % 256, (1, 1)), 256, 4)
@@ -164,7 +170,9 @@ def test_trtllm_reads_extra_llm_api_options(tmp_path: Path, pl: Placement) -> No
     assert read_placement(tmp_path / "opts.yaml") == pl
     inline = {"moe_config": {"load_balancer": yaml.safe_load((tmp_path / "lb.yaml").read_text())}}
     (tmp_path / "opts2.yaml").write_text(yaml.safe_dump(inline))
-    assert read_placement(tmp_path / "opts2.yaml") == pl
+    with pytest.raises(ValueError, match="does not record the EP size"):  # the inline copy lost the comment
+        read_placement(tmp_path / "opts2.yaml")
+    assert read_placement(tmp_path / "opts2.yaml", ep_size=pl.num_ranks) == pl
 
 
 def test_vllm_ascend_schema(tmp_path: Path, pl: Placement) -> None:

@@ -39,7 +39,8 @@ def make_counts(buffer: int, used: int, seed: int = 0) -> np.ndarray:
 
 class FakeSGLang:
     def __init__(self, dump_dir: Path, counts: np.ndarray, *, info: dict[str, Any] | None = None,
-                 dump_obj: dict[str, Any] | None = None, write_dump: bool = True, fail: str = "") -> None:
+                 dump_obj: dict[str, Any] | None = None, write_dump: bool = True, fail: str = "",
+                 api_key: str | None = None, admin_api_key: str | None = None) -> None:
         self.dump_dir = dump_dir
         self.counts = counts
         self.info = {"expert_distribution_recorder_mode": "stat", "ep_size": 4, "model_path": "fake/Qwen3-MoE",
@@ -48,7 +49,10 @@ class FakeSGLang:
         self.write_dump = write_dump
         self.fail = fail
         self.calls: list[tuple[str, str]] = []
+        self.auth: list[str | None] = []
         fake = self
+        admin_routes = ("/start_expert_distribution_record", "/stop_expert_distribution_record",
+                        "/dump_expert_distribution_record")
 
         class Handler(BaseHTTPRequestHandler):
             timeout = 5
@@ -68,6 +72,12 @@ class FakeSGLang:
                 if n:
                     self.rfile.read(n)
                 fake.calls.append((method, self.path))
+                got = self.headers.get("Authorization")
+                fake.auth.append(got)
+                # SGLang: --admin-api-key guards the admin routes, --api-key every route (401 otherwise)
+                need = admin_api_key if (admin_api_key and self.path in admin_routes) else api_key
+                if need and got != f"Bearer {need}":
+                    return self._reply(401, b'{"error":"Unauthorized"}', "application/json")
                 if fake.fail and self.path == fake.fail:
                     return self._reply(500, b"Internal Server Error: recorder crashed\n")
                 if self.path == "/server_info" and fake.info:
@@ -263,3 +273,34 @@ def test_documented_sglang_flow_pull_plan_init_location(server, tmp_path):
     assert res.exit_code == 0, res.output
     res = run.invoke(app, ["report", str(trace), "-q", "--ep-size", "4", "--placement", str(init)])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_pull_sends_api_keys_as_bearer_and_never_prints_them(server, tmp_path, monkeypatch, caplog, how):
+    key, admin = "sk-user-7f3a9c", "sk-admin-41d2e8"
+    srv = server(counts=make_counts(16, 11, seed=2), api_key=key, admin_api_key=admin)
+    base = ["pull", "--sglang", srv.url, "--seconds", "0", "--dump-dir", str(srv.dump_dir), "--timeout", "5",
+            "--dump-timeout", "5"]
+    # without keys: HTTP 401, a clear error that says how to pass one
+    res = CliRunner().invoke(app, [*base, "--output", str(tmp_path / "a.safetensors")])
+    assert res.exit_code != 0 and "HTTP 401" in str(res.exception) and "--api-key" in str(res.exception)
+    # a wrong admin key: refused, and the key is not echoed
+    res = CliRunner().invoke(app, [*base, "--output", str(tmp_path / "b.safetensors"), "--api-key", key,
+                                   "--admin-api-key", "sk-wrong-000"])
+    assert res.exit_code != 0 and "the key given was refused" in str(res.exception)
+    assert "sk-wrong-000" not in str(res.exception) + res.output
+    out = tmp_path / "c.safetensors"
+    args = [*base, "--output", str(out)]
+    if how == "option":
+        args += ["--api-key", key, "--admin-api-key", admin]
+    else:
+        monkeypatch.setenv("EPLB_SGLANG_API_KEY", key)
+        monkeypatch.setenv("EPLB_SGLANG_ADMIN_API_KEY", admin)
+    srv.auth.clear()
+    with caplog.at_level("DEBUG"):
+        res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert Trace.load(out).num_steps == 11
+    assert f"Bearer {admin}" in srv.auth and f"Bearer {key}" in srv.auth  # admin routes got the admin key
+    text = res.output + caplog.text + "".join(str(v) for v in Trace.load(out).meta.values())
+    assert key not in text and admin not in text

@@ -49,7 +49,8 @@ def test_deepseek_hierarchical_reproduces_deepseek_exactly():
     ref = eplb.rebalance_experts(np.array(README_W) * 3, 16, 4, 2, 8)
     for got, want in zip(out, ref, strict=True):
         np.testing.assert_array_equal(got.numpy(), want)
-    assert rebalance_experts(steps, 16, 2, 4, 2, "deepseek_vec_hierarchical")[0].tolist() == README_P2L
+    with pytest.raises(ValueError, match="vectorised variant"):  # SGLang's own algorithm: refused, not faked
+        rebalance_experts(steps, 16, 2, 4, 2, "deepseek_vec_hierarchical")
 
 
 def test_deepseek_global_is_the_global_policy():
@@ -85,11 +86,12 @@ def test_two_dimensional_input_and_current_map():
 
 def test_algorithm_names_and_bad_input():
     assert algorithm_to_planner(EplbAlgorithm.deepseek) == "deepseek-global"
-    assert algorithm_to_planner("deepseek_vec") == "deepseek-global"
-    assert algorithm_to_planner(EplbAlgorithm.deepseek_vec_hierarchical) == "deepseek-hierarchical"
+    for vec in ("deepseek_vec", EplbAlgorithm.deepseek_vec_hierarchical):
+        with pytest.raises(ValueError, match=r"supported SGLang names: auto, deepseek, deepseek_hierarchical, "
+                                             r"elasticity_aware"):
+            algorithm_to_planner(vec)
     assert algorithm_to_planner("auto") == algorithm_to_planner(None) == "eplb"
-    with pytest.raises(ValueError, match="elasticity_aware"):
-        algorithm_to_planner(EplbAlgorithm.elasticity_aware)
+    assert algorithm_to_planner(EplbAlgorithm.elasticity_aware) == "eplb"
     with pytest.raises(ValueError, match="algorithm"):
         algorithm_to_planner(3)
     w = torch.ones(2, 8)
@@ -126,3 +128,25 @@ def test_sglang_map_round_trip_through_placement():
     pl = Placement(out[0].numpy().copy(), 12, 8)
     np.testing.assert_array_equal(pl.log2phy, out[1].numpy())
     np.testing.assert_array_equal(pl.logcnt, out[2].numpy())
+
+
+def test_elasticity_aware_plans_over_the_active_ranks():
+    """SGLang's elasticity_aware contract: only active ranks' slots serve tokens (int64 outputs)."""
+    rng = np.random.default_rng(3)
+    tpe = torch.from_numpy(rng.integers(0, 500, (2, 3, 8)))
+    alive = torch.tensor([True, True, False, True])
+    p2l, l2p, cnt = rebalance_experts(tpe, 16, 4, None, 1, EplbAlgorithm.elasticity_aware, active_ranks=alive)
+    assert p2l.dtype == l2p.dtype == cnt.dtype == torch.int64
+    assert p2l.shape == (3, 16) and cnt.sum(-1).tolist() == [12, 12, 12]  # 3 active ranks x 4 slots
+    dead_slots = set(range(8, 12))
+    for layer in range(3):
+        for e in range(8):
+            slots = [int(s) for s in l2p[layer, e] if s >= 0]
+            assert len(slots) == cnt[layer, e] >= 1 and not dead_slots & set(slots)
+            assert all(int(p2l[layer, s]) == e for s in slots)
+    # the active ranks' part is eplb's plan with the dead rank excluded
+    want = eplb.plan(tpe.numpy(), 16, 4, policy="eplb", excluded_ranks=[2]).phy2log
+    np.testing.assert_array_equal(p2l.numpy(), want)
+    # all ranks active: the ordinary plan
+    full = rebalance_experts(tpe, 16, 4, None, 1, "elasticity_aware")
+    np.testing.assert_array_equal(full[0].numpy(), eplb.plan(tpe.numpy(), 16, 4, policy="eplb").phy2log)

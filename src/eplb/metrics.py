@@ -16,12 +16,15 @@ its replicas on the other ranks only (:func:`served_slots`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from eplb._checks import ArrayLike, check_layout, check_load
 from eplb.placement import Placement
 
 __all__ = [
+    "fanout_per_token",
     "balancedness",
     "experts_moved",
     "hierarchical_lower_bound",
@@ -314,3 +317,51 @@ def hierarchical_lower_bound(counts: ArrayLike, num_slots: int, num_ranks: int, 
     node = np.einsum("lg,pgn->lpn", gl, onehot.astype(np.float64))
     best = node.max(axis=2).min(axis=1) / (num_ranks // num_nodes)
     return np.maximum(base, best)
+
+
+def _replica_share(placement: Placement, units: int, unit_of_slot: np.ndarray) -> np.ndarray:
+    """``[L, E, units]``: fraction of expert ``e``'s replicas on each rank / node (uniform replica choice)."""
+    L, E = placement.num_layers, placement.num_experts
+    share = np.zeros((L, E, units))
+    for layer in range(L):
+        np.add.at(share[layer], (placement.phy2log[layer], unit_of_slot), 1.0)
+    return share / share.sum(-1, keepdims=True)
+
+
+def fanout_per_token(placement: Placement, *, topk_ids: np.ndarray | None = None, counts: ArrayLike | None = None,
+                     top_k: int = 0) -> dict[str, Any]:
+    """Mean number of distinct ranks and nodes one token is dispatched to, per layer and averaged.
+
+    With the tokens' routed ids (``topk_ids [N, L, k]``, e.g. TensorRT-LLM's raw statistics) the
+    expectation is exact under a uniform choice among an expert's replicas: a unit ``u`` is
+    touched with probability ``1 - prod_j (1 - share[id_j, u])``. With counts only (``[T, L, E]``
+    and ``top_k``), each of a token's ``k`` choices is taken as independent with ``P(e) = c_e /
+    (tokens * k)`` -- an approximation (real choices are distinct and correlated). Returns
+    ``{"method": "topk_ids" | "counts", "ranks": [L], "nodes": [L], "mean_ranks", "mean_nodes"}``.
+    The node bound of group-limited routing (e.g. DeepSeek-V3: at most 4 nodes) applies to ``nodes``.
+    """
+    R, N = placement.num_ranks, placement.num_nodes
+    rank_of_slot = placement.slot_rank()
+    node_of_slot = rank_of_slot // (R // N)
+    out: dict[str, Any] = {}
+    for name, units, unit_of in (("ranks", R, rank_of_slot), ("nodes", N, node_of_slot)):
+        share = _replica_share(placement, units, unit_of)  # [L, E, U]
+        per_layer = np.zeros(placement.num_layers)
+        for layer in range(placement.num_layers):
+            if topk_ids is not None:
+                ids = np.asarray(topk_ids)[:, layer]  # [N, k]
+                miss = np.prod(1.0 - share[layer][ids], axis=1)  # [N, U]
+                per_layer[layer] = float((1.0 - miss).sum(-1).mean()) if ids.shape[0] else 0.0
+            else:
+                if counts is None or top_k <= 0:
+                    raise ValueError("fanout_per_token: needs topk_ids, or counts and top_k")
+                c = np.asarray(counts, dtype=np.float64).reshape(-1, placement.num_layers, placement.num_experts)
+                tot = c[:, layer].sum(0)
+                tokens = tot.sum() / top_k
+                q = np.clip(tot / max(tokens * top_k, 1e-300), 0.0, 1.0)  # per single choice
+                miss = np.prod((1.0 - q[:, None] * share[layer]) ** top_k, axis=0)  # [U]
+                per_layer[layer] = float((1.0 - miss).sum())
+        out[name] = per_layer
+        out[f"mean_{name}"] = float(per_layer.mean())
+    out["method"] = "topk_ids" if topk_ids is not None else "counts"
+    return out

@@ -17,3 +17,13 @@ def check_layout_args(num_experts: int, num_slots: int, ep_size: int, num_nodes:
         raise ValueError(f"num-nodes: ep-size {ep_size} ranks cannot be split evenly over {num_nodes} nodes")
     if num_experts % num_groups:
         raise ValueError(f"num-groups: {num_experts} experts cannot be split into {num_groups} equal groups")
+
+
+def check_output(path: object, force: bool) -> None:
+    """The one overwrite rule of every command that writes a map or a trace: an existing output is
+    refused unless ``--force`` is given (checked before any work, so nothing is half-written)."""
+    from pathlib import Path
+
+    p = Path(str(path))
+    if p.exists() and not force:
+        raise ValueError(f"output: {p} already exists (pass --force to replace it)")

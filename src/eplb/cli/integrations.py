@@ -19,6 +19,10 @@ def pull(
     ] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="HTTP timeout per request (s).")] = 30.0,
     dump_timeout: Annotated[float, typer.Option("--dump-timeout", help="How long to wait for the dump file (s).")] = 60.0,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="EPLB_SGLANG_API_KEY", show_envvar=True, show_default=False,
+                                                help="SGLang --api-key, sent as 'Authorization: Bearer' (never printed).")] = None,
+    admin_api_key: Annotated[str | None, typer.Option("--admin-api-key", envvar="EPLB_SGLANG_ADMIN_API_KEY", show_envvar=True,
+                                                      show_default=False, help="SGLang --admin-api-key, for the record/dump routes (never printed).")] = None,
 ) -> None:
     """Record expert loads on a running server and save them as an eplb trace.
 
@@ -33,7 +37,7 @@ def pull(
     if not sglang:
         raise ValueError("pull: give the server to record from, e.g. --sglang http://127.0.0.1:30000")
     res = sglang_pull(sglang, seconds, dump_dir=dump_dir, timeout=timeout, dump_timeout=dump_timeout,
-                      on_event=lambda msg: typer.echo(msg, err=True))
+                      on_event=lambda msg: typer.echo(msg, err=True), api_key=api_key, admin_api_key=admin_api_key)
     res.trace.save(output)
     tr = res.trace
     typer.echo(

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
-from eplb.cli._args import check_layout_args
+from eplb.cli._args import check_layout_args, check_output
 from eplb.placement import Placement
 from eplb.stats.trace import Trace, atomic_write, parse_range
 
@@ -248,6 +248,12 @@ def evaluate_placement(
         ev.balanced_imbalance, ev.balanced_max_load = ev.imbalance, ev.max_load
     if bound:
         ev.lower_bound, ev.gap = _bound_and_gap(c, pl)
+    if trace.topk_ids is not None or trace.top_k:
+        from eplb.metrics import fanout_per_token
+
+        fan = fanout_per_token(pl, topk_ids=trace.topk_ids, counts=c, top_k=trace.top_k)
+        ev.extra.update(ranks_per_token=round(fan["mean_ranks"], 4), nodes_per_token=round(fan["mean_nodes"], 4),
+                        fanout_method=fan["method"])
     return ev
 
 
@@ -267,6 +273,16 @@ def _summary_table(evals: Sequence[Evaluation], title: str) -> Any:
         t.add_row(ev.label, ev.window, f"{ev.num_slots}/{ev.num_ranks}", f"{ev.imbalance:.4f}", f"{ev.max_load:.2f}",
                   f(ev.balanced_imbalance, ".4f"), f(ev.dispatch_bound, ".2f"), f(ev.lower_bound, ".2f"), f(ev.gap, ".2%"))
     return t
+
+
+def _print_fanout(evals: Sequence[Evaluation]) -> None:
+    """Ranks and nodes one token is sent to (all-to-all fan-out), where the trace allows it."""
+    for ev in evals:
+        if "ranks_per_token" in ev.extra:
+            how = ("exact from the tokens' top-k ids" if ev.extra["fanout_method"] == "topk_ids"
+                   else "expected from counts, independent choices")
+            print(f"{ev.label}: {ev.extra['ranks_per_token']:.2f} ranks and {ev.extra['nodes_per_token']:.2f} nodes "
+                  f"per token ({how}; uniform replica choice)")
 
 
 def _per_layer_table(before: Evaluation, after: Evaluation, title: str) -> Any:
@@ -309,12 +325,12 @@ def _golden_text(before: Evaluation, after: Evaluation, extra: Sequence[Evaluati
 
 
 # ============================================================================ plan
-def _best_policy(policy: str | None) -> str:
+def _best_policy(policy: str | None, num_groups: int = 1, num_nodes: int = 1) -> str:
     from eplb.formats import default_policy
     from eplb.policies import load_policy_plugins
 
     if policy is None:
-        return default_policy()
+        return default_policy(num_groups, num_nodes)
     POLICIES = load_policy_plugins()
     if policy not in POLICIES:
         raise ValueError(f"policy: unknown policy {policy!r}; expected one of {sorted(POLICIES)}")
@@ -337,7 +353,7 @@ def plan_placement(
     from eplb import __version__
     from eplb.policies import plan
 
-    pol = _best_policy(policy)
+    pol = _best_policy(policy, num_groups, num_nodes)
     S = int(num_slots) if num_slots is not None else trace.num_experts
     check_layout_args(trace.num_experts, S, int(ep_size), int(num_nodes), int(num_groups))
     meta = {
@@ -357,7 +373,7 @@ def plan_placement(
 def plan_cmd(
     trace: Annotated[str, typer.Argument(help="Trace file/directory any eplb.stats reader accepts, or builtin:NAME.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Map file to write.")],
-    ep_size: Annotated[int | None, typer.Option("--ep-size", help="EP ranks (default: the trace's).")] = None,
+    ep_size: Annotated[int | None, typer.Option("--ep-size", min=1, help="EP ranks (default: the trace's).")] = None,
     num_slots: Annotated[int | None, typer.Option("--num-slots", help="Physical slots per layer (default: experts).")] = None,
     num_nodes: Annotated[int, typer.Option("--num-nodes", help="Nodes (divides ep-size).")] = 1,
     num_groups: Annotated[int, typer.Option("--num-groups", help="Expert groups (hierarchical policies).")] = 1,
@@ -367,17 +383,24 @@ def plan_cmd(
     format: Annotated[str | None, typer.Option("--format", "-f", help="trtllm | vllm-ascend | sglang | vllm | native (default: from the suffix).")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Policy option KEY=VALUE (repeatable), e.g. max_replicas=16.")] = None,
     num_layers: Annotated[int | None, typer.Option("--num-layers", help="sglang: model layers (rows) to write, for trailing dense layers.")] = None,
+    trtllm_ep_size: Annotated[bool, typer.Option("--trtllm-ep-size", help="trtllm: also write 'ep_size' (for report_load_statistics.py --projection_eplb_config_path; TensorRT-LLM's serving loader rejects it).")] = False,
+    layer_ids: Annotated[str | None, typer.Option("--layer-ids", help="Model layer ids of the trace's MoE layers, e.g. '1-26' (labels a trace numbered 0..L-1, else selects those layers).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
     """Plan a placement from a trace and write it as an engine map (TensorRT-LLM generate_eplb_config.py)."""
     from eplb.formats import format_for_path, write_placement
 
     fmt = format_for_path(output, format)  # fail before any work on a bad name
+    check_output(output, force)
     if layer_updates_per_iter < 0:
         raise ValueError(f"layer-updates-per-iter: expected >= 0, got {layer_updates_per_iter}")
     if num_layers is not None and fmt != "sglang":
         raise ValueError("num-layers: only used by the sglang format")
+    lids = _parse_layer_ids(layer_ids)  # fail before any work on a bad list
     tr = load_trace(trace, iter_range)
-    ep = ep_size or tr.ep_size
+    if lids is not None:
+        tr = tr.with_layer_ids(lids)
+    ep = ep_size or tr.ep_size  # --ep-size 0 is refused by the option itself (min=1)
     if not ep:
         raise ValueError("ep-size: the trace does not record an EP size; pass --ep-size")
     t0 = time.perf_counter()
@@ -388,6 +411,9 @@ def plan_cmd(
     opts: dict[str, Any] = {}
     if fmt == "trtllm":
         opts["layer_updates_per_iter"] = layer_updates_per_iter
+        opts["with_ep_size"] = trtllm_ep_size
+    elif trtllm_ep_size:
+        raise ValueError("trtllm-ep-size: only used by the trtllm format")
     if num_layers is not None:
         opts["num_layers"] = num_layers
     write_placement(pl, output, fmt, **opts)
@@ -401,13 +427,31 @@ def plan_cmd(
     if "lower_bound" in m:
         line += f"; max rank load {m['in_sample_max_load']:.2f} vs lower bound {m['lower_bound']:.2f} (gap {m['optimality_gap']:.2%})"
     print(line + f"; planned in {dt * 1000:.0f} ms")
+    _serving_hint(fmt, output, pl)
+
+
+def _serving_hint(fmt: str, output: Path, pl: Placement) -> None:
+    """How to serve the written map, per engine version where the options differ."""
+    if fmt == "vllm-ascend":
+        from eplb.formats.vllm_ascend import serving_hint
+
+        print(serving_hint(str(output.resolve()), pl))
 
 
 def _read_for_trace(path: Path, fmt: str | None, tr: Trace, trace_spec: str, **kw: Any) -> Placement:
     """Read a map that must fit ``tr`` (experts, layers); a misfit names the trace, a bad file its own problem."""
-    from eplb.formats import MapFormatError, read_placement
+    from eplb.formats import FORMATS, MapFormatError, detect_format, read_placement
     from eplb.stats.report import align_placement
 
+    if FORMATS[fmt or detect_format(path)].layer_axis == "moe" and "layer_ids" not in kw:
+        # rows numbered by MoE layer: label them with the trace's model layer ids, so that every
+        # message (an out-of-range expert id, a missing expert) names the model layer
+        try:
+            read_placement(path, fmt, **kw, layer_ids=tr.layer_ids)
+            kw["layer_ids"] = tr.layer_ids
+        except MapFormatError as exc:
+            if "layer ids given" not in str(exc) and "no row for layer" not in str(exc):
+                kw["layer_ids"] = tr.layer_ids
     try:
         pl = read_placement(path, fmt, num_experts=tr.num_experts, **kw)
     except MapFormatError as exc:
@@ -440,7 +484,7 @@ def _ids(ids: Sequence[int]) -> str:
 def validate_cmd(
     map_file: Annotated[Path, typer.Argument(metavar="MAP", help="Map file of any format.")],
     num_experts: Annotated[int | None, typer.Option("--num-experts", help="Expected number of experts.")] = None,
-    ep_size: Annotated[int | None, typer.Option("--ep-size", help="Expected EP size (required by formats that do not record it to check slots per rank).")] = None,
+    ep_size: Annotated[int | None, typer.Option("--ep-size", min=1, help="Expected EP size (required by formats that do not record it to check slots per rank).")] = None,
     num_nodes: Annotated[int | None, typer.Option("--num-nodes")] = None,
     format: Annotated[str | None, typer.Option("--format", "-f", help="Map format (default: detected).")] = None,
     trace: Annotated[str | None, typer.Option("--trace", help="Also check the map fits this trace (layers, experts).")] = None,
@@ -450,6 +494,13 @@ def validate_cmd(
     from eplb.formats import EPSizeMissing, detect_format, read_placement
 
     fmt = format or detect_format(map_file)
+    if fmt == "sglang" and _holds_loads(map_file):
+        raise ValueError(
+            f"{map_file}: holds load counts (SGLang 'logical_count': an expert-distribution dump / trace), not a "
+            f"placement map. SGLang plans a map from it at start-up (--init-expert-location); to see and check "
+            f"the map eplb plans from it: eplb plan {map_file} --ep-size N -o map.json --format sglang; "
+            f"eplb validate map.json --ep-size N"
+        )
     kw: dict[str, Any] = dict(num_experts=num_experts, num_nodes=num_nodes, num_slots=num_slots)
     try:
         pl = read_placement(map_file, fmt, ep_size=ep_size, **kw)
@@ -464,6 +515,15 @@ def validate_cmd(
         _read_for_trace(map_file, fmt, tr, trace, ep_size=pl.num_ranks, num_nodes=num_nodes, num_slots=num_slots)
         note += f"; fits trace {trace} ({tr.num_layers} layers, {tr.num_experts} experts)"
     print(f"OK {map_file} ({fmt}): {desc}{note}")
+
+
+def _holds_loads(path: Path) -> bool:
+    """The file is SGLang's load form (``logical_count``), not a ``physical_to_logical_map``."""
+    from eplb.formats import _parse
+    from eplb.formats._common import read_bytes
+
+    _, obj = _parse(path, read_bytes(path))
+    return isinstance(obj, dict) and "logical_count" in obj and "physical_to_logical_map" not in obj
 
 
 # ============================================================================ convert
@@ -501,16 +561,17 @@ def convert_cmd(
     from_: Annotated[str | None, typer.Option("--from", help="Input format (default: detected).")] = None,
     to: Annotated[str | None, typer.Option("--to", help="Output format (default: from OUT's suffix).")] = None,
     num_experts: Annotated[int | None, typer.Option("--num-experts")] = None,
-    ep_size: Annotated[int | None, typer.Option("--ep-size", help="EP size, when the input format does not record it.")] = None,
+    ep_size: Annotated[int | None, typer.Option("--ep-size", min=1, help="EP size, when the input format does not record it.")] = None,
     num_nodes: Annotated[int | None, typer.Option("--num-nodes")] = None,
     layer_ids: Annotated[str | None, typer.Option("--layer-ids", help="Model layer ids, e.g. '1,3,5-47' (select rows / label positional rows).")] = None,
     num_layers: Annotated[int | None, typer.Option("--num-layers", help="sglang output: model layers (rows).")] = None,
     layer_updates_per_iter: Annotated[int | None, typer.Option("--layer-updates-per-iter", help="trtllm output.")] = None,
     num_slots: Annotated[int | None, typer.Option("--num-slots", help="sglang logical_count input: slots to plan.")] = None,
     policy: Annotated[str | None, typer.Option("--policy", help="sglang logical_count input: policy.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Trace outputs: replace an existing output.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output (map or trace).")] = False,
     expert_map: Annotated[str | None, typer.Option("--expert-map", help="Trace inputs: the vllm-ascend expert map that maps its per-slot load arrays to experts.")] = None,
     iter_range: Annotated[str | None, typer.Option("--iter-range", help="Trace inputs: steps a-b to keep.")] = None,
+    trtllm_ep_size: Annotated[bool, typer.Option("--trtllm-ep-size", help="trtllm output: also write 'ep_size' (report projection only; TensorRT-LLM's serving loader rejects it).")] = False,
 ) -> None:
     """Convert a map between engine formats, or a trace between statistics formats (eplb.stats readers/writers)."""
     from eplb.formats import FORMATS, format_for_path, read_placement, write_placement
@@ -518,11 +579,13 @@ def convert_cmd(
     builtin = str(input).startswith(BUILTIN_PREFIX)
     if not builtin and not input.exists():
         raise ValueError(f"{input}: no such file or directory")
+    check_output(output, force)
     if builtin or expert_map is not None or _is_trace_input(input, from_):
         from eplb.cli.stats import convert_trace
 
         tr = convert_trace(str(input), output, from_format=from_ if from_ not in (None, "native") else None,
-                           to_format=to, iter_range=iter_range, ep_size=ep_size, expert_map=expert_map, overwrite=force)
+                           to_format=to, iter_range=iter_range, ep_size=ep_size, expert_map=expert_map, overwrite=force,
+                           layer_ids=_parse_layer_ids(layer_ids))
         print(f"wrote trace {output}: {tr.num_steps} steps x {tr.num_layers} layers x {tr.num_experts} experts")
         return
     if iter_range is not None:
@@ -535,6 +598,10 @@ def convert_cmd(
         if fmt_out != "trtllm":
             raise ValueError("layer-updates-per-iter: only used by the trtllm format")
         opts["layer_updates_per_iter"] = layer_updates_per_iter
+    if trtllm_ep_size:
+        if fmt_out != "trtllm":
+            raise ValueError("trtllm-ep-size: only used by the trtllm format")
+        opts["with_ep_size"] = True
     if num_layers is not None:
         if fmt_out != "sglang":
             raise ValueError("num-layers: only used by the sglang format")
@@ -551,6 +618,7 @@ def convert_cmd(
         lost.append("the EP size")
     note = f" (not recorded by {fmt_out}: {'; '.join(lost)})" if lost else ""
     print(f"wrote {output} ({fmt_out}) from {input} ({src}): {_describe(pl)}{note}")
+    _serving_hint(fmt_out, output, pl)
 
 
 # ============================================================================ evaluate
@@ -558,7 +626,7 @@ def evaluate_cmd(
     trace: Annotated[str, typer.Argument(help="Trace file/directory, or builtin:NAME.")],
     placement: Annotated[Path | None, typer.Option("--placement", "-p", help="Map file of any format.")] = None,
     iter_range: Annotated[str | None, typer.Option("--iter-range", help="Steps a-b to evaluate on.")] = None,
-    ep_size: Annotated[int | None, typer.Option("--ep-size", help="EP size (for maps that do not record it, and held-out plans).")] = None,
+    ep_size: Annotated[int | None, typer.Option("--ep-size", min=1, help="EP size (for maps that do not record it, and held-out plans).")] = None,
     held_out: Annotated[str | None, typer.Option("--held-out", help="PLAN:EVAL ranges, e.g. 0-64:64-128: plan with --policy on PLAN, evaluate on EVAL.")] = None,
     policy: Annotated[str | None, typer.Option("--policy", help="Policy for --held-out (default: the best registered).")] = None,
     num_slots: Annotated[int | None, typer.Option("--num-slots", help="Slots for --held-out plans without --placement.")] = None,
@@ -606,7 +674,7 @@ def evaluate_cmd(
     if rng_plan is not None and rng_eval is not None:
         S = pl.num_slots if pl is not None else (num_slots or tr_all.num_experts)
         opts = _parse_options(option)
-        pol = _best_policy(policy)
+        pol = _best_policy(policy, num_groups, num_nodes)
         planned = plan_placement(tr_all.slice(rng_plan), ep_size=ep, num_slots=S, num_nodes=num_nodes,
                                  num_groups=num_groups, policy=pol, trace_spec=trace, options=opts)
         ho = evaluate_placement(tr_eval, planned, label=f"{pol} planned on {rng_plan[0]}-{rng_plan[1]} (held-out)",
@@ -623,6 +691,7 @@ def evaluate_cmd(
     if per_layer and before is not None and after is not None:
         con.print(_per_layer_table(before, after, f"Load per rank, {trace} steps {after.window}: {before.label} -> {after.label}"))
     con.print(_summary_table(evals, f"{trace}: {tr_eval.num_steps} steps, {ep} ranks (imbalance = max/mean - 1 per step, averaged)"))
+    _print_fanout(evals)
     if ds:
         con.print(_replication_table(tr_eval, runs, ds, transfer_budget))
     if json_out is not None:
@@ -653,13 +722,17 @@ def _replication_table(trace: Trace, runs: Sequence[tuple[Evaluation, Placement]
 
     from eplb.dispatch.replication import replicated_rank_loads
     from eplb.metrics import imbalance_ratio
-    from eplb.sim.cost import default_cost_model
+    from eplb.sim.cost import default_cost_model, expert_shape
     from eplb.sim.replication import copy_ms, replication_caps
     from eplb.stats.report import align_placement
 
     cm = default_cost_model()
+    shape, _ = expert_shape(trace.model, trace.meta)  # the trace's model's expert size, as `eplb simulate`
+    if shape:
+        cm = cm.with_(**shape)
     one = copy_ms(cm)
-    t = Table(title=f"Per-step replication (copy = {one:.3f} ms per expert, {cm.device}; budget "
+    t = Table(title=f"Per-step replication (copy = {one:.3f} ms per {cm.hidden_size} x {cm.moe_intermediate_size} "
+                    f"x {cm.dtype_bytes}-byte expert, {cm.device}; budget "
                     f"{'none' if budget is None else f'{budget:.3f} ms per layer'})")
     for col in ("placement", "D", "copies recv/send cap", "imbalance", "max rank load", "copies per layer",
                 "copy ms per layer (max)"):
@@ -810,7 +883,7 @@ def demo(
 
 def demo_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Output directory (default: a new temporary directory).")] = None,
-    ep_size: Annotated[int, typer.Option("--ep-size")] = 16,
+    ep_size: Annotated[int, typer.Option("--ep-size", min=1)] = 16,
     num_slots: Annotated[int, typer.Option("--num-slots")] = 144,
     policy: Annotated[str | None, typer.Option("--policy", help="Default: the best registered policy ('eplb').")] = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots")] = True,

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Option("--model", help="tiny-mixtral | tiny-qwen2-moe | tiny-qwen3-moe | "
                                            "tiny-deepseek-v2 | tiny-deepseek-v3 | tiny-olmoe, a config.json or "
                                            "a checkpoint directory")],
-        ep_size: Annotated[int, typer.Option("--ep-size", help="EP ranks = torchrun world size")] = 1,
+        ep_size: Annotated[int, typer.Option("--ep-size", min=1, help="EP ranks = torchrun world size")] = 1,
         checkpoint: Annotated[str | None, typer.Option(help="local checkpoint directory to load "
                                                        "(default: random weights from the config)")] = None,
         placement: Annotated[str | None, typer.Option(help="map file (any format, incl. TensorRT-LLM YAML)")] = None,

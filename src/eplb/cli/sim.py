@@ -31,7 +31,7 @@ def load_trace(spec: str, fmt: str | None = None) -> Any:
         tr = read_trace(Path(spec), fmt)
         name = Path(spec).name
     data = as_sim_input(tr, name=name)
-    return SimInput(data.counts, data.step_ids, data.layer_ids, name, data.top_k, data.synthetic)
+    return SimInput(data.counts, data.step_ids, data.layer_ids, name, data.top_k, data.synthetic, data.model, data.meta)
 
 
 def _split_list(values: Sequence[str] | None) -> list[str]:
@@ -62,7 +62,7 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
 
 def simulate_cmd(
     trace: str = typer.Argument(..., help=TRACE_HELP),
-    ep_size: int = typer.Option(..., "--ep-size", help="EP ranks (GPUs)"),
+    ep_size: int = typer.Option(..., "--ep-size", min=1, help="EP ranks (GPUs)"),
     num_slots: int | None = typer.Option(None, "--num-slots", help="physical slots per layer (default: experts, "
                                                                    "rounded up to a multiple of --ep-size)"),
     num_nodes: int = typer.Option(1, "--num-nodes", help="nodes (inter-node all-to-all uses inter_node_gbps)"),
@@ -89,6 +89,12 @@ def simulate_cmd(
     out: Path | None = typer.Option(None, "--out", help="directory for simulation.json, summary.md and PNG plots"),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="write PNG plots into --out"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
+    hidden_size: int | None = typer.Option(None, "--hidden-size", min=1, help="model hidden size (default: the trace's "
+                                           "model, else the cost model's, DeepSeek-V3's 7168)"),
+    moe_intermediate_size: int | None = typer.Option(None, "--moe-intermediate-size", min=1, help="expert intermediate "
+                                                     "size (an expert is 3 x hidden x intermediate weights)"),
+    dtype_bytes: int | None = typer.Option(None, "--dtype-bytes", min=1, help="bytes per weight/activation element "
+                                           "(2 = bf16, 1 = fp8)"),
     dynamic_slots: list[str] | None = typer.Option(None, "--dynamic-slots", help="also simulate per-step replication "
                                                    "with D dynamic slots per rank on each static placement (repeat or "
                                                    "comma-separate, e.g. 1,2,4)"),
@@ -109,6 +115,14 @@ def simulate_cmd(
 
     data = load_trace(trace, fmt)
     cm = load_cost_model(cost_model, base=reference_cost_model()) if cost_model is not None else default_cost_model()
+    from eplb.sim.cost import expert_shape
+
+    shape, shape_src = expert_shape(data.model, data.meta, hidden_size=hidden_size,
+                                    moe_intermediate_size=moe_intermediate_size, dtype_bytes=dtype_bytes)
+    if shape:
+        cm = cm.with_(**shape)
+    shape_line = (f"expert size: hidden {cm.hidden_size} x intermediate {cm.moe_intermediate_size} x {cm.dtype_bytes} "
+                  f"byte(s) ({shape_src or 'the cost model: pass --hidden-size / --moe-intermediate-size for this model'})")
     pols = _split_list(policy) or (["deepseek"] if not placement else [])
     places = {}
     for f in placement or ():
@@ -161,6 +175,7 @@ def simulate_cmd(
                           f"copies under {window}"
                           + (" (lookahead: copies move during the previous step)" if rep["lookahead"] else ""))
     console.print(f"cost model: {cm.device}, {cm.date}, {cm.source}")
+    console.print(shape_line)
     if out is not None:
         files = report.save(out, plots=plots)
         console.print("wrote " + ", ".join(str(p) for p in files))
@@ -168,7 +183,7 @@ def simulate_cmd(
 
 def capacity_cmd(
     trace: str = typer.Argument(..., help=TRACE_HELP),
-    ep_size: int = typer.Option(..., "--ep-size", help="EP ranks (GPUs)"),
+    ep_size: int = typer.Option(..., "--ep-size", min=1, help="EP ranks (GPUs)"),
     target_imbalance: float = typer.Option(0.1, "--target-imbalance", help="target mean imbalance ratio "
                                                                            "(max/mean - 1 of rank load)"),
     held_out: float = typer.Option(0.5, "--held-out", help="fraction of trailing steps held out for evaluation "

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from eplb.cli._args import check_output
 
 TRACE_FORMATS = "eplb, eplb-dir, trtllm, sglang, vllm-ascend, npy, npz, csv, json"
 
@@ -36,14 +38,18 @@ def load_trace_arg(spec: str | os.PathLike[str], fmt: str | None = None, *, iter
 
 def convert_trace(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, from_format: str | None = None,
                   to_format: str | None = None, iter_range: str | None = None, ep_size: int | None = None,
-                  expert_map: str | None = None, overwrite: bool = False) -> Any:
+                  expert_map: str | None = None, overwrite: bool = False,
+                  layer_ids: Sequence[int] | None = None) -> Any:
     """Read ``src`` (any trace format) and write it to ``dst`` (format from ``to_format`` or the extension).
 
-    Returns the trace written. Used by ``eplb convert`` for trace files.
+    ``layer_ids`` labels or selects model layers (:meth:`Trace.with_layer_ids`). Returns the trace
+    written. Used by ``eplb convert`` for trace files.
     """
     from eplb.stats.importers import write_trace
 
     tr = load_trace_arg(src, from_format, iter_range=iter_range, expert_map=expert_map)
+    if layer_ids is not None:
+        tr = tr.with_layer_ids(layer_ids)
     write_trace(tr, dst, to_format or None, overwrite=overwrite, ep_size=ep_size)
     return tr
 
@@ -79,7 +85,7 @@ def _read_placement(path: Path, tr: Any, ep_size: int | None) -> Any:
 def report(
     trace: Annotated[str, typer.Argument(help="Trace: builtin:NAME, an eplb .safetensors file, a recording directory, "
                                          "a TensorRT-LLM dump directory, an SGLang .pt dump, or .npy/.npz/.csv/.json.")],
-    ep_size: Annotated[int | None, typer.Option("--ep-size", help="Ranks (default: the placement's, else the "
+    ep_size: Annotated[int | None, typer.Option("--ep-size", min=1, help="Ranks (default: the placement's, else the "
                                                 "trace's recorded EP size).")] = None,
     placement: Annotated[Path | None, typer.Option("--placement", help="Project the loads onto this map file "
                                                    "(TensorRT-LLM YAML, vllm-ascend/SGLang/vLLM/native JSON).")] = None,
@@ -139,6 +145,17 @@ def report(
     if len(result) == 2:
         (la, a), (lb, b) = result.items()
         console.print(f"average imbalance ratio: {la} {a.average[2]:.4f} -> {lb} {b.average[2]:.4f}")
+    if tr.topk_ids is not None or tr.top_k:  # all-to-all fan-out of the reported placements
+        from eplb.metrics import fanout_per_token
+        from eplb.placement import Placement
+        from eplb.stats.report import align_placement
+
+        for label, p, ep in _variants(tr, pl, ep_size, per_expert):
+            q = Placement.contiguous(tr.num_layers, tr.num_experts, ep, layer_ids=tr.layer_ids) if p is None \
+                else align_placement(p, tr.layer_ids, tr.num_experts)
+            fan = fanout_per_token(q, topk_ids=tr.topk_ids, counts=tr.counts, top_k=tr.top_k)
+            how = "exact from top-k ids" if fan["method"] == "topk_ids" else "expected from counts, independent choices"
+            console.print(f"{label}: {fan['mean_ranks']:.2f} ranks and {fan['mean_nodes']:.2f} nodes per token ({how})")
     if json_out is not None:
         from eplb.stats.trace import atomic_write
 
@@ -196,6 +213,7 @@ def merge(
     from eplb.stats.importers import read_trace, write_trace
     from eplb.stats.store import merge as merge_traces
 
+    check_output(output, force)
     trs = [read_trace(s, in_fmt) for s in shards]
     out = merge_traces(trs, sources=[str(s) for s in shards])
     write_trace(out, output, fmt, overwrite=force)
@@ -239,8 +257,7 @@ def record(
 
     out = output or Path(os.environ.get(ENV_PATH) or DEFAULT_PATH)
     rng = iter_range if iter_range is not None else (os.environ.get(ENV_RANGE) or None)
-    if out.exists() and not force:
-        raise ValueError(f"output: {out} already exists (pass --force to replace it)")
+    check_output(out, force)
     out_fmt = fmt or detect_format(out, for_write=True)
     prompts = read_prompts(dataset, limit)
     m, tok, desc = build_model(model, shrink=shrink, seed=seed, random_weights=random_weights)
@@ -253,6 +270,11 @@ def record(
                           source=source, device=device)
     assert tr is not None
     tr.model = getattr(m.config, "_name_or_path", "") or model
+    for key, attrs in (("hidden_size", ("hidden_size",)), ("moe_intermediate_size", ("moe_intermediate_size",
+                                                                                     "intermediate_size"))):
+        val = next((getattr(m.config, a) for a in attrs if isinstance(getattr(m.config, a, None), int)), None)
+        if val:  # the expert size of the model recorded (eplb simulate prices migrations with it)
+            tr.meta.setdefault(key, int(val))
     if tr.ep_size <= 1:
         tr.ep_size = 0
     write_trace(tr, out, out_fmt, overwrite=force)

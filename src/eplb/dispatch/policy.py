@@ -175,7 +175,7 @@ def dispatch_aware_placement(
     return phy2log, {"chosen": [names[b] for b in best], "window_max": scores[best, np.arange(L)].tolist()}
 
 
-@register_policy("eplb-dispatch")
+@register_policy("eplb-dispatch", options=("alphas", "coverage_headrooms", "include_deepseek", "solver_options"))
 def _eplb_dispatch(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
                    **options: Any) -> np.ndarray:
     """Placement for balanced per-step dispatch (:func:`dispatch_aware_placement`); options: ``alphas``,

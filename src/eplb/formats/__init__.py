@@ -50,6 +50,7 @@ __all__ = [
     "UnknownMapFormat",
     "default_policy",
     "detect_format",
+    "group_limited",
     "format_for_path",
     "read_placement",
     "write_placement",
@@ -92,11 +93,25 @@ FORMATS: dict[str, FormatInfo] = {
 TRACE_SUFFIXES = (".safetensors", ".npz", ".npy", ".csv")
 
 
-def default_policy() -> str:
-    """The best registered policy: ``"eplb"`` when registered, else ``"deepseek"``."""
+def group_limited(num_groups: int, num_nodes: int) -> bool:
+    """The layout of group-limited routing: expert groups that divide evenly over several nodes.
+
+    Then the default policy keeps every group (and its replicas) on one node, as vLLM's and
+    DeepSeek's default policies do, so a token routed to ``topk_group`` groups (DeepSeek-V3: 4) is
+    sent to at most that many nodes. Spreading groups (``--policy eplb``) balances tokens better
+    but breaks that node bound.
+    """
+    return int(num_groups) > 1 and int(num_nodes) > 1 and int(num_groups) % int(num_nodes) == 0
+
+
+def default_policy(num_groups: int = 1, num_nodes: int = 1) -> str:
+    """The best registered policy for the layout: ``"eplb-hierarchical"`` for a group-limited layout
+    (:func:`group_limited`), else ``"eplb"``; ``"deepseek"`` when eplb's policies are not registered."""
     from eplb.policies import POLICIES
 
-    return "eplb" if "eplb" in POLICIES else "deepseek"
+    if "eplb" not in POLICIES:
+        return "deepseek"
+    return "eplb-hierarchical" if group_limited(num_groups, num_nodes) and "eplb-hierarchical" in POLICIES else "eplb"
 
 
 def _check_format_name(format: str) -> str:
@@ -221,7 +236,7 @@ def _plan_loads(p: Path, d: Decoded, num_experts: int | None, ep_size: int | Non
     _same(p, "num_experts", E, num_experts)
     if ep_size is None:
         raise EPSizeMissing(f"{p}: holds load counts (logical_count), not a map; planning needs the EP size (ep_size= / --ep-size)")
-    pol = policy or default_policy()
+    pol = policy or default_policy(num_groups, int(num_nodes or 1))
     S = int(num_slots) if num_slots is not None else E
     try:
         pl = plan(d.loads, S, int(ep_size), num_nodes=int(num_nodes or 1), num_groups=int(num_groups), policy=pol,
@@ -275,7 +290,8 @@ def read_placement(
                 raise MapFormatError(f"{p}: no expert ids >= 0 in the map")
             if E > d.phy2log.shape[1]:
                 i, s = (int(v) for v in np.argwhere(d.phy2log == E - 1)[0])
-                lid = d.layer_ids[i] if d.layer_ids is not None else i
+                lid = d.layer_ids[i] if d.layer_ids is not None else (
+                    int(layer_ids[i]) if layer_ids is not None and len(layer_ids) == d.phy2log.shape[0] else i)
                 raise MapFormatError(
                     f"{p}: layer {lid}: slot {s} holds expert {E - 1}, but {d.phy2log.shape[1]} slots per layer can "
                     f"serve at most {d.phy2log.shape[1]} experts (pass num_experts / --num-experts to check ids)"
@@ -288,8 +304,11 @@ def read_placement(
         if S % R:
             raise MapFormatError(f"{p}: {S} slots per layer are not divisible by ep_size={R} "
                                  "(every device needs the same number of slots)")
+        labels = d.layer_ids or ()
+        if d.layer_ids is None and layer_ids is not None and len(layer_ids) == d.phy2log.shape[0]:
+            labels = tuple(int(i) for i in layer_ids)  # positional rows: errors name the model layer
         try:
-            pl = Placement(d.phy2log, E, R, N, d.layer_ids or (), {**d.meta})
+            pl = Placement(d.phy2log, E, R, N, labels, {**d.meta})
         except PlacementError as exc:  # "phy2log" is our name for the file's map: drop it
             raise MapFormatError(f"{p}: {str(exc).removeprefix('phy2log: ')}") from None
         if fmt == "native":

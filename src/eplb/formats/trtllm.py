@@ -2,7 +2,6 @@
 
 Schema (TensorRT-LLM ``examples/wide_ep/ep_load_balancer``, ``MoeLoadBalancerConfig``)::
 
-    ep_size: 36                       # newer generators (co-occurrence) and the report's projection need it
     initial_global_assignments:       # block-style mapping: model layer index -> expert id of slot 0..S-1
       3: [138, 81, 60, ...]           # flow-style list, length num_slots; successive S/ep_size slots = one rank
       4: [24, 243, 72, ...]
@@ -12,11 +11,20 @@ Schema (TensorRT-LLM ``examples/wide_ep/ep_load_balancer``, ``MoeLoadBalancerCon
 Written like TensorRT-LLM's ``save_eplb_config``: ``yaml.dump`` with flow-style lists, infinite
 line width, sorted keys. The reader also accepts a whole ``extra_llm_api_options`` YAML with a
 ``moe_config.load_balancer`` mapping or path.
+
+The serving loader builds ``MoeLoadBalancerConfig(**yaml.safe_load(f))``; that class (a pydantic
+model with ``extra="forbid"``, or in older versions a dataclass whose ``ep_rank`` / ``ep_size`` are
+``field(init=False)``) accepts exactly :data:`SERVING_KEYS`. So :func:`encode` writes only those by
+default; ``ep_size`` (read by the co-occurrence generator and by ``report_load_statistics.py
+--projection_eplb_config_path``) is written only on request (``with_ep_size=True``). The reader
+accepts both. The default file still records the EP size for eplb, in a leading YAML comment
+(``# ep_size: 36 ...``) that ``yaml.safe_load`` ignores.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +33,12 @@ import numpy as np
 from eplb.formats._common import Decoded, MapFormatError, as_int, as_int_list, parse_yaml, read_bytes
 from eplb.placement import Placement
 
-__all__ = ["KEYS", "decode", "encode"]
+__all__ = ["KEYS", "SERVING_KEYS", "decode", "encode"]
 
-KEYS = ("ep_size", "initial_global_assignments", "layer_updates_per_iter", "num_slots")
+#: The keys TensorRT-LLM's serving loader (``MoeLoadBalancerConfig``) accepts: exactly these.
+SERVING_KEYS = ("initial_global_assignments", "layer_updates_per_iter", "num_slots")
+#: The keys eplb reads: the serving keys plus ``ep_size`` (report projection / co-occurrence generator files).
+KEYS = ("ep_size", *SERVING_KEYS)
 
 
 def _layer_key(key: Any, path: os.PathLike[str] | str) -> int:
@@ -42,6 +53,7 @@ def decode(path: os.PathLike[str] | str, data: bytes | None = None, _depth: int 
     obj = parse_yaml(p, read_bytes(p) if data is None else data)
     if not isinstance(obj, dict):
         raise MapFormatError(f"{p}: expected a YAML mapping with {list(KEYS)}, got {type(obj).__name__}")
+    inline = False
     if "moe_config" in obj and "initial_global_assignments" not in obj:  # an extra_llm_api_options file
         lb = obj["moe_config"].get("load_balancer") if isinstance(obj["moe_config"], dict) else None
         if lb is None:
@@ -53,7 +65,7 @@ def decode(path: os.PathLike[str] | str, data: bytes | None = None, _depth: int 
             return decode(target, None, _depth + 1)
         if not isinstance(lb, dict):
             raise MapFormatError(f"{p}: moe_config.load_balancer must be a mapping or a path, got {lb!r}")
-        obj = lb
+        obj, inline = lb, True
     unknown = [k for k in obj if k not in KEYS]
     if unknown:
         raise MapFormatError(
@@ -65,6 +77,8 @@ def decode(path: os.PathLike[str] | str, data: bytes | None = None, _depth: int 
     num_slots = as_int(obj["num_slots"], f"{p}: num_slots", minimum=1)
     lupi = as_int(obj.get("layer_updates_per_iter", 0), f"{p}: layer_updates_per_iter", minimum=0)
     ep_size = as_int(obj["ep_size"], f"{p}: ep_size", minimum=1) if obj.get("ep_size") is not None else None
+    if ep_size is None and not inline:
+        ep_size = _comment_ep_size(read_bytes(p) if data is None else data)
     iga = obj.get("initial_global_assignments")
     if iga is None:
         raise MapFormatError(
@@ -85,6 +99,15 @@ def decode(path: os.PathLike[str] | str, data: bytes | None = None, _depth: int 
     lids = tuple(sorted(rows))
     phy2log = np.asarray([rows[i] for i in lids], dtype=np.int64).reshape(len(lids), num_slots)
     return Decoded(phy2log, lids, ep_size=ep_size, meta={"layer_updates_per_iter": lupi})
+
+
+_EP_COMMENT = re.compile(rb"\A(?:#[^\n]*\n)*?# ep_size: (\d+)\b")
+
+
+def _comment_ep_size(data: bytes) -> int | None:
+    """The EP size recorded in eplb's leading ``# ep_size: N`` comment, if any."""
+    m = _EP_COMMENT.match(data.lstrip(b"\xef\xbb\xbf"))
+    return int(m.group(1)) if m and int(m.group(1)) > 0 else None
 
 
 class _FlowListDumper:
@@ -110,15 +133,15 @@ class _FlowListDumper:
         return cls.cls
 
 
-def encode(placement: Placement, *, layer_updates_per_iter: int | None = None, with_ep_size: bool = True) -> bytes:
+def encode(placement: Placement, *, layer_updates_per_iter: int | None = None, with_ep_size: bool = False) -> bytes:
     """The YAML bytes of ``placement``.
 
     Args:
         layer_updates_per_iter: layers updated online per iteration (default: the placement's
             ``meta["layer_updates_per_iter"]``, else 0 = static).
-        with_ep_size: write ``ep_size`` (TensorRT-LLM's newer generator and its report's
-            ``--projection_eplb_config_path`` need it; set False for TensorRT-LLM versions whose
-            ``MoeLoadBalancerConfig`` rejects the key).
+        with_ep_size: also write ``ep_size`` (for ``report_load_statistics.py
+            --projection_eplb_config_path``). Such a file is NOT loadable by TensorRT-LLM's serving
+            loader, which rejects every key but :data:`SERVING_KEYS`; default False.
     """
     import yaml
 
@@ -134,4 +157,6 @@ def encode(placement: Placement, *, layer_updates_per_iter: int | None = None, w
     if with_ep_size:
         cfg["ep_size"] = placement.num_ranks
     text = yaml.dump(cfg, Dumper=_FlowListDumper.get(), width=2**30, sort_keys=True, default_flow_style=False)
+    if not with_ep_size:  # for eplb only: a comment, which TensorRT-LLM's yaml.safe_load ignores
+        text = f"# ep_size: {placement.num_ranks} (eplb; TensorRT-LLM reads only the keys below)\n" + text
     return text.encode("utf-8")

@@ -33,7 +33,7 @@ import numpy as np
 from eplb.formats._common import Decoded, MapFormatError, as_int, as_int_list, parse_json
 from eplb.placement import Placement
 
-__all__ = ["decode", "decode_obj", "encode"]
+__all__ = ["SERVING_VERSIONS", "decode", "decode_obj", "encode", "serving_hint", "serving_options"]
 
 OPTIONAL_KEYS = ("pool_mode", "pool_size", "strategy_version")
 
@@ -146,3 +146,29 @@ def encode(placement: Placement) -> bytes:
             "device_list": [{"device_id": d, "device_expert": re[i, d].tolist()} for d in range(placement.num_ranks)],
         })
     return json.dumps(record, indent=4).encode("utf-8")
+
+
+#: vllm-ascend versions and where they read the expert-map options (vllm_ascend/ascend_config.py):
+#: up to v0.13 top-level keys of ``--additional-config``; from v0.18 only ``additional_config["eplb_config"]``
+#: (a top-level ``expert_map_path`` is silently ignored there). Versions in between: check their docs.
+SERVING_VERSIONS = ("<= v0.13", ">= v0.18")
+
+
+def serving_options(path: str, placement: Placement) -> dict[str, dict[str, Any]]:
+    """``{vllm-ascend version range: --additional-config JSON}`` to serve the map written to ``path``.
+
+    The redundant-expert count ``S - E`` must match the file (vllm-ascend sizes its slots from it;
+    >= v0.18 fails at start-up with "EPLB local expert capacity mismatch" otherwise).
+    """
+    red = int(placement.num_slots - placement.num_experts)
+    return {
+        "<= v0.13": {"expert_map_path": str(path), "init_redundancy_expert": red},
+        ">= v0.18": {"eplb_config": {"expert_map_path": str(path), "num_redundant_experts": red}},
+    }
+
+
+def serving_hint(path: str, placement: Placement) -> str:
+    """Lines telling how to serve ``path`` with each vllm-ascend version (printed by ``eplb plan`` / ``convert``)."""
+    lines = [f"serve with vllm-ascend {ver}: --additional-config '{json.dumps(cfg)}'"
+             for ver, cfg in serving_options(path, placement).items()]
+    return "\n".join(lines)

@@ -55,6 +55,10 @@ log = logging.getLogger("eplb.integrations")
 #: Planners that accept the ``current=`` option (incremental: move few experts).
 INCREMENTAL_OPTION = "current"
 
+#: Hierarchical planners and the global planner used instead when the layout has no expert groups
+#: divisible by the node count -- what vLLM's default policy and DeepSeek's ``rebalance_experts`` do.
+GLOBAL_FALLBACK = {"deepseek-hierarchical": "deepseek-global", "eplb-hierarchical": "eplb"}
+
 
 class EngineLayoutError(ValueError, AssertionError):
     """An engine passed an impossible layout (e.g. ``num_replicas`` not a multiple of ``num_ranks``).
@@ -164,6 +168,15 @@ def _plan(arr: np.ndarray, layout: Layout, policy: str, options: dict[str, Any])
         return run(fallback, {})
 
 
+def deepseek_global(loads: np.ndarray, layout: Layout) -> np.ndarray:
+    """DeepSeek's global algorithm (one group, one node) on the summed loads: defined for every valid layout."""
+    from eplb.policies.deepseek import rebalance_experts_hierarchical
+
+    w = (loads.sum(0) if loads.ndim == 3 else loads).astype(np.float32)
+    phy2log, _, _ = rebalance_experts_hierarchical(w, layout.num_slots, 1, 1, layout.num_ranks)
+    return np.asarray(phy2log, dtype=np.int64)
+
+
 def plan_for_engine(
     loads: ArrayLike,
     num_slots: int,
@@ -175,6 +188,7 @@ def plan_for_engine(
     planner: str | None = None,
     min_gain: float | None = 0.0,
     name: str = "weight",
+    group_limited: bool = True,
 ) -> np.ndarray:
     """Plan a new ``phy2log [L, S]`` (int64) for an engine; see the module docstring.
 
@@ -190,10 +204,20 @@ def plan_for_engine(
             new row's or of a fresh plan's (``None`` disables this; only for a complete old map of
             the same shape).
         name: argument name used in error messages.
+        group_limited: with expert groups dividing evenly over several nodes, plan ``"eplb"`` as
+            ``"eplb-hierarchical"`` (every group on one node: the node bound of group-limited
+            routing, as vLLM's default policy). False: spread groups for the best token balance.
     """
     arr = check_load(loads, name, ndim=(2, 3))
     layout = normalize_layout(arr, num_slots, num_groups, num_nodes, num_ranks)
     policy = resolve_planner(planner)
+    if group_limited and policy == "eplb" and layout.num_groups > 1 and layout.num_nodes > 1 \
+            and layout.num_groups % layout.num_nodes == 0:
+        policy = "eplb-hierarchical"  # keep each expert group on one node, as the engines' default policies do
+    if policy in GLOBAL_FALLBACK and layout.num_groups % layout.num_nodes:
+        log.info("eplb: %d expert group(s) cannot be split over %d nodes; %r falls back to the global %r (as the "
+                 "engine's default policy does)", layout.num_groups, layout.num_nodes, policy, GLOBAL_FALLBACK[policy])
+        policy = GLOBAL_FALLBACK[policy]
     old_arr: np.ndarray | None = None
     if old is not None:
         old_arr = to_numpy(old)
@@ -211,7 +235,15 @@ def plan_for_engine(
     options: dict[str, Any] = {}
     if current is not None and policy not in ("deepseek", "deepseek-global", "deepseek-hierarchical"):
         options[INCREMENTAL_OPTION] = current
-    new = _plan(arr, layout, policy, options)
+    try:
+        new = _plan(arr, layout, policy, options)
+    except Exception:
+        # The engine accepted this layout and the input is valid: never raise (in vLLM's async mode an
+        # exception kills the EPLB thread and rebalancing stops silently). Last resort: DeepSeek global.
+        log.warning("eplb: planner %r failed on a valid layout (%d experts, %d slots, %d ranks, %d nodes, %d groups); "
+                    "using DeepSeek's global algorithm for this rebalance", policy, layout.num_experts,
+                    layout.num_slots, layout.num_ranks, layout.num_nodes, layout.num_groups, exc_info=True)
+        new = deepseek_global(arr, layout)
     if old_arr is None:
         return new
     if old_arr.shape[1] % layout.slots_per_rank == 0:  # else the old map cannot be related to the new layout

@@ -64,10 +64,14 @@ ENDPOINTS = ("/start_expert_distribution_record", "/stop_expert_distribution_rec
 
 _DEEPSEEK_NAMES = {
     "deepseek": "deepseek-global",
-    "deepseek_vec": "deepseek-global",
     "deepseek_hierarchical": "deepseek-hierarchical",
-    "deepseek_vec_hierarchical": "deepseek-hierarchical",
 }
+#: SGLang's vectorised variant (per-step scores, chunked replication, int32 maps): its own algorithm, not
+#: DeepSeek's; eplb does not reproduce it and refuses the names rather than return different maps.
+_UNSUPPORTED_NAMES = ("deepseek_vec", "deepseek_vec_hierarchical")
+#: SGLang's elastic-EP algorithm: plans over the active ranks only (eplb: ``excluded_ranks``).
+ELASTIC_NAMES = ("elasticity_aware",)
+SUPPORTED_ALGORITHMS = ("auto", *_DEEPSEEK_NAMES, *ELASTIC_NAMES)
 
 
 # ----------------------------------------------------------------------------- the algorithm
@@ -76,24 +80,50 @@ _DEEPSEEK_NAMES = {
 def algorithm_to_planner(algorithm: Any) -> str:
     """The eplb policy for an SGLang algorithm value (an ``EplbAlgorithm`` member or a string).
 
-    SGLang's DeepSeek names map to DeepSeek's policies (``deepseek``/``deepseek_vec`` -> global,
-    ``*_hierarchical`` -> hierarchical); ``"auto"``, ``"eplb"`` and ``None`` -> eplb's best policy;
-    any name registered in :data:`eplb.POLICIES` is used as is.
+    SGLang's DeepSeek names map to DeepSeek's policies (``deepseek`` -> global,
+    ``deepseek_hierarchical`` -> hierarchical: identical maps); ``elasticity_aware`` -> eplb's best
+    policy planned over the active ranks (:func:`rebalance_experts` passes ``excluded_ranks``);
+    ``"auto"``, ``"eplb"`` and ``None`` -> eplb's best policy; any name registered in
+    :data:`eplb.POLICIES` is used as is. ``deepseek_vec*`` (SGLang's own vectorised variant, whose
+    maps differ from DeepSeek's) is refused with an error naming the supported names.
     """
     name = getattr(algorithm, "name", algorithm)
-    if name is None or name in ("auto", "eplb"):
+    if name is None or name in ("auto", "eplb", *ELASTIC_NAMES):
         return resolve_planner(None)
     if not isinstance(name, str):
         raise ValueError(f"algorithm: expected an SGLang EplbAlgorithm or a policy name, got {algorithm!r}")
     if name in _DEEPSEEK_NAMES:
         return _DEEPSEEK_NAMES[name]
+    if name in _UNSUPPORTED_NAMES:
+        raise ValueError(
+            f"algorithm: {name!r} is SGLang's vectorised variant (its own maps, int32), which eplb does not "
+            f"reproduce; supported SGLang names: {', '.join(SUPPORTED_ALGORITHMS)} (or an eplb policy name)"
+        )
     try:
         return resolve_planner(name)
     except ValueError:
         raise ValueError(
-            f"algorithm: {name!r} is neither an SGLang DeepSeek algorithm ({sorted(_DEEPSEEK_NAMES)}), 'auto', "
+            f"algorithm: {name!r} is neither a supported SGLang algorithm ({', '.join(SUPPORTED_ALGORITHMS)}) "
             "nor an eplb policy"
         ) from None
+
+
+def _active_ranks(active_ranks: ArrayLike | None, num_gpus: int) -> np.ndarray:
+    """``[num_gpus]`` bool mask of active ranks: given, else SGLang's elastic-EP state, else all."""
+    if active_ranks is None:
+        try:
+            from sglang.srt.elastic_ep.elastic_ep import get_elastic_ep_state  # type: ignore[import-not-found]
+
+            active_ranks = get_elastic_ep_state().active_ranks
+        except Exception:
+            return np.ones(num_gpus, dtype=bool)
+    mask = np.asarray(active_ranks.detach().cpu().numpy() if hasattr(active_ranks, "detach") else active_ranks)
+    if mask.shape != (num_gpus,):
+        raise EngineLayoutError(f"active_ranks: expected a mask of {num_gpus} ranks, got shape {tuple(mask.shape)}")
+    mask = mask.astype(bool)
+    if not mask.any():
+        raise EngineLayoutError("active_ranks: no active rank")
+    return mask
 
 
 def rebalance_experts(
@@ -105,6 +135,7 @@ def rebalance_experts(
     algorithm: Any = "auto",
     *,
     current_physical_to_logical_map: ArrayLike | None = None,
+    active_ranks: ArrayLike | None = None,
 ) -> tuple[Any, Any, Any]:
     """SGLang's ``rebalance_experts`` backed by eplb.
 
@@ -117,6 +148,10 @@ def rebalance_experts(
         algorithm: see :func:`algorithm_to_planner` (default ``"auto"`` = eplb's best policy).
         current_physical_to_logical_map: optional ``[layers, S]`` map served now; when given the
             plan keeps experts where they are when the balance allows (eplb extension).
+        active_ranks: ``elasticity_aware`` only: ``[num_gpus]`` mask of the ranks alive (default:
+            SGLang's elastic-EP state when importable, else all). The plan uses only their slots;
+            ``logical_to_all_physical_map`` / ``expert_count`` list only slots on active ranks
+            (slots of inactive ranks hold spare copies that are never dispatched to).
 
     Returns:
         ``(physical_to_logical_map [L, S], logical_to_all_physical_map [L, E, K] (-1 padded),
@@ -136,6 +171,8 @@ def rebalance_experts(
     num_gpus = S // local
     planner = algorithm_to_planner(algorithm)
     weight = tpe.sum(0) if tpe.ndim == 3 else tpe
+    if getattr(algorithm, "name", algorithm) in ELASTIC_NAMES:
+        return _elastic(tpe, S, num_gpus, planner, _active_ranks(active_ranks, num_gpus))
     if planner.startswith("deepseek") and current_physical_to_logical_map is None:
         from eplb.policies.deepseek import rebalance_experts as ds
 
@@ -154,6 +191,36 @@ def rebalance_experts(
     p = Placement(new, int(tpe.shape[-1]), num_gpus)
     return (torch.from_numpy(np.array(p.phy2log, dtype=np.int64)), torch.from_numpy(p.log2phy),
             torch.from_numpy(p.logcnt))
+
+
+def _elastic(tpe: np.ndarray, S: int, num_gpus: int, planner: str, alive: np.ndarray) -> tuple[Any, Any, Any]:
+    """SGLang's ``elasticity_aware`` contract with eplb's planner: plan over the active ranks only."""
+    import torch
+
+    from eplb.policies import plan
+
+    E = int(tpe.shape[-1])
+    dead = [int(r) for r in np.flatnonzero(~alive)]
+    try:
+        pl = plan(tpe, S, num_gpus, policy=planner, excluded_ranks=dead)
+    except ValueError as exc:
+        raise EngineLayoutError(f"elasticity_aware: {exc}") from None
+    L, spr = pl.num_layers, S // num_gpus
+    active_slot = np.repeat(alive, spr)  # [S]
+    p2l = np.where(active_slot[None], pl.phy2log, -1)
+    cnt = np.zeros((L, E), dtype=np.int64)
+    for layer in range(L):
+        cnt[layer] = np.bincount(p2l[layer][p2l[layer] >= 0], minlength=E)
+    K = int(cnt.max())
+    log2phy = np.full((L, E, K), -1, dtype=np.int64)
+    for layer in range(L):
+        fill = np.zeros(E, dtype=np.int64)
+        for slot in np.flatnonzero(p2l[layer] >= 0):
+            e = int(p2l[layer, slot])
+            log2phy[layer, e, fill[e]] = slot
+            fill[e] += 1
+    return (torch.from_numpy(np.array(pl.phy2log, dtype=np.int64)), torch.from_numpy(log2phy),
+            torch.from_numpy(cnt))
 
 
 # --------------------------------------------------------------------- --init-expert-location
@@ -190,24 +257,37 @@ class PullResult:
     server_info: dict[str, Any] = field(default_factory=dict)
 
 
-def _request(url: str, method: str, timeout: float) -> bytes:
-    req = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)
+#: Environment variables read by :func:`pull` when no key is passed (SGLang's ``--api-key`` / ``--admin-api-key``).
+API_KEY_ENV = "EPLB_SGLANG_API_KEY"
+ADMIN_API_KEY_ENV = "EPLB_SGLANG_ADMIN_API_KEY"
+
+
+def _request(url: str, method: str, timeout: float, key: str | None = None) -> bytes:
+    """One HTTP request; ``key`` goes in ``Authorization: Bearer`` and never into a message."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    req = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return bytes(resp.read())
     except urllib.error.HTTPError as exc:
         body = exc.read()[:200].decode("utf-8", "replace").strip()
-        raise SGLangPullError(f"sglang: {method} {url} answered HTTP {exc.code} {exc.reason}: {body}") from None
+        if key:
+            body = body.replace(key, "***")
+        hint = ""
+        if exc.code in (401, 403):
+            hint = (f" (the server requires an API key: pass --api-key / --admin-api-key or set ${API_KEY_ENV} / "
+                    f"${ADMIN_API_KEY_ENV}{'; the key given was refused' if key else ''})")
+        raise SGLangPullError(f"sglang: {method} {url} answered HTTP {exc.code} {exc.reason}: {body}{hint}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise SGLangPullError(f"sglang: {method} {url} failed: {reason}") from None
 
 
-def _server_info(base: str, timeout: float) -> dict[str, Any]:
+def _server_info(base: str, timeout: float, key: str | None = None) -> dict[str, Any]:
     """``/server_info`` (newer SGLang) or ``/get_server_info``; ``{}`` when neither answers JSON."""
     for ep in ("/server_info", "/get_server_info"):
         try:
-            obj = json.loads(_request(base + ep, "GET", timeout))
+            obj = json.loads(_request(base + ep, "GET", timeout, key))
         except (SGLangPullError, ValueError):
             continue
         if isinstance(obj, dict):
@@ -257,30 +337,16 @@ def find_new_dump(
 
 def tidy_dump_trace(trace: Trace, *, source: str | None = None, model: str = "", ep_size: int = 0,
                     meta: dict[str, Any] | None = None) -> Trace:
-    """A trace read from an SGLang ``stat`` dump, without the rows and layers that hold no data.
+    """A trace read from an SGLang ``stat`` dump, without the rows and layers that hold no data
+    (:func:`eplb.stats.importers.clean_sglang_dump`, which every read of a raw dump applies), with
+    the server's model, EP size and ``meta``."""
+    from eplb.stats.importers import clean_sglang_dump
 
-    Unused ring-buffer rows (all-zero forward passes) are dropped; layers with no tokens at all
-    (SGLang's dump has a row per model layer, dense layers included) are dropped and ``layer_ids``
-    keep the model layer index of the others. Raises :class:`TraceError` when nothing was routed.
-    """
-    counts = trace.counts
-    src = source or trace.source
-    passes = counts.sum(axis=(1, 2)) > 0
-    layers = counts.sum(axis=(0, 2)) > 0
-    if not passes.any():
-        raise TraceError(f"{src}: logical_count is all zero: no tokens were routed while recording "
-                         "(send traffic to the server during the recording window)")
-    info: dict[str, Any] = dict(trace.meta)
-    info.update({
-        "sglang_buffer_rows": int(counts.shape[0]),
-        "sglang_num_layers": int(counts.shape[1]),
-        "dropped_empty_passes": int((~passes).sum()),
-    })
-    info.update(meta or {})
-    lids = np.asarray(trace.layer_ids)[layers]
-    assert trace.step_ids is not None
-    return Trace(counts[passes][:, layers], tuple(int(i) for i in lids), trace.step_ids[passes], trace.top_k,
-                 model or trace.model, src, int(ep_size) or trace.ep_size, info)
+    tr = clean_sglang_dump(trace, source=source)
+    tr.meta.update(meta or {})
+    tr.model = model or tr.model
+    tr.ep_size = int(ep_size) or tr.ep_size
+    return tr
 
 
 def read_dump(path: str | os.PathLike[str], **tidy: Any) -> Trace:
@@ -297,7 +363,12 @@ def read_dump(path: str | os.PathLike[str], **tidy: Any) -> Trace:
             raise TraceError(f"{exc}: a per_pass/per_token dump; start SGLang with "
                              "--expert-distribution-recorder-mode stat") from None
         raise
-    return tidy_dump_trace(tr, **tidy)
+    if tidy.get("source"):  # read_sglang cleaned the raw dump already
+        tr.source = str(tidy["source"])
+    tr.meta.update(tidy.get("meta") or {})
+    tr.model = str(tidy.get("model") or tr.model)
+    tr.ep_size = int(tidy.get("ep_size") or 0) or tr.ep_size
+    return tr
 
 
 def pull(
@@ -309,6 +380,8 @@ def pull(
     dump_timeout: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
     on_event: Callable[[str], None] | None = None,
+    api_key: str | None = None,
+    admin_api_key: str | None = None,
 ) -> PullResult:
     """Record ``seconds`` of expert routing on the SGLang server at ``url`` and read the dump.
 
@@ -321,6 +394,10 @@ def pull(
         dump_timeout: how long to wait for the dump file to appear (s).
         sleep: injectable for tests.
         on_event: called with a short progress line per step.
+        api_key: SGLang's ``--api-key`` (default ``$EPLB_SGLANG_API_KEY``), sent as
+            ``Authorization: Bearer``; never logged or put in a message.
+        admin_api_key: SGLang's ``--admin-api-key`` (default ``$EPLB_SGLANG_ADMIN_API_KEY``), sent
+            instead of ``api_key`` to the record/dump routes when given.
 
     Returns:
         A :class:`PullResult`; ``trace.counts`` is ``[passes, MoE layers, E]``.
@@ -334,8 +411,11 @@ def pull(
     if not d.is_dir():
         raise ValueError(f"--dump-dir: {d} is not a directory (SGLang writes its dumps into ${DUMP_DIR_ENV} on the server)")
     say = on_event or (lambda _msg: None)
+    key = api_key or os.environ.get(API_KEY_ENV) or None
+    admin = admin_api_key or os.environ.get(ADMIN_API_KEY_ENV) or None
+    rec_key = admin or key
 
-    info = _server_info(base, timeout)
+    info = _server_info(base, timeout, key or admin)
     mode = info.get("expert_distribution_recorder_mode", "unknown") if info else "unknown"
     if info and mode is None:
         raise SGLangPullError(
@@ -348,15 +428,15 @@ def pull(
             "--expert-distribution-recorder-mode stat"
         )
     start, stop, dump = (base + ep for ep in ENDPOINTS)
-    _request(start, "POST", timeout)
+    _request(start, "POST", timeout, rec_key)
     say(f"recording expert distribution on {base} for {seconds:g} s")
     try:
         if seconds > 0:
             sleep(seconds)
     finally:
-        _request(stop, "POST", timeout)
+        _request(stop, "POST", timeout, rec_key)
     before = _dump_files(d)
-    _request(dump, "POST", timeout)
+    _request(dump, "POST", timeout, rec_key)
     path = find_new_dump(d, before, timeout=dump_timeout, sleep=sleep)
     say(f"reading {path}")
     ep_size = info.get("ep_size", 0) if info else 0

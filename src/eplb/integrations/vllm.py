@@ -21,6 +21,9 @@ calls :func:`register` in every process. It does nothing unless ``EPLB_VLLM_POLI
   planner, and log ``eplb: vLLM EPLB policy 'default' -> eplb ...`` at INFO;
 * ``EPLB_VLLM_MIN_GAIN`` (float, default ``0``): keep a layer's current map unless both the new
   plan and a fresh plan lower its max rank load by more than this fraction (``-1`` disables it);
+* ``EPLB_VLLM_GROUP_LIMITED`` (default on): when ``num_groups % num_nodes == 0`` (several nodes),
+  the ``eplb`` planner keeps every expert group on one node, like vLLM's default policy (the node
+  bound of group-limited routing); ``0`` spreads groups for the best token balance;
 * ``EPLB_VLLM_RECORD=PATH``: also save every load window the policy sees as one step of an eplb
   trace (safetensors, rewritten atomically, global rank 0 only) -- vLLM's expert statistics.
 """
@@ -38,6 +41,7 @@ import numpy as np
 from eplb.integrations._core import EngineLayoutError, plan_for_engine, resolve_planner
 
 __all__ = [
+    "ENV_GROUP_LIMITED",
     "ENV_MIN_GAIN",
     "ENV_POLICY",
     "ENV_RECORD",
@@ -51,6 +55,7 @@ __all__ = [
 ENV_POLICY = "EPLB_VLLM_POLICY"
 ENV_MIN_GAIN = "EPLB_VLLM_MIN_GAIN"
 ENV_RECORD = "EPLB_VLLM_RECORD"
+ENV_GROUP_LIMITED = "EPLB_VLLM_GROUP_LIMITED"
 _OFF = {"", "0", "off", "false", "no", "none", "default", "vllm"}
 
 log = logging.getLogger("eplb.integrations.vllm")
@@ -156,8 +161,10 @@ class EplbPolicy(_Base):
         import torch
 
         planner = resolve_planner(cls.planner)
+        grouped = os.environ.get(ENV_GROUP_LIMITED, "1").strip().lower() not in _OFF - {"default"}
         new = plan_for_engine(weight, num_replicas, num_ranks, num_nodes=num_nodes, num_groups=num_groups,
-                              old=old_global_expert_indices, planner=planner, min_gain=cls.min_gain)
+                              old=old_global_expert_indices, planner=planner, min_gain=cls.min_gain,
+                              group_limited=grouped)
         if _recorder is not None and _rank0():
             try:
                 from eplb._checks import to_numpy
@@ -169,10 +176,44 @@ class EplbPolicy(_Base):
         return torch.from_numpy(np.ascontiguousarray(new, dtype=np.int64))
 
 
+def _class_name(planner: str, min_gain: float | None) -> str:
+    name = f"EplbPolicy_{planner.replace('-', '_')}"
+    if min_gain != 0.0:
+        name += "__gain_" + ("none" if min_gain is None else repr(float(min_gain)).replace(".", "p").replace("-", "m"))
+    return name
+
+
 def make_policy(planner: str | None = None, min_gain: float | None = 0.0) -> type[EplbPolicy]:
-    """A :class:`EplbPolicy` subclass bound to ``planner`` and ``min_gain``."""
+    """A :class:`EplbPolicy` subclass bound to ``planner`` and ``min_gain``.
+
+    The class is a module attribute (``eplb.integrations.vllm.EplbPolicy_<planner>``; created on
+    first access in a fresh process too), so ``pickle`` stores it by reference.
+    """
     name = resolve_planner(planner)
-    return type(f"EplbPolicy_{name.replace('-', '_')}", (EplbPolicy,), {"planner": name, "min_gain": min_gain})
+    cls_name = _class_name(name, min_gain)
+    cls = globals().get(cls_name)
+    if not (isinstance(cls, type) and issubclass(cls, EplbPolicy)):
+        cls = type(cls_name, (EplbPolicy,), {"planner": name, "min_gain": min_gain, "__module__": __name__,
+                                             "__qualname__": cls_name})
+        globals()[cls_name] = cls
+    return cls
+
+
+def __getattr__(attr: str) -> Any:
+    """Re-create a :func:`make_policy` class by its name (unpickling in a process that did not make it)."""
+    if attr.startswith("EplbPolicy_"):
+        from eplb.policies import load_policy_plugins
+
+        base, _, gain = attr[len("EplbPolicy_"):].partition("__gain_")
+        for planner in load_policy_plugins():
+            if planner.replace("-", "_") == base:
+                mg: float | None = 0.0
+                if gain:
+                    mg = None if gain == "none" else float(gain.replace("m", "-").replace("p", "."))
+                cls = make_policy(planner, mg)
+                if cls.__name__ == attr:
+                    return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 def register() -> type[EplbPolicy] | None:

@@ -24,23 +24,48 @@ from eplb._checks import ArrayLike, check_layout, check_load, check_positive_int
 from eplb.placement import Placement
 from eplb.policies.deepseek import rebalance_experts, rebalance_experts_hierarchical
 
-__all__ = ["POLICIES", "PolicyFn", "load_policy_plugins", "plan", "rebalance_experts", "register_policy"]
+__all__ = ["POLICIES", "POLICY_OPTIONS", "PolicyFn", "check_options", "load_policy_plugins", "plan", "rebalance_experts", "register_policy"]
 
 PolicyFn = Callable[..., np.ndarray]
 POLICIES: dict[str, PolicyFn] = {}
+#: The options (``plan(..., **options)`` / ``-O KEY=VALUE``) each policy takes, where it declared them.
+POLICY_OPTIONS: dict[str, tuple[str, ...]] = {}
 
 
-def register_policy(name: str) -> Callable[[PolicyFn], PolicyFn]:
-    """Decorator registering a policy function under ``name`` (see the module docstring)."""
+def register_policy(name: str, options: Sequence[str] | None = None) -> Callable[[PolicyFn], PolicyFn]:
+    """Decorator registering a policy function under ``name`` (see the module docstring).
+
+    ``options``: the option names it takes; :func:`plan` then refuses any other option with an error
+    listing these (``None``: not declared, options are passed through unchecked).
+    """
 
     def deco(fn: PolicyFn) -> PolicyFn:
         POLICIES[name] = fn
+        if options is not None:
+            POLICY_OPTIONS[name] = tuple(options)
+        else:
+            POLICY_OPTIONS.pop(name, None)
         return fn
 
     return deco
 
 
-@register_policy("deepseek")
+def check_options(policy: str, options: Mapping[str, Any]) -> None:
+    """Refuse options ``policy`` does not take; the error names the option and lists the valid ones.
+
+    ``current`` (the placement in service, handed by the online manager and the engine
+    integrations) is a hint every policy may ignore, so it is always accepted.
+    """
+    valid = POLICY_OPTIONS.get(policy)
+    if valid is None:
+        return
+    for key in options:
+        if key not in valid and key != "current":
+            listed = ", ".join(valid) if valid else "none"
+            raise ValueError(f"{key}: policy {policy!r} has no option {key!r}; its options: {listed}")
+
+
+@register_policy("deepseek", options=())
 def _deepseek(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
               **options: Any) -> np.ndarray:
     """DeepSeek's ``rebalance_experts``: hierarchical when ``num_groups % num_nodes == 0``, else global."""
@@ -48,7 +73,7 @@ def _deepseek(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: i
     return np.asarray(phy2log)
 
 
-@register_policy("deepseek-global")
+@register_policy("deepseek-global", options=())
 def _deepseek_global(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
                      **options: Any) -> np.ndarray:
     """DeepSeek's global policy (one group, one node) regardless of topology."""
@@ -56,7 +81,7 @@ def _deepseek_global(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_n
     return phy2log
 
 
-@register_policy("deepseek-hierarchical")
+@register_policy("deepseek-hierarchical", options=())
 def _deepseek_hier(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
                    **options: Any) -> np.ndarray:
     """DeepSeek's hierarchical policy; requires ``num_groups % num_nodes == 0``."""
@@ -119,6 +144,7 @@ def plan(
     check_layout(E, num_slots, num_ranks, num_nodes)
     if E % num_groups:
         raise ValueError(f"num_groups: {E} experts cannot be split into {num_groups} equal groups")
+    check_options(policy, options)
     phy2log = POLICIES[policy](arr, num_slots=int(num_slots), num_ranks=int(num_ranks), num_nodes=int(num_nodes),
                                num_groups=int(num_groups), **options)
     info: dict[str, Any] = {"policy": policy, "num_groups": int(num_groups)}

@@ -291,6 +291,9 @@ def _check_cap(max_replicas: Any, E: int, S: int) -> int | None:
     return int(max_replicas)
 
 
+#: Options of the eplb policies (``_solve``'s keywords).
+EPLB_OPTIONS = ("current", "max_replicas", "excluded_ranks", "tolerance", "max_iters", "effort")
+
 EFFORT = {"fast": (0, 0), "default": (16, 4), "high": (32, 12)}
 """``effort`` option -> (replication rounds, iterated-local-search rounds) of :func:`eplb_rows`."""
 
@@ -350,7 +353,7 @@ def _solve(
 
 
 # ---------------------------------------------------------------------------------- registered
-@register_policy("eplb")
+@register_policy("eplb", options=EPLB_OPTIONS)
 def eplb_policy(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
                 **options: Any) -> np.ndarray:
     """eplb's default policy (module docstring); ``current=`` switches to migration-aware mode."""
@@ -358,7 +361,7 @@ def eplb_policy(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes:
                   mode="global", **options)
 
 
-@register_policy("eplb-hierarchical")
+@register_policy("eplb-hierarchical", options=EPLB_OPTIONS)
 def eplb_hierarchical_policy(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
                              **options: Any) -> np.ndarray:
     """Node-aware eplb: expert groups and their replicas stay on one node (:func:`hierarchical_rows`)."""
@@ -366,7 +369,7 @@ def eplb_hierarchical_policy(loads: np.ndarray, *, num_slots: int, num_ranks: in
                   mode="hierarchical", **options)
 
 
-@register_policy("eplb-incremental")
+@register_policy("eplb-incremental", options=EPLB_OPTIONS)
 def eplb_incremental_policy(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
                             **options: Any) -> np.ndarray:
     """Migration-aware eplb; requires ``current=`` (the placement now in service)."""

@@ -143,7 +143,7 @@ def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_ite
     return p2l
 
 
-@register_policy("eplb-robust")
+@register_policy("eplb-robust", options=("max_replicas", "excluded_ranks", "max_steps", "max_iters", "current"))
 def eplb_robust_policy(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
                        max_replicas: Any = None, excluded_ranks: Any = None, max_steps: int = 64,
                        max_iters: int | None = None, **options: Any) -> np.ndarray:

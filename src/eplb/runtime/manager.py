@@ -277,13 +277,18 @@ class BalancerConfig:
         """Build from a mapping using our names or any engine's (see :data:`ALIASES`).
 
         vllm-ascend's ``dynamic_eplb: false`` and xLLM's ``enable_eplb: false`` switch online updates off.
+        vllm-ascend's options are read at the top level (up to v0.13) and under ``eplb_config`` (v0.18 on).
         Unknown keys raise a ValueError naming ``source`` and the key.
         """
         if not isinstance(d, Mapping):
             raise ValueError(f"{source}: expected a mapping of option names, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         out: dict[str, Any] = {}
-        for raw_key, value in d.items():
+        items = list(d.items())
+        nested = d.get("eplb_config")
+        if isinstance(nested, Mapping):  # vllm-ascend >= v0.18: additional_config["eplb_config"]
+            items = [(k, v) for k, v in items if k != "eplb_config"] + list(nested.items())
+        for raw_key, value in items:
             key = _norm_key(str(raw_key))
             key = ALIASES.get(key, key)
             if key in ("dynamic_eplb", "enable_eplb"):

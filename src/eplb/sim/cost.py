@@ -266,6 +266,50 @@ class CostModel:
         return replace(self, **changes)
 
 
+# ------------------------------------------------------------------------ expert size
+#: Public config values (hidden_size, expert intermediate size) of models whose traces eplb meets,
+#: matched by a case-insensitive substring of the trace's model name (longest match wins).
+MODEL_SHAPES: dict[str, tuple[int, int]] = {
+    "deepseek-v3": (7168, 2048), "deepseek-r1": (7168, 2048), "deepseek-v2-lite": (2048, 1408),
+    "esft-vanilla-lite": (2048, 1408), "deepseek-v2": (5120, 1536), "qwen3-30b-a3b": (2048, 768),
+    "qwen3-235b-a22b": (4096, 1536), "llama-4-maverick": (5120, 8192), "llama-4-scout": (5120, 8192),
+    "mixtral-8x7b": (4096, 14336), "mixtral-8x22b": (6144, 16384), "olmoe-1b-7b": (2048, 1024),
+}
+SHAPE_KEYS = ("hidden_size", "moe_intermediate_size", "dtype_bytes")
+
+
+def expert_shape(model: str = "", meta: Mapping[str, Any] | None = None, **given: int | None) -> tuple[dict[str, int], str]:
+    """``({hidden_size, moe_intermediate_size, dtype_bytes} to apply, where they came from)``.
+
+    First the values given (``--hidden-size`` ...), then the trace's ``meta`` (``eplb record``
+    stores the model's), then :data:`MODEL_SHAPES` by model name; what none of them knows stays the
+    cost model's (an empty dict: the cost model's shape, DeepSeek-V3's by default).
+    """
+    out: dict[str, int] = {}
+    where: list[str] = []
+    for k in SHAPE_KEYS:
+        v = given.get(k)
+        if v is not None:
+            if int(v) <= 0:
+                raise ValueError(f"{k.replace('_', '-')}: expected a positive integer, got {v}")
+            out[k] = int(v)
+    if out:
+        where.append("options")
+    m = dict(meta or {})
+    from_meta = {k: int(m[k]) for k in SHAPE_KEYS if k not in out and isinstance(m.get(k), int) and m[k] > 0}
+    if from_meta:
+        out.update(from_meta)
+        where.append("trace metadata")
+    name = (model or "").lower()
+    hits = [key for key in MODEL_SHAPES if key in name]
+    if hits and ("hidden_size" not in out or "moe_intermediate_size" not in out):
+        h, i = MODEL_SHAPES[max(hits, key=len)]
+        out.setdefault("hidden_size", h)
+        out.setdefault("moe_intermediate_size", i)
+        where.append(f"the public config of {model}")
+    return out, ", ".join(where)
+
+
 # ---------------------------------------------------------------------------- loading
 def _num(d: Mapping[str, Any], key: str, source: str, default: Any = None) -> Any:
     if key not in d:

@@ -56,6 +56,8 @@ class SimInput:
         name: a label of the input (file name, ``builtin:NAME``, "array").
         top_k: experts per token (0 if unknown).
         synthetic: True when the data is synthetic (labelled in every output).
+        model: the trace's model name ("" if unknown).
+        meta: the trace's metadata (e.g. ``hidden_size`` / ``moe_intermediate_size`` of the model).
     """
 
     counts: np.ndarray
@@ -64,6 +66,8 @@ class SimInput:
     name: str = "array"
     top_k: int = 0
     synthetic: bool = False
+    model: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -97,7 +101,7 @@ def as_sim_input(trace: Trace | ArrayLike | SimInput, name: str | None = None) -
         synthetic = "synthetic" in src.lower() or "synthetic" in str(trace.meta.get("kind", "")).lower()
         assert trace.step_ids is not None
         return SimInput(trace.counts, np.asarray(trace.step_ids), tuple(trace.layer_ids),
-                        name or trace.model or "trace", int(trace.top_k), synthetic)
+                        name or trace.model or "trace", int(trace.top_k), synthetic, trace.model, dict(trace.meta))
     arr = to_numpy(trace)
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"trace: expected numeric token counts, got dtype {arr.dtype}")

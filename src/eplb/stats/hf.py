@@ -59,6 +59,22 @@ _SHRINK = {"hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 
            "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "vocab_size": 512}
 
 
+def _shrink(cfg: Any) -> None:
+    """Shrink the sizes of ``cfg`` in place (:data:`_SHRINK`), keeping the relations the model code
+    relies on: multi-head latent attention (DeepSeek-V2/V3) has as many key/value heads as query
+    heads and rotary embeddings of ``head_dim = qk_rope_head_dim``."""
+    same_kv = getattr(cfg, "num_key_value_heads", None) == getattr(cfg, "num_attention_heads", None)
+    for k, v in _SHRINK.items():
+        if hasattr(cfg, k) and getattr(cfg, k) is not None:
+            setattr(cfg, k, v)
+    if same_kv and getattr(cfg, "num_attention_heads", None) is not None:
+        cfg.num_key_value_heads = cfg.num_attention_heads
+    if getattr(cfg, "qk_rope_head_dim", None) is not None:  # MLA: rotary part of each head
+        cfg.head_dim = cfg.qk_rope_head_dim
+        if hasattr(cfg, "qk_head_dim"):
+            cfg.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+
+
 def _config_from_dict(d: dict[str, Any], source: str) -> Any:
     from transformers import AutoConfig
 
@@ -112,10 +128,11 @@ def build_model(spec: str, *, shrink: bool | None = None, seed: int = 0, random_
         raise ValueError(f"model: {spec!r} is neither a preset ({', '.join(PRESETS)}), a config file nor a model directory")
     if shrink is None:
         shrink = not load_weights
+    if not load_weights and getattr(cfg, "quantization_config", None) is not None:
+        cfg.quantization_config = None  # e.g. DeepSeek-V3's fp8 block quantization: random weights are not quantized
+        del cfg.quantization_config
     if shrink and not load_weights:
-        for k, v in _SHRINK.items():
-            if hasattr(cfg, k) and getattr(cfg, k) is not None:
-                setattr(cfg, k, v)
+        _shrink(cfg)
         desc += ", shrunk"
     torch.manual_seed(seed)
     if load_weights:

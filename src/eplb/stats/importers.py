@@ -39,7 +39,7 @@ from eplb.placement import Placement
 from eplb.stats.trace import Trace, TraceError, atomic_write
 
 __all__ = [
-    "FORMATS", "detect_format", "read_trace", "read_trtllm", "read_sglang", "read_vllm_ascend", "write_trace",
+    "FORMATS", "clean_sglang_dump", "detect_format", "read_trace", "read_trtllm", "read_sglang", "read_vllm_ascend", "write_trace",
     "write_trtllm", "write_sglang", "write_vllm_ascend",
 ]
 
@@ -408,7 +408,45 @@ def read_sglang(path: str | os.PathLike[str]) -> Trace:
         tr = Trace(arr, lids, steps, top_k, source=f"sglang:{p}")
     except ValueError as exc:
         raise TraceError(f"{p}: key 'logical_count': {exc}") from None
+    if not isinstance(info, dict):  # SGLang's own dump (eplb's files carry their layer ids and steps)
+        return clean_sglang_dump(tr, buffer_size=obj.get("buffer_size") if isinstance(obj.get("buffer_size"), int)
+                                 else None)
     return _apply_info(tr, info)
+
+
+def clean_sglang_dump(trace: Trace, *, source: str | None = None, buffer_size: int | None = None) -> Trace:
+    """SGLang's ``stat`` dump without the rows and layers that hold no data.
+
+    SGLang's ``logical_count`` is ``[ring-buffer passes, model layers, E]``: a dense layer is an
+    all-zero column and an unused pass an all-zero row. Both are dropped; ``layer_ids`` keep the
+    model layer index of the MoE layers (DeepSeek-V2-Lite: ``1..26``) and ``step_ids`` the buffer
+    row of each pass. A full buffer (``buffer_size`` rows, default 1000) may have wrapped: SGLang does not record where it
+    was writing, so the pass order may be rotated; ``meta["sglang_buffer_wrapped"]`` says so (with
+    a warning). Raises :class:`TraceError` when nothing was routed at all.
+    """
+    import warnings
+
+    counts = trace.counts
+    src = source or trace.source
+    passes = counts.sum(axis=(1, 2)) > 0
+    layers = counts.sum(axis=(0, 2)) > 0
+    if not passes.any():
+        raise TraceError(f"{src}: logical_count is all zero: no tokens were routed while recording "
+                         "(send traffic to the server during the recording window)")
+    info: dict[str, Any] = dict(trace.meta)
+    info.update({"sglang_buffer_rows": int(counts.shape[0]), "sglang_num_layers": int(counts.shape[1]),
+                 "dropped_empty_passes": int((~passes).sum()),
+                 "dropped_dense_layers": [int(i) for i in np.asarray(trace.layer_ids)[~layers]]})
+    if bool(passes.all()) and counts.shape[0] == (buffer_size or 1000):  # full buffer (default size 1000)
+        info["sglang_buffer_wrapped"] = True
+        warnings.warn(f"{src}: every one of the {counts.shape[0]} ring-buffer passes holds data: the buffer may "
+                      "have wrapped, so older passes were overwritten and the pass order may be rotated (per-step "
+                      "ranges such as --held-out are then not chronological); record with "
+                      "--expert-distribution-recorder-buffer-size -1", stacklevel=3)
+    lids = np.asarray(trace.layer_ids)[layers]
+    assert trace.step_ids is not None
+    return Trace(counts[passes][:, layers], tuple(int(i) for i in lids), trace.step_ids[passes], trace.top_k,
+                 trace.model, src, trace.ep_size, info)
 
 
 def write_sglang(trace: Trace, path: str | os.PathLike[str]) -> None:
@@ -482,14 +520,22 @@ def _load_array(p: Path, key: str) -> np.ndarray:
     raise TraceError(f"{p}: unknown file type {suf!r} for a load array (.npy, .pt, .json)")
 
 
-def read_vllm_ascend(path: str | os.PathLike[str], expert_map: str | os.PathLike[str] | Placement | None = None) -> Trace:
+def read_vllm_ascend(path: str | os.PathLike[str], expert_map: str | os.PathLike[str] | Placement | None = None
+                     ) -> Trace:
     """Read a vllm-ascend ``moe_load`` array ``[L, D, spr]`` / ``[T, L, D, spr]`` into logical counts ``[T, L, E]``.
 
     Physical loads are summed into their logical expert through ``expert_map`` (vllm-ascend's
-    expert-map JSON: ``layer_list[i].device_list[d].device_expert[j]`` = expert at local slot ``j``);
-    without a map slot ``d*spr + j`` is expert ``d*spr + j``.
+    expert-map JSON: ``layer_list[i].device_list[d].device_expert[j]`` = expert at local slot ``j``,
+    or a Placement). The array alone does not say which expert a slot holds, so a map is required;
+    ``expert_map="identity"`` states that slot ``d*spr + j`` is expert ``d*spr + j`` (no redundant
+    experts, default layout).
     """
     p = Path(path)
+    if expert_map is None:
+        raise TraceError(f"{p}: a vllm-ascend moe_load array counts tokens per physical slot, not per expert: pass "
+                         "the expert map it was recorded with (--expert-map expert_map.json, vllm-ascend's "
+                         "expert_map_path / expert_map_record_path), or --expert-map identity when every device "
+                         "holds its experts in the default order without redundant experts")
     arr = _load_array(p, "moe_load")
     if arr.ndim == 3:
         arr = arr[None]
@@ -500,7 +546,7 @@ def read_vllm_ascend(path: str | os.PathLike[str], expert_map: str | os.PathLike
     if arr.dtype.kind not in "biuf" or np.any(arr < 0):
         raise TraceError(f"{p}: moe_load must hold non-negative numbers")
     phys = arr.reshape(T, L, D * spr).astype(np.float64)
-    if expert_map is None:
+    if isinstance(expert_map, str) and expert_map == "identity":
         phy2log, E = np.tile(np.arange(D * spr), (L, 1)), D * spr
     else:
         phy2log, E = _ascend_phy2log(expert_map, L, D, spr)

@@ -176,6 +176,12 @@ def load_table(
         lids = tuple(range(L))
     if len(lids) != L:
         raise TraceError(f"layer_ids: {len(lids)} ids for {L} layers")
+    if not c.any():
+        import warnings
+
+        src = meta.get("source") or "the counts"
+        warnings.warn(f"{src}: the window ({T} step(s)) holds no routed tokens at all: its imbalance is not a "
+                      "measurement (pick a window with traffic)", UserWarning, stacklevel=2)
     u = unit_loads(c, ep_size, placement, lids, per_expert)  # [T, L, U]
     if u.shape[-1] < 2:
         raise ValueError(f"ep_size: need at least 2 {'slots' if per_expert else 'ranks'} for an unbiased std, got 1")

@@ -68,6 +68,11 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
+def _short(ids: Sequence[int]) -> str:
+    ids = list(ids)
+    return str(ids) if len(ids) <= 8 else f"[{ids[0]}, {ids[1]}, ..., {ids[-1]}]"
+
+
 @dataclass(eq=False)
 class Trace:
     """Per-step expert loads.
@@ -189,6 +194,27 @@ class Trace:
             co = co[:, pos] if co is not None else None
             ids = ids[:, pos] if ids is not None else None
         return Trace(counts, lids, steps, self.top_k, self.model, self.source, self.ep_size, dict(self.meta), co, ids, off)
+
+    def with_layer_ids(self, layer_ids: Sequence[int]) -> Trace:
+        """``--layer-ids`` for a trace: label or select rows by model layer id.
+
+        A trace whose ids are the positions ``0..L-1`` (e.g. a plain ``.npy``) and ``L`` ids given:
+        the rows are labelled with them (DeepSeek-V2-Lite's MoE layers are ``1..26``). Otherwise
+        the given model layer ids are selected (unknown ids are an error).
+        """
+        want = tuple(int(i) for i in layer_ids)
+        if len(set(want)) != len(want) or any(i < 0 for i in want):
+            raise TraceError(f"layer-ids: expected distinct model layer ids >= 0, got {list(want)[:12]}")
+        if self.layer_ids == tuple(range(self.num_layers)) and len(want) == self.num_layers:
+            out = self.slice()
+            out.layer_ids = want
+            return out
+        if all(i in self.layer_ids for i in want):
+            return self.select_layer_ids(want)
+        missing = [i for i in want if i not in self.layer_ids]
+        raise TraceError(f"layer-ids: the trace has {self.num_layers} MoE layers with ids {_short(self.layer_ids)}; "
+                         f"{len(want)} ids given and {missing[:8]} are not among them (give exactly "
+                         f"{self.num_layers} ids to label a trace numbered 0..{self.num_layers - 1})")
 
     def select_layer_ids(self, layer_ids: Sequence[int]) -> Trace:
         """The trace restricted to the given *model* layer ids (ValueError naming unknown ids)."""
