@@ -86,6 +86,32 @@ def test_dynamic_slots_equal_reference_moe(world: int, D: int, dtype: str) -> No
     assert all(r["layers"] == res[0]["layers"] for r in res)  # identical plans on every rank
 
 
+def _excluded_worker(rank: int, world: int) -> dict:
+    row = np.array([0, 1, 0, 2, 3, 1] if world == 3 else [0, 1, 0, 2])  # expert 0 on ranks 0 and 1
+    E = int(row.max()) + 1
+    pl = Placement(row[None], E, world)
+    w13, w2 = _weights(E, seed=3)
+    layer = ExpertParallelMoE.from_full_weights(w13, w2, pl, 0, strategy="balanced", compute="loop")
+    layer.dynamic = DynamicSlots.like(layer, 1)
+    x, ids, w = _hot_inputs(12, 1, E, 0, seed=rank)
+    out = {}
+    for tag, excl in (("all", []), ("drained", [1])):
+        layer.exclude_ranks(excl)
+        y = layer(x, ids, w)
+        assert torch.allclose(y, reference_moe(x, ids, w, w13, w2), atol=1e-5)
+        plan = layer.dynamic.last_plan
+        out[tag] = (plan["dyn_expert"].tolist(), plan["slot_tokens"].tolist())
+    return out
+
+
+def test_dynamic_slots_respect_excluded_ranks() -> None:
+    res = run_distributed(_excluded_worker, 2, timeout_s=120)
+    dyn, slots = res[0]["drained"]
+    assert dyn[1] == [-1]  # the drained rank receives no copy
+    assert slots[1][0] == 0  # nor tokens of expert 0, which rank 0 also holds
+    assert res[0] == res[1]
+
+
 def test_dynamic_pool_checks() -> None:
     with pytest.raises(ValueError, match="dynamic_slots"):
         DynamicSlots(0, (4, 2), (2, 2))

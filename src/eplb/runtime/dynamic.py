@@ -90,16 +90,17 @@ class DynamicSlots:
                    device=layer.w13.device, **kwargs)
 
     def tables(self, layer: ExpertParallelMoE) -> Any:
-        """Static tables of ``layer``'s placement row (cached per layer object and placement row)."""
+        """Static tables of ``layer``'s placement row (cached per layer object, placement row and excluded ranks)."""
         key = id(layer)
         row = layer.placement_row.cpu().numpy()
+        pl = layer._table_placement
+        excluded = tuple(pl.meta.get("excluded_ranks", ()))
         t = self._tables.get(key)
-        if t is None or not np.array_equal(t.row, row):
-            pl = layer._table_placement
+        if t is None or not np.array_equal(t.row, row) or t.excluded != excluded:
             if not np.array_equal(pl.phy2log[0], row):  # committed since construction
                 pl = type(pl)(row[None], pl.num_experts, pl.num_ranks, pl.num_nodes, pl.layer_ids, dict(pl.meta))
             st = slot_tables(pl)
-            t = SimpleNamespace(row=row, placement=pl, mult=static_holdings(pl)[0], accept=st["accept"][0] > 0,
+            t = SimpleNamespace(row=row, excluded=excluded, placement=pl, mult=static_holdings(pl)[0], accept=st["accept"][0] > 0,
                                 gpu={k: torch.as_tensor(v[:1], device=layer.w13.device) for k, v in st.items()})
             self._tables[key] = t
         return t
