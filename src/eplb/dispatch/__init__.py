@@ -5,11 +5,14 @@
 * :func:`plan_quotas` / :func:`source_shares` -- the balanced global plan every rank computes identically.
 * :func:`split_counts` -- slot loads ``[..., L, S]`` of counts ``[..., L, E]`` under a strategy (evaluate/simulate).
 * :func:`per_step_lower_bound` -- LP bound of a fixed placement with perfect dispatch.
+* :func:`plan_replication` / :func:`replicated_rank_loads` -- per-step replication into dynamic slots
+  (:mod:`eplb.dispatch.replication`; its GPU kernel in :mod:`eplb.dispatch.replication_kernel`).
 * policy ``"eplb-dispatch"`` -- a placement designed for balanced dispatch (registered on import).
 """
 
 from eplb.dispatch.assign import STRATEGIES, assign_slots, occurrence, plan_quotas, source_shares
 from eplb.dispatch.policy import dispatch_aware_placement
+from eplb.dispatch.replication import plan_replication, replicated_rank_loads
 from eplb.dispatch.solver import balanced_quotas, lp_max_load, waterfill
 from eplb.dispatch.split import SPLIT_STRATEGIES, per_step_lower_bound, split_counts, split_rank_loads
 from eplb.dispatch.table import DispatchTable, layer_tables
@@ -26,6 +29,8 @@ __all__ = [
     "occurrence",
     "per_step_lower_bound",
     "plan_quotas",
+    "plan_replication",
+    "replicated_rank_loads",
     "source_shares",
     "split_counts",
     "split_rank_loads",
