@@ -89,3 +89,23 @@ def sample_ms(fn: Callable[[], Any], dev: torch.device, warmup: int, repeats: in
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def cuda_graphed(fn: Callable[[], Any], dev: torch.device, reps: int = 1) -> Callable[[], Any] | None:
+    """``reps`` calls of ``fn`` captured in one CUDA graph (after 3 warm-up calls on a side stream); returns the
+    graph's ``replay`` (``None`` on CPU). A model graph holds one call per layer: ``reps > 1`` measures that."""
+    import torch
+
+    if dev.type != "cuda":
+        return None
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return g.replay

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 import eplb
-from _common import command_line, sample_ms, write_text
+from _common import command_line, cuda_graphed, sample_ms, write_text
 from eplb.dispatch import DispatchTable, assign_slots, layer_tables, lp_max_load, plan_quotas, source_shares
 from eplb.dispatch.assign import balanced_replica, balanced_token_slots, token_occurrence
 from eplb.dispatch.kernel import HAVE_TRITON, plan_quotas_triton, rank_share_cum_triton
@@ -60,18 +60,7 @@ def timeit(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int 
 
 def graphed(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any] | None:
     """``fn`` captured in a CUDA graph (None on CPU)."""
-    if device.type != "cuda":
-        return None
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    return cuda_graphed(fn, device)
 
 
 def run_config(name: str, E: int, R: int, S: int, layers: int, steps: int, tokens_per_rank: int, top_k: int,
@@ -254,8 +243,96 @@ def token_side_config(E: int, R: int, S: int, tokens_per_rank: int, top_k: int, 
             "K": int(tab_cpu.log2phy.shape[1]), "timings": timings}
 
 
+def graphed_many(fn: Callable[[], Any], device: torch.device, reps: int) -> Callable[[], Any] | None:
+    """``reps`` calls of ``fn`` captured in one CUDA graph (a model graph holds one call per layer)."""
+    return cuda_graphed(fn, device, reps)
+
+
+BUDGET_REPS = 20
+
+
+def budget_config(R: int, tokens_per_rank: int, policy: str, device: torch.device, iters: int,
+                  seed: int) -> dict[str, Any]:
+    """Issue 14's dispatch budget at E=256, S=288, top-8: the fused balanced / round-robin assign_slots against
+    local-first, eager and in a CUDA graph (one call per graph, and per layer with BUDGET_REPS calls in one graph).
+    SYNTHETIC Zipf routing; rank 0's tokens by Gumbel top-k, the other ranks' counts by multinomial draws."""
+    from eplb.dispatch.kernel import fused_token_slots
+
+    E, S, top_k = 256, 288, 8
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.as_tensor(zipf_popularity(1, E, 1.0, rng), dtype=torch.float32)[0]
+    M = tokens_per_rank * top_k
+    draws = torch.multinomial(probs.expand(R, E), M, replacement=True, generator=gen)
+    g_cpu = torch.zeros(R, E, dtype=torch.int64).scatter_add_(1, draws, torch.ones(R, M, dtype=torch.int64))
+    p = eplb.plan(g_cpu.sum(0)[None].numpy(), S, R, policy=policy, num_groups=8)
+    tab_cpu = DispatchTable.from_placement(p, 0)
+    ids_cpu = sample_rank_ids(probs, tokens_per_rank, top_k, gen)
+    g_cpu[0] = torch.bincount(ids_cpu.view(-1), minlength=E)
+    tab, ids, g = tab_cpu.to(device), ids_cpu.to(device), g_cpu.to(device)
+    ok = True
+    for strat in ("balanced", "round-robin", "local-first"):
+        ref = assign_slots(ids_cpu, tab_cpu, strat, rank=0, global_counts=g_cpu, backend="torch")
+        for backend in ("torch", "auto"):
+            ok = ok and torch.equal(ref, assign_slots(ids, tab, strat, rank=0, global_counts=g, backend=backend).cpu())
+    fns: dict[str, Callable[[], Any]] = {
+        "local-first": lambda: assign_slots(ids, tab, "local-first", rank=0, global_counts=g),
+        "balanced, fused (2 launches)": lambda: assign_slots(ids, tab, "balanced", rank=0, global_counts=g),
+        "balanced, torch token side (before)": lambda: assign_slots(ids, tab, "balanced", rank=0, global_counts=g,
+                                                                    backend="torch"),
+        "round-robin, fused (1 launch)": lambda: assign_slots(ids, tab, "round-robin", rank=0, global_counts=g),
+        "round-robin, torch (before)": lambda: assign_slots(ids, tab, "round-robin", rank=0, global_counts=g,
+                                                            backend="torch"),
+    }
+    if device.type == "cuda" and HAVE_TRITON:
+        for nw in (1, 2, 8):
+            fns[f"balanced, fused, plan kernel num_warps={nw} (default 4)"] = (
+                lambda nw=nw: fused_token_slots(ids, tab, "balanced", 0, g, num_warps=nw))
+        fns["plan kernel alone (rank_share_cum_triton)"] = lambda: rank_share_cum_triton(g, tab, 0)
+        fns["token kernel alone (round-robin)"] = lambda: fused_token_slots(ids, tab, "round-robin", 0, g)
+    t: dict[str, dict[str, float | None]] = {}
+    for key, fn in fns.items():
+        eager = timeit(fn, device, iters)
+        gr = graphed(fn, device)
+        one = timeit(gr, device, iters) if gr else None
+        gm = graphed_many(fn, device, BUDGET_REPS)
+        many = timeit(gm, device, iters) / BUDGET_REPS if gm else None
+        t[key] = {"eager": eager, "graph1": one, "graphL": many}
+    return {"name": f"R={R}, {tokens_per_rank} tok/rank [{policy}]", "ok": ok, "K": int(tab_cpu.log2phy.shape[1]),
+            "F": int(tab_cpu.fl_rank.shape[0]), "Kd": int(tab_cpu.fl_rank.shape[1]), "colors": int(tab_cpu.num_colors),
+            "t": t}
+
+
+def budget_lines(budget: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "## Dispatch budget (issue 14): E=256, S=288, top-8, rank 0 (median microseconds)", "",
+             "SYNTHETIC Zipf routing. `eager`: CUDA events around one call; `graph, 1 call`: replay of a graph holding "
+             f"one call; `graph, per layer`: a graph holding {BUDGET_REPS} calls (as a model graph holds one per "
+             "layer), replay time / " + str(BUDGET_REPS) + ". Budget: balanced minus local-first <= 10 us per layer in "
+             "a CUDA graph, <= 25 us eager. `checks`: every strategy and backend on the device equals the CPU torch "
+             "reference.", ""]
+    lines.append("| what | " + " | ".join(f"{b['name']} (F={b['F']}, Kd={b['Kd']}, colours={b['colors']})"
+                                          for b in budget) + " |")
+    lines.append("| --- |" + " --- |" * len(budget))
+    lines.append("| checks | " + " | ".join("pass" if b["ok"] else "FAIL" for b in budget) + " |")
+    for mode, label in (("eager", "eager"), ("graph1", "graph, 1 call"), ("graphL", "graph, per layer")):
+        for key in budget[0]["t"]:
+            cells = []
+            for b in budget:
+                v = b["t"][key][mode]
+                cells.append("n/a" if v is None else f"{v:.1f}")
+            lines.append(f"| {key}, {label} | " + " | ".join(cells) + " |")
+        for key in ("balanced, fused (2 launches)", "round-robin, fused (1 launch)"):
+            cells = []
+            for b in budget:
+                a, lf = b["t"][key][mode], b["t"]["local-first"][mode]
+                cells.append("n/a" if a is None or lf is None else f"**{a - lf:.1f}**")
+            lines.append(f"| {key.split(',')[0]} minus local-first, {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(results: list[dict[str, Any]], device: torch.device, args: argparse.Namespace,
-                 argv: list[str] | None, token_results: list[dict[str, Any]] | None = None) -> None:
+                 argv: list[str] | None, token_results: list[dict[str, Any]] | None = None,
+                 budget: list[dict[str, Any]] | None = None) -> None:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     lines = [
         "# Balanced dispatch: kernel timing (bench/dispatch_gpu.py)",
@@ -306,6 +383,8 @@ def write_report(results: list[dict[str, Any]], device: torch.device, args: argp
         for key in token_results[0]["timings"]:
             cells = ["n/a" if r["timings"][key] is None else f"{r['timings'][key]:.1f}" for r in token_results]
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if budget:
+        lines += budget_lines(budget)
     text = "\n".join(lines) + "\n"
     write_text(args.out, text)
 
@@ -318,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/dispatch_gpu.md")
     ap.add_argument("--big", action="store_true", help="also 72 ranks x 576 slots (slow: F~86 fluid experts, 9 colours)")
     ap.add_argument("--token-only", action="store_true", help="only the token-side table")
+    ap.add_argument("--budget-only", action="store_true", help="only the dispatch budget table (issue 14)")
+    ap.add_argument("--no-budget", action="store_true", help="skip the dispatch budget table")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
@@ -339,13 +420,28 @@ def main(argv: list[str] | None = None) -> int:
             configs.append(("DSv3-like 72 ranks, 576 slots", 256, 72, 576, 4, 8, 128, 8))
     results: list[dict[str, Any]] = []
     token_results: list[dict[str, Any]] = []
+    budget: list[dict[str, Any]] = []
+    if not args.no_budget:
+        for R in ((72,) if args.quick else (72, 36)):
+            for tpr in ((256,) if args.quick else (256, 2048)):
+                for pol in policies:
+                    b = budget_config(R, tpr, pol, device, iters, seed=0)
+                    budget.append(b)
+                    print(f"budget {b['name']}: checks {'pass' if b['ok'] else 'FAIL'}")
+                    for key, v in b["t"].items():
+                        print(f"    {key:58s} " + "  ".join(
+                            f"{m} {'n/a' if x is None else f'{x:8.1f}'}" for m, x in v.items()))
+                    write_report(results, device, args, argv, token_results, budget)
+    if args.budget_only:
+        print(f"wrote {args.out}")
+        return 0 if all(b["ok"] for b in budget) else 1
     for tpr in (256, 2048):  # the issue's shape: 256 experts, 72 ranks, 288 slots, top-8
         tr = token_side_config(256, 72, 288, tpr, 8, device, iters, seed=0)
         token_results.append(tr)
         print(f"token side, {tr['name']} (K={tr['K']}): checks {'pass' if tr['equal'] else 'FAIL'}")
         for key, us in tr["timings"].items():
             print(f"    {key:70s} {'n/a' if us is None else f'{us:9.1f} us'}")
-        write_report(results, device, args, argv, token_results)
+        write_report(results, device, args, argv, token_results, budget)
     if args.token_only:
         configs = []
     for name, E, R, S, L, T, tpr, k in configs:
@@ -357,9 +453,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"gap to integer optimum {r['gap_mean']:.3f} tokens (max {r['gap_max']:.0f})")
             for key, us in r["timings"].items():
                 print(f"    {key:60s} {'n/a' if us is None else f'{us:9.1f} us'}")
-            write_report(results, device, args, argv, token_results)  # after every config: a time-out leaves a file
+            write_report(results, device, args, argv, token_results, budget)  # after every config: a time-out leaves a file
     print(f"wrote {args.out}")
-    return 0 if all(r["equal"] for r in token_results) else 1
+    return 0 if all(r["equal"] for r in token_results) and all(b["ok"] for b in budget) else 1
 
 
 if __name__ == "__main__":

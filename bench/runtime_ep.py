@@ -94,8 +94,8 @@ def _time_assign(layer: Any, ids: torch.Tensor, world: int, dev: torch.device, r
     for i in range(reps + 2):
         _sync(dev)
         t0 = time.perf_counter()
-        assign_slots(ids, table, layer.strategy, rank=layer.rank,
-                     global_counts=gc if layer.strategy == "balanced" else None)
+        assign_slots(ids, table, layer.dispatch_strategy, rank=layer.rank,
+                     global_counts=gc if layer.dispatch_strategy == "balanced" else None)
         _sync(dev)
         if i >= 2:
             times.append((time.perf_counter() - t0) * 1e3)

@@ -203,6 +203,14 @@ def test_evaluate_numbers_match_the_report(tmp_path: Path, trace_file: Path) -> 
     assert after["balanced_imbalance"] <= after["imbalance"] + 1e-9  # balanced dispatch never worse than static
     assert after["dispatch_bound"] <= after["balanced_max_load"] + 1e-6
     assert after["lower_bound"] <= after["max_load"] + 1e-6
+    # strategy="auto": the per-layer choice, its predicted gain and cost, in the JSON and the printed report
+    from eplb.dispatch.auto import auto_strategies, auto_summary
+    from eplb.sim.cost import default_cost_model
+
+    auto = after["auto_dispatch"]
+    want = auto_summary(auto_strategies(ev_tr.counts, pl, default_cost_model().compute_ms))
+    assert auto["per_layer"] == want["per_layer"] and auto["balanced_layers"] == want["balanced_layers"]
+    assert len(auto["per_layer"]) == pl.num_layers and "auto dispatch: balanced on" in text
 
 
 def test_evaluate_held_out(tmp_path: Path, trace_file: Path) -> None:

@@ -266,7 +266,7 @@ def _hot_rank_worker(rank: int, world: int) -> dict:
     for chunk in (None, 1, 3, 8):
         layer = ExpertParallelMoE.from_full_weights(w13, w2, p, 0, strategy="local-first", max_num_tokens=chunk,
                                                     compute="loop" if chunk == 3 else "auto")
-        a2a, hdr = layer._all_to_all, layer._exchange_header
+        a2a, hdr = layer._all_to_all, layer._all_gather_counts
 
         def count_a2a(*a, _f=a2a):
             calls["a2a"] += 1
@@ -274,19 +274,20 @@ def _hot_rank_worker(rank: int, world: int) -> dict:
 
         def count_hdr(h, _f=hdr):
             calls["hdr"] += 1
-            calls["width"] = int(h.shape[1])
+            calls["width"] = int(h.shape[0])
             return _f(h)
 
-        layer._all_to_all, layer._exchange_header = count_a2a, count_hdr
+        layer._all_to_all, layer._all_gather_counts = count_a2a, count_hdr
         calls.update(a2a=0, hdr=0)
         y = layer(x, ids, w)
         assert torch.allclose(y, ref, atol=1e-5), (chunk, float((y - ref).abs().max()))
         rows = layer.round_recv_rows
-        assert calls["hdr"] == 1 and calls["a2a"] == 2 * len(rows)  # one header exchange, two all-to-alls a round
+        assert calls["hdr"] == 1 and calls["a2a"] == 2 * len(rows)  # one count exchange, two all-to-alls a round
+        assert calls["width"] == E_hot + 1  # the [E] expert counts + error flag, also with max_num_tokens
         if chunk is None:
-            assert len(rows) == 1 and calls["width"] == 2 + 1  # today's header: spr counts + error flag
+            assert len(rows) == 1
         else:
-            assert calls["width"] == 2 + 1 + world and max(rows) <= chunk and layer.max_round_recv_rows <= chunk
+            assert max(rows) <= chunk and layer.max_round_recv_rows <= chunk
         _, done = layer.take_slot_counts()
         res[chunk] = (sum(rows), len(rows), done.tolist())
     return res

@@ -24,6 +24,7 @@ def test_simulate_builtin_with_online_and_outputs(tmp_path):
             "--plan-range", "0-64", "--sim-range", "64-128", "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "deepseek+online" in r.stdout and "imbalance mean" in r.stdout and "cost model:" in r.stdout
+    assert "deepseek: auto dispatch: balanced on 0/" in r.stdout  # decode-sized steps: nothing to gain
     d = json.loads((out / "simulation.json").read_text())
     assert list(d["summary"]) == ["none", "none+online", "deepseek", "deepseek+online"]
     assert d["meta"]["steps"] == 64 and d["meta"]["plan_steps"] == [0, 63] and not d["meta"]["in_sample"]

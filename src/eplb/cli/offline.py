@@ -243,6 +243,7 @@ def evaluate_placement(
         ev.balanced_max_load = float(brl.max(-1).mean())
         if bound:
             ev.dispatch_bound = float(np.asarray(per_step_lower_bound(c, pl)).mean())
+        ev.extra["auto_dispatch"] = _auto_dispatch(c, pl, brl)
     elif dispatch:  # no replicas: every token has one slot, balanced dispatch is the static split
         ev.balanced_layers = table.imbalance
         ev.balanced_imbalance, ev.balanced_max_load = ev.imbalance, ev.max_load
@@ -255,6 +256,17 @@ def evaluate_placement(
         ev.extra.update(ranks_per_token=round(fan["mean_ranks"], 4), nodes_per_token=round(fan["mean_nodes"], 4),
                         fanout_method=fan["method"])
     return ev
+
+
+def _auto_dispatch(counts: np.ndarray, placement: Placement, balanced_loads: np.ndarray) -> dict[str, Any]:
+    """``strategy="auto"``'s per-layer choice on these counts with the default (measured) cost model."""
+    from eplb.dispatch.auto import auto_strategies, auto_summary
+    from eplb.sim.cost import default_cost_model
+
+    cm = default_cost_model()
+    out = auto_summary(auto_strategies(counts, placement, cm.compute_ms, balanced_loads=balanced_loads))
+    out["cost_model"] = f"{cm.device}, {cm.date}"
+    return out
 
 
 def _summary_table(evals: Sequence[Evaluation], title: str) -> Any:
@@ -692,6 +704,11 @@ def evaluate_cmd(
         con.print(_per_layer_table(before, after, f"Load per rank, {trace} steps {after.window}: {before.label} -> {after.label}"))
     con.print(_summary_table(evals, f"{trace}: {tr_eval.num_steps} steps, {ep} ranks (imbalance = max/mean - 1 per step, averaged)"))
     _print_fanout(evals)
+    from eplb.dispatch.auto import auto_line
+
+    for ev in evals:
+        if "auto_dispatch" in ev.extra:
+            con.print(f"{ev.label}: {auto_line(ev.extra['auto_dispatch'])} (cost model {ev.extra['auto_dispatch']['cost_model']})")
     if ds:
         con.print(_replication_table(tr_eval, runs, ds, transfer_budget))
     if json_out is not None:

@@ -176,9 +176,26 @@ def simulate_cmd(
                           + (" (lookahead: copies move during the previous step)" if rep["lookahead"] else ""))
     console.print(f"cost model: {cm.device}, {cm.date}, {cm.source}")
     console.print(shape_line)
+    _print_auto(console, report, data, cm)
     if out is not None:
         files = report.save(out, plots=plots)
         console.print("wrote " + ", ".join(str(p) for p in files))
+
+
+def _print_auto(console: Any, report: Any, data: Any, cm: Any) -> None:
+    """``strategy="auto"``'s per-layer choice for each static run's placement (on the replayed counts)."""
+    import numpy as np
+
+    from eplb.dispatch.auto import auto_line, auto_strategies, auto_summary
+
+    for r in report.results:
+        pl = r.final_placement
+        if r.mode != "static" or pl is None or pl.num_slots <= pl.num_experts:
+            continue
+        counts = np.asarray(data.counts, dtype=np.float64)
+        if counts.shape[1:] != (pl.num_layers, pl.num_experts):
+            continue
+        console.print(f"{r.label}: {auto_line(auto_summary(auto_strategies(counts, pl, cm.compute_ms)))}")
 
 
 def capacity_cmd(

@@ -3,6 +3,7 @@
 * :class:`DispatchTable` -- one layer's device tables, from a :class:`~eplb.Placement`.
 * :func:`assign_slots` -- token -> slot on one rank: ``"local-first"``, ``"round-robin"``, ``"balanced"``.
 * :func:`plan_quotas` / :func:`source_shares` -- the balanced global plan every rank computes identically.
+* :func:`send_matrix` -- every rank's per-slot rows of a step from the gathered ``[R, E]`` counts alone.
 * :func:`split_counts` -- slot loads ``[..., L, S]`` of counts ``[..., L, E]`` under a strategy (evaluate/simulate).
 * :func:`per_step_lower_bound` -- LP bound of a fixed placement with perfect dispatch.
 * :func:`plan_replication` / :func:`replicated_rank_loads` -- per-step replication into dynamic slots
@@ -10,7 +11,7 @@
 * policy ``"eplb-dispatch"`` -- a placement designed for balanced dispatch (registered on import).
 """
 
-from eplb.dispatch.assign import STRATEGIES, assign_slots, occurrence, plan_quotas, source_shares
+from eplb.dispatch.assign import STRATEGIES, assign_slots, occurrence, plan_quotas, send_matrix, source_shares
 from eplb.dispatch.policy import dispatch_aware_placement
 from eplb.dispatch.replication import plan_replication, replicated_rank_loads
 from eplb.dispatch.solver import balanced_quotas, lp_max_load, waterfill
@@ -31,6 +32,7 @@ __all__ = [
     "plan_quotas",
     "plan_replication",
     "replicated_rank_loads",
+    "send_matrix",
     "source_shares",
     "split_counts",
     "split_rank_loads",

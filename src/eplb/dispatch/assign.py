@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from eplb.dispatch.kernel import HAVE_TRITON, plan_quotas_triton, rank_share_cum_triton
+from eplb.dispatch.kernel import HAVE_TRITON, fused_token_slots, plan_quotas_triton, rank_share_cum_triton
 from eplb.dispatch.solver import balanced_quotas, slot_quotas
 from eplb.dispatch.table import DispatchTable
 
-__all__ = ["STRATEGIES", "assign_slots", "balanced_replica", "balanced_token_slots", "occurrence", "plan_quotas", "source_shares",
-           "token_occurrence"]
+__all__ = ["STRATEGIES", "assign_slots", "balanced_replica", "balanced_token_slots", "occurrence", "plan_quotas",
+           "send_matrix", "source_shares", "token_occurrence"]
 
 STRATEGIES = ("local-first", "round-robin", "balanced")
 
@@ -189,7 +189,7 @@ def _check(topk_ids: torch.Tensor, table: DispatchTable, strategy: str, rank: in
 
 
 def assign_slots(topk_ids: torch.Tensor, table: DispatchTable, strategy: str = "local-first", *, rank: int,
-                 global_counts: torch.Tensor | None = None) -> torch.Tensor:
+                 global_counts: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Physical slot of every (token, choice) routed on this rank.
 
     Args:
@@ -199,6 +199,10 @@ def assign_slots(topk_ids: torch.Tensor, table: DispatchTable, strategy: str = "
         rank: this rank's index in the EP group.
         global_counts: ``[R, E]`` (source rank, expert) counts of this step over all ranks, this rank's row
             included (``"balanced"`` only; e.g. an ``all_gather`` of every rank's ``bincount``).
+        backend: ``"torch"`` (the reference, any device), ``"triton"`` (:func:`~eplb.dispatch.kernel.fused_token_slots`:
+            balanced in two kernel launches, round-robin in one) or ``"auto"`` (Triton on CUDA when available).
+            Both give identical slots. On CUDA the ids are not range-checked (that would sync with the host):
+            they must lie in ``[0, E)``.
 
     Returns:
         ``[N, k]`` ``int64`` slot ids; slot ``s`` lives on rank ``s // table.slots_per_rank``. Every entry is a
@@ -206,6 +210,10 @@ def assign_slots(topk_ids: torch.Tensor, table: DispatchTable, strategy: str = "
         so the per-slot totals over all ranks equal :func:`plan_quotas`.
     """
     _check(topk_ids, table, strategy, rank, global_counts)
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    if strategy != "local-first" and (backend == "triton" or (backend == "auto" and topk_ids.is_cuda and HAVE_TRITON)):
+        return fused_token_slots(topk_ids, table, strategy, rank, global_counts)
     ids2 = topk_ids.to(torch.int64)
     ids = ids2.reshape(-1)
     if strategy == "local-first":
@@ -239,3 +247,37 @@ def balanced_token_slots(topk_ids: torch.Tensor, table: DispatchTable, rank: int
     cnt = table.logcnt[ids]
     rep = torch.where(rep >= cnt, torch.remainder(occ + rank, cnt), rep)
     return table.log2phy.reshape(-1)[torch.add(rep, ids, alpha=table.log2phy.shape[1])].view(topk_ids.shape)
+
+
+def send_matrix(global_counts: torch.Tensor, table: DispatchTable, strategy: str) -> torch.Tensor:
+    """``[R, S]`` int64: rows every source rank sends to every physical slot this step, from the step's
+    ``[R, E]`` (source rank, expert) counts alone (no host sync; any device).
+
+    Row ``r`` equals the per-slot counts of rank ``r``'s :func:`assign_slots` under ``strategy`` whenever
+    ``global_counts[r]`` are the counts of its ids, so every rank of an EP group learns the whole exchange
+    (what it receives from each source for each of its slots) from one ``all_gather`` of the counts:
+    ``local-first`` through :attr:`DispatchTable.static_map`; ``round-robin``: the ``m``-th token of expert
+    ``e`` on rank ``r`` goes to replica ``(m + r) % n``, so replica ``j`` gets ``c // n + ((j - r) % n < c % n)``;
+    ``balanced``: :func:`source_shares` of :func:`plan_quotas`.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: unknown dispatch strategy {strategy!r}; expected one of {list(STRATEGIES)}")
+    g = global_counts.to(torch.int64)
+    R, E = g.shape
+    S = table.num_slots
+    out = torch.zeros(R, S, dtype=torch.int64, device=g.device)
+    if strategy == "local-first":
+        return out.scatter_add_(1, table.static_map, g)
+    K = table.log2phy.shape[1]
+    if strategy == "round-robin":
+        n = table.logcnt.clamp(min=1).view(1, E, 1)
+        j = torch.arange(K, device=g.device).view(1, 1, K)
+        r = torch.arange(R, device=g.device).view(R, 1, 1)
+        c = g.unsqueeze(-1)
+        per = torch.div(c, n, rounding_mode="floor") + (torch.remainder(j - r, n) < torch.remainder(c, n)).to(torch.int64)
+    else:
+        per = source_shares(g, plan_quotas(g, table), table)  # [R, E, K]
+    valid = (table.log2phy >= 0).unsqueeze(0)
+    per = per * valid
+    idx = table.log2phy.clamp(min=0).reshape(1, E * K).expand(R, E * K)
+    return out.scatter_add_(1, idx, per.reshape(R, E * K))

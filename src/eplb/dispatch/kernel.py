@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["HAVE_TRITON", "balanced_quotas_triton", "plan_quotas_triton", "rank_share_cum_triton"]
+__all__ = ["HAVE_TRITON", "balanced_quotas_triton", "fused_token_slots", "plan_quotas_triton", "rank_share_cum_triton"]
 
 try:  # pragma: no cover - exercised on GPU machines only
     import triton
@@ -188,6 +188,39 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
                          tl.cumsum(share, axis=1), mask=mek)
 
 
+    @triton.jit
+    def _token_slots_kernel(ids_ptr, cum_ptr, l2p_ptr, cnt_ptr, out_ptr, M, K, rank,
+                            BALANCED: tl.constexpr, BLOCK_M: tl.constexpr, LOG_KK: tl.constexpr):
+        # one program per expert e: the occurrence rank of each entry of e (a running prefix count over the
+        # row-major ids, chunk by chunk), its replica (balanced: the number of running shares cum[e, j] <= occ,
+        # a binary search over the non-decreasing row, padded with M > occ; past the shares round-robin;
+        # round-robin: (occ + rank) % replicas) and its slot log2phy[e, rep]. Every entry is written by the
+        # program of its expert only, so the result is deterministic.
+        e = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_M)
+        n = tl.maximum(tl.load(cnt_ptr + e).to(tl.int32), 1)
+        carry = tl.zeros([1], dtype=tl.int32)
+        for m0 in range(0, M, BLOCK_M):
+            idx = m0 + offs
+            ids = tl.load(ids_ptr + idx, mask=idx < M, other=-1).to(tl.int32)
+            hit = ids == e
+            h = hit.to(tl.int32)
+            occ = tl.cumsum(h, 0) - h + carry
+            carry += tl.sum(h, 0)
+            if BALANCED:
+                rep = tl.zeros([BLOCK_M], dtype=tl.int32)
+                for step in tl.static_range(LOG_KK):
+                    half = 1 << (LOG_KK - 1 - step)
+                    j = rep + (half - 1)
+                    c = tl.load(cum_ptr + e * K + j, mask=hit & (j < K), other=M)
+                    rep = tl.where(tl.minimum(c, M).to(tl.int32) <= occ, rep + half, rep)
+                rep = tl.where(rep >= n, (occ + rank) % n, rep)
+            else:
+                rep = (occ + rank) % n
+            slot = tl.load(l2p_ptr + e * K + rep, mask=hit, other=0)
+            tl.store(out_ptr + idx, slot, mask=hit)
+
+
 def _launch(g: torch.Tensor, tabs: dict[str, torch.Tensor], num_colors: int, num_ranks: int, *, slots: bool,
             frac_bits: int, sweeps: int, int_sweeps: int, num_warps: int, src_rank: int = -1,
             spr: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -303,3 +336,76 @@ def balanced_quotas_triton(
     out, _, _ = _launch(c, {k: v.contiguous() for k, v in tabs.items()}, num_colors, num_ranks, slots=False,
                      frac_bits=frac_bits, sweeps=sweeps, int_sweeps=int_sweeps, num_warps=num_warps)
     return out[0] if one else out
+
+
+def _fused_args(table: Any) -> dict[str, Any]:
+    """Contiguous tables and launch constants of one :class:`~eplb.dispatch.DispatchTable`, cached on it."""
+    cache = getattr(table, "_fused_cache", None)
+    if cache is None or cache["dev"] != table.log2phy.device:
+        tabs = {k: getattr(table, k).contiguous() for k in _TABLE_KEYS}
+        E, K = tabs["log2phy"].shape
+        F, Kd = tabs["fl_rank"].shape
+        blk_r, blk_e = triton.next_power_of_2(table.num_ranks), triton.next_power_of_2(E)
+        blk_f, blk_k = triton.next_power_of_2(F), triton.next_power_of_2(Kd)
+        dev = table.log2phy.device
+        # the plan's intermediates, reused by every call (consumed by the token kernel on the same stream)
+        bufs = {"cum": torch.empty((E, K), dtype=torch.int64, device=dev),
+                "slot_q": torch.empty((E, K), dtype=torch.int64, device=dev),
+                "q": torch.empty((F, Kd), dtype=torch.int64, device=dev),
+                "scratch": torch.empty((blk_r + blk_e + blk_f * blk_k,), dtype=torch.int64, device=dev)}
+        cache = {"dev": dev, "tabs": tabs, "logcnt": table.logcnt.contiguous(), "E": E, "K": K,
+                 "log_kk": int(triton.next_power_of_2(K + 1)).bit_length() - 1,  # a search over K + 1 >= padded
+                 "F": F, "Kd": Kd, "bufs": bufs,
+                 "block": {"BLOCK_E": triton.next_power_of_2(E), "BLOCK_F": triton.next_power_of_2(F),
+                           "BLOCK_K": triton.next_power_of_2(Kd), "BLOCK_KK": triton.next_power_of_2(K),
+                           "BLOCK_R": triton.next_power_of_2(table.num_ranks)}}
+        object.__setattr__(table, "_fused_cache", cache)  # frozen dataclass: a private cache, not a field
+    return cache
+
+
+def fused_token_slots(topk_ids: torch.Tensor, table: Any, strategy: str, rank: int,
+                      global_counts: torch.Tensor | None = None, *, frac_bits: int = 8, sweeps: int = 6,
+                      int_sweeps: int = 2, num_warps: int = 4, token_block: int | None = None,
+                      token_warps: int | None = None) -> torch.Tensor:
+    """:func:`eplb.dispatch.assign_slots` for ``"balanced"`` (two launches: the plan with this rank's running
+    shares, then the token kernel) and ``"round-robin"`` (one launch: the token kernel) on CUDA.
+
+    Equal to the torch path entry for entry. ``topk_ids`` ``[N, k]`` (any integer dtype, ids in ``[0, E)``),
+    ``global_counts`` ``[R, E]`` (balanced). Returns ``[N, k]`` int64 slots. ``num_warps``: the plan kernel's;
+    ``token_block`` / ``token_warps``: the token kernel's chunk of entries and warps (defaults by size).
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("fused_token_slots: Triton is not installed")
+    a = _fused_args(table)
+    E, K = a["E"], a["K"]
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    M = ids.numel()
+    out = torch.empty(topk_ids.shape, dtype=torch.int64, device=ids.device)
+    if M == 0:
+        return out
+    balanced = strategy == "balanced"
+    if balanced:
+        assert global_counts is not None
+        blk = a["block"]
+        tabs = a["tabs"]
+        g = global_counts if global_counts.dtype == torch.int64 and global_counts.is_contiguous() else (
+            global_counts.to(torch.int64).contiguous())
+        G = g.shape[0]
+        bufs = a["bufs"]
+        cum = bufs["cum"]
+        _balanced_kernel[(1,)](
+            g, tabs["fl_expert"], tabs["fl_rank"], tabs["fl_color"], tabs["single_rank"], tabs["slot_f"],
+            tabs["rep_kd"], tabs["rep_mult"], tabs["rep_pos"], tabs["log2phy"], bufs["q"], bufs["slot_q"], cum,
+            bufs["scratch"],
+            G, G * E, int(rank), int(table.slots_per_rank), 0, 0, 0, 0, 0, 0,
+            E, a["F"], a["Kd"], K, table.num_ranks, int(table.num_colors), int(sweeps), int(int_sweeps),
+            FRAC_BITS=int(frac_bits), BIG=1 << 60, SLOTS=True, SHARES=True, num_warps=num_warps,
+            BLOCK_G=min(16, triton.next_power_of_2(G)), **blk,
+        )
+    else:
+        cum = out  # unused
+    bm = token_block or min(2048, max(128, triton.next_power_of_2(M)))
+    tw = token_warps or (4 if bm <= 1024 else 8)
+    _token_slots_kernel[(E,)](ids, cum, a["tabs"]["log2phy"], a["logcnt"], out, M, K, int(rank),
+                              BALANCED=balanced, BLOCK_M=bm, LOG_KK=a["log_kk"], num_warps=tw)
+    return out

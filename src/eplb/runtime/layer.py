@@ -9,14 +9,15 @@ Each of the ``R`` ranks of an EP group holds ``spr = S / R`` physical slots of o
 with ``H`` the hidden size and ``I`` the expert intermediate size (transformers' ``gate_up_proj`` /
 ``down_proj`` layout). A forward step on every rank:
 
-1. counts its (token, expert) pairs per logical expert (``balanced`` strategy: ``all_gather`` of
-   the ``[E]`` counts, so every rank computes the same global split);
+1. counts its (token, expert) pairs per logical expert and exchanges them: one ``all_gather`` of
+   ``E + 1`` ints per rank, for every strategy (the extra int is an input-error flag, so a bad input
+   on one rank raises on every rank);
 2. maps each pair to a physical slot (:func:`eplb.dispatch.assign_slots`: ``local-first``,
-   ``round-robin`` or ``balanced``);
-3. exchanges per-slot counts (one ``all_to_all_single`` of ``R x (spr + 1)`` ints; the extra column
-   carries an input-error flag so a bad input on one rank raises on every rank; with
-   ``max_num_tokens`` each row also carries this rank's ``R`` per-destination row totals, so every
-   rank learns the full ``[R, R]`` send matrix from the same exchange -- still one host sync);
+   ``round-robin`` or ``balanced``; balanced plans from the gathered ``[R, E]`` counts);
+3. derives from the same counts the whole ``[R, S]`` send matrix (:func:`eplb.dispatch.send_matrix`):
+   what it receives from every source for each local slot, and (``max_num_tokens``) the ``[R, R]``
+   rows of every (source, destination) pair -- one host sync for the split sizes; so ``balanced`` and
+   ``local-first`` make the same collectives (1 count exchange + 2 all-to-alls per round);
 4. in each round: sends the tokens (``all_to_all_single`` with uneven splits), computes its slots
    with a grouped GEMM + SwiGLU, and returns the outputs (second ``all_to_all_single``), weighted by
    ``topk_weights`` and summed per token (fp32 accumulation). Without ``max_num_tokens`` there is
@@ -42,14 +43,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from eplb.dispatch import DispatchTable, assign_slots
+from eplb.dispatch import DispatchTable, assign_slots, send_matrix
 from eplb.placement import Placement, PlacementError
 from eplb.runtime.compute import Activation, expert_ffn, resolve_activation, resolve_impl
 from eplb.runtime.distributed import AgreementError, GroupInfo, agree, fingerprint, group_info
+from eplb.runtime.static_exchange import static_exchange_forward
 
 __all__ = ["STRATEGIES", "ExpertParallelMoE", "reference_moe"]
 
-STRATEGIES = ("local-first", "round-robin", "balanced")
+STRATEGIES = ("local-first", "round-robin", "balanced", "auto")
 
 # error bits carried in the count exchange
 _ERR_IDS = 1  # topk_ids outside [0, E)
@@ -93,7 +95,10 @@ class ExpertParallelMoE(nn.Module):
         layer_pos: row of ``placement`` this layer serves (0-based position, not the model layer id).
         group: the EP process group (``None``: WORLD if initialised; without ``torch.distributed``
             only a one-rank placement is accepted and no collective runs).
-        strategy: replica choice, one of :data:`STRATEGIES`; must be the same on every rank.
+        strategy: replica choice, one of :data:`STRATEGIES`; must be the same on every rank. ``"auto"``:
+            the strategy of ``auto_decision`` (balanced only where a cost model predicts a net gain).
+        auto_decision: with ``strategy="auto"``, this layer's :class:`eplb.dispatch.auto.AutoDecision` (from
+            :func:`eplb.dispatch.auto.auto_strategies`; its strategy is part of the cross-rank agreement).
         max_num_tokens: largest number of (token, expert) rows any rank receives and computes per
             all-to-all round (TensorRT-LLM's ``moe max_num_tokens``: a hot rank's receive buffer and
             expert compute stay bounded; the forward runs as many rounds as the most loaded rank
@@ -101,6 +106,13 @@ class ExpertParallelMoE(nn.Module):
             same on every rank (checked by ``verify``).
         compute: ``"auto"`` (grouped GEMM where supported), ``"grouped"`` or ``"loop"``.
         activation: ``"silu"`` (SwiGLU, default) or a callable applied to the gate half.
+        capacity: static-capacity mode (with ``max_tokens_per_rank``): every rank sends every rank exactly
+            ``capacity`` rows per round, in ``ceil(max_tokens_per_rank * min(k, spr) / capacity)`` rounds, with no
+            host sync (the forward can be captured in a CUDA graph; :mod:`eplb.runtime.static_exchange`).
+            A step over capacity uses the later rounds; ``N > max_tokens_per_rank`` raises ``ValueError`` on that
+            rank after the collectives (the others get NaN outputs); bad expert ids on any rank make every
+            rank's output NaN and count in ``error_steps`` (no host sync to raise).
+        max_tokens_per_rank: the most tokens any rank passes to one forward (static-capacity mode).
         verify: check across ranks at construction (one ``all_gather``) that every rank holds the
             same placement row, sizes and strategy; a mismatch raises on every rank.
 
@@ -133,6 +145,9 @@ class ExpertParallelMoE(nn.Module):
         group: Any = None,
         strategy: str = "local-first",
         max_num_tokens: int | None = None,
+        capacity: int | None = None,
+        max_tokens_per_rank: int | None = None,
+        auto_decision: Any = None,
         compute: str = "auto",
         activation: str | Activation | None = "silu",
         verify: bool = True,
@@ -143,10 +158,13 @@ class ExpertParallelMoE(nn.Module):
         error: str | None = None
         try:
             self._validate_args(w13, w2, placement, layer_pos, strategy, max_num_tokens)
+            _validate_capacity(capacity, max_tokens_per_rank, max_num_tokens)
+            _validate_auto(strategy, auto_decision)
         except ValueError as exc:
             error = str(exc)
         if verify:
-            digest = self._digest(placement, layer_pos, strategy, w13, w2, max_num_tokens) if error is None else b"\x00" * 32
+            digest = self._digest(placement, layer_pos, _effective(strategy, auto_decision), w13, w2,
+                                  (max_num_tokens, capacity, max_tokens_per_rank)) if error is None else b"\x00" * 32
             agree(info, f"ExpertParallelMoE(layer {layer_pos})", digest, error, device=_device_of(w13))
         elif error is not None:
             raise PlacementError(f"ExpertParallelMoE(layer {layer_pos}): {error}")
@@ -160,7 +178,11 @@ class ExpertParallelMoE(nn.Module):
         self.slots_per_rank = placement.slots_per_rank
         self.rank = info.rank
         self.strategy = strategy
+        self.auto_decision = auto_decision if strategy == "auto" else None
+        self.dispatch_strategy = _effective(strategy, auto_decision)  # what assign_slots runs
         self.max_num_tokens = max_num_tokens
+        self.capacity = capacity
+        self.max_tokens_per_rank = max_tokens_per_rank
         self.hidden_size = int(w13.shape[2])
         self.intermediate_size = int(w2.shape[2])
         self.act = resolve_activation(activation)
@@ -175,6 +197,7 @@ class ExpertParallelMoE(nn.Module):
                              persistent=False)
         self.register_buffer("local_slot_counts", torch.zeros(self.slots_per_rank, dtype=torch.int64, device=dev),
                              persistent=False)
+        self.register_buffer("error_steps", torch.zeros((), dtype=torch.int64, device=dev), persistent=False)
         self._compute_req = compute
         self._impl: str | None = None
         self._table: Any = None
@@ -187,7 +210,7 @@ class ExpertParallelMoE(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def _validate_args(self, w13: torch.Tensor, w2: torch.Tensor, placement: Placement, layer_pos: int,
-                       strategy: str, max_num_tokens: int | None) -> None:
+                       strategy: str, max_num_tokens: Any) -> None:
         info = self._info
         if not isinstance(placement, Placement):
             raise ValueError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
@@ -220,7 +243,7 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"w13/w2: expected floating-point weights, got {w13.dtype}")
 
     def _digest(self, placement: Placement, layer_pos: int, strategy: str, w13: torch.Tensor,
-                w2: torch.Tensor, max_num_tokens: int | None) -> bytes:
+                w2: torch.Tensor, max_num_tokens: Any) -> bytes:
         return fingerprint(placement.phy2log[layer_pos].tobytes(), placement.num_experts, placement.num_ranks,
                            placement.num_nodes, strategy, tuple(w13.shape[1:]), tuple(w2.shape[1:]), str(w13.dtype),
                            max_num_tokens)
@@ -228,7 +251,8 @@ class ExpertParallelMoE(nn.Module):
     def verify(self) -> None:
         """Collective: raise on every rank unless all ranks hold the same placement row, sizes and chunking."""
         agree(self._info, f"ExpertParallelMoE(layer {self.layer_pos})",
-              self._digest(self._table_placement, 0, self.strategy, self.w13, self.w2, self.max_num_tokens), None,
+              self._digest(self._table_placement, 0, self.dispatch_strategy, self.w13, self.w2,
+                           (self.max_num_tokens, self.capacity, self.max_tokens_per_rank)), None,
               device=self.w13.device)
 
     # ------------------------------------------------------------------ tables
@@ -254,6 +278,14 @@ class ExpertParallelMoE(nn.Module):
         return self._impl
 
     # ---------------------------------------------------------------- counters
+    def dispatch_info(self) -> dict[str, Any]:
+        """The dispatch strategy this layer runs and, for ``"auto"``, the choice's predicted gain and cost (ms)."""
+        info: dict[str, Any] = {"strategy": self.strategy, "dispatch_strategy": self.dispatch_strategy}
+        if self.auto_decision is not None:
+            info.update(predicted_gain_ms=float(self.auto_decision.predicted_gain_ms),
+                        cost_ms=float(self.auto_decision.cost_ms))
+        return info
+
     def take_counts(self) -> torch.Tensor:
         """``int64 [E]`` pairs per logical expert since the last call; zeroes the counter (no host sync)."""
         out = self.expert_counts.clone()
@@ -351,7 +383,7 @@ class ExpertParallelMoE(nn.Module):
             return self._forward(hidden, topk_ids, topk_weights)
 
     def _forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        E, S, R, spr, H = self.num_experts, self.num_slots, self.num_ranks, self.slots_per_rank, self.hidden_size
+        E, R, spr, H = self.num_experts, self.num_ranks, self.slots_per_rank, self.hidden_size
         dev = self.w13.device
         local_err = self._check_inputs(hidden, topk_ids, topk_weights)
         if local_err is None and self.route_override is not None:
@@ -362,6 +394,15 @@ class ExpertParallelMoE(nn.Module):
             hidden = torch.zeros(0, H, dtype=self.w13.dtype, device=dev)
             topk_ids = torch.zeros(0, 1, dtype=torch.int64, device=dev)
             topk_weights = torch.zeros(0, 1, dtype=torch.float32, device=dev)
+        static = self.capacity is not None
+        if static and local_err is None and int(topk_ids.shape[0]) > int(self.max_tokens_per_rank):  # host shapes
+            local_err = (f"{int(topk_ids.shape[0])} tokens ({int(topk_ids.shape[0]) * int(topk_ids.shape[1])} rows) "
+                         f"exceed max_tokens_per_rank={self.max_tokens_per_rank} of the static capacity "
+                         f"(capacity={self.capacity} rows per rank pair and round)")
+            k_in = int(topk_ids.shape[1])
+            hidden = torch.zeros(0, H, dtype=self.w13.dtype, device=dev)
+            topk_ids = torch.zeros(0, k_in, dtype=torch.int64, device=dev)
+            topk_weights = torch.zeros(0, k_in, dtype=torch.float32, device=dev)
         N, k = int(topk_ids.shape[0]), int(topk_ids.shape[1])
         ids = topk_ids.to(torch.int64)
         bad_ids = ((ids < 0) | (ids >= E)).any()
@@ -370,44 +411,51 @@ class ExpertParallelMoE(nn.Module):
         err_code = bad_ids.to(torch.int64) * _ERR_IDS + (_ERR_SHAPE if local_err is not None else 0)
 
         table = self._dispatch_table()
-        global_counts = None
-        if self.strategy == "balanced":
-            local = torch.zeros(E, dtype=torch.int64, device=dev).index_add_(
-                0, flat_ids, torch.ones_like(flat_ids))
-            global_counts = self._all_gather_counts(local)
-        slots = assign_slots(ids, table, self.strategy, rank=self.rank, global_counts=global_counts)
+        # the one count exchange (every strategy): all_gather of this rank's [E] expert counts + error flag;
+        # from the [R, E] counts every rank derives the whole [R, S] send matrix (eplb.dispatch.send_matrix),
+        # so balanced needs no collective of its own
+        local = torch.zeros(E + 1, dtype=torch.int64, device=dev)
+        local[:E].index_add_(0, flat_ids, torch.ones_like(flat_ids))
+        local[E] = err_code
+        gathered = self._all_gather_counts(local)  # [R, E + 1]
+        global_counts = gathered[:, :E]
+        slots = assign_slots(ids, table, self.dispatch_strategy, rank=self.rank, global_counts=global_counts)
         flat = slots.reshape(-1).to(torch.int64)
         order = torch.argsort(flat, stable=True)
-        sent = torch.zeros(S, dtype=torch.int64, device=dev).index_add_(0, flat, torch.ones_like(flat))
+        send_all = send_matrix(global_counts, table, self.dispatch_strategy)  # [R, S] rows source -> slot
+        sent = send_all[self.rank]
         self.slot_counts += sent
-        self.expert_counts.index_add_(0, self.placement_row, sent)  # counts per expert from the slot counts
+        self.expert_counts += local[:E]
+        if static:  # fixed splits, no host sync (CUDA-graph capturable)
+            poison = (gathered[:, E] != 0).any()
+            self.error_steps += poison.to(torch.int64)
+            y = static_exchange_forward(self, hidden, ids, slots, send_all, topk_weights, poison)
+            self.steps += 1
+            if local_err is not None:  # this rank knows on the host: raise after taking part
+                raise ValueError(f"ExpertParallelMoE(layer {self.layer_pos}): {local_err}")
+            return y.to(hidden.dtype)
 
-        # exchange per-slot counts + error flag: send[r] = (counts of rank r's slots, err); with max_num_tokens
-        # also this rank's row totals for every destination, so each rank learns the full [R, R] send matrix
         chunked = self.max_num_tokens is not None
+        mine = send_all[:, self.rank * spr:(self.rank + 1) * spr]  # [R, spr] rows each source sends here
         send_rows = sent.view(R, spr).sum(1)  # [R] rows this rank sends to each rank
-        parts = [sent.view(R, spr), err_code.view(1, 1).expand(R, 1)]
+        parts = [mine.reshape(-1), gathered[:, E], send_rows]
         if chunked:
-            parts.append(send_rows.view(1, R).expand(R, R))
-        hdr = torch.cat(parts, dim=1)
-        W = int(hdr.shape[1])
-        recv_hdr = self._exchange_header(hdr)  # [R, W]: row s = what source s sends here
-        host = torch.cat([recv_hdr.reshape(-1), send_rows]).cpu().numpy()  # the one host sync
-        recv_np = host[: R * W].reshape(R, W)
-        codes = recv_np[:, spr]
+            parts.append(send_all.view(R, R, spr).sum(-1).reshape(-1))  # [R, R] source -> destination rows
+        host = torch.cat(parts).cpu().numpy()  # the one host sync
+        recv_counts_np = host[: R * spr].reshape(R, spr)
+        codes = host[R * spr: R * spr + R]
         if np.any(codes != 0):
             self._raise_input_error(codes, local_err)
-        send_tot = host[R * W:].astype(np.int64)
-        recv_counts_np = recv_np[:, :spr]
+        send_tot = host[R * spr + R: R * spr + 2 * R].astype(np.int64)
         recv_tot = recv_counts_np.sum(1).astype(np.int64)
-        matrix = recv_np[:, spr + 1:].astype(np.int64) if chunked else None
+        matrix = host[R * spr + 2 * R:].reshape(R, R).astype(np.int64) if chunked else None
         plan = _round_plan(send_tot, recv_tot, matrix, self.rank, self.max_num_tokens)
 
         w_all = topk_weights.reshape(-1)[order].float()
         out = torch.zeros(N, H, dtype=torch.float32, device=dev)
         # local slot of every row this rank receives, in the incoming order (source-major, then local slot)
         total_in = int(recv_tot.sum())
-        lsid = torch.repeat_interleave(torch.arange(spr, device=dev).repeat(R), recv_hdr[:, :spr].reshape(-1),
+        lsid = torch.repeat_interleave(torch.arange(spr, device=dev).repeat(R), mine.reshape(-1),
                                        output_size=total_in)
         block_end = np.cumsum(recv_counts_np.reshape(-1))
         block_start = block_end - recv_counts_np.reshape(-1)
@@ -460,14 +508,6 @@ class ExpertParallelMoE(nn.Module):
         dist.all_gather(parts, local.contiguous(), group=info.group)
         return torch.stack(parts)
 
-    def _exchange_header(self, hdr: torch.Tensor) -> torch.Tensor:
-        info = self._info
-        if not info.distributed:
-            return hdr.clone()
-        out = torch.empty_like(hdr)
-        dist.all_to_all_single(out, hdr.contiguous(), group=info.group)
-        return out
-
     def _all_to_all(self, x: torch.Tensor, send_split: list[int], recv_split: list[int]) -> torch.Tensor:
         info = self._info
         if not info.distributed:
@@ -510,8 +550,10 @@ class ExpertParallelMoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"layer_pos={self.layer_pos}, experts={self.num_experts}, slots={self.num_slots}, "
                 f"ranks={self.num_ranks}, rank={self.rank}, slots_per_rank={self.slots_per_rank}, "
-                f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, strategy={self.strategy!r}, "
-                f"max_num_tokens={self.max_num_tokens}")
+                f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, strategy={self.strategy!r}"
+                f"{'' if self.auto_decision is None else ' -> ' + repr(self.auto_decision.as_dict())}, "
+                f"max_num_tokens={self.max_num_tokens}, capacity={self.capacity}, "
+                f"max_tokens_per_rank={self.max_tokens_per_rank}")
 
     # ------------------------------------------------------------ factories
     @classmethod
@@ -609,6 +651,32 @@ def _round_plan(send_tot: np.ndarray, recv_tot: np.ndarray, matrix: np.ndarray |
         length = hi - lo
         plan.append((lo[me], length[me], length[:, me]))
     return plan
+
+
+def _effective(strategy: str, auto_decision: Any) -> str:
+    return str(auto_decision.strategy) if strategy == "auto" and auto_decision is not None else strategy
+
+
+def _validate_auto(strategy: str, auto_decision: Any) -> None:
+    if strategy != "auto":
+        if auto_decision is not None:
+            raise ValueError(f"auto_decision: only with strategy='auto', got strategy={strategy!r}")
+        return
+    if auto_decision is None or getattr(auto_decision, "strategy", None) not in ("local-first", "balanced"):
+        raise ValueError("auto_decision: strategy='auto' needs this layer's eplb.dispatch.auto.AutoDecision "
+                         f"(from eplb.dispatch.auto.auto_strategies), got {auto_decision!r}")
+
+
+def _validate_capacity(capacity: int | None, max_tokens_per_rank: int | None, max_num_tokens: int | None) -> None:
+    for name, v in (("capacity", capacity), ("max_tokens_per_rank", max_tokens_per_rank)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"{name}: expected a positive integer or None, got {v!r}")
+    if (capacity is None) != (max_tokens_per_rank is None):
+        raise ValueError("capacity / max_tokens_per_rank: the static-capacity mode needs both (rows per rank pair "
+                         f"and round, tokens per rank), got capacity={capacity!r}, "
+                         f"max_tokens_per_rank={max_tokens_per_rank!r}")
+    if capacity is not None and max_num_tokens is not None:
+        raise ValueError("capacity and max_num_tokens: choose one (static-capacity rounds or host-planned rounds)")
 
 
 def _device_of(t: Any) -> torch.device | None:
