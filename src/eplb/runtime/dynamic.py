@@ -10,13 +10,15 @@ is ``D`` experts per rank whatever the number of layers. Attach it with ``layer.
    on the totals: which expert goes into which dynamic slot, from which rank, and every slot's token quota;
 2. the copies start at once (``isend``/``irecv`` of the source's static slot into the destination's buffer; on
    CUDA on a side stream), and overlap with the token assignment and the dispatch all-to-all;
-3. each rank's share of every replica's quota (:func:`eplb.dispatch.source_shares` on the augmented slot space:
-   rank ``r``'s static slots then its dynamic slots) assigns its tokens (:func:`eplb.dispatch.balanced_token_slots`);
+3. every source rank's share of every replica's quota (:func:`eplb.dispatch.source_shares` on the augmented slot
+   space: rank ``r``'s static slots then its dynamic slots) gives the whole send matrix on every rank (no count
+   exchange); this rank's shares assign its tokens (:func:`eplb.dispatch.assign.balanced_token_slots`);
 4. tokens travel (``all_to_all_single``); the rank then **waits for its copies** (CUDA: the compute stream waits
    on the side stream's event; CPU: the requests' ``wait``) before computing any dynamic slot, so no token reaches
    a slot before its weights land; static slots and dynamic slots run as two grouped GEMMs; outputs go back.
 
-One round (``max_num_tokens`` chunking is not supported in this mode). The layer's ``expert_counts`` keep counting
+One round (``max_num_tokens`` chunking and static-capacity mode are not supported in this mode; the layer's
+``strategy`` is not used: the split is the planner's). The layer's ``expert_counts`` keep counting
 this rank's pairs per expert; ``slot_counts`` / ``local_slot_counts`` (static slot space) are not updated.
 """
 
@@ -208,8 +210,9 @@ def replicated_forward(layer: ExpertParallelMoE, pool: DynamicSlots, hidden: tor
     D = pool.dynamic_slots
     SP = P + D
     dev = layer.w13.device
-    if layer.max_num_tokens is not None:
-        raise ValueError("dynamic slots: max_num_tokens chunking is not supported with per-step replication")
+    if layer.max_num_tokens is not None or getattr(layer, "capacity", None) is not None:
+        raise ValueError("dynamic slots: max_num_tokens chunking and static-capacity mode are not supported with "
+                         "per-step replication")
     err = layer._check_inputs(hidden, topk_ids, topk_weights)
     if err is not None:
         raise ValueError(f"ExpertParallelMoE(layer {layer.layer_pos}): {err}")
@@ -231,14 +234,22 @@ def replicated_forward(layer: ExpertParallelMoE, pool: DynamicSlots, hidden: tor
     tab = _augmented_table(row, plan["dyn_expert"], R, P, E, dev)
     per_slot = torch.as_tensor(plan["slot_tokens"].reshape(-1), device=dev)
     quotas = torch.where(tab.log2phy >= 0, per_slot[tab.log2phy.clamp(min=0)], torch.zeros_like(tab.log2phy))
-    cum_e = torch.cumsum(source_shares(g, quotas, tab, layer.rank), -1)  # type: ignore[arg-type]
+    # every source rank's share of every replica: the whole [R, R * SP] send matrix, known to every rank without
+    # a header exchange (the same deterministic arithmetic everywhere)
+    shares = source_shares(g, quotas, tab)  # type: ignore[arg-type]  # [R, E, K]
+    idx = tab.log2phy.clamp(min=0).reshape(1, -1).expand(R, -1)
+    matrix = torch.zeros(R, R * SP, dtype=torch.int64, device=dev).scatter_add_(
+        1, idx, (shares * (tab.log2phy >= 0)).reshape(R, -1))
+    cum_e = torch.cumsum(shares[layer.rank], -1)
     slots = balanced_token_slots(ids, tab, layer.rank, cum_e).reshape(-1)  # type: ignore[arg-type]
     order = torch.argsort(slots, stable=True)
     sent = torch.zeros(R * SP, dtype=torch.int64, device=dev).index_add_(0, slots, torch.ones_like(slots))
-    recv_hdr = layer._exchange_header(sent.view(R, SP))  # [R sources, SP local slots]
-    host = torch.cat([recv_hdr.reshape(-1), sent]).cpu().numpy()
+    recv_hdr = matrix[:, layer.rank * SP:(layer.rank + 1) * SP]  # [R sources, SP local slots]
+    host = torch.cat([recv_hdr.reshape(-1), sent, matrix[layer.rank]]).cpu().numpy()
     recv_counts = host[: R * SP].reshape(R, SP)
-    send_split = [int(v) for v in host[R * SP:].reshape(R, SP).sum(1)]
+    if not np.array_equal(host[R * SP:2 * R * SP], host[2 * R * SP:]):  # pragma: no cover - counts are this rank's own
+        raise RuntimeError("dynamic slots: this rank's token assignment disagrees with the planned send matrix")
+    send_split = [int(v) for v in host[R * SP:2 * R * SP].reshape(R, SP).sum(1)]
     recv_split = [int(v) for v in recv_counts.sum(1)]
     tok = order // k
     w = topk_weights.reshape(-1).to(dev)[order].float()
