@@ -95,6 +95,9 @@ def simulate_cmd(
                                                      "size (an expert is 3 x hidden x intermediate weights)"),
     dtype_bytes: int | None = typer.Option(None, "--dtype-bytes", min=1, help="bytes per weight/activation element "
                                            "(2 = bf16, 1 = fp8)"),
+    weight_format: str | None = typer.Option(None, "--weight-format", help="expert weights: 'dense' (dtype bytes) or "
+                                             "'fp8-block' (FP8 + float32 128x128 block scales, DeepSeek-V3 layout); "
+                                             "default: the cost model's"),
     dynamic_slots: list[str] | None = typer.Option(None, "--dynamic-slots", help="also simulate per-step replication "
                                                    "with D dynamic slots per rank on each static placement (repeat or "
                                                    "comma-separate, e.g. 1,2,4)"),
@@ -121,8 +124,17 @@ def simulate_cmd(
                                     moe_intermediate_size=moe_intermediate_size, dtype_bytes=dtype_bytes)
     if shape:
         cm = cm.with_(**shape)
-    shape_line = (f"expert size: hidden {cm.hidden_size} x intermediate {cm.moe_intermediate_size} x {cm.dtype_bytes} "
-                  f"byte(s) ({shape_src or 'the cost model: pass --hidden-size / --moe-intermediate-size for this model'})")
+    if weight_format is not None:
+        from eplb.sim.cost import WEIGHT_FORMATS
+
+        if weight_format not in WEIGHT_FORMATS:
+            raise typer.BadParameter(f"expected one of {list(WEIGHT_FORMATS)}, got {weight_format!r}",
+                                     param_hint="--weight-format")
+        cm = cm.with_(weight_format=weight_format)
+    wfmt = "FP8 + block scales" if cm.weight_format == "fp8-block" else f"{cm.dtype_bytes} byte(s)"
+    shape_line = (f"expert size: hidden {cm.hidden_size} x intermediate {cm.moe_intermediate_size} x {wfmt} "
+                  f"({shape_src or 'the cost model: pass --hidden-size / --moe-intermediate-size for this model'}): "
+                  f"{cm.expert_bytes:,} bytes per expert")
     pols = _split_list(policy) or (["deepseek"] if not placement else [])
     places = {}
     for f in placement or ():

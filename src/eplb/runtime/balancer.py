@@ -196,8 +196,8 @@ class OnlineBalancer:
         x = torch.ones(1, dtype=torch.int64, device=dev)
         dist.all_reduce(x, group=self.comm_group)
         peer = self.executor._peer
-        send = torch.full((1,), self.rank, dtype=self.layers[0].w13.dtype if hasattr(self.layers[0], "w13")
-                          else torch.float32, device=dev)
+        wdt = self.layers[0].w13.dtype if hasattr(self.layers[0], "w13") else torch.float32
+        send = torch.full((1,), self.rank, dtype=torch.uint8 if wdt.itemsize == 1 else wdt, device=dev)  # fp8: bytes
         recv = torch.empty_like(send)
         ops = [dist.P2POp(dist.isend, send, **peer((self.rank + 1) % self.world)),
                dist.P2POp(dist.irecv, recv, **peer((self.rank - 1) % self.world))]

@@ -213,6 +213,9 @@ def replicated_forward(layer: ExpertParallelMoE, pool: DynamicSlots, hidden: tor
     if layer.max_num_tokens is not None or getattr(layer, "capacity", None) is not None:
         raise ValueError("dynamic slots: max_num_tokens chunking and static-capacity mode are not supported with "
                          "per-step replication")
+    if tuple(layer.expert_weight_names) != ("w13", "w2"):
+        raise ValueError(f"dynamic slots: only dense w13/w2 experts are supported, this layer has "
+                         f"{list(layer.expert_weight_names)}")
     err = layer._check_inputs(hidden, topk_ids, topk_weights)
     if err is not None:
         raise ValueError(f"ExpertParallelMoE(layer {layer.layer_pos}): {err}")
