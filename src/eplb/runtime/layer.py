@@ -230,6 +230,7 @@ class ExpertParallelMoE(nn.Module):
         self._table: Any = None
         self._table_placement = placement.select_layers([layer_pos])
         self.route_override: Callable[[int, int], torch.Tensor] | None = None
+        self.dynamic: Any = None  # a DynamicSlots pool: per-step replication (eplb.runtime.dynamic)
         self.steps = 0
         self.round_recv_rows: list[int] = []
         self.max_round_recv_rows = 0
@@ -442,8 +443,14 @@ class ExpertParallelMoE(nn.Module):
 
         Collective: every rank of the group must call it (``N`` may differ per rank, even be 0).
         Bad input on any rank raises ``ValueError`` on every rank after the count exchange.
+        With a :class:`~eplb.runtime.dynamic.DynamicSlots` pool in ``self.dynamic`` the step runs with per-step
+        replication (:func:`eplb.runtime.dynamic.replicated_forward`).
         """
         with torch.no_grad():
+            if self.dynamic is not None:
+                from eplb.runtime.dynamic import replicated_forward
+
+                return replicated_forward(self, self.dynamic, hidden, topk_ids, topk_weights)
             return self._forward(hidden, topk_ids, topk_weights)
 
     def _forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
