@@ -97,3 +97,18 @@ def test_beats_deepseek_on_held_out_real_steps() -> None:
 def test_policy_rejects_bad_options() -> None:
     with pytest.raises(ValueError):
         eplb.plan(np.ones((2, 1, 4)), 6, 4, policy="eplb-dispatch")  # 6 slots over 4 ranks
+
+
+def test_balanced_rank_loads_equal_summed_slot_quotas_and_skip_static_map() -> None:
+    """split_rank_loads("balanced") sums fluid quotas per rank directly; it must equal the per-slot path."""
+    from eplb.dispatch.split import split_counts, split_rank_loads
+    from eplb.dispatch.table import layer_tables
+
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(rng.gamma(0.6, 20.0, (3, 16))[None] * np.ones((5, 1, 1)))
+    for S, R in ((24, 4), (32, 8)):
+        p = eplb.plan(counts.sum(0), S, R, policy="deepseek")
+        slots = split_counts(counts, p, "balanced").reshape(5, 3, R, -1).sum(-1)
+        assert np.array_equal(split_rank_loads(counts, p, "balanced"), slots)
+        assert "static_map" not in layer_tables(p, static_map=False)
+        assert "static_map" in layer_tables(p)

@@ -126,7 +126,7 @@ def test_sglang_errors(tmp_path: Path) -> None:
     with pytest.raises(MapFormatError, match=r"unexpected key\(s\) \['ep_size', 'foo'\].*init_by_mapping"):
         read_placement(p, "sglang", ep_size=1)
     p = _write(tmp_path, "s3.json", {"logical_count": [[1, -2, 3]]})
-    with pytest.raises(MapFormatError, match=r"logical_count: negative or non-finite count at index \[0, 1\]"):
+    with pytest.raises(MapFormatError, match=r"logical_count: contains negative loads \(first at index \[0, 1\]"):
         read_placement(p, ep_size=1)
 
 

@@ -87,3 +87,36 @@ def test_incremental_rows_prefers_fewer_moves_within_target():
     assert np.all(mx <= fmx * 1.05 * (1 + 1e-9))
     assert np.all(moves_rows(cur, out, 8, 32) <= moves_rows(cur, align_ranks(cur, fresh, 8, 32), 8, 32))
     assert set(pick.tolist()) <= {0, 1, 2, 3}
+
+
+def test_default_window_plan_never_worse_than_deepseek_per_step_on_its_window() -> None:
+    """[T, L, E] input: eplb minimises the mean per-step max and falls back per layer to DeepSeek."""
+    from eplb.policies.robust import step_max_mean
+
+    rng = np.random.default_rng(11)
+    for E, S, R in ((16, 20, 4), (32, 40, 8), (24, 24, 6)):
+        loads = rng.poisson(rng.gamma(0.5, 30, (1, 4, E)), (20, 4, E)).astype(float)
+        ours = eplb.plan(loads, S, R)  # the default policy
+        ds = eplb.plan(loads, S, R, policy="deepseek")
+        summed = eplb.plan(loads, S, R, window="sum")
+        a = step_max_mean(loads, ours.phy2log, R)
+        assert np.all(a <= step_max_mean(loads, ds.phy2log, R) * (1 + 1e-12))
+        assert a.mean() <= step_max_mean(loads, summed.phy2log, R).mean() * (1 + 1e-12)
+
+
+def test_default_policy_is_one_constant_everywhere() -> None:
+    import inspect
+
+    from eplb.integrations._core import resolve_planner
+    from eplb.runtime.manager import BalancerConfig
+    from eplb.sim.capacity import capacity
+    from eplb.sim.simulate import simulate
+
+    assert eplb.DEFAULT_POLICY == "eplb"
+    assert inspect.signature(eplb.plan).parameters["policy"].default == eplb.DEFAULT_POLICY
+    assert resolve_planner(None) == eplb.DEFAULT_POLICY
+    for fn in (simulate, capacity):
+        assert tuple(inspect.signature(fn).parameters["policies"].default) == (eplb.DEFAULT_POLICY,)
+    assert BalancerConfig.__dataclass_fields__["policy"].default == eplb.DEFAULT_POLICY
+    with pytest.raises(ValueError, match="window"):
+        eplb.plan(np.ones((2, 1, 4)), 4, 2, window="median")

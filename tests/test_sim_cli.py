@@ -136,3 +136,16 @@ def test_sim_validate_rebuilds_runtime_ep_configurations(tmp_path):
             assert row["busiest_load_err"] == 0.0, row  # the same placement, counts and split as on the devices
         assert row["busiest_load_err"] < 0.1
     assert "| identity |" in out.read_text()
+
+
+def test_simulate_weight_format_fp8_halves_the_expert_bytes(tmp_path):
+    common = ("simulate", "builtin:llama4_maverick_mmlu_decode", "--ep-size", "8", "--num-slots", "136",
+              "--policy", "deepseek", "--hidden-size", "7168", "--moe-intermediate-size", "2048", "--no-progress",
+              "--sim-range", "0-8", "--no-plots")
+    dense = run(*common)
+    fp8 = run(*common, "--weight-format", "fp8-block")
+    assert dense.returncode == 0 and fp8.returncode == 0, (dense.stderr, fp8.stderr)
+    assert "x 2 byte(s) (options): 88,080,384 bytes per expert" in " ".join(dense.stdout.split())
+    assert "x FP8 + block scales (options): 44,050,944 bytes per expert" in " ".join(fp8.stdout.split())
+    bad = run(*common, "--weight-format", "int4")
+    assert bad.returncode == 2 and "expected one of ['dense', 'fp8-block'], got 'int4'" in " ".join(bad.stderr.split())

@@ -132,3 +132,20 @@ def test_bad_files(tmp_path):
     bad.write_text(json.dumps([1, 2]))
     with pytest.raises(CostModelError, match="expected a JSON object"):
         load_cost_model(bad)
+
+
+def test_fp8_block_weights_halve_the_expert_bytes_and_migration_time():
+    from eplb.sim.cost import CostModel, CostModelError, load_cost_model
+
+    bf16 = CostModel(device="d", date="2026-12-02", source="test", compute_kind="roofline", roofline_ms_per_token=0.01,
+                     p2p_gbps=100.0)
+    fp8 = bf16.with_(weight_format="fp8-block")
+    assert bf16.expert_bytes == 88_080_384
+    # DeepSeek-V3: 44,040,192 FP8 weight bytes + float32 scales of w13 [32, 56] and w2 [56, 16] blocks
+    assert fp8.expert_bytes == 3 * 7168 * 2048 + 4 * (32 * 56 + 56 * 16) == 44_050_944
+    assert fp8.token_bytes == bf16.token_bytes  # activations stay in dtype_bytes
+    assert fp8.migration_ms(3) == pytest.approx(3 * 44_050_944 / 100e6)
+    back = load_cost_model(fp8.to_dict())
+    assert back.weight_format == "fp8-block" and back.expert_bytes == fp8.expert_bytes
+    with pytest.raises(CostModelError, match="field 'weight_format' must be one of \\['dense', 'fp8-block'\\], got 'int4'"):
+        load_cost_model({**fp8.to_dict(), "shape": {"weight_format": "int4"}})

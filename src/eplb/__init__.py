@@ -15,7 +15,7 @@ Larger areas are subpackages: :mod:`eplb.dispatch`, :mod:`eplb.runtime`, :mod:`e
 """
 
 from eplb.placement import Placement, PlacementError
-from eplb.policies import POLICIES, plan, rebalance_experts, register_policy
+from eplb.policies import DEFAULT_POLICY, POLICIES, plan, rebalance_experts, register_policy
 from eplb.stats.trace import Trace, TraceError
 
 _LAZY = {
@@ -38,6 +38,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "DEFAULT_POLICY",
     "POLICIES",
     "Placement",
     "PlacementError",

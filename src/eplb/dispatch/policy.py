@@ -28,7 +28,7 @@ import numpy as np
 
 from eplb.placement import Placement
 from eplb.policies import register_policy
-from eplb.policies.deepseek import rebalance_experts
+from eplb.policies.deepseek import rebalance_experts, to_float32
 
 __all__ = ["coverage_counts", "dispatch_aware_placement", "pack_for_dispatch", "replica_counts", "window_balanced_max"]
 
@@ -41,6 +41,8 @@ def replica_counts(weight: np.ndarray, num_slots: int, max_replicas: int) -> np.
     rows = np.arange(L)
     for _ in range(num_slots - E):  # items: redundant slots
         score = np.where(cnt < max_replicas, weight / cnt, -np.inf)
+        full = ~np.isfinite(score).any(1)  # every expert at max_replicas (more slots than E x R): co-locate
+        score[full] = weight[full] / cnt[full]
         best = np.argmax(score, axis=1)
         cnt[rows, best] += 1
     return cnt
@@ -98,16 +100,20 @@ def pack_for_dispatch(loads: np.ndarray, cnt: np.ndarray, num_ranks: int, num_no
     has = np.zeros((L, R, E), dtype=bool)
     fluid_vol = np.zeros((L, R))
     rank_load = np.zeros((L, R, T))  # per-step load of each rank (fluid at uniform share)
+    rank_mean = np.zeros((L, R))
     slot_of_rank = np.zeros((L, R), dtype=np.int64)
-    phy2log = np.empty((L, S), dtype=np.int64)
+    phy2log = np.full((L, S), -1, dtype=np.int64)
     for i in range(S):  # items
         e = items[:, i]
         is_fl = fluid[rows, e]
         x = share[:, rows, e].T  # [L, T]
         ok = (free > 0) & ~has[rows, :, e]
-        cov = np.einsum("lrt,lt->lr", rank_load, x)
-        score_fl = fluid_vol * (1 + 1e-9) + rank_load.mean(-1) * 1e-9
-        score = np.where(is_fl[:, None], score_fl, cov)
+        # no free rank without this expert (more replicas than ranks, or the free slots sit on ranks that
+        # hold it already): a co-located replica, never a write past a full rank's slots
+        ok = np.where(ok.any(1, keepdims=True), ok, free > 0)
+        score = fluid_vol * (1 + 1e-9) + rank_mean * 1e-9
+        if not is_fl.all():  # fluid items come first: the [L, R, T] product only for single-replica items
+            score = np.where(is_fl[:, None], score, np.einsum("lrt,lt->lr", rank_load, x))
         r = np.argmin(np.where(ok, score, np.inf), axis=1)
         phy2log[rows, r * spr + slot_of_rank[rows, r]] = e
         slot_of_rank[rows, r] += 1
@@ -115,11 +121,13 @@ def pack_for_dispatch(loads: np.ndarray, cnt: np.ndarray, num_ranks: int, num_no
         has[rows, r, e] = True
         fluid_vol[rows, r] += np.where(is_fl, mean[rows, e] / cnt[rows, e], 0.0)
         rank_load[rows, r] += x
+        rank_mean[rows, r] += x.mean(-1)
+    assert (phy2log >= 0).all(), "pack_for_dispatch: a slot was left unassigned"
     return phy2log
 
 
 def _as_integer_counts(loads: np.ndarray) -> np.ndarray:
-    if np.all(loads == np.round(loads)):
+    if np.all(loads == np.round(loads)) and float(loads.max(initial=0.0)) <= 2**53:  # exact in int64
         return loads.astype(np.int64)
     per_step = loads.sum(-1).mean()
     scale = 4096.0 / per_step if per_step > 0 else 1.0
@@ -145,8 +153,13 @@ def dispatch_aware_placement(
     coverage_headrooms: Sequence[float] = (),
     include_deepseek: bool = True,
     solver_options: dict[str, int] | None = None,
+    score_steps: int = 16,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Best per layer of the candidates (see the module docstring) on the window ``loads`` ``[T, L, E]``.
+
+    Candidates are scored on at most ``score_steps`` evenly spaced steps of the window (the balanced solver is
+    the dominant cost: ``O(C * T' * L * sweeps * colours * F * Kd)`` for ``C`` candidates on ``T'`` steps);
+    packing costs ``O(C * S * L * R * T)``.
 
     Returns ``phy2log`` ``[L, S]`` and info: ``chosen`` (candidate name per layer) and ``window_max``
     (the chosen candidates' mean per-step balanced max load per layer).
@@ -156,31 +169,38 @@ def dispatch_aware_placement(
     mean = loads.mean(0)
     std = loads.std(0) if T > 1 else np.zeros_like(mean)
     cands: dict[str, np.ndarray] = {}
+    cnts: dict[str, np.ndarray] = {}
     for a in alphas:
         w = mean + a * std
         w = np.where(w > 0, w, 1e-9)
-        cnt = replica_counts(w, num_slots, R)
-        cands[f"alpha={a:g}"] = pack_for_dispatch(loads, cnt, R, num_nodes)
+        cnts[f"alpha={a:g}"] = replica_counts(w, num_slots, R)
     for h in coverage_headrooms:
-        cands[f"coverage={h:g}"] = pack_for_dispatch(loads, coverage_counts(loads, num_slots, R, h), R, num_nodes)
+        cnts[f"coverage={h:g}"] = coverage_counts(loads, num_slots, R, h)
+    if cnts:  # all count vectors packed in one batch of rows (one Python loop over the S items)
+        packed = pack_for_dispatch(np.tile(loads, (1, len(cnts), 1)), np.concatenate(list(cnts.values())), R, num_nodes)
+        for i, n in enumerate(cnts):
+            cands[n] = packed[i * L:(i + 1) * L]
     if include_deepseek:
         ng = num_groups if E % num_groups == 0 else 1
-        cands["deepseek"] = np.asarray(rebalance_experts(mean.astype(np.float32), num_slots, ng, num_nodes, R)[0])
+        cands["deepseek"] = np.asarray(rebalance_experts(to_float32(mean), num_slots, ng, num_nodes, R)[0])
     opts = {"sweeps": 3, "int_sweeps": 1, **(solver_options or {})}
     names = list(cands)
-    scores = np.stack([window_balanced_max(loads, Placement(cands[n], E, R, num_nodes), **opts) for n in names])
+    steps = np.unique(np.linspace(0, T - 1, min(T, max(int(score_steps), 1))).round().astype(np.int64))
+    sub = loads[steps]
+    scores = np.stack([window_balanced_max(sub, Placement(cands[n], E, R, num_nodes), **opts) for n in names])
     best = np.argmin(scores, axis=0)  # [L]
     stacked = np.stack([cands[n] for n in names])  # [C, L, S]
     phy2log = stacked[best, np.arange(L)]
     return phy2log, {"chosen": [names[b] for b in best], "window_max": scores[best, np.arange(L)].tolist()}
 
 
-@register_policy("eplb-dispatch", options=("alphas", "coverage_headrooms", "include_deepseek", "solver_options"))
+@register_policy("eplb-dispatch", options=("alphas", "coverage_headrooms", "include_deepseek", "solver_options",
+                                          "score_steps"))
 def _eplb_dispatch(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
                    **options: Any) -> np.ndarray:
     """Placement for balanced per-step dispatch (:func:`dispatch_aware_placement`); options: ``alphas``,
-    ``coverage_headrooms``, ``include_deepseek``, ``solver_options``."""
-    known = {k: options[k] for k in ("alphas", "coverage_headrooms", "include_deepseek", "solver_options")
+    ``coverage_headrooms``, ``include_deepseek``, ``solver_options``, ``score_steps``."""
+    known = {k: options[k] for k in ("alphas", "coverage_headrooms", "include_deepseek", "solver_options", "score_steps")
              if k in options}
     phy2log, _ = dispatch_aware_placement(np.asarray(loads, dtype=np.float64), num_slots, num_ranks, num_nodes,
                                           num_groups, **known)

@@ -70,17 +70,20 @@ def split_counts(counts: ArrayLike, placement: Placement, strategy: str = "balan
     return out
 
 
-def _balanced_slots(c: torch.Tensor, placement: Placement, **solver_options: int) -> torch.Tensor:
-    """``[..., L, S]`` balanced slot quotas. Layers are solved in a few buckets of similar table width (the
-    widest layer would otherwise pad every layer), each bucket batched over steps and its layers."""
-    logcnt = placement.logcnt
-    width = (np.maximum(logcnt.max(1), 2) - 1).astype(np.int64)
+def _buckets(placement: Placement) -> list[np.ndarray]:
+    """Layer positions grouped by table width (``ceil(log2(max replicas - 1))``): at most ~``log2(R)`` buckets,
+    so the widest layer does not pad every layer."""
+    width = (np.maximum(placement.logcnt.max(1), 2) - 1).astype(np.int64)
     bucket = np.ceil(np.log2(width)).astype(np.int64)
+    return [np.nonzero(bucket == b)[0] for b in np.unique(bucket)]
+
+
+def _balanced_slots(c: torch.Tensor, placement: Placement, **solver_options: int) -> torch.Tensor:
+    """``[..., L, S]`` balanced slot quotas, solved per bucket of layers (:func:`_buckets`), each bucket batched
+    over steps and its layers."""
     out = torch.zeros(c.shape[:-1] + (placement.num_slots,), dtype=torch.int64)
-    for b in np.unique(bucket):  # buckets of layers (at most ~log2(R) of them), not single layers
-        pos = np.nonzero(bucket == b)[0]
-        sub = placement.select_layers(pos.tolist())
-        t = layer_tables(sub)
+    for pos in _buckets(placement):
+        t = layer_tables(placement.select_layers(pos.tolist()), static_map=False)
         tt = {k: torch.as_tensor(v) for k, v in t.items() if isinstance(v, np.ndarray)}
         cb = c[..., torch.as_tensor(pos), :]
         q = balanced_quotas(cb, tt["fl_expert"], tt["fl_rank"], tt["color_members"], tt["single_rank"],
@@ -93,9 +96,28 @@ def _balanced_slots(c: torch.Tensor, placement: Placement, **solver_options: int
     return out
 
 
+def _balanced_ranks(c: torch.Tensor, placement: Placement, **solver_options: int) -> torch.Tensor:
+    """``[..., L, R]`` rank loads of the balanced split, straight from the fluid quotas (no per-slot quotas and
+    no static map are built): a rank's load is its single-replica experts' tokens plus its fluid quotas.
+    Equal to summing :func:`_balanced_slots` over each rank's slots."""
+    R = placement.num_ranks
+    out = torch.zeros(c.shape[:-1] + (R,), dtype=torch.int64)
+    for pos in _buckets(placement):
+        t = layer_tables(placement.select_layers(pos.tolist()), static_map=False)
+        fe, fr, cm, sr = (torch.as_tensor(t[k]) for k in ("fl_expert", "fl_rank", "color_members", "single_rank"))
+        cb = c[..., torch.as_tensor(pos), :]
+        q = balanced_quotas(cb, fe, fr, cm, sr, R, **solver_options)  # [..., Lb, F, Kd]
+        lead = q.shape[:-2]
+        loads = torch.zeros(lead + (R,), dtype=torch.int64)
+        loads.scatter_add_(-1, sr.clamp(min=0).expand(lead + sr.shape[-1:]), cb * (sr >= 0))
+        loads.scatter_add_(-1, fr.clamp(min=0).flatten(-2).expand(lead + (-1,)), (q * (fr >= 0)).flatten(-2))
+        out[..., torch.as_tensor(pos), :] = loads
+    return out
+
+
 def expert_ranks(placement: Placement) -> np.ndarray:
     """``[L, E, Kd]`` distinct ranks holding each expert (``-1`` padded)."""
-    t = layer_tables(placement)
+    t = layer_tables(placement, static_map=False)
     L, E = t["single_rank"].shape
     Kd = t["fl_rank"].shape[-1]
     out = np.full((L, E, Kd), -1, dtype=np.int64)
@@ -106,7 +128,16 @@ def expert_ranks(placement: Placement) -> np.ndarray:
 
 
 def split_rank_loads(counts: ArrayLike, placement: Placement, strategy: str = "balanced", **solver_options: int) -> Any:
-    """``[..., L, R]`` rank loads under ``strategy`` (sums of :func:`split_counts` over each rank's slots)."""
+    """``[..., L, R]`` rank loads under ``strategy`` (sums of :func:`split_counts` over each rank's slots; the
+    balanced strategy sums the fluid quotas per rank directly, without building per-slot quotas)."""
+    if strategy == "balanced":
+        is_torch = isinstance(counts, torch.Tensor)
+        device = counts.device if isinstance(counts, torch.Tensor) else None
+        c = _check_counts(counts, placement)
+        if np.any(c != np.round(c)):
+            raise ValueError("counts: the balanced split needs whole token counts")
+        out = _balanced_ranks(torch.as_tensor(c.astype(np.int64)), placement, **solver_options).numpy().astype(np.float64)
+        return torch.as_tensor(out, dtype=torch.float64, device=device) if is_torch else out
     s = split_counts(counts, placement, strategy, **solver_options)
     return s.reshape(tuple(s.shape[:-1]) + (placement.num_ranks, placement.slots_per_rank)).sum(-1)
 

@@ -40,8 +40,11 @@ def served_replicas(placement: Placement) -> tuple[np.ndarray, np.ndarray]:
     return out[..., : int(cnt.max())], cnt
 
 
-def layer_tables(placement: Placement) -> dict[str, Any]:
+def layer_tables(placement: Placement, *, static_map: bool = True) -> dict[str, Any]:
     """All dispatch tables of every layer (numpy ``int64``; ``L`` layers, ``K`` = max replicas).
+
+    ``static_map=False`` skips the ``[L, R, E]`` local-first map (the largest table, ``O(L R E K)`` to build;
+    the balanced solver and the rank-load scoring of placements never read it).
 
     Returns a dict with:
 
@@ -118,21 +121,7 @@ def layer_tables(placement: Placement) -> dict[str, Any]:
     srt = np.argsort(~per_color, axis=-1, kind="stable")[..., :Fc]
     color_members = np.where(np.take_along_axis(per_color, srt, -1), srt, F - 1)
 
-    # local-first static map
-    r = np.arange(R)
-    e = np.arange(E)
-    cand_rank = rank[:, None, :, :]  # [L, 1, E, K]
-    on_rank = cand_rank == r[None, :, None, None]  # [L, R, E, K]
-    on_node = (cand_rank >= 0) & (cand_rank // rpn == (r // rpn)[None, :, None, None])
-    anywhere = np.broadcast_to(valid[:, None], on_node.shape)
-    choose = np.where(on_rank.any(-1, keepdims=True), on_rank, np.where(on_node.any(-1, keepdims=True), on_node, anywhere))
-    n_c = choose.sum(-1)  # [L, R, E] >= 1
-    pick = (r[:, None] + e[None, :])[None] % n_c  # which candidate (in slot order)
-    order = np.cumsum(choose, axis=-1) - 1
-    hit = choose & (order == pick[..., None])
-    k_sel = np.argmax(hit, axis=-1)
-    static_map = np.take_along_axis(np.broadcast_to(log2phy[:, None], hit.shape), k_sel[..., None], axis=-1)[..., 0]
-    return {
+    out = {
         "log2phy": log2phy,
         "logcnt": logcnt,
         "slot_rank": slot_rank,
@@ -146,8 +135,25 @@ def layer_tables(placement: Placement) -> dict[str, Any]:
         "rep_kd": np.where(valid, rep_kd, 0),
         "rep_mult": rep_mult,
         "rep_pos": rep_pos,
-        "static_map": static_map.astype(np.int64),
     }
+    if not static_map:
+        return out
+    # local-first static map
+    r = np.arange(R)
+    e = np.arange(E)
+    cand_rank = rank[:, None, :, :]  # [L, 1, E, K]
+    on_rank = cand_rank == r[None, :, None, None]  # [L, R, E, K]
+    on_node = (cand_rank >= 0) & (cand_rank // rpn == (r // rpn)[None, :, None, None])
+    anywhere = np.broadcast_to(valid[:, None], on_node.shape)
+    choose = np.where(on_rank.any(-1, keepdims=True), on_rank, np.where(on_node.any(-1, keepdims=True), on_node, anywhere))
+    n_c = choose.sum(-1)  # [L, R, E] >= 1
+    pick = (r[:, None] + e[None, :])[None] % n_c  # which candidate (in slot order)
+    order = np.cumsum(choose, axis=-1) - 1
+    hit = choose & (order == pick[..., None])
+    k_sel = np.argmax(hit, axis=-1)
+    smap = np.take_along_axis(np.broadcast_to(log2phy[:, None], hit.shape), k_sel[..., None], axis=-1)[..., 0]
+    out["static_map"] = smap.astype(np.int64)
+    return out
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import numpy as np
 from eplb.formats import native, sglang, trtllm, vllm, vllm_ascend
 from eplb.formats._common import Decoded, MapFormatError, load_pt, parse_json, parse_yaml, read_bytes
 from eplb.placement import Placement, PlacementError
-from eplb.stats.trace import atomic_write
+from eplb.stats.trace import atomic_write, reading
 
 __all__ = [
     "FORMATS",
@@ -179,7 +179,8 @@ def detect_format(path: PathLike) -> str:
     Raises :class:`MapFormatError` for a missing, empty, truncated or unrecognised file.
     """
     p = Path(path)
-    return _parse(p, read_bytes(p))[0]
+    with reading(p, MapFormatError):
+        return _parse(p, read_bytes(p))[0]
 
 
 def format_for_path(path: PathLike, format: str | None = None) -> str:
@@ -276,6 +277,14 @@ def read_placement(
         ``layer_ids_positional`` (True when the rows are MoE-layer positions ``0..L-1``, not model ids).
     """
     p = Path(path)
+    with reading(p, MapFormatError):
+        return _read_placement(p, format, num_experts=num_experts, ep_size=ep_size, num_nodes=num_nodes,
+                               layer_ids=layer_ids, num_slots=num_slots, policy=policy, num_groups=num_groups)
+
+
+def _read_placement(p: Path, format: str | None, *, num_experts: int | None, ep_size: int | None,
+                    num_nodes: int | None, layer_ids: Sequence[int] | None, num_slots: int | None,
+                    policy: str | None, num_groups: int) -> Placement:
     data = read_bytes(p)
     fmt = _check_format_name(format) if format is not None else _parse(p, data)[0]
     d = _decode(p, fmt, data)

@@ -11,11 +11,12 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from eplb import _safe_read as _safe
+from eplb._safe_read import MAX_FILE_BYTES
 from eplb.placement import PlacementError
 
 __all__ = [
@@ -62,50 +63,19 @@ class Decoded:
     loads: np.ndarray | None = None
 
 
-def read_bytes(path: PathLike) -> bytes:
-    """The file's bytes; a missing file, a directory or an empty file is a :class:`MapFormatError`."""
-    p = Path(path)
-    if not p.exists():
-        raise MapFormatError(f"{p}: no such file")
-    if p.is_dir():
-        raise MapFormatError(f"{p}: is a directory, expected a map file")
-    data = p.read_bytes()
-    if not data.strip():
-        raise MapFormatError(f"{p}: empty file")
-    return data
+def read_bytes(path: PathLike, *, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; anything else is a :class:`MapFormatError`."""
+    return _safe.read_bytes(path, max_bytes=max_bytes, error=MapFormatError)
 
 
 def parse_json(path: PathLike, data: bytes) -> Any:
-    """Parse JSON; a truncated or malformed document names the line and column."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MapFormatError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        truncated = exc.pos >= len(text.rstrip())
-        what = "truncated JSON" if truncated else "invalid JSON"
-        raise MapFormatError(f"{path}: {what}: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    """Parse JSON (bounded depth); a truncated or malformed document names the line and column."""
+    return _safe.parse_json(path, data, error=MapFormatError)
 
 
 def parse_yaml(path: PathLike, data: bytes) -> Any:
-    """Parse YAML (safe loader); errors name the line and column."""
-    import yaml
-
-    try:
-        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: 10x faster
-        return yaml.load(data.decode("utf-8"), Loader=loader)  # noqa: S506 (a safe loader)
-    except UnicodeDecodeError as exc:
-        raise MapFormatError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        end = len(data.rstrip())
-        truncated = mark is not None and mark.index >= len(data.decode("utf-8")[:end]) - 1
-        what = "truncated YAML" if truncated else "invalid YAML"
-        raise MapFormatError(f"{path}: {what}: {problem}{where}") from None
+    """Parse YAML (safe loader, bounded depth); errors name the line and column."""
+    return _safe.parse_yaml(path, data, error=MapFormatError)
 
 
 def load_pt(path: PathLike, data: bytes) -> Any:
@@ -132,15 +102,26 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def as_int(value: Any, where: str, *, minimum: int | None = None) -> int:
-    """``value`` as an int (no bools, no fractional floats) or a MapFormatError naming ``where``."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
+_INT_MAX = 2**31 - 1  # ids and sizes of maps: far below, and safe for every engine's int32 tensors
+
+
+def _exact_float(v: Any) -> Any:
+    if isinstance(v, (float, np.floating)) and np.isfinite(v) and float(v).is_integer() and abs(v) <= 2**53:
+        return int(v)
+    return v
+
+
+def as_int(value: Any, where: str, *, minimum: int | None = None, maximum: int = _INT_MAX) -> int:
+    """``value`` as an int (no bools, no fractional or inexact floats, at most ``maximum``) or a
+    MapFormatError naming ``where``."""
+    value = _exact_float(value)
     if not _is_int(value):
-        raise MapFormatError(f"{where}: expected an integer, got {value!r}")
+        raise MapFormatError(f"{where}: expected an integer, got {str(value)[:60]!r}")
     v = int(value)
     if minimum is not None and v < minimum:
         raise MapFormatError(f"{where}: expected an integer >= {minimum}, got {v}")
+    if not -maximum - 1 <= v <= maximum:
+        raise MapFormatError(f"{where}: {str(v)[:40]} is out of range (expected at most {maximum})")
     return v
 
 
@@ -152,10 +133,11 @@ def as_int_list(value: Any, where: str) -> list[int]:
         raise MapFormatError(f"{where}: expected a list of expert ids, got {type(value).__name__}")
     out = []
     for j, v in enumerate(value):
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
+        v = _exact_float(v)
         if not _is_int(v):
-            raise MapFormatError(f"{where}[{j}]: expected an integer expert id, got {v!r}")
+            raise MapFormatError(f"{where}[{j}]: expected an integer expert id, got {str(v)[:60]!r}")
+        if not -_INT_MAX - 1 <= int(v) <= _INT_MAX:
+            raise MapFormatError(f"{where}[{j}]: expert id {str(int(v))[:40]} is out of range")
         out.append(int(v))
     return out
 
@@ -168,9 +150,14 @@ def as_int_matrix(value: Any, where: str) -> np.ndarray:
         if value.ndim != 2:
             raise MapFormatError(f"{where}: expected a [layers, slots] matrix, got shape {tuple(value.shape)}")
         if value.dtype.kind not in "iu":
-            if value.dtype.kind == "f" and np.all(np.isfinite(value)) and np.all(value == np.round(value)):
+            if value.dtype.kind == "f" and np.all(np.isfinite(value)) and np.all(value == np.round(value)) \
+                    and np.all(np.abs(value) <= _INT_MAX):
                 return value.astype(np.int64)
             raise MapFormatError(f"{where}: expected integer expert ids, got dtype {value.dtype}")
+        if value.size and (int(value.max()) > _INT_MAX or int(value.min()) < -_INT_MAX - 1):
+            bad = np.argwhere((value > _INT_MAX) | (value < -_INT_MAX - 1))[0].tolist() if value.dtype.kind == "i" \
+                else np.argwhere(value > _INT_MAX)[0].tolist()
+            raise MapFormatError(f"{where}: expert id {int(value[tuple(bad)])} at index {bad} is out of range")
         return value.astype(np.int64)
     if not isinstance(value, (list, tuple)) or not value:
         raise MapFormatError(f"{where}: expected a non-empty [layers, slots] list of lists")

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from eplb._checks import exact_counts
 from eplb.formats._common import Decoded, MapFormatError, as_int_matrix, dump_json, torch_bytes
 from eplb.placement import Placement
 
@@ -42,13 +43,10 @@ def decode_obj(path: str, obj: Any) -> Decoded:
         arr = as_int_matrix(obj["physical_to_logical_map"], f"{path}: physical_to_logical_map")
         return Decoded(arr, tuple(range(arr.shape[0])), meta={"sglang_form": "physical_to_logical_map"})
     if "logical_count" in obj:
-        raw = obj["logical_count"]
-        if hasattr(raw, "detach"):
-            raw = raw.detach().cpu().numpy()
-        try:
-            counts = np.asarray(raw, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise MapFormatError(f"{path}: logical_count must be a rectangular numeric array ({exc})") from None
+        try:  # exact: no uint64 wrap, no rounding past 2**53, no strings or bools taken for numbers
+            counts = exact_counts(obj["logical_count"], f"{path}: logical_count", ndim=(1, 2, 3, 4)).astype(np.float64)
+        except ValueError as exc:
+            raise MapFormatError(str(exc)) from None
         if counts.ndim not in (2, 3):
             raise MapFormatError(f"{path}: logical_count: expected [layers, experts] or [steps, layers, experts], got shape {counts.shape}")
         if counts.size == 0:

@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from eplb.formats._common import Decoded, MapFormatError, as_int, as_int_list, parse_yaml, read_bytes
+from eplb.formats._common import (
+    MAX_FILE_BYTES,
+    Decoded,
+    MapFormatError,
+    as_int,
+    as_int_list,
+    parse_yaml,
+    read_bytes,
+)
 from eplb.placement import Placement
 
 __all__ = ["KEYS", "SERVING_KEYS", "decode", "encode"]
@@ -47,10 +55,30 @@ def _layer_key(key: Any, path: os.PathLike[str] | str) -> int:
     return as_int(key, f"{path}: initial_global_assignments key {key!r} (a model layer index)", minimum=0)
 
 
+#: Largest load-balancer YAML an options file may point to.
+MAX_INDIRECT_BYTES = 64 << 20
+
+
+def _indirection(p: Path, lb: str) -> Path:
+    """The file ``moe_config.load_balancer: PATH`` names: a regular file of bounded size in the options
+    file's directory (or below it); never a device, a FIFO, or a path outside that directory."""
+    base = p.parent.resolve()
+    target = (Path(lb) if Path(lb).is_absolute() else p.parent / lb).resolve()
+    if target != base and base not in target.parents:
+        raise MapFormatError(f"{p}: moe_config.load_balancer: {lb!r} is outside the options file's directory {base} "
+                             "(only files next to the config are read)")
+    if not target.is_file():
+        what = "no such file" if not target.exists() else "not a regular file"
+        raise MapFormatError(f"{p}: moe_config.load_balancer: {lb!r}: {what}")
+    if target.stat().st_size > MAX_INDIRECT_BYTES:
+        raise MapFormatError(f"{p}: moe_config.load_balancer: {lb!r} is larger than {MAX_INDIRECT_BYTES} bytes")
+    return target
+
+
 def decode(path: os.PathLike[str] | str, data: bytes | None = None, _depth: int = 0) -> Decoded:
     """Read a TensorRT-LLM load-balancer YAML into rows keyed by model layer index."""
     p = Path(path)
-    obj = parse_yaml(p, read_bytes(p) if data is None else data)
+    obj = parse_yaml(p, read_bytes(p, max_bytes=MAX_INDIRECT_BYTES if _depth else MAX_FILE_BYTES) if data is None else data)
     if not isinstance(obj, dict):
         raise MapFormatError(f"{p}: expected a YAML mapping with {list(KEYS)}, got {type(obj).__name__}")
     inline = False
@@ -61,8 +89,7 @@ def decode(path: os.PathLike[str] | str, data: bytes | None = None, _depth: int 
         if isinstance(lb, str):
             if _depth:
                 raise MapFormatError(f"{p}: moe_config.load_balancer points to another options file")
-            target = Path(lb) if Path(lb).is_absolute() else p.parent / lb
-            return decode(target, None, _depth + 1)
+            return decode(_indirection(p, lb), None, _depth + 1)
         if not isinstance(lb, dict):
             raise MapFormatError(f"{p}: moe_config.load_balancer must be a mapping or a path, got {lb!r}")
         obj, inline = lb, True

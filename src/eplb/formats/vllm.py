@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from eplb._checks import exact_ints
 from eplb.formats._common import (
     Decoded,
     MapFormatError,
@@ -75,7 +76,10 @@ def decode_obj(path: str, obj: Any) -> Decoded:
                     f"physical_to_logical_map gives it {int(have[i, e])}"
                 )
     if "logical_to_physical_map" in obj:
-        l2p = _np(obj["logical_to_physical_map"]).astype(np.int64)
+        try:  # range-checked before the cast: a uint64 2**64-1 must not become a -1 padding entry
+            l2p = exact_ints(obj["logical_to_physical_map"], f"{path}: logical_to_physical_map", ndim=3)
+        except ValueError as exc:
+            raise MapFormatError(str(exc)) from None
         if l2p.ndim != 3 or l2p.shape[0] != L:
             raise MapFormatError(f"{path}: logical_to_physical_map: expected shape [{L}, experts, max_replicas], got {l2p.shape}")
         E = E or int(l2p.shape[1])

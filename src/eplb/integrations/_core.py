@@ -33,7 +33,7 @@ import numpy as np
 from eplb._checks import ArrayLike, check_load, check_positive_int, to_numpy
 from eplb.metrics import rank_loads
 from eplb.placement import Placement
-from eplb.policies import POLICIES, plan
+from eplb.policies import DEFAULT_POLICY, POLICIES, plan
 from eplb.policies.keep import align_ranks, align_to_current, preserve_slots, rank_counts
 
 #: ``[L, R, E]`` replicas per rank of a ``[L, S]`` map (kept name; the implementation is shared).
@@ -117,7 +117,7 @@ def resolve_planner(name: str | None) -> str:
         if name not in POLICIES:
             raise ValueError(f"policy: unknown eplb policy {name!r}; expected one of {sorted(POLICIES)}")
         return name
-    return "eplb" if "eplb" in POLICIES else "deepseek"
+    return DEFAULT_POLICY if DEFAULT_POLICY in POLICIES else "deepseek"
 
 
 def old_rank_counts(old: np.ndarray, layout: Layout) -> np.ndarray | None:

@@ -23,11 +23,11 @@ The buffer is a ring of ``--expert-distribution-recorder-buffer-size`` passes (d
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, check_load, check_positive_int
+from eplb._safe_read import parse_json
 from eplb.integrations._core import EngineLayoutError, normalize_layout, plan_for_engine, resolve_planner
 from eplb.placement import Placement
 from eplb.stats.trace import Trace, TraceError
@@ -260,15 +261,50 @@ class PullResult:
 #: Environment variables read by :func:`pull` when no key is passed (SGLang's ``--api-key`` / ``--admin-api-key``).
 API_KEY_ENV = "EPLB_SGLANG_API_KEY"
 ADMIN_API_KEY_ENV = "EPLB_SGLANG_ADMIN_API_KEY"
+#: Largest answer eplb reads from a server (``/server_info`` and the control endpoints answer a few KB).
+MAX_ANSWER_BYTES = 16 << 20
 
 
-def _request(url: str, method: str, timeout: float, key: str | None = None) -> bytes:
-    """One HTTP request; ``key`` goes in ``Authorization: Bearer`` and never into a message."""
+class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to the same scheme, host and port (a server answer is untrusted)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl))
+        if (old.scheme, old.hostname, old.port) != (new.scheme, new.hostname, new.port):
+            raise SGLangPullError(f"sglang: {req.full_url} redirected to another host ({newurl}); not following it")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _request(url: str, method: str, timeout: float, key: str | None = None, *,
+             max_bytes: int = MAX_ANSWER_BYTES) -> bytes:
+    """One HTTP request: at most ``max_bytes`` of answer, within ``timeout`` seconds *in total* (connect,
+    headers and every byte of the body), redirects only to the same host; ``key`` goes in
+    ``Authorization: Bearer`` and never into a message."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     req = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method, headers=headers)
+    deadline = time.monotonic() + timeout
+    opener = urllib.request.build_opener(_SameHostRedirects)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return bytes(resp.read())
+        with opener.open(req, timeout=timeout) as resp:
+            chunks, n = [], 0
+            sock = getattr(getattr(resp.fp, "raw", None), "_sock", None)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SGLangPullError(f"sglang: {method} {url}: no complete answer within {timeout:g} s")
+                if sock is not None:
+                    sock.settimeout(max(left, 0.001))
+                chunk = resp.read1(min(1 << 16, max_bytes + 1 - n))
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+                n += len(chunk)
+                if n > max_bytes:
+                    raise SGLangPullError(f"sglang: {method} {url}: answer larger than {max_bytes} bytes; not reading it")
+    except SGLangPullError:
+        raise
+    except TimeoutError:
+        raise SGLangPullError(f"sglang: {method} {url}: no complete answer within {timeout:g} s") from None
     except urllib.error.HTTPError as exc:
         body = exc.read()[:200].decode("utf-8", "replace").strip()
         if key:
@@ -287,8 +323,8 @@ def _server_info(base: str, timeout: float, key: str | None = None) -> dict[str,
     """``/server_info`` (newer SGLang) or ``/get_server_info``; ``{}`` when neither answers JSON."""
     for ep in ("/server_info", "/get_server_info"):
         try:
-            obj = json.loads(_request(base + ep, "GET", timeout, key))
-        except (SGLangPullError, ValueError):
+            obj = parse_json(f"sglang: {base + ep}", _request(base + ep, "GET", timeout, key), error=SGLangPullError)
+        except SGLangPullError:
             continue
         if isinstance(obj, dict):
             return obj
@@ -443,7 +479,7 @@ def pull(
     buf = info.get("expert_distribution_recorder_buffer_size") if info else None
     tr = read_dump(path, source=f"sglang: {base} expert distribution ({path.name})",
                    model=str(info.get("model_path", "")) if info else "",
-                   ep_size=int(ep_size) if isinstance(ep_size, int) else 0,
+                   ep_size=int(ep_size) if isinstance(ep_size, int) and 0 <= ep_size < 2**31 else 0,
                    meta={"sglang_url": base, "record_seconds": float(seconds), "recorder_mode": mode})
     if isinstance(buf, int) and buf > 0 and tr.num_steps >= buf:
         log.warning("eplb: %d forward passes filled SGLang's ring buffer of %d: older passes were overwritten and "

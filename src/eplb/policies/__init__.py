@@ -22,14 +22,20 @@ import numpy as np
 
 from eplb._checks import ArrayLike, check_layout, check_load, check_positive_int
 from eplb.placement import Placement
-from eplb.policies.deepseek import rebalance_experts, rebalance_experts_hierarchical
+from eplb.policies.deepseek import rebalance_experts, rebalance_experts_hierarchical, to_float32
 
-__all__ = ["POLICIES", "POLICY_OPTIONS", "PolicyFn", "check_options", "load_policy_plugins", "plan", "rebalance_experts", "register_policy"]
+__all__ = ["DEFAULT_POLICY", "POLICIES", "POLICY_OPTIONS", "PolicyFn", "check_options", "load_policy_plugins", "plan",
+           "rebalance_experts", "register_policy"]
 
 PolicyFn = Callable[..., np.ndarray]
 POLICIES: dict[str, PolicyFn] = {}
 #: The options (``plan(..., **options)`` / ``-O KEY=VALUE``) each policy takes, where it declared them.
 POLICY_OPTIONS: dict[str, tuple[str, ...]] = {}
+
+DEFAULT_POLICY = "eplb"
+"""The policy every entry point uses when none is named (``plan``, ``evaluate``, ``simulate``, ``capacity``, the
+runtime manager and the engine plug-ins): :func:`eplb.policies.eplb_policy.eplb_policy`, which plans ``[T, L, E]``
+windows on the per-step objective with a per-layer DeepSeek fallback."""
 
 
 def register_policy(name: str, options: Sequence[str] | None = None) -> Callable[[PolicyFn], PolicyFn]:
@@ -69,7 +75,7 @@ def check_options(policy: str, options: Mapping[str, Any]) -> None:
 def _deepseek(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
               **options: Any) -> np.ndarray:
     """DeepSeek's ``rebalance_experts``: hierarchical when ``num_groups % num_nodes == 0``, else global."""
-    phy2log, _, _ = rebalance_experts(loads.sum(0).astype(np.float32), num_slots, num_groups, num_nodes, num_ranks)
+    phy2log, _, _ = rebalance_experts(to_float32(loads.sum(0)), num_slots, num_groups, num_nodes, num_ranks)
     return np.asarray(phy2log)
 
 
@@ -77,7 +83,7 @@ def _deepseek(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: i
 def _deepseek_global(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
                      **options: Any) -> np.ndarray:
     """DeepSeek's global policy (one group, one node) regardless of topology."""
-    phy2log, _, _ = rebalance_experts_hierarchical(loads.sum(0).astype(np.float32), num_slots, 1, 1, num_ranks)
+    phy2log, _, _ = rebalance_experts_hierarchical(to_float32(loads.sum(0)), num_slots, 1, 1, num_ranks)
     return phy2log
 
 
@@ -87,7 +93,7 @@ def _deepseek_hier(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nod
     """DeepSeek's hierarchical policy; requires ``num_groups % num_nodes == 0``."""
     if num_groups % num_nodes:
         raise ValueError(f"num_groups: hierarchical policy needs num_groups ({num_groups}) divisible by num_nodes ({num_nodes})")
-    phy2log, _, _ = rebalance_experts_hierarchical(loads.sum(0).astype(np.float32), num_slots, num_groups, num_nodes, num_ranks)
+    phy2log, _, _ = rebalance_experts_hierarchical(to_float32(loads.sum(0)), num_slots, num_groups, num_nodes, num_ranks)
     return phy2log
 
 
@@ -105,6 +111,11 @@ def load_policy_plugins() -> dict[str, PolicyFn]:
     return POLICIES
 
 
+#: Largest per-layer total load handed to a policy as is; larger layers are scaled down (ratios kept), so
+#: squares and sums stay finite in float64 and DeepSeek's float32 arithmetic does not overflow.
+_SAFE_TOTAL = 1e30
+
+
 def plan(
     loads: ArrayLike,
     num_slots: int,
@@ -112,7 +123,7 @@ def plan(
     *,
     num_nodes: int = 1,
     num_groups: int = 1,
-    policy: str = "eplb",
+    policy: str = DEFAULT_POLICY,
     layer_ids: Sequence[int] = (),
     meta: Mapping[str, Any] | None = None,
     **options: Any,
@@ -145,6 +156,9 @@ def plan(
     if E % num_groups:
         raise ValueError(f"num_groups: {E} experts cannot be split into {num_groups} equal groups")
     check_options(policy, options)
+    tot = arr.sum(axis=(0, 2), keepdims=True)  # [1, L, 1]
+    if float(tot.max()) > _SAFE_TOTAL:  # only ratios matter to a policy: keep its arithmetic finite
+        arr = np.where(tot > _SAFE_TOTAL, arr * (_SAFE_TOTAL / np.maximum(tot, 1.0)), arr)
     phy2log = POLICIES[policy](arr, num_slots=int(num_slots), num_ranks=int(num_ranks), num_nodes=int(num_nodes),
                                num_groups=int(num_groups), **options)
     info: dict[str, Any] = {"policy": policy, "num_groups": int(num_groups)}

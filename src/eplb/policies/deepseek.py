@@ -135,8 +135,22 @@ def rebalance_experts_hierarchical(
     return pphy2log, pphyrank, logcnt
 
 
+#: Largest per-layer total load kept as is in float32; larger loads are scaled down first.
+_F32_SAFE = 1e30
+
+
+def to_float32(weight: np.ndarray) -> np.ndarray:
+    """``weight`` as float32 for DeepSeek's arithmetic, scaled down when a layer's total would overflow
+    float32 (only the ratios of loads matter to the policy; a load past 3.4e38 would become inf)."""
+    w = np.asarray(weight, dtype=np.float64)
+    if w.size:
+        tot = w.sum(-1, keepdims=True)  # rows (layers) are planned independently: scale each on its own
+        w = np.where(tot > _F32_SAFE, w * (_F32_SAFE / np.maximum(tot, 1.0)), w)
+    return w.astype(np.float32)
+
+
 def _check_args(weight: ArrayLike, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
-    w = check_load(weight, "weight", ndim=2, dtype=np.float32)
+    w = to_float32(check_load(weight, "weight", ndim=2, dtype=np.float64))
     E = w.shape[1]
     check_positive_int(num_groups, "num_groups")
     check_layout(E, num_replicas, num_gpus, num_nodes)

@@ -43,6 +43,9 @@ import torch.distributed as dist
 
 from eplb.metrics import balancedness, imbalance_ratio, rank_loads
 from eplb.placement import Placement
+from eplb.runtime._agreement import check_balancer_agreement
+from eplb.runtime._watchdog import CollectiveWatchdog
+from eplb.runtime.distributed import group_info
 from eplb.runtime.executor import InFlight, MigrationExecutor
 from eplb.runtime.manager import (
     BalancerConfig,
@@ -138,6 +141,9 @@ class OnlineBalancer:
         self.comm_group = comm_group
         self.executor = MigrationExecutor(self.layers, group=comm_group, rank=self.rank, num_ranks=self.world)
         self.device = self.executor.device
+        self.watchdog = CollectiveWatchdog(self.rank, self.world, self.config.collective_timeout_s,
+                                           name="OnlineBalancer") if self.distributed and self.world > 1 else None
+        self.executor.watchdog = self.watchdog
         if self.distributed and self.world > 1:
             self._warm_up_comm()
         if (self.config.max_staging_bytes is not None and self.config.online
@@ -152,6 +158,9 @@ class OnlineBalancer:
                 raise ValueError(f"layers: mixed replica strategies {sorted(strategies)}; set "
                                  f"BalancerConfig.dispatch_strategy")
             self.config = self.config.replace(dispatch_strategy=strategies.pop())
+        # every rank must hold the same options and placement (AgreementError on every rank otherwise)
+        check_balancer_agreement(group_info(self.comm_group) if self.distributed else group_info(None), self.config,
+                                 placement.digest(), watchdog=self.watchdog, device=self.device)
         self.trigger = RebalanceTrigger(self.config, L, E)
         # import what the policy needs now, not in the worker thread while serving (imports hold the GIL)
         import scipy.optimize  # noqa: F401
@@ -182,7 +191,7 @@ class OnlineBalancer:
         self.last_launched: list[int] = []  # layers whose transfers were posted at the last boundary
         self.metrics = BalancerMetrics(placement.layer_ids) if metrics else None
         if self.metrics is not None and self.config.metrics_port is not None and self.rank == 0:
-            self.metrics.serve(self.config.metrics_port)
+            self.metrics.serve(self.config.metrics_port, self.config.metrics_addr)
         self.history: list[dict[str, Any]] = []  # one entry per accepted plan
         self.commits: list[tuple[int, tuple[int, ...]]] = []  # (step index, layers committed then)
         self.closed = False
@@ -194,17 +203,30 @@ class OnlineBalancer:
         (NCCL: lazy) happens here and not in a served step."""
         dev = self.device if self.device.type == "cuda" else torch.device("cpu")
         x = torch.ones(1, dtype=torch.int64, device=dev)
-        dist.all_reduce(x, group=self.comm_group)
+        wd = self.watchdog
+        work = dist.all_reduce(x, group=self.comm_group, async_op=True)
+        wd.wait(work, "warm-up all-reduce", "warm-up") if wd is not None else work.wait()
         peer = self.executor._peer
-        send = torch.full((1,), self.rank, dtype=self.layers[0].w13.dtype if hasattr(self.layers[0], "w13")
-                          else torch.float32, device=dev)
+        wdt = self.layers[0].w13.dtype if hasattr(self.layers[0], "w13") else torch.float32
+        send = torch.full((1,), self.rank, dtype=torch.uint8 if wdt.itemsize == 1 else wdt, device=dev)  # fp8: bytes
         recv = torch.empty_like(send)
         ops = [dist.P2POp(dist.isend, send, **peer((self.rank + 1) % self.world)),
                dist.P2POp(dist.irecv, recv, **peer((self.rank - 1) % self.world))]
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+        reqs = dist.batch_isend_irecv(ops)
+        if wd is not None and self.device.type != "cuda":  # gloo: a P2P work must be waited exactly once
+            wd.wait_all(reqs, "warm-up transfers", "warm-up-p2p", p2p=True)
+        else:
+            for req in reqs:
+                req.wait()
         if int(x.item()) != self.world or int(recv.item()) != (self.rank - 1) % self.world:
             raise RuntimeError("OnlineBalancer: the balancer's process group does not work as expected")
+
+    def _wait_stats(self, step: int, work: Any) -> None:
+        """Wait for step ``step``'s statistics all-reduce (with the watchdog's deadline)."""
+        if self.watchdog is not None:
+            self.watchdog.wait(work, f"load statistics all-reduce of step {step}", f"stats-{step}")
+        else:
+            work.wait()
 
     def _placement_from_layers(self) -> Placement:
         rows, first = [], self.layers[0]
@@ -323,7 +345,7 @@ class OnlineBalancer:
         while self._pending and self._pending[0][0] <= self.step_idx - 1:
             step, buf, work = self._pending.popleft()
             if work is not None:
-                work.wait()
+                self._wait_stats(step, work)
             if buf.device.type == "cuda":
                 host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
                 host.copy_(buf, non_blocking=True)
@@ -520,9 +542,9 @@ class OnlineBalancer:
             while self.executor.pending(self._inflight):
                 self.executor.post_next(self._inflight)
             self._commit()
-        for _, _, work in self._pending:
+        for step, _, work in self._pending:
             if work is not None:
-                work.wait()
+                self._wait_stats(step, work)
         self._pending.clear()
         self._host.clear()
         self.worker.close()

@@ -72,7 +72,7 @@ def fingerprint(*parts: Any) -> bytes:
 
 
 def agree(info: GroupInfo, what: str, digest: bytes, error: str | None = None,
-          device: torch.device | None = None) -> None:
+          device: torch.device | None = None, watchdog: Any = None) -> None:
     """Check on every rank that all ranks hold the same ``digest`` and none reported ``error``.
 
     One ``all_gather`` of ``32 + 1 + 240`` bytes. Raises :class:`AgreementError` on *every* rank when
@@ -90,7 +90,11 @@ def agree(info: GroupInfo, what: str, digest: bytes, error: str | None = None,
     dev = comm_device(info, device)
     t = torch.frombuffer(bytearray(rec), dtype=torch.uint8).to(dev)
     out = [torch.empty_like(t) for _ in range(info.size)]
-    dist.all_gather(out, t, group=info.group)
+    work = dist.all_gather(out, t, group=info.group, async_op=True)
+    if watchdog is not None:  # a deadline: a stalled peer is named instead of a hang (eplb.runtime._watchdog)
+        watchdog.wait(work, what, watchdog.next_seq())
+    else:
+        work.wait()
     recs = [bytes(o.cpu().tolist()) for o in out]
     failed = [r for r, b in enumerate(recs) if b[32] == 1]
     if failed:

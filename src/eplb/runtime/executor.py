@@ -16,11 +16,25 @@ runs in two halves at two step boundaries:
    tensors are passed, so the commit's copy is a no-op). No forward runs between the writes and the
    map swap, so no token ever reaches a slot whose weights are in flight.
 
+Every per-expert tensor a layer lists in ``expert_weight_names`` (FP8 weights *and* their block
+scales, biases, ...) travels as one :class:`~eplb.runtime.weights.ExpertWeightSet` unit: staged,
+sent, fingerprinted and committed together; ``bytes_per_expert`` is their summed size (an FP8
+DeepSeek-V3 expert: 44 MB of weights + 176 KB of scales, against 88 MB in bf16). 1-byte float tensors
+(float8) go on the wire as ``uint8`` views (bit-exact on every backend).
+
 Staging memory per rank is ``(experts received + experts moved locally) * bytes_per_expert`` of the
 layers in flight (:attr:`MigrationExecutor.peak_staging_bytes`); the balancer bounds it with
 ``max_staging_bytes`` (the same decision on every rank). Transfers only carry experts a rank does
 not hold yet (one per (rank, expert)), so the bytes on the wire are ``num_transfers *
 bytes_per_expert`` per layer, and after a commit every slot is a bit-exact copy of its expert.
+
+Transfer check (``verify_transfers``, default on): each source also sends the fingerprints of the
+expert it sends (:meth:`ExpertWeightSet.fingerprints`, computed on the device at launch, ``16 *
+len(expert_weight_names)`` bytes); at :meth:`MigrationExecutor.finish` each destination recomputes them
+over its staging buffers, and one all-reduce of the mismatch counts makes every rank raise
+:class:`TransferCorruptionError` *before* any slot is written or any map swapped (a wrong scale or a
+flipped bit never reaches a forward). This costs one small all-reduce and a few host syncs per commit
+boundary; with ``verify_transfers=False`` none of it happens.
 """
 
 from __future__ import annotations
@@ -35,27 +49,31 @@ import torch
 import torch.distributed as dist
 
 from eplb.runtime.manager import LayerMigration
+from eplb.runtime.weights import ExpertWeightSet, wire_view
 
-__all__ = ["InFlight", "MigrationExecutor", "layer_weight_bytes"]
+__all__ = ["InFlight", "MigrationExecutor", "TransferCorruptionError", "layer_weight_bytes"]
+
+
+class TransferCorruptionError(RuntimeError):
+    """A received expert's bytes differ from what its source sent (raised on every rank, nothing committed)."""
 
 
 def layer_weight_bytes(layer: Any) -> int:
-    """Bytes of one expert slot's weights of ``layer`` (sum over ``layer.expert_weight_names``)."""
-    total = 0
-    for name in layer.expert_weight_names:
-        t = getattr(layer, name)
-        total += int(t[0].numel()) * int(t.element_size())
-    return total
+    """Bytes of one expert slot of ``layer``: every tensor of ``layer.expert_weight_names`` (weights, scales, ...)."""
+    return ExpertWeightSet.of(layer).slot_bytes
 
 
 @dataclass
 class _LayerJob:
     mig: LayerMigration
-    staging: dict[str, torch.Tensor] | None  # [n_recv, ...] received experts
-    recv_dst: list[int]  # local dst slot of each (slot, staging index) pair
-    recv_idx: list[int]
-    local_dst: list[int]  # local moves: dst slot <- old value of src slot
-    local_src: list[int]
+    staging: ExpertWeightSet | None  # [n_recv, ...] received experts
+    fp_sent: dict[int, torch.Tensor] = field(default_factory=dict)  # transfer index -> fingerprints this rank sends
+    fp_recv: torch.Tensor | None = None  # [n_recv, names, 2] fingerprints received with the experts
+    recv_dst: list[int] = field(default_factory=list)  # local dst slot of each (slot, staging index) pair
+    recv_idx: list[int] = field(default_factory=list)
+    local_dst: list[int] = field(default_factory=list)  # local moves: dst slot <- old value of src slot
+    local_src: list[int] = field(default_factory=list)
+    recv_src: list[tuple[int, int]] = field(default_factory=list)  # (source rank, expert) of each staging row
 
 
 @dataclass
@@ -84,10 +102,12 @@ class MigrationExecutor:
         group: process group for the transfers (``None``: WORLD). Ranks in the plans are group ranks.
         rank / num_ranks: this process's rank in ``group`` and the group size (default: from ``group``).
         use_side_stream: on CUDA, post the transfers on a side stream (default True).
+        verify_transfers: send each expert's fingerprints with it and check them before the commit
+            (module doc); must be the same on every rank.
     """
 
     def __init__(self, layers: Sequence[Any], *, group: Any = None, rank: int | None = None,
-                 num_ranks: int | None = None, use_side_stream: bool = True) -> None:
+                 num_ranks: int | None = None, use_side_stream: bool = True, verify_transfers: bool = True) -> None:
         if not layers:
             raise ValueError("layers: expected at least one EP layer")
         self.layers = list(layers)
@@ -114,6 +134,8 @@ class MigrationExecutor:
         self.peak_staging_bytes = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.verify_transfers = bool(verify_transfers)
+        self.transfers_verified = 0
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -160,21 +182,27 @@ class MigrationExecutor:
         for j, mig in enumerate(migrations):
             layer = self.layers[mig.layer]
             recvs = mig.recvs(me)
+            live = ExpertWeightSet.of(layer)
             staging = None
+            job = _LayerJob(mig, None)
             if recvs:  # allocated on the serving stream (its caching-allocator owner)
-                staging = {n: getattr(layer, n).new_empty((len(recvs), *getattr(layer, n).shape[1:]))
-                           for n in self.names}
+                staging = live.new_empty(len(recvs))
+                job.staging = staging
+                if self.verify_transfers:
+                    job.fp_recv = torch.empty(len(recvs), len(self.names), 2, dtype=torch.int64, device=self.device)
             local = [(d - lo, s - lo) for d, s in mig.local_copies if lo <= d < lo + spr]
             stage_bytes += (len(recvs) + len(local)) * self.bytes_per_expert
-            recv_dst: list[int] = []
-            recv_idx: list[int] = []
             k = 0
-            for t in mig.transfers:
+            for i, t in enumerate(mig.transfers):
                 if t.dst == me:
-                    recv_dst += [d - lo for d in t.dst_slots]
-                    recv_idx += [k] * len(t.dst_slots)
+                    job.recv_dst += [d - lo for d in t.dst_slots]
+                    job.recv_idx += [k] * len(t.dst_slots)
+                    job.recv_src.append((int(t.src), int(getattr(t, "expert", -1))))
                     k += 1
-            jobs.append(_LayerJob(mig, staging, recv_dst, recv_idx, [d for d, _ in local], [s for _, s in local]))
+                elif t.src == me and self.verify_transfers:  # from the live weights, before the side stream reads
+                    job.fp_sent[i] = live.fingerprints([t.src_slot - lo])[0]
+            job.local_dst, job.local_src = [d for d, _ in local], [s for _, s in local]
+            jobs.append(job)
             todo += [(j, i) for i in range(len(mig.transfers))]
         if self._stream is not None and main is not None:
             self._stream.wait_stream(main)  # staging allocations and the weights are ready for the side stream
@@ -212,12 +240,18 @@ class MigrationExecutor:
             layer = self.layers[job.mig.layer]
             if t.src == me:
                 for name in self.names:
-                    ops.append(dist.P2POp(dist.isend, getattr(layer, name)[t.src_slot - lo], **self._peer(t.dst)))
+                    ops.append(dist.P2POp(dist.isend, wire_view(getattr(layer, name)[t.src_slot - lo]),
+                                          **self._peer(t.dst)))
+                if self.verify_transfers:
+                    ops.append(dist.P2POp(dist.isend, job.fp_sent[i], **self._peer(t.dst)))
                 sent += bpe
             elif t.dst == me:
                 assert job.staging is not None
                 for name in self.names:
-                    ops.append(dist.P2POp(dist.irecv, job.staging[name][recv_pos[(j, i)]], **self._peer(t.src)))
+                    ops.append(dist.P2POp(dist.irecv, wire_view(job.staging[name][recv_pos[(j, i)]]),
+                                          **self._peer(t.src)))
+                if job.fp_recv is not None:
+                    ops.append(dist.P2POp(dist.irecv, job.fp_recv[recv_pos[(j, i)]], **self._peer(t.src)))
                 received += bpe
         if ops:
             ctx: Any = torch.cuda.stream(self._stream) if self._stream is not None else _nullctx()
@@ -239,30 +273,72 @@ class MigrationExecutor:
         """
         if inflight.todo:
             raise RuntimeError(f"finish: {len(inflight.todo)} transfers of layers {list(inflight.layers)} not posted yet")
+        self._wait(inflight)
+        if self.verify_transfers:
+            self._verify(inflight)
+        return self._commit(inflight)
+
+    def _wait(self, inflight: InFlight) -> None:
+        """Wait for the posted transfers (CUDA: the serving stream waits for the side stream's event)."""
         main = torch.cuda.current_stream(self.device) if self.cuda else None
         ctx: Any = torch.cuda.stream(self._stream) if self._stream is not None else _nullctx()
+        wd = getattr(self, "watchdog", None)
+        self._finishes = getattr(self, "_finishes", 0) + 1
+        waited = wd is not None and not self.cuda
+        if waited:  # gloo: the host waits, so bound it (a stalled peer is named); a P2P work is waited once
+            wd.wait_all(inflight.reqs, f"weight transfers of layers {list(inflight.layers)}", f"mig-{self._finishes}",
+                        p2p=True)
         with ctx:
-            for req in inflight.reqs:
+            for req in inflight.reqs if not waited else ():
                 req.wait()  # NCCL: the side stream waits; gloo: the host waits for the (finished) transfer
             if self._stream is not None:
                 inflight.event = self._stream.record_event()
         if main is not None and inflight.event is not None:
             main.wait_event(inflight.event)
+
+    def _verify(self, inflight: InFlight) -> None:
+        """Compare received experts' fingerprints with their sources'; raise on every rank on a mismatch."""
+        bad: list[str] = []
+        n_bad = torch.zeros(self.num_ranks, dtype=torch.int64, device=self.device)
+        for job in inflight.jobs:
+            if job.staging is None or job.fp_recv is None:
+                continue
+            mine = job.staging.fingerprints()
+            diff = (mine != job.fp_recv).any(-1)  # [n_recv, names]
+            n_bad[self.rank] += diff.sum()
+            self.transfers_verified += int(diff.shape[0])
+            if bool(diff.any()):  # host read only on this (failing) path's rank
+                for k, row in enumerate(diff.tolist()):
+                    names = [n for n, b in zip(self.names, row, strict=True) if b]
+                    if names:
+                        src, e = job.recv_src[k]
+                        bad.append(f"layer {job.mig.layer} expert {e} from rank {src}: {', '.join(names)}")
+        if dist.is_available() and dist.is_initialized() and self.num_ranks > 1:
+            dist.all_reduce(n_bad, group=self.group)  # every rank learns every rank's mismatches
+        counts = n_bad.cpu().tolist()
+        if any(counts):
+            where = [r for r, c in enumerate(counts) if c]
+            mine_msg = f"; here (rank {self.rank}): {'; '.join(bad)}" if bad else ""
+            self.staging_bytes -= inflight.staging_bytes
+            inflight.jobs, inflight.reqs = [], []
+            raise TransferCorruptionError(
+                f"migration of layers {list(inflight.layers)}: received expert bytes differ from the source's "
+                f"fingerprints on rank(s) {where} ({sum(counts)} tensors); nothing was committed{mine_msg}")
+
+    def _commit(self, inflight: InFlight) -> list[int]:
         done: list[int] = []
         dev = self.device
         for job in inflight.jobs:
             layer = self.layers[job.mig.layer]
+            live = ExpertWeightSet.of(layer)
             if job.local_dst:  # gather every local source before any slot is overwritten
                 src = torch.as_tensor(job.local_src, dtype=torch.int64).to(dev, non_blocking=True)
                 dst = torch.as_tensor(job.local_dst, dtype=torch.int64).to(dev, non_blocking=True)
-                moved = {n: getattr(layer, n).index_select(0, src) for n in self.names}
-                for n in self.names:
-                    getattr(layer, n).index_copy_(0, dst, moved[n])
+                live.copy_slots_(dst, live.select(src))
             if job.staging is not None and job.recv_dst:
                 dst = torch.as_tensor(job.recv_dst, dtype=torch.int64).to(dev, non_blocking=True)
                 idx = torch.as_tensor(job.recv_idx, dtype=torch.int64).to(dev, non_blocking=True)
-                for n in self.names:
-                    getattr(layer, n).index_copy_(0, dst, job.staging[n].index_select(0, idx))
+                live.copy_slots_(dst, job.staging, idx)
             # the live tensors: the layer's copy is a no-op, the map swaps at the same boundary
             layer.commit(np.asarray(job.mig.new_row), {n: getattr(layer, n) for n in self.names})
             done.append(job.mig.layer)

@@ -7,7 +7,10 @@ Each of the ``R`` ranks of an EP group holds ``spr = S / R`` physical slots of o
 * ``w2`` ``[spr, H, I]`` down projection,
 
 with ``H`` the hidden size and ``I`` the expert intermediate size (transformers' ``gate_up_proj`` /
-``down_proj`` layout). A forward step on every rank:
+``down_proj`` layout). FP8 experts (DeepSeek-V3 layout, :mod:`eplb.runtime.fp8`) add ``w13_scale_inv``
+and ``w2_scale_inv`` (float32 per-block scales); every per-expert tensor of the layer is listed in
+``expert_weight_names`` and handled as one :class:`~eplb.runtime.weights.ExpertWeightSet` (slicing,
+commit, the balancer's transfers, bytes and fingerprints). A forward step on every rank:
 
 1. counts its (token, expert) pairs per logical expert and exchanges them: one ``all_gather`` of
    ``E + 1`` ints per rank, for every strategy (the extra int is an input-error flag, so a bad input
@@ -47,9 +50,11 @@ from eplb.dispatch import DispatchTable, assign_slots, send_matrix
 from eplb.placement import Placement, PlacementError
 from eplb.runtime.compute import Activation, expert_ffn, resolve_activation, resolve_impl
 from eplb.runtime.distributed import AgreementError, GroupInfo, agree, fingerprint, group_info
+from eplb.runtime.fp8 import DEFAULT_BLOCK, FP8_DTYPE, fp8_expert_ffn, resolve_fp8_impl, scale_shape
 from eplb.runtime.static_exchange import static_exchange_forward
+from eplb.runtime.weights import ExpertWeightSet
 
-__all__ = ["STRATEGIES", "ExpertParallelMoE", "reference_moe"]
+__all__ = ["STRATEGIES", "ExpertParallelMoE", "rank_slots", "reference_moe"]
 
 STRATEGIES = ("local-first", "round-robin", "balanced", "auto")
 
@@ -89,7 +94,8 @@ class ExpertParallelMoE(nn.Module):
     """One MoE layer's experts, expert-parallel over a process group, with redundant slots.
 
     Args:
-        w13: ``[spr, 2I, H]`` this rank's slots' gate+up weights (any float dtype, incl. bf16).
+        w13: ``[spr, 2I, H]`` this rank's slots' gate+up weights (any float dtype, incl. bf16, or
+            ``float8_e4m3fn`` with ``w13_scale_inv``).
         w2: ``[spr, H, I]`` this rank's slots' down weights (same dtype and device).
         placement: the model's :class:`~eplb.Placement` (``num_ranks`` must equal the group size).
         layer_pos: row of ``placement`` this layer serves (0-based position, not the model layer id).
@@ -104,7 +110,8 @@ class ExpertParallelMoE(nn.Module):
             expert compute stay bounded; the forward runs as many rounds as the most loaded rank
             needs, every rank taking part in each); ``None``: one round with everything. Must be the
             same on every rank (checked by ``verify``).
-        compute: ``"auto"`` (grouped GEMM where supported), ``"grouped"`` or ``"loop"``.
+        compute: ``"auto"`` (grouped GEMM where supported), ``"grouped"`` or ``"loop"``; FP8 experts also
+            take ``"fp8-triton"`` and ``"dequant"`` (:func:`eplb.runtime.fp8.resolve_fp8_impl`).
         activation: ``"silu"`` (SwiGLU, default) or a callable applied to the gate half.
         capacity: static-capacity mode (with ``max_tokens_per_rank``): every rank sends every rank exactly
             ``capacity`` rows per round, in ``ceil(max_tokens_per_rank * min(k, spr) / capacity)`` rounds, with no
@@ -115,6 +122,10 @@ class ExpertParallelMoE(nn.Module):
         max_tokens_per_rank: the most tokens any rank passes to one forward (static-capacity mode).
         verify: check across ranks at construction (one ``all_gather``) that every rank holds the
             same placement row, sizes and strategy; a mismatch raises on every rank.
+        w13_scale_inv, w2_scale_inv: FP8 experts only: ``float32 [spr, 2I/bn, ceil(H/bk)]`` and
+            ``[spr, ceil(H/bn), ceil(I/bk)]`` block scales (``W = weight * scale_inv`` per block).
+        block_size: ``(bn, bk)`` of the FP8 scales (default ``(128, 128)``).
+        compute_dtype: FP8 experts: dtype of the activations and outputs (default bfloat16).
 
     Attributes:
         placement_row: ``int64 [S]`` (buffer) phy2log of this layer.
@@ -151,13 +162,22 @@ class ExpertParallelMoE(nn.Module):
         compute: str = "auto",
         activation: str | Activation | None = "silu",
         verify: bool = True,
+        w13_scale_inv: torch.Tensor | None = None,
+        w2_scale_inv: torch.Tensor | None = None,
+        block_size: Sequence[int] = DEFAULT_BLOCK,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self._info: GroupInfo = group_info(group)
         info = self._info
         error: str | None = None
         try:
+            self.block_size: tuple[int, ...] = tuple(int(v) for v in block_size)
+        except (TypeError, ValueError):
+            self.block_size = ()
+        try:
             self._validate_args(w13, w2, placement, layer_pos, strategy, max_num_tokens)
+            self._validate_fp8(w13, w2, w13_scale_inv, w2_scale_inv, compute_dtype)
             _validate_capacity(capacity, max_tokens_per_rank, max_num_tokens)
             _validate_auto(strategy, auto_decision)
         except ValueError as exc:
@@ -188,6 +208,13 @@ class ExpertParallelMoE(nn.Module):
         self.act = resolve_activation(activation)
         self.w13 = nn.Parameter(w13.detach(), requires_grad=False)
         self.w2 = nn.Parameter(w2.detach(), requires_grad=False)
+        self.fp8 = w13.dtype == FP8_DTYPE
+        if self.fp8:
+            assert w13_scale_inv is not None and w2_scale_inv is not None
+            self.w13_scale_inv = nn.Parameter(w13_scale_inv.detach(), requires_grad=False)
+            self.w2_scale_inv = nn.Parameter(w2_scale_inv.detach(), requires_grad=False)
+            self.expert_weight_names = ("w13", "w13_scale_inv", "w2", "w2_scale_inv")
+        self.compute_dtype: torch.dtype = (compute_dtype or torch.bfloat16) if self.fp8 else w13.dtype
         dev = w13.device
         self.register_buffer("placement_row", torch.as_tensor(np.array(placement.phy2log[layer_pos]), dtype=torch.int64,
                                                               device=dev).clone(), persistent=False)
@@ -203,6 +230,7 @@ class ExpertParallelMoE(nn.Module):
         self._table: Any = None
         self._table_placement = placement.select_layers([layer_pos])
         self.route_override: Callable[[int, int], torch.Tensor] | None = None
+        self.dynamic: Any = None  # a DynamicSlots pool: per-step replication (eplb.runtime.dynamic)
         self.steps = 0
         self.round_recv_rows: list[int] = []
         self.max_round_recv_rows = 0
@@ -241,11 +269,38 @@ class ExpertParallelMoE(nn.Module):
         if not w13.is_floating_point():
             raise ValueError(f"w13/w2: expected floating-point weights, got {w13.dtype}")
 
+    def _validate_fp8(self, w13: torch.Tensor, w2: torch.Tensor, s13: torch.Tensor | None, s2: torch.Tensor | None,
+                      compute_dtype: torch.dtype | None) -> None:
+        if w13.dtype != FP8_DTYPE:
+            if s13 is not None or s2 is not None:
+                raise ValueError(f"w13_scale_inv/w2_scale_inv: given, but the weights are {w13.dtype}, not "
+                                 f"float8_e4m3fn")
+            return
+        if len(self.block_size) != 2 or min(self.block_size) <= 0:
+            raise ValueError(f"block_size: expected two positive integers (bn, bk), got {self.block_size}")
+        if s13 is None or s2 is None:
+            raise ValueError("w13_scale_inv/w2_scale_inv: float8_e4m3fn experts need both block scales")
+        spr, two_i, H = (int(v) for v in w13.shape)
+        inter = two_i // 2
+        bn = self.block_size[0]
+        if inter % bn:
+            raise ValueError(f"block_size: the expert intermediate size {inter} is not a multiple of the scale block "
+                             f"rows {bn} (gate and up are stacked in w13)")
+        for name, s, rows, cols in (("w13_scale_inv", s13, two_i, H), ("w2_scale_inv", s2, H, inter)):
+            want = (spr, *scale_shape(rows, cols, self.block_size))
+            if not isinstance(s, torch.Tensor) or tuple(s.shape) != want or s.dtype != torch.float32:
+                got = f"{s.dtype}{list(s.shape)}" if isinstance(s, torch.Tensor) else type(s).__name__
+                raise ValueError(f"{name}: expected float32{list(want)} for block {self.block_size}, got {got}")
+            if s.device != w13.device:
+                raise ValueError(f"{name}: on {s.device}, the weights on {w13.device}")
+        if compute_dtype is not None and not compute_dtype.is_floating_point:
+            raise ValueError(f"compute_dtype: expected a floating-point dtype, got {compute_dtype}")
+
     def _digest(self, placement: Placement, layer_pos: int, strategy: str, w13: torch.Tensor,
                 w2: torch.Tensor, max_num_tokens: Any) -> bytes:
         return fingerprint(placement.phy2log[layer_pos].tobytes(), placement.num_experts, placement.num_ranks,
                            placement.num_nodes, strategy, tuple(w13.shape[1:]), tuple(w2.shape[1:]), str(w13.dtype),
-                           max_num_tokens)
+                           max_num_tokens, self.block_size if w13.dtype == FP8_DTYPE else None)
 
     def verify(self) -> None:
         """Collective: raise on every rank unless all ranks hold the same placement row, sizes and chunking."""
@@ -270,10 +325,26 @@ class ExpertParallelMoE(nn.Module):
         return self._table_placement
 
     @property
+    def expert_weights(self) -> ExpertWeightSet:
+        """The live per-slot tensors of ``expert_weight_names`` as one set (no copy)."""
+        return ExpertWeightSet.of(self)
+
+    @property
     def compute_impl(self) -> str:
-        """``"grouped"`` or ``"loop"`` (resolved on first use)."""
+        """``"grouped"`` or ``"loop"``; FP8 experts: ``"fp8-triton"``, ``"dequant+grouped"`` or
+        ``"dequant+loop"`` (resolved on first use)."""
         if self._impl is None:
-            self._impl = resolve_impl(self._compute_req, self.w13, self.w2)
+            if not self.fp8:
+                self._impl = resolve_impl(self._compute_req, self.w13, self.w2)
+            else:
+                impl = resolve_fp8_impl(self._compute_req, self.w13, self.block_size)
+                if impl != "fp8-triton":
+                    n = min(2, self.slots_per_rank)
+                    probe13 = torch.zeros(n, *self.w13.shape[1:], dtype=self.compute_dtype, device=self.w13.device)
+                    probe2 = torch.zeros(n, *self.w2.shape[1:], dtype=self.compute_dtype, device=self.w2.device)
+                    dense = resolve_impl("auto" if impl == "dequant" else impl, probe13, probe2)
+                    impl = f"dequant+{dense}"
+                self._impl = impl
         return self._impl
 
     # ---------------------------------------------------------------- counters
@@ -322,8 +393,9 @@ class ExpertParallelMoE(nn.Module):
         for name in self.expert_weight_names:
             cur = getattr(self, name)
             new = new_local_weights[name]
-            if tuple(new.shape) != tuple(cur.shape):
-                raise ValueError(f"commit: {name} must have shape {tuple(cur.shape)}, got {tuple(new.shape)}")
+            if tuple(new.shape) != tuple(cur.shape) or new.dtype != cur.dtype:
+                raise ValueError(f"commit: {name} must be {cur.dtype}{list(cur.shape)}, got "
+                                 f"{new.dtype}{list(new.shape)}")
         for name in self.expert_weight_names:
             cur, new = getattr(self, name), new_local_weights[name]
             if new.data_ptr() != cur.data_ptr():  # the live tensors themselves (updated in place): no copy
@@ -371,8 +443,14 @@ class ExpertParallelMoE(nn.Module):
 
         Collective: every rank of the group must call it (``N`` may differ per rank, even be 0).
         Bad input on any rank raises ``ValueError`` on every rank after the count exchange.
+        With a :class:`~eplb.runtime.dynamic.DynamicSlots` pool in ``self.dynamic`` the step runs with per-step
+        replication (:func:`eplb.runtime.dynamic.replicated_forward`).
         """
         with torch.no_grad():
+            if self.dynamic is not None:
+                from eplb.runtime.dynamic import replicated_forward
+
+                return replicated_forward(self, self.dynamic, hidden, topk_ids, topk_weights)
             return self._forward(hidden, topk_ids, topk_weights)
 
     def _forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -384,7 +462,7 @@ class ExpertParallelMoE(nn.Module):
             if tuple(topk_ids.shape) != tuple(topk_weights.shape):
                 local_err = f"route_override returned shape {tuple(topk_ids.shape)}, expected {tuple(topk_weights.shape)}"
         if local_err is not None:  # take part in the collectives with no tokens, then raise everywhere
-            hidden = torch.zeros(0, H, dtype=self.w13.dtype, device=dev)
+            hidden = torch.zeros(0, H, dtype=self.compute_dtype, device=dev)
             topk_ids = torch.zeros(0, 1, dtype=torch.int64, device=dev)
             topk_weights = torch.zeros(0, 1, dtype=torch.float32, device=dev)
         static = self.capacity is not None
@@ -393,7 +471,7 @@ class ExpertParallelMoE(nn.Module):
                          f"exceed max_tokens_per_rank={self.max_tokens_per_rank} of the static capacity "
                          f"(capacity={self.capacity} rows per rank pair and round)")
             k_in = int(topk_ids.shape[1])
-            hidden = torch.zeros(0, H, dtype=self.w13.dtype, device=dev)
+            hidden = torch.zeros(0, H, dtype=self.compute_dtype, device=dev)
             topk_ids = torch.zeros(0, k_in, dtype=torch.int64, device=dev)
             topk_weights = torch.zeros(0, k_in, dtype=torch.float32, device=dev)
         N, k = int(topk_ids.shape[0]), int(topk_ids.shape[1])
@@ -528,10 +606,10 @@ class ExpertParallelMoE(nn.Module):
         spr = self.slots_per_rank
         n = int(recv_x.shape[0])
         dev = recv_x.device
-        out = torch.empty(n, self.hidden_size, dtype=self.w13.dtype, device=dev)
+        out = torch.empty(n, self.hidden_size, dtype=self.compute_dtype, device=dev)
         if n == 0:
             return out
-        impl = self.compute_impl
+        impl = self.compute_impl.removeprefix("dequant+")
         perm = torch.argsort(lsid, stable=True)
         counts = torch.zeros(spr, dtype=torch.int64, device=dev).index_add_(0, lsid, torch.ones_like(lsid))
         host = None
@@ -539,10 +617,25 @@ class ExpertParallelMoE(nn.Module):
             a, b = first, first + n
             ov = np.clip(np.minimum(block_end, b) - np.maximum(block_start, a), 0, None).reshape(-1, spr).sum(0)
             host = [int(v) for v in ov]
-        y = expert_ffn(recv_x[perm], counts, self.w13, self.w2, act=self.act, impl=impl, counts_host=host)
+        y = self._expert_ffn(recv_x[perm], counts, host)
         out[perm] = y
         self.local_slot_counts += counts
         return out
+
+    @property
+    def _needs_host_counts(self) -> bool:
+        """Whether the expert compute needs the per-slot counts on the host (the loop implementation)."""
+        return self.compute_impl.removeprefix("dequant+") == "loop"
+
+    def _expert_ffn(self, x: torch.Tensor, counts: torch.Tensor, counts_host: Sequence[int] | None = None
+                    ) -> torch.Tensor:
+        """The local slots' experts on rows sorted by slot (dense or FP8 weights): ``[M, H]`` in ``compute_dtype``."""
+        impl = self.compute_impl.removeprefix("dequant+")
+        if self.fp8:
+            return fp8_expert_ffn(x, counts, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv,
+                                  block=self.block_size, act=self.act, impl=impl, compute_dtype=self.compute_dtype,
+                                  counts_host=counts_host)
+        return expert_ffn(x, counts, self.w13, self.w2, act=self.act, impl=impl, counts_host=counts_host)
 
     def extra_repr(self) -> str:
         return (f"layer_pos={self.layer_pos}, experts={self.num_experts}, slots={self.num_slots}, "
@@ -550,7 +643,8 @@ class ExpertParallelMoE(nn.Module):
                 f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, strategy={self.strategy!r}"
                 f"{'' if self.auto_decision is None else ' -> ' + repr(self.auto_decision.as_dict())}, "
                 f"max_num_tokens={self.max_num_tokens}, capacity={self.capacity}, "
-                f"max_tokens_per_rank={self.max_tokens_per_rank}")
+                f"max_tokens_per_rank={self.max_tokens_per_rank}"
+                + (f", fp8 block={self.block_size}, compute_dtype={self.compute_dtype}" if self.fp8 else ""))
 
     # ------------------------------------------------------------ factories
     @classmethod
@@ -564,15 +658,21 @@ class ExpertParallelMoE(nn.Module):
         group: Any = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        w13_scale_inv: torch.Tensor | None = None,
+        w2_scale_inv: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> ExpertParallelMoE:
         """Build from all ``E`` experts' weights (``[E, 2I, H]``, ``[E, H, I]``): keeps this rank's slots only.
 
-        Replicated experts become independent copies. ``device``/``dtype`` convert the local slice.
+        Replicated experts become independent copies. ``device``/``dtype`` convert the local slice
+        (``dtype`` applies to dense weights; FP8 weights and their scales keep their dtypes). FP8 experts:
+        pass ``w13_scale_inv`` ``[E, 2I/bn, ceil(H/bk)]`` and ``w2_scale_inv`` ``[E, ceil(H/bn), ceil(I/bk)]``;
+        the scales are sliced with their weights.
         """
         info = group_info(group)
         error = None
         w13 = w2 = None
+        scales: dict[str, torch.Tensor] = {}
         try:
             if not isinstance(placement, Placement):
                 raise ValueError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
@@ -587,7 +687,18 @@ class ExpertParallelMoE(nn.Module):
             if placement.num_ranks != info.size:
                 raise PlacementError(f"placement is for ep_size={placement.num_ranks} ranks but the process group "
                                      f"has {info.size} ranks")
-            w13, w2 = local_slice(w13_full, w2_full, placement, layer_pos, info.rank, device=device, dtype=dtype)
+            extra = {n: t for n, t in (("w13_scale_inv", w13_scale_inv), ("w2_scale_inv", w2_scale_inv))
+                     if t is not None}
+            for n, t in extra.items():
+                if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] != placement.num_experts:
+                    raise ValueError(f"{n}: expected [E={placement.num_experts}, rows, cols] block scales, got "
+                                     f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            full = ExpertWeightSet({"w13": w13_full, "w2": w2_full, **extra})
+            dense = dtype if w13_full.dtype != FP8_DTYPE else None
+            local = rank_slots(full, placement, layer_pos, info.rank, device=device,
+                               dtypes={"w13": dense, "w2": dense} if dense is not None else None)
+            w13, w2 = local["w13"], local["w2"]
+            scales = {n: local[n] for n in extra}
         except ValueError as exc:
             error = str(exc)
         if error is not None:
@@ -598,20 +709,23 @@ class ExpertParallelMoE(nn.Module):
                   device=torch.device(device) if device is not None else None)
             raise AssertionError("unreachable")  # agree raised
         assert w13 is not None and w2 is not None
-        return cls(w13, w2, placement, layer_pos, group=group, **kwargs)
+        return cls(w13, w2, placement, layer_pos, group=group, **scales, **kwargs)
+
+
+def rank_slots(full: ExpertWeightSet, placement: Placement, layer_pos: int, rank: int, *, device: Any = None,
+               dtypes: Mapping[str, torch.dtype | None] | None = None) -> ExpertWeightSet:
+    """Copies of every tensor of the experts in ``rank``'s slots of one layer (``full``: ``[E, ...]`` each)."""
+    experts = placement.rank_experts()[layer_pos, rank]
+    dts = {n: d for n, d in (dtypes or {}).items() if d is not None}
+    return full.select(np.array(experts), device=device, dtypes=dts or None)
 
 
 def local_slice(w13_full: torch.Tensor, w2_full: torch.Tensor, placement: Placement, layer_pos: int, rank: int,
                 *, device: Any = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w13 [spr, 2I, H], w2 [spr, H, I])`` copies of the experts in ``rank``'s slots of one layer."""
-    experts = placement.rank_experts()[layer_pos, rank]
-    idx = torch.as_tensor(np.array(experts), dtype=torch.int64, device=w13_full.device)
-    w13 = w13_full.detach().index_select(0, idx)
-    w2 = w2_full.detach().index_select(0, idx)
-    if device is not None or dtype is not None:
-        w13 = w13.to(device=device, dtype=dtype)
-        w2 = w2.to(device=device, dtype=dtype)
-    return w13.contiguous(), w2.contiguous()
+    local = rank_slots(ExpertWeightSet({"w13": w13_full, "w2": w2_full}), placement, layer_pos, rank, device=device,
+                       dtypes={"w13": dtype, "w2": dtype})
+    return local["w13"], local["w2"]
 
 
 def _round_plan(send_tot: np.ndarray, recv_tot: np.ndarray, matrix: np.ndarray | None, rank: int,

@@ -24,12 +24,12 @@ def _online_only_trtllm(path: Path) -> dict[str, Any] | None:
     """The load_balancer mapping of a TensorRT-LLM YAML without initial assignments, else None."""
     if path.suffix.lower() not in (".yaml", ".yml"):
         return None
-    import yaml
+    from eplb._safe_read import parse_yaml, read_bytes
 
     try:
-        obj = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return None
+        obj = parse_yaml(path, read_bytes(path, max_bytes=64 << 20))
+    except (OSError, ValueError):
+        return None  # read_placement then says what is wrong with the file
     if isinstance(obj, dict) and isinstance(obj.get("moe_config"), dict):
         lb = obj["moe_config"].get("load_balancer")
         obj = lb if isinstance(lb, dict) else obj

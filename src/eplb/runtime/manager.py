@@ -45,6 +45,7 @@ import numpy as np
 from eplb._checks import ArrayLike, check_load, to_numpy
 from eplb.metrics import balancedness, rank_loads
 from eplb.placement import Placement, PlacementError
+from eplb.policies import DEFAULT_POLICY
 from eplb.policies.keep import keep_in_place
 
 __all__ = [
@@ -147,7 +148,12 @@ class BalancerConfig:
     the runtime balancer, ``"uniform"`` elsewhere.
 
     Reporting: ``log_interval`` steps between log lines (0: off), ``metrics_port`` for a Prometheus
-    HTTP endpoint (``None``: no server; the registry is still readable).
+    HTTP endpoint (``None``: no server; the registry is still readable), bound to ``metrics_addr``
+    (default ``127.0.0.1``: this host only; ``"0.0.0.0"`` to expose it on every interface).
+
+    Robustness: ``collective_timeout_s`` (default 60 s): the deadline of the balancer's collectives;
+    a peer that stops answering for that long is reported on every surviving rank
+    (:class:`eplb.runtime._watchdog.StalledRankError` naming it) instead of a hang.
     """
 
     num_slots: int | None = None
@@ -161,7 +167,7 @@ class BalancerConfig:
     min_balancedness_gain: float = 0.0
     dispatch_strategy: str | None = None
     window_size: int = 1000
-    policy: str = "eplb"
+    policy: str = DEFAULT_POLICY
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     policy_backend: str = "thread"
     initial_global_assignments: Mapping[int, tuple[int, ...]] | None = None
@@ -173,6 +179,8 @@ class BalancerConfig:
     ep_size: int | None = None
     log_interval: int = 0
     metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    collective_timeout_s: float = 60.0
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -227,6 +235,11 @@ class BalancerConfig:
         int_field("ep_size", minimum=1, optional=True)
         int_field("log_interval", minimum=0)
         int_field("metrics_port", minimum=0, optional=True)
+        if self.metrics_port is not None and self.metrics_port > 65535:
+            raise bad("metrics_port", "a TCP port in [0, 65535] or null", self.metrics_port)
+        if not isinstance(self.metrics_addr, str) or not self.metrics_addr:
+            raise bad("metrics_addr", "an address to bind, e.g. '127.0.0.1' or '0.0.0.0'", self.metrics_addr)
+        float_field("collective_timeout_s", 0.0, None, lo_open=True)
         if not isinstance(self.policy, str) or not self.policy:
             raise bad("policy", "a policy name (see eplb.POLICIES)", self.policy)
         if self.dispatch_strategy is not None and self.dispatch_strategy not in DISPATCH_STRATEGIES:

@@ -139,8 +139,9 @@ class BalancerMetrics:
         """The Prometheus text exposition of this registry."""
         return generate_latest(self.registry)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Start an HTTP endpoint (``/metrics``) in a daemon thread (``port`` 0: any free port)."""
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        """Start an HTTP endpoint (``/metrics``) in a daemon thread (``port`` 0: any free port), bound to
+        ``addr`` (default: this host only; pass ``"0.0.0.0"`` to expose it)."""
         if self._server is None:
             self._server = start_http_server(int(port), addr=addr, registry=self.registry)
 

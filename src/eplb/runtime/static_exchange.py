@@ -80,23 +80,20 @@ def static_exchange_forward(layer: Any, hidden: torch.Tensor, ids: torch.Tensor,
 def _local_compute_fixed(layer: Any, recv_x: torch.Tensor, lsid: torch.Tensor) -> torch.Tensor:
     """Expert compute on a fixed-size receive buffer: rows sorted by local slot, padding (``lsid == spr``) last
     and not computed (grouped GEMM offsets end at the real rows); same order out (padding rows undefined)."""
-    from eplb.runtime.compute import expert_ffn
-
     spr = layer.slots_per_rank
     dev = recv_x.device
     perm = torch.argsort(lsid, stable=True)
     cnt = torch.zeros(spr + 1, dtype=torch.int64, device=dev).index_add_(0, lsid, torch.ones_like(lsid))
     counts = cnt[:spr]
     layer.local_slot_counts += counts
-    impl = layer.compute_impl
     x = recv_x[perm]
-    if impl == "grouped":
-        y = expert_ffn(x, counts, layer.w13, layer.w2, act=layer.act, impl="grouped")
+    if not layer._needs_host_counts:  # grouped GEMM (dense or FP8): padding rows lie past the offsets
+        y = layer._expert_ffn(x, counts)
     else:  # the loop needs the counts on the host (one sync: not capturable)
         host = [int(v) for v in counts.tolist()]
         n = sum(host)
-        y = torch.zeros(x.shape[0], layer.hidden_size, dtype=layer.w13.dtype, device=dev)
-        y[:n] = expert_ffn(x[:n], counts, layer.w13, layer.w2, act=layer.act, impl="loop", counts_host=host)
+        y = torch.zeros(x.shape[0], layer.hidden_size, dtype=layer.compute_dtype, device=dev)
+        y[:n] = layer._expert_ffn(x[:n], counts, host)
     out = torch.empty_like(y)
     out[perm] = y
     return out

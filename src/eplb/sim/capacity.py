@@ -21,6 +21,7 @@ import numpy as np
 from eplb._checks import ArrayLike, check_positive_int
 from eplb.metrics import imbalance_ratio
 from eplb.placement import Placement
+from eplb.policies import DEFAULT_POLICY
 from eplb.sim.engine import STRATEGIES, SimInput, as_sim_input, expert_rank_share, rank_loads, step_chunk
 from eplb.stats.trace import Trace, atomic_write
 
@@ -192,7 +193,7 @@ def capacity(
     ep_size: int,
     target_imbalance: float = 0.1,
     held_out: float = 0.5,
-    policies: Sequence[str] = ("deepseek",),
+    policies: Sequence[str] = (DEFAULT_POLICY,),
     num_nodes: int = 1,
     num_groups: int = 1,
     strategy: str = "uniform",

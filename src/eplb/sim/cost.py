@@ -16,7 +16,10 @@ measured on, the date and the source of its numbers. For one MoE layer of one st
   rank ``r`` receives ``tokens_r * (R/N - 1)/R`` pairs over intra-node links and
   ``tokens_r * (R - R/N)/R`` over inter-node links, each ``hidden_size * dtype_bytes`` bytes; the
   two link kinds run in parallel; the combine all-to-all moves the same bytes back;
-* migration: one expert's weights are ``3 * hidden * intermediate * dtype_bytes`` bytes; a
+* migration: one expert's weights are ``3 * hidden * intermediate * dtype_bytes`` bytes (``weight_format
+  "fp8-block"``: 1 byte per weight plus a float32 scale per ``weight_block x weight_block`` block of
+  ``w13 [2I, H]`` and ``w2 [H, I]``, the DeepSeek-V3 layout -- 44,050,944 bytes for a DeepSeek-V3
+  expert against 88,080,384 in bf16; activations keep ``dtype_bytes``); a
   rebalance's time is the largest number of expert copies any rank receives times that size over
   the point-to-point bandwidth (plus a latency); ``migration_exposed`` (0-1) of it is added to the
   step time of the step in which it is committed (1 = fully on the critical path, 0 = hidden).
@@ -45,6 +48,7 @@ __all__ = [
 ]
 
 _FORMAT = "eplb.cost_model"
+WEIGHT_FORMATS = ("dense", "fp8-block")
 
 
 class CostModelError(ValueError):
@@ -61,7 +65,10 @@ class CostModel:
         source: where the numbers come from (benchmark file, reference document, "user").
         hidden_size: model hidden size (elements per token on the wire).
         moe_intermediate_size: expert intermediate size (an expert is ``3*hidden*intermediate`` weights).
-        dtype_bytes: bytes per element of activations and expert weights.
+        dtype_bytes: bytes per element of activations (and of expert weights when ``weight_format`` is dense).
+        weight_format: ``"dense"`` (weights in ``dtype_bytes``) or ``"fp8-block"`` (FP8 weights with float32
+            block scales, the layout of :mod:`eplb.runtime.fp8`).
+        weight_block: scale block edge of ``"fp8-block"`` weights (128 for DeepSeek-V3).
         compute_kind: ``"table"`` or ``"roofline"``.
         compute_slots_per_rank: table rows: slots per rank of each measured row (ascending).
         compute_tokens: table columns: (token, expert) pairs per rank (ascending, > 0).
@@ -83,6 +90,8 @@ class CostModel:
     hidden_size: int = 7168
     moe_intermediate_size: int = 2048
     dtype_bytes: int = 2
+    weight_format: str = "dense"
+    weight_block: int = 128
     compute_kind: str = "table"
     compute_slots_per_rank: tuple[int, ...] = (8,)
     compute_tokens: tuple[float, ...] = (256.0, 2048.0, 8192.0, 32768.0)
@@ -105,7 +114,10 @@ class CostModel:
     # ----------------------------------------------------------------- checks
     def validate(self, source: str = "cost model") -> CostModel:
         """Raise :class:`CostModelError` naming the first bad field; returns ``self``."""
-        for name in ("hidden_size", "moe_intermediate_size", "dtype_bytes"):
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise CostModelError(f"{source}: field 'weight_format' must be one of {list(WEIGHT_FORMATS)}, got "
+                                 f"{self.weight_format!r}")
+        for name in ("hidden_size", "moe_intermediate_size", "dtype_bytes", "weight_block"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise CostModelError(f"{source}: field '{name}' must be a positive integer, got {v!r}")
@@ -150,8 +162,13 @@ class CostModel:
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one expert's weights (gate, up and down projections)."""
-        return 3 * self.hidden_size * self.moe_intermediate_size * self.dtype_bytes
+        """Bytes of one expert's weights (gate, up and down projections; FP8: plus their block scales)."""
+        H, inter = self.hidden_size, self.moe_intermediate_size
+        if self.weight_format == "fp8-block":
+            b = self.weight_block
+            blocks = -(-2 * inter // b) * -(-H // b) + -(-H // b) * -(-inter // b)
+            return 3 * H * inter + 4 * blocks
+        return 3 * H * inter * self.dtype_bytes
 
     # ------------------------------------------------------------- functions
     def compute_curve(self, slots_per_rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +259,8 @@ class CostModel:
         return {
             "format": _FORMAT, "version": 1, "device": self.device, "date": self.date, "source": self.source,
             "shape": {"hidden_size": self.hidden_size, "moe_intermediate_size": self.moe_intermediate_size,
-                      "dtype_bytes": self.dtype_bytes},
+                      "dtype_bytes": self.dtype_bytes, "weight_format": self.weight_format,
+                      "weight_block": self.weight_block},
             "compute": compute,
             "all_to_all": {"latency_ms": self.a2a_latency_ms, "intra_node_gbps": self.intra_node_gbps,
                            "inter_node_gbps": self.inter_node_gbps},
@@ -339,7 +357,7 @@ def _from_dict(d: Mapping[str, Any], source: str, base: CostModel | None) -> Cos
     shape = d.get("shape", {})
     if not isinstance(shape, Mapping):
         raise CostModelError(f"{source}: field 'shape' must be an object")
-    for key in ("hidden_size", "moe_intermediate_size", "dtype_bytes"):
+    for key in ("hidden_size", "moe_intermediate_size", "dtype_bytes", "weight_format", "weight_block"):
         if key in shape:
             kw[key] = shape[key]
     comp = d.get("compute")
@@ -436,7 +454,8 @@ def load_cost_model(path_or_dict: str | os.PathLike[str] | Mapping[str, Any], *,
     Schema (``format: "eplb.cost_model"``)::
 
         {"device": str, "date": "YYYY-MM-DD", "source": str,
-         "shape": {"hidden_size": int, "moe_intermediate_size": int, "dtype_bytes": int},
+         "shape": {"hidden_size": int, "moe_intermediate_size": int, "dtype_bytes": int,
+                   "weight_format": "dense" | "fp8-block", "weight_block": int},    # the last two optional
          "compute": {"kind": "table", "slots_per_rank": [int], "tokens_per_rank": [float],   # or "tokens_per_slot"
                      "time_ms": [[float]]}                                                  # [rows, tokens]
                   | {"kind": "roofline", "fixed_ms": f, "ms_per_slot": f, "ms_per_token": f},

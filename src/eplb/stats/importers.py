@@ -27,16 +27,17 @@ import io
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from eplb._atomic import atomic_dir
+from eplb._checks import exact_counts
+from eplb._safe_read import parse_json, read_bytes
 from eplb.placement import Placement
-from eplb.stats.trace import Trace, TraceError, atomic_write
+from eplb.stats.trace import Trace, TraceError, atomic_write, reading
 
 __all__ = [
     "FORMATS", "clean_sglang_dump", "detect_format", "read_trace", "read_trtllm", "read_sglang", "read_vllm_ascend", "write_trace",
@@ -93,8 +94,24 @@ def read_trace(
     expert_map: str | os.PathLike[str] | Placement | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Trace:
-    """Read a trace of any format (``format`` overrides detection); slice by ``iter_range``/``layers`` positions."""
+    """Read a trace of any format (``format`` overrides detection); slice by ``iter_range``/``layers`` positions.
+
+    Every malformed input is a :class:`TraceError` whose message starts with the file's name.
+    """
     p = Path(path)
+    with reading(p):
+        return _read_trace(p, format, iter_range=iter_range, layers=layers, expert_map=expert_map, progress=progress)
+
+
+def _read_trace(
+    p: Path,
+    format: str | None,
+    *,
+    iter_range: str | Sequence[int] | None,
+    layers: Sequence[int] | None,
+    expert_map: str | os.PathLike[str] | Placement | None,
+    progress: Callable[[int], None] | None,
+) -> Trace:
     if not p.exists():
         raise TraceError(f"{p}: no such file or directory")
     fmt = _check_format(format) if format else detect_format(p)
@@ -139,6 +156,7 @@ def write_trace(
         if p.is_dir() != is_dir_fmt:
             raise TraceError(f"{p}: exists as a {'directory' if p.is_dir() else 'file'}, but format {fmt!r} writes a "
                              f"{'directory' if is_dir_fmt else 'file'}")
+        _check_same_kind(p, fmt)
     if fmt == "eplb":
         trace.save(p)
     elif fmt == "eplb-dir":
@@ -163,6 +181,23 @@ def write_trace(
         _write_plain(trace, p, fmt)
 
 
+def _check_same_kind(p: Path, fmt: str) -> None:
+    """``--force`` replaces only an output of the kind being written: a directory holding a trace of
+    ``fmt`` (or nothing), or a regular file; never another directory, a device or a link to one."""
+    if p.is_symlink():
+        raise TraceError(f"{p}: is a symbolic link; not replacing it")
+    if p.is_dir():
+        if any(p.iterdir()):
+            try:
+                have = detect_format(p)
+            except TraceError:
+                raise TraceError(f"{p}: exists and holds no trace; not replacing it (remove it yourself)") from None
+            if have != fmt:
+                raise TraceError(f"{p}: holds a {have} trace, not {fmt}; not replacing it")
+    elif not p.is_file():
+        raise TraceError(f"{p}: exists and is not a regular file; not replacing it")
+
+
 def _step_slice(trace: Trace, a: int, b: int) -> Trace:
     assert trace.step_ids is not None
     ids = trace.step_ids[a:b]
@@ -170,22 +205,8 @@ def _step_slice(trace: Trace, a: int, b: int) -> Trace:
 
 
 def _atomic_dir(dest: Path, build: Callable[[Path], None]) -> None:
-    """Build a directory under a temporary sibling name, then move it to ``dest`` (replacing it)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        build(tmp)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            os.rmdir(old)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Build a directory under a temporary sibling name, then swap it in (see :func:`eplb._atomic.atomic_dir`)."""
+    atomic_dir(dest, build)
 
 
 def _eplb_info(trace: Trace) -> dict[str, Any]:
@@ -215,8 +236,11 @@ def _load_st(f: Path) -> dict[str, np.ndarray]:
         if "bf16" in str(exc).lower() or "bfloat16" in str(exc).lower():
             from safetensors.torch import load_file as load_torch
 
-            return {k: v.float().numpy() for k, v in load_torch(str(f)).items()}
-        raise TraceError(f"{f}: not a readable safetensors file ({exc})") from None
+            try:
+                return {k: v.float().numpy() for k, v in load_torch(str(f)).items()}
+            except Exception:  # noqa: BLE001 - not a bf16 file after all: a corrupt header
+                pass
+        raise TraceError(f"{f}: not a readable safetensors file ({str(exc)[:200]})") from None
 
 
 def _parse_keyed(f: Path, data: dict[str, np.ndarray], shape: tuple[int, ...] | None, what: str,
@@ -233,8 +257,11 @@ def _parse_keyed(f: Path, data: dict[str, np.ndarray], shape: tuple[int, ...] | 
             raise TraceError(f"{f}: key {key!r}: counts must be finite integers")
         if np.any(arr < 0):
             raise TraceError(f"{f}: key {key!r}: negative count {arr[arr < 0].flat[0]} (expert {int(np.argmax(arr < 0))})")
+        try:
+            a = exact_counts(arr, f"key {key!r}", ndim=arr.ndim) if arr.size else arr.astype(np.int64)
+        except ValueError as exc:
+            raise TraceError(f"{f}: {exc}") from None
         k = (int(m.group(1)), int(m.group(2)))
-        a = arr.astype(np.int64)
         out[k] = out[k] + a if k in out else a
 
 
@@ -264,16 +291,14 @@ def read_trtllm(path: str | os.PathLike[str], *, raw: bool = False) -> Trace:
     mf = p / "meta_info.json"
     if not mf.is_file():
         raise TraceError(f"{mf}: missing (a TensorRT-LLM dump needs meta_info.json)")
-    try:
-        meta_info = json.loads(mf.read_text())
-    except json.JSONDecodeError as exc:
-        raise TraceError(f"{mf}: not valid JSON ({exc})") from None
+    meta_info = _json_file(mf)
     if not isinstance(meta_info, dict):
         raise TraceError(f"{mf}: expected a JSON object")
     for key in ("num_experts", "num_experts_per_token"):
         if key not in meta_info:
             raise TraceError(f"{mf}: missing field '{key}'")
-    E, k = int(meta_info["num_experts"]), int(meta_info["num_experts_per_token"])
+    E = _int_field(mf, meta_info, "num_experts", 1)
+    k = _int_field(mf, meta_info, "num_experts_per_token", 0)
     files = sorted((int(m.group(1)), f) for f in p.iterdir() if (m := _RANK_FILE.match(f.name)))
     if not files:
         raise TraceError(f"{p}: no rank{{R}}.safetensors files")
@@ -398,8 +423,8 @@ def read_sglang(path: str | os.PathLike[str]) -> Trace:
         raise TraceError(f"{p}: key 'logical_count': expected [steps, layers, experts], got shape {tuple(arr.shape)}")
     info = obj.get("eplb_trace")
     try:
-        info = json.loads(info) if isinstance(info, str) else None
-    except json.JSONDecodeError:
+        info = parse_json(p, info.encode(), error=TraceError) if isinstance(info, str) else None
+    except TraceError:
         info = None
     lids = tuple(info.get("layer_ids", ())) if isinstance(info, dict) else ()
     steps = np.asarray(info["step_ids"]) if isinstance(info, dict) and "step_ids" in info else None
@@ -473,10 +498,7 @@ def _ascend_phy2log(expert_map: str | os.PathLike[str] | Placement, L: int, D: i
                              f"the load array {L} x {D * spr}")
         return pl.phy2log, pl.num_experts
     f = Path(expert_map)
-    try:
-        d = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TraceError(f"{f}: not a readable expert-map JSON ({exc})") from None
+    d = _json_file(f)
     if not isinstance(d, dict) or "layer_list" not in d:
         raise TraceError(f"{f}: missing field 'layer_list'")
     layers = sorted(d["layer_list"], key=lambda x: int(x.get("layer_id", 0)))
@@ -496,6 +518,7 @@ def _load_array(p: Path, key: str) -> np.ndarray:
     suf = p.suffix.lower()
     try:
         if suf == ".npy":
+            _regular(p)
             return np.load(p, allow_pickle=False)
         if suf in (".pt", ".pth"):
             import torch
@@ -507,7 +530,7 @@ def _load_array(p: Path, key: str) -> np.ndarray:
                 obj = obj[key]
             return obj.detach().cpu().numpy() if hasattr(obj, "detach") else np.asarray(obj)
         if suf == ".json":
-            obj = json.loads(p.read_text())
+            obj = _json_file(p)
             if isinstance(obj, dict):
                 if key not in obj:
                     raise TraceError(f"{p}: missing key {key!r}")
@@ -543,8 +566,14 @@ def read_vllm_ascend(path: str | os.PathLike[str], expert_map: str | os.PathLike
         raise TraceError(f"{p}: expected moe_load of shape [layers, devices, slots per device] "
                          f"(or [steps, ...]), got {tuple(arr.shape)}")
     T, L, D, spr = arr.shape
-    if arr.dtype.kind not in "biuf" or np.any(arr < 0):
-        raise TraceError(f"{p}: moe_load must hold non-negative numbers")
+    if arr.dtype.kind not in "iuf" or np.any(arr < 0):
+        raise TraceError(f"{p}: moe_load must hold non-negative numbers (got dtype {arr.dtype})")
+    if arr.size == 0:
+        raise TraceError(f"{p}: moe_load is empty (shape {tuple(arr.shape)})")
+    big = ~np.isfinite(arr) | (arr > 2**53) if arr.dtype.kind == "f" else arr > 2**53
+    if np.any(big):  # per-slot loads may be fractional (a split count), but must stay exact in float64
+        bad = np.argwhere(big)[0].tolist()
+        raise TraceError(f"{p}: moe_load: load {arr[tuple(bad)]} at index {bad} is not finite or larger than 2**53")
     phys = arr.reshape(T, L, D * spr).astype(np.float64)
     if isinstance(expert_map, str) and expert_map == "identity":
         phy2log, E = np.tile(np.arange(D * spr), (L, 1)), D * spr
@@ -608,38 +637,85 @@ def _trace_from_obj(p: Path, obj: Any) -> Trace:
         key = next((k for k in ("counts", "logical_count", "load", "loads") if k in obj), None)
         if key is None:
             raise TraceError(f"{p}: missing key 'counts' (keys: {sorted(map(str, obj))[:10]})")
+        arr = _rect(p, obj[key], f"key {key!r}")
+        lids = obj.get("layer_ids", ())
+        if isinstance(lids, np.ndarray):
+            lids = lids.tolist()
+        if not isinstance(lids, (list, tuple)):
+            raise TraceError(f"{p}: field 'layer_ids': expected a list of layer indices, got {type(lids).__name__}")
+        meta = obj.get("meta", {}) or {}
+        if not isinstance(meta, dict):
+            raise TraceError(f"{p}: field 'meta': expected a mapping, got {type(meta).__name__}")
+        top_k, ep = _int_field(p, obj, "top_k", 0, default=0), _int_field(p, obj, "ep_size", 0, default=0)
         try:
-            arr = np.asarray(obj[key])
-        except ValueError:
-            raise TraceError(f"{p}: key {key!r} is not a rectangular array") from None
-        if arr.dtype == object:
-            raise TraceError(f"{p}: key {key!r} is not a rectangular numeric array (ragged rows?)")
-        try:
-            return Trace(arr, tuple(obj.get("layer_ids", ())), obj.get("step_ids"), int(obj.get("top_k", 0)),
+            return Trace(arr, tuple(lids), obj.get("step_ids"), top_k,
                          str(obj.get("model", "")), str(obj.get("source", "") or f"{p.suffix[1:]}:{p}"),
-                         int(obj.get("ep_size", 0)), dict(obj.get("meta", {}) or {}))
+                         ep, dict(meta))
         except ValueError as exc:
             raise TraceError(f"{p}: key {key!r}: {exc}") from None
-    try:
-        arr = np.asarray(obj)
-    except ValueError:
-        raise TraceError(f"{p}: not a rectangular array") from None
-    if arr.dtype == object:
-        raise TraceError(f"{p}: not a rectangular numeric array (ragged rows?)")
+    arr = _rect(p, obj, "")
     try:
         return Trace(arr, source=f"{p.suffix[1:]}:{p}")
     except ValueError as exc:
         raise TraceError(f"{p}: {exc}") from None
 
 
+def _rect(p: Path, obj: Any, what: str) -> np.ndarray:
+    """A rectangular array of numbers (lists of Python ints past int64 kept exact as objects)."""
+    if isinstance(obj, np.ndarray):
+        return obj
+    try:
+        arr = np.asarray(obj)
+    except (ValueError, TypeError, OverflowError):
+        raise TraceError(f"{p}: {what + ' is' if what else 'not'} a rectangular array (ragged rows?)") from None
+    if arr.dtype == object:
+        try:  # rectangular but with odd elements: exact_counts names the first bad one
+            np.asarray(obj, dtype=object).reshape(-1)
+        except ValueError:
+            raise TraceError(f"{p}: {what + ' is' if what else 'not'} a rectangular array (ragged rows?)") from None
+        if any(isinstance(v, (list, tuple, dict)) for v in arr.reshape(-1)):
+            raise TraceError(f"{p}: {what + ' is' if what else 'not'} a rectangular array (ragged rows?)")
+    return obj if isinstance(obj, (list, tuple)) else arr  # lists: exact_counts also refuses booleans in them
+
+
+def _json_file(p: Path) -> Any:
+    """A JSON file, bounded in size and depth; errors name the file."""
+    return parse_json(p, read_bytes(p, error=TraceError), error=TraceError)
+
+
+def _regular(p: Path) -> None:
+    if not p.is_file():
+        raise TraceError(f"{p}: not a regular file")
+
+
+def _int_field(p: Path, obj: Any, key: str, minimum: int, default: int | None = None) -> int:
+    """``obj[key]`` as an int in ``[minimum, 2**31)`` (no bools, no fractions) or a TraceError naming it."""
+    if not isinstance(obj, dict):
+        raise TraceError(f"{p}: expected a JSON object, got {type(obj).__name__}")
+    if key not in obj or obj[key] is None:
+        if default is None:
+            raise TraceError(f"{p}: missing field '{key}'")
+        return default
+    v = obj[key]
+    if isinstance(v, np.ndarray) and v.ndim == 0:
+        v = v.item()
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2**31:
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not minimum <= int(v) < 2**31:
+        raise TraceError(f"{p}: field '{key}': expected an integer in [{minimum}, 2**31), got {str(v)[:40]!r}")
+    return int(v)
+
+
 def _read_plain(p: Path, fmt: str) -> Trace:
     if fmt == "npy":
+        _regular(p)
         try:
             arr = np.load(p, allow_pickle=False)
         except Exception as exc:
             raise TraceError(f"{p}: not a readable .npy file ({str(exc).splitlines()[0]})") from None
         return _trace_from_obj(p, arr)
     if fmt == "npz":
+        _regular(p)
         try:
             with np.load(p, allow_pickle=False) as z:
                 d = {k: z[k] for k in z.files}
@@ -648,27 +724,33 @@ def _read_plain(p: Path, fmt: str) -> Trace:
         if "counts" not in d and len(d) == 1:
             d = {"counts": next(iter(d.values()))}
         if "meta_json" in d:
-            info = json.loads(str(d.pop("meta_json")))
+            info = parse_json(p, str(d.pop("meta_json")).encode(), error=TraceError)
+            if not isinstance(info, dict):
+                raise TraceError(f"{p}: meta_json: expected a JSON object, got {type(info).__name__}")
             d.update({k: v for k, v in info.items() if k not in d})
         return _trace_from_obj(p, d)
     if fmt == "json":
-        try:
-            obj = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise TraceError(f"{p}: not valid JSON ({exc})") from None
-        return _trace_from_obj(p, obj)
+        return _trace_from_obj(p, _json_file(p))
     if fmt == "csv":
         return _read_csv(p)
     raise TraceError(f"format: {fmt!r} is not a plain array format")
 
 
 def _read_csv(p: Path) -> Trace:
-    rows = list(csv.reader(p.read_text().splitlines()))
+    try:
+        text = read_bytes(p, error=TraceError).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{p}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    rows = list(csv.reader(text.splitlines()))
     rows = [r for r in rows if r and any(c.strip() for c in r)]
     if not rows:
         raise TraceError(f"{p}: empty CSV")
 
-    def num(v: str, line: int, col: int) -> float:
+    def num(v: str, line: int, col: int) -> float | int:
+        try:
+            return int(v)  # exact: a float would round counts past 2**53
+        except ValueError:
+            pass
         try:
             return float(v)
         except ValueError:
@@ -681,9 +763,10 @@ def _read_csv(p: Path) -> Trace:
     width = {len(r) for r in rows}
     if len(width) != 1:
         raise TraceError(f"{p}: rows have different numbers of columns {sorted(width)}")
-    data = np.array([[num(c, i + 1 + (header is not None), j) for j, c in enumerate(r)] for i, r in enumerate(rows)])
+    vals = [[num(c, i + 1 + (header is not None), j) for j, c in enumerate(r)] for i, r in enumerate(rows)]
     if header is None:
-        return _trace_from_obj(p, data)
+        return _trace_from_obj(p, vals)
+    data = np.array(vals, dtype=object)
     if len(header) != data.shape[1]:
         raise TraceError(f"{p}: header has {len(header)} columns, rows have {data.shape[1]}")
     if "layer" not in header:
@@ -691,11 +774,17 @@ def _read_csv(p: Path) -> Trace:
     lc = header.index("layer")
     sc = header.index("step") if "step" in header else None
     ecols = [j for j in range(len(header)) if j not in (lc, sc)]
+    for col in (lc, sc):
+        if col is not None:
+            for i, v in enumerate(data[:, col]):
+                if not isinstance(v, int) or not 0 <= v < 2**63:
+                    raise TraceError(f"{p}: line {i + 2}, column {col + 1} ({header[col]}): expected an integer "
+                                     f"in [0, 2**63), got {v!r}")
     layers = sorted({int(v) for v in data[:, lc]})
     steps = sorted({int(v) for v in data[:, sc]}) if sc is not None else [0]
     lpos = {v: i for i, v in enumerate(layers)}
     spos = {v: i for i, v in enumerate(steps)}
-    out = np.zeros((len(steps), len(layers), len(ecols)))
+    out = np.zeros((len(steps), len(layers), len(ecols)), dtype=object)
     seen = np.zeros((len(steps), len(layers)), dtype=bool)
     for i, row in enumerate(data):
         s = spos[int(row[sc])] if sc is not None else 0

@@ -14,24 +14,52 @@ Files are written atomically (temp file, then rename).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from eplb._checks import ArrayLike, check_load
+from eplb._atomic import atomic_write
+from eplb._checks import MAX_COUNT, ArrayLike, check_load, exact_counts, exact_ints
 
-__all__ = ["Trace", "TraceError", "atomic_write", "parse_range"]
+__all__ = ["Trace", "TraceError", "atomic_write", "parse_range", "reading"]
 
 
 class TraceError(ValueError):
     """A trace file or array is malformed; the message names the file and field."""
+
+
+#: Exceptions a reader turns into its own clear error (naming the file) when malformed input provokes them
+#: deep inside a library; the readers raise their own precise errors first, this is the safety net.
+UNCLEAR = (Exception,)  # numpy, safetensors, torch, pickle, zipfile: whatever malformed bytes provoke
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike[str], error: type[ValueError] = None) -> Iterator[None]:  # type: ignore[assignment]
+    """Turn any exception of :data:`UNCLEAR` raised while reading ``path`` into ``error`` (default
+    :class:`TraceError`) naming the file; errors that already name the file pass through unchanged."""
+    err = error or TraceError
+    try:
+        yield
+    except err as exc:
+        if str(path) in str(exc) or Path(path).name in str(exc):
+            raise
+        try:
+            new = type(exc)(f"{path}: {exc}")
+        except Exception:  # noqa: BLE001 - a subclass with another signature
+            new = err(f"{path}: {exc}")
+        raise new from None
+    except UNCLEAR as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith(str(path)):
+            raise err(str(exc)) from None
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise err(f"{path}: malformed input ({type(exc).__name__}{': ' + msg if msg else ''})") from None
 
 
 def parse_range(spec: str | Sequence[int] | None, name: str = "iter-range") -> tuple[int, int] | None:
@@ -50,22 +78,13 @@ def parse_range(spec: str | Sequence[int] | None, name: str = "iter-range") -> t
     return a, b
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def check_total(c: np.ndarray, name: str) -> None:
+    """Sums over steps (what planners and ``Trace.total`` use) must stay exact: at most 2**53."""
+    tot = c.sum(0, dtype=np.float64)
+    if tot.size and float(tot.max()) > MAX_COUNT:
+        bad = np.unravel_index(int(np.argmax(tot)), tot.shape)
+        raise TraceError(f"{name}: the sum over steps at (layer, expert) position {[int(i) for i in bad]} exceeds 2**53 "
+                         "and cannot be kept exact")
 
 
 def _short(ids: Sequence[int]) -> str:
@@ -106,17 +125,25 @@ class Trace:
     topk_offsets: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        c = check_load(self.counts, "counts", ndim=(2, 3), dtype=np.float64)
+        try:
+            c = exact_counts(self.counts, "counts", ndim=(2, 3))
+        except ValueError as exc:
+            raise TraceError(str(exc)) from None
         if c.ndim == 2:
             c = c[None]
-        if np.any(c != np.round(c)):
-            raise TraceError("counts: expected integer token counts")
-        self.counts = c.astype(np.int64)
+        check_total(c, "counts")
+        self.counts = c
         T, L, _ = self.counts.shape
-        self.layer_ids = tuple(int(i) for i in self.layer_ids) if len(self.layer_ids) else tuple(range(L))
+        try:
+            lids = exact_ints(list(self.layer_ids), "layer_ids", minimum=0) if len(self.layer_ids) else np.arange(L)
+            steps = np.arange(T, dtype=np.int64) if self.step_ids is None else exact_ints(self.step_ids, "step_ids")
+        except ValueError as exc:
+            raise TraceError(str(exc)) from None
+        self.layer_ids = tuple(int(i) for i in lids)
         if len(self.layer_ids) != L:
             raise TraceError(f"layer_ids: {len(self.layer_ids)} ids for {L} layers")
-        steps = np.arange(T, dtype=np.int64) if self.step_ids is None else np.asarray(self.step_ids, dtype=np.int64)
+        if len(set(self.layer_ids)) != L:
+            raise TraceError(f"layer_ids: duplicate layer ids in {list(self.layer_ids)[:8]}")
         if steps.shape != (T,):
             raise TraceError(f"step_ids: expected {T} step ids, got shape {steps.shape}")
         if T > 1 and np.any(np.diff(steps) <= 0):
@@ -125,15 +152,22 @@ class Trace:
         self.step_ids = steps
         E = self.counts.shape[2]
         if self.cooccurrence is not None:
-            co = check_load(self.cooccurrence, "cooccurrence", ndim=4, dtype=np.float64)
+            try:
+                co = exact_counts(self.cooccurrence, "cooccurrence", ndim=4)
+            except ValueError as exc:
+                raise TraceError(str(exc)) from None
             if co.shape != (T, L, E, E):
                 raise TraceError(f"cooccurrence: expected shape {(T, L, E, E)}, got {tuple(co.shape)}")
-            self.cooccurrence = co.astype(np.int64)
+            check_total(co, "cooccurrence")
+            self.cooccurrence = co
         if (self.topk_ids is None) != (self.topk_offsets is None):
             raise TraceError("topk_ids: topk_ids and topk_offsets must be given together")
         if self.topk_ids is not None and self.topk_offsets is not None:
             ids = np.asarray(self.topk_ids)
-            off = np.asarray(self.topk_offsets, dtype=np.int64)
+            try:
+                off = exact_ints(self.topk_offsets, "topk_offsets", minimum=0)
+            except ValueError as exc:
+                raise TraceError(str(exc)) from None
             if ids.ndim != 3 or ids.shape[1] != L or ids.dtype.kind not in "iu":
                 raise TraceError(f"topk_ids: expected an integer [tokens, {L}, k] array, got {ids.dtype} {tuple(ids.shape)}")
             if off.shape != (T + 1,) or off[0] != 0 or off[-1] != ids.shape[0] or np.any(np.diff(off) < 0):
@@ -284,9 +318,14 @@ class Trace:
         ``iter_range`` keeps steps with ids in ``[start, stop)``; ``layers`` keeps those MoE layer
         positions. A recording directory only reads the chunks that overlap ``iter_range``.
         """
+        p = Path(path)
+        with reading(p):
+            return cls._load(p, iter_range, layers)
+
+    @classmethod
+    def _load(cls, p: Path, iter_range: str | Sequence[int] | None, layers: Sequence[int] | None) -> Trace:
         from safetensors import safe_open
 
-        p = Path(path)
         if p.is_dir():
             from eplb.stats.store import read_dir
 
@@ -308,13 +347,23 @@ class Trace:
             raise
         except Exception as exc:  # safetensors raises its own error types
             raise TraceError(f"{p}: not a readable safetensors trace ({exc})") from None
+        from eplb._safe_read import parse_json
+
+        info: Mapping[str, Any] = parse_json(f"{p}: metadata 'eplb.trace'", md.get("eplb.trace", "{}").encode(),
+                                             error=TraceError)
+        if not isinstance(info, dict):
+            raise TraceError(f"{p}: metadata 'eplb.trace': expected a JSON object, got {type(info).__name__}")
+        for key in ("top_k", "ep_size"):
+            v = info.get(key, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**31:
+                raise TraceError(f"{p}: metadata 'eplb.trace': field '{key}': expected an integer in [0, 2**31), "
+                                 f"got {str(v)[:40]!r}")
+        lids, meta = info.get("layer_ids", ()), info.get("meta", {})
+        if not isinstance(lids, (list, tuple)) or not isinstance(meta, dict):
+            raise TraceError(f"{p}: metadata 'eplb.trace': 'layer_ids' must be a list and 'meta' a mapping")
         try:
-            info: Mapping[str, Any] = json.loads(md.get("eplb.trace", "{}"))
-        except json.JSONDecodeError as exc:
-            raise TraceError(f"{p}: metadata 'eplb.trace' is not valid JSON ({exc})") from None
-        try:
-            tr = cls(counts, tuple(info.get("layer_ids", ())), steps, int(info.get("top_k", 0)), str(info.get("model", "")),
-                     str(info.get("source", "")), int(info.get("ep_size", 0)), dict(info.get("meta", {})), co, ids, off)
+            tr = cls(counts, tuple(lids), steps, int(info.get("top_k", 0)), str(info.get("model", "")),
+                     str(info.get("source", "")), int(info.get("ep_size", 0)), dict(meta), co, ids, off)
         except ValueError as exc:
             raise TraceError(f"{p}: {exc}") from None
         return tr.slice(iter_range, layers) if iter_range is not None or layers is not None else tr
