@@ -43,7 +43,7 @@ import eplb
 import eplb.dispatch  # registers the "eplb-dispatch" policy
 from _common import REPO, command_line, cuda_graphed, device_name, sample_ms, utc_minute, write_text
 from eplb.dispatch import DispatchTable, assign_slots, send_matrix
-from eplb.dispatch.auto import auto_strategies
+from eplb.dispatch.auto import auto_strategies, calibrate_dispatch_cost_ms
 from eplb.placement import Placement
 from eplb.runtime.compute import expert_ffn, resolve_impl
 from eplb.sim.cost import load_cost_model, reference_cost_model
@@ -145,14 +145,23 @@ def run_rows(name: str, counts: np.ndarray, R: int, S: int, top_k: int, tprs: tu
         pairs = tpr * top_k
         hist = np.stack([[scale_counts(counts[t, layer], pairs * R) for layer in range(L)] for t in range(half)])
         pls = placements(hist.astype(np.float64), E, R, S, groups)
-        auto = auto_strategies(hist, pls["eplb-dispatch"], cost.compute_ms)
         picks = [(int(rng.integers(half, T)), int(rng.integers(0, L))) for _ in range(samples)]
+        # auto: the table-size cost model (every layer), and a once-per-table calibration on the device
+        # (balanced minus local-first assign_slots at this size) for the sampled layers
+        model = auto_strategies(hist, pls["eplb-dispatch"], cost.compute_ms)
+        cal: list[float | None] = [None] * L
+        for _, layer in picks:
+            if cal[layer] is None:
+                cal[layer] = calibrate_dispatch_cost_ms(DispatchTable.from_placement(pls["eplb-dispatch"], layer, dev),
+                                                        tpr, top_k, iters=iters, seed=seed + layer)
+        auto = auto_strategies(hist, pls["eplb-dispatch"], cost.compute_ms, dispatch_cost_ms=cal)
         for step, layer in picks:
             c = scale_counts(counts[step, layer], pairs * R)
             g_np = split_ranks(c, R, pairs, rng)
             g_cpu = torch.as_tensor(g_np)
             row: dict[str, Any] = {"name": name, "tpr": tpr, "R": R, "step": step, "layer": layer, "ms": {},
-                                   "load": {}, "auto": auto[layer]}
+                                   "load": {}, "auto": auto[layer], "model": model[layer],
+                                   "colours": DispatchTable.from_placement(pls["eplb-dispatch"], layer).num_colors}
             for cfg in CONFIGS:
                 pol, _, strat = cfg.partition("+")
                 if pol not in pls:
@@ -173,6 +182,7 @@ def run_rows(name: str, counts: np.ndarray, R: int, S: int, top_k: int, tprs: tu
             lf = row["ms"]["eplb-dispatch+lf"]
             bal = row["ms"]["eplb-dispatch+balanced"]
             row["ms"]["auto"] = bal if auto[layer].strategy == "balanced" else lf
+            row["ms"]["auto (model)"] = bal if model[layer].strategy == "balanced" else lf
             row["ms"]["ideal"] = {"assign": 0.0, "gemm": bal["gemm"], "a2a": bal["a2a"], "total": bal["gemm"] + bal["a2a"]}
             rows.append(row)
             print(f"{name} R={R} {tpr} tok/rank step {step} layer {layer}: " + ", ".join(
@@ -196,7 +206,7 @@ def synthetic_dsv3(steps: int, layers: int, seed: int) -> np.ndarray:
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, dev: torch.device) -> str:
-    cols = [*CONFIGS, "auto", "ideal"]
+    cols = [*CONFIGS, "auto", "auto (model)", "ideal"]
     lines = [
         "# MoE critical path per layer, one GPU (bench/critical_path.py)", "",
         f"- device: {device_name(dev)}",
@@ -210,9 +220,14 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, dev: torch.devi
         "- `captured`: (DeepSeek + local-first - strategy) / (DeepSeek + local-first - ideal), the share of the ideal "
         "gain a strategy keeps (target: >= 80% at >= 2048 tokens per rank; never slower than DeepSeek + local-first).",
         "",
-        "| rows | tok/rank | step/layer | " + " | ".join(cols) + " | auto picks (gain / cost ms) | captured: balanced | "
-        "captured: auto | hot-rank rows (ds-lf / ed-lf / ed-bal) |",
-        "| --- | --- | --- |" + " --- |" * len(cols) + " --- | --- | --- | --- |",
+        "- `auto`: strategy='auto' with the balanced dispatch cost calibrated once per table on the device "
+        "(eplb.dispatch.auto.calibrate_dispatch_cost_ms: balanced minus local-first assign_slots, CUDA graph, "
+        "SYNTHETIC uniform ids of this size); `auto (model)`: with the table-size cost model "
+        "(eplb.dispatch.auto.balanced_dispatch_cost_ms, no measurement).",
+        "",
+        "| rows | tok/rank | step/layer | " + " | ".join(cols) + " | auto picks (gain / cost ms) | model picks (cost ms; colours) "
+        "| captured: balanced | captured: auto | hot-rank rows (ds-lf / ed-lf / ed-bal) |",
+        "| --- | --- | --- |" + " --- |" * len(cols) + " --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         ms = r["ms"]
@@ -226,7 +241,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, dev: torch.devi
         a = r["auto"]
         lines.append(f"| {r['name']} R={r['R']} | {r['tpr']} | {r['step']}/{r['layer']} | "
                      + " | ".join(f"{ms[c]['total']:.3f}" if c in ms else "n/a" for c in cols)
-                     + f" | {a.strategy} ({a.predicted_gain_ms:.3f} / {a.cost_ms:.3f}) | {cap('eplb-dispatch+balanced')} | "
+                     + f" | {a.strategy} ({a.predicted_gain_ms:.3f} / {a.cost_ms:.3f}) | {r['model'].strategy} "
+                     f"({r['model'].cost_ms:.3f}; {r['colours']}) | {cap('eplb-dispatch+balanced')} | "
                      f"{cap('auto')} | {r['load']['deepseek+lf']} / {r['load']['eplb-dispatch+lf']} / "
                      f"{r['load']['eplb-dispatch+balanced']} |")
     lines += ["", "## Parts (ms): assign_slots / grouped GEMM / modelled all-to-all x2", "",

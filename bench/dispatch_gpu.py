@@ -40,7 +40,15 @@ import torch
 
 import eplb
 from _common import command_line, cuda_graphed, sample_ms, write_text
-from eplb.dispatch import DispatchTable, assign_slots, layer_tables, lp_max_load, plan_quotas, source_shares
+from eplb.dispatch import (
+    DispatchTable,
+    assign_slots,
+    layer_tables,
+    lp_max_load,
+    plan_quotas,
+    send_matrix,
+    source_shares,
+)
 from eplb.dispatch.assign import balanced_replica, balanced_token_slots, token_occurrence
 from eplb.dispatch.kernel import HAVE_TRITON, plan_quotas_triton, rank_share_cum_triton
 from eplb.dispatch.split import expert_ranks
@@ -284,12 +292,23 @@ def budget_config(R: int, tokens_per_rank: int, policy: str, device: torch.devic
         "round-robin, torch (before)": lambda: assign_slots(ids, tab, "round-robin", rank=0, global_counts=g,
                                                             backend="torch"),
     }
+    quotas = torch.empty(tab.log2phy.shape, dtype=torch.int64, device=device)
+
+    def layer_dispatch(strat: str, share: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # what ExpertParallelMoE.forward runs: assign_slots, then the [R, S] send matrix of the same counts
+        q = quotas if share and strat == "balanced" else None
+        slots = assign_slots(ids, tab, strat, rank=0, global_counts=g, quotas_out=q)
+        return slots, send_matrix(g, tab, strat, quotas=q)
+
     if device.type == "cuda" and HAVE_TRITON:
-        for nw in (1, 2, 8):
-            fns[f"balanced, fused, plan kernel num_warps={nw} (default 4)"] = (
+        for nw in (4, 16):
+            fns[f"balanced, fused, plan kernel num_warps={nw} (default 8)"] = (
                 lambda nw=nw: fused_token_slots(ids, tab, "balanced", 0, g, num_warps=nw))
-        fns["plan kernel alone (rank_share_cum_triton)"] = lambda: rank_share_cum_triton(g, tab, 0)
+        fns["plan + shares in one program (rank_share_cum_triton)"] = lambda: rank_share_cum_triton(g, tab, 0)
         fns["token kernel alone (round-robin)"] = lambda: fused_token_slots(ids, tab, "round-robin", 0, g)
+    fns["layer dispatch: local-first assign_slots + send_matrix"] = lambda: layer_dispatch("local-first", False)
+    fns["layer dispatch: balanced, one plan (quotas_out)"] = lambda: layer_dispatch("balanced", True)
+    fns["layer dispatch: balanced, two plans (before)"] = lambda: layer_dispatch("balanced", False)
     t: dict[str, dict[str, float | None]] = {}
     for key, fn in fns.items():
         eager = timeit(fn, device, iters)
@@ -321,12 +340,15 @@ def budget_lines(budget: list[dict[str, Any]]) -> list[str]:
                 v = b["t"][key][mode]
                 cells.append("n/a" if v is None else f"{v:.1f}")
             lines.append(f"| {key}, {label} | " + " | ".join(cells) + " |")
-        for key in ("balanced, fused (2 launches)", "round-robin, fused (1 launch)"):
+        for key, base in (("balanced, fused (2 launches)", "local-first"), ("round-robin, fused (1 launch)", "local-first"),
+                          ("layer dispatch: balanced, one plan (quotas_out)",
+                           "layer dispatch: local-first assign_slots + send_matrix")):
             cells = []
             for b in budget:
-                a, lf = b["t"][key][mode], b["t"]["local-first"][mode]
+                a, lf = b["t"][key][mode], b["t"][base][mode]
                 cells.append("n/a" if a is None or lf is None else f"**{a - lf:.1f}**")
-            lines.append(f"| {key.split(',')[0]} minus local-first, {label} | " + " | ".join(cells) + " |")
+            what = key.split(',')[0] if base == "local-first" else "layer dispatch: balanced (one plan)"
+            lines.append(f"| {what} minus local-first, {label} | " + " | ".join(cells) + " |")
     return lines
 
 

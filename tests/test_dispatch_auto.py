@@ -41,7 +41,7 @@ def test_auto_takes_balanced_only_for_a_net_gain() -> None:
     assert [x.strategy for x in auto_strategies(c, p, linear_ms, dispatch_cost_ms=10.0)] == ["local-first"] * 2
     # repeated calls give identical decisions (float64 on identical inputs)
     assert auto_strategies(c, p, linear_ms) == auto_strategies(c, p, linear_ms)
-    assert balanced_dispatch_cost_ms(2048, 72) > balanced_dispatch_cost_ms(256, 72) > 0
+    assert balanced_dispatch_cost_ms(2048 * 8, 72) > balanced_dispatch_cost_ms(256 * 8, 72) > 0
     from eplb.dispatch.auto import auto_line, auto_summary
 
     summ = auto_summary(d)
@@ -90,3 +90,43 @@ def test_auto_needs_a_decision() -> None:
     w13, w2 = torch.zeros(2, 8, 4), torch.zeros(2, 4, 4)
     with pytest.raises((ValueError, PlacementError), match="auto_decision"):
         ExpertParallelMoE(w13, w2, Placement(np.array([[0, 1]]), 2, 1), 0, strategy="auto")
+
+
+def test_dispatch_cost_model_grows_with_the_table_size_and_per_layer_costs_apply() -> None:
+    from eplb.dispatch.auto import solver_sweeps
+
+    # one colour: one water-filling sweep; more colours: (6 + 2) sweeps each; no fluid expert: none
+    assert [solver_sweeps(c) for c in (0, 1, 2, 3)] == [0, 1, 16, 24]
+    one, three = balanced_dispatch_cost_ms(2048, num_colors=1), balanced_dispatch_cost_ms(2048, num_colors=3)
+    assert 0 < one < three
+    assert balanced_dispatch_cost_ms(2049, num_colors=1) > one  # a second token chunk
+    p, c = _two_layers()
+    d = auto_strategies(c, p, linear_ms, dispatch_cost_ms=[10.0, None])  # layer 0 too costly, layer 1 default
+    assert [x.strategy for x in d] == ["local-first", "local-first"] and d[0].cost_ms == 10.0
+    assert d[1].cost_ms == auto_strategies(c, p, linear_ms)[1].cost_ms
+    assert auto_strategies(c, p, linear_ms, dispatch_cost_ms=[0.0, 10.0])[0].strategy == "balanced"
+    with pytest.raises(ValueError, match="dispatch_cost_ms"):
+        auto_strategies(c, p, linear_ms, dispatch_cost_ms=[0.0])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_calibrated_dispatch_cost_is_a_measured_positive_time(device: str) -> None:
+    from eplb.dispatch import DispatchTable
+    from eplb.dispatch.auto import calibrate_dispatch_cost_ms
+
+    p, _ = _two_layers()
+    tab = DispatchTable.from_placement(p, 0, device)
+    ms = calibrate_dispatch_cost_ms(tab, 64, 2, iters=5)
+    assert isinstance(ms, float) and 0.0 < ms < 1000.0  # balanced does more work than local-first
+
+
+@pytest.mark.parametrize("colours,kd,pairs,measured_us", [
+    # bench/results/dispatch_gpu.md (balanced minus local-first, graph, 1 call; E=256, S=288, top-8)
+    (1, 13, 256 * 8, 6.8), (1, 13, 2048 * 8, 33.4), (2, 13, 256 * 8, 60.8), (3, 13, 2048 * 8, 103.6),
+    # bench/results/critical_path.md (assign_slots parts, eplb-dispatch balanced minus local-first)
+    (2, 4, 2048, 23.0), (2, 4, 8192, 32.0), (3, 12, 8192 * 8, 228.0), (1, 13, 8192 * 8, 153.0)])
+def test_dispatch_cost_model_matches_the_measured_h200_rows(colours: int, kd: int, pairs: int,
+                                                            measured_us: float) -> None:
+    us = 1000 * balanced_dispatch_cost_ms(pairs, num_colors=colours, fluid_ranks=kd)
+    assert abs(us - measured_us) <= max(15.0, 0.2 * measured_us), us

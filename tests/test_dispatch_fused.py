@@ -136,11 +136,29 @@ _INTERP = """
 import sys
 import numpy as np
 sys.path.insert(0, {tests!r})
-from test_dispatch_fused import check_case
+from test_dispatch_fused import _placement, check_case
 rng = np.random.default_rng(7)
 for R, spr, E, k, n, mode in [(4, 3, 10, 2, 40, "random"), (3, 2, 5, 3, 33, "hot"), (2, 3, 4, 1, 50, "one-expert"),
-                              (5, 2, 7, 2, 20, "inconsistent"), (1, 2, 2, 2, 9, "random"), (3, 1, 3, 2, 0, "random")]:
+                              (5, 2, 7, 2, 20, "inconsistent"), (1, 2, 2, 2, 9, "random"), (3, 1, 3, 2, 0, "random"),
+                              (6, 4, 12, 2, 30, "random"), (4, 5, 9, 3, 40, "hot")]:  # several colours
     check_case(rng, R, spr, E, k, n, mode, "cpu")
+# the plan kernel alone (all experts in one program, every colour count), batched over layers
+import torch
+from eplb.dispatch import DispatchTable, plan_quotas, source_shares
+from eplb.dispatch.kernel import rank_share_cum_triton
+colours = set()
+for R, spr, E in ((4, 3, 10), (6, 4, 12), (5, 4, 8), (3, 1, 3)):
+    for _ in range(2):
+        p = _placement(rng, R, spr, E)
+        tab = DispatchTable.from_placement(p, 0)
+        colours.add(int(tab.num_colors))
+        g = torch.as_tensor(rng.integers(0, 30, (R, E)))
+        q = plan_quotas(g, tab, backend="torch")
+        assert torch.equal(plan_quotas(g, tab, backend="triton"), q), (R, spr, E)
+        for r in (0, R - 1):
+            q2, cum = rank_share_cum_triton(g, tab, r)
+            assert torch.equal(q2, q) and torch.equal(cum, torch.cumsum(source_shares(g, q, tab, r), -1))
+assert 1 in colours and max(colours) >= 3, colours
 print("interpreted kernels ok")
 """
 
@@ -173,3 +191,45 @@ def test_send_matrix_equals_every_ranks_assignment(R: int, spr: int, k: int, n_t
     for r in range(R):
         slots = assign_slots(ids[r], tab, strategy, rank=r, global_counts=g)
         assert torch.equal(m[r], torch.bincount(slots.reshape(-1), minlength=R * spr)), r
+
+
+# ----------------------------------------------------------------------------- shared plan, solver shortcut (CPU)
+def test_assign_slots_quotas_out_is_the_plan_and_send_matrix_reuses_it() -> None:
+    from eplb.dispatch import plan_quotas, send_matrix
+
+    rng = np.random.default_rng(5)
+    p = _placement(rng, 4, 3, 9)
+    tab = DispatchTable.from_placement(p, 0)
+    ids = [torch.as_tensor(rng.integers(0, 9, (int(rng.integers(0, 30)), 2))) for _ in range(4)]
+    g = torch.stack([torch.bincount(t.reshape(-1), minlength=9) for t in ids])
+    q = torch.full(tab.log2phy.shape, -7, dtype=torch.int64)
+    slots = assign_slots(ids[1], tab, "balanced", rank=1, global_counts=g, quotas_out=q)
+    assert torch.equal(q, plan_quotas(g, tab))
+    assert torch.equal(slots, assign_slots(ids[1], tab, "balanced", rank=1, global_counts=g))
+    assert torch.equal(send_matrix(g, tab, "balanced", quotas=q), send_matrix(g, tab, "balanced"))
+    with pytest.raises(ValueError, match="quotas_out"):
+        assign_slots(ids[1], tab, "round-robin", rank=1, global_counts=g, quotas_out=q)
+    with pytest.raises(ValueError, match="quotas_out"):
+        assign_slots(ids[1], tab, "balanced", rank=1, global_counts=g, quotas_out=q[:, :1].contiguous())
+
+
+@settings(max_examples=60, deadline=None)
+@given(R=st.integers(2, 12), spr=st.integers(1, 5), seed=st.integers(0, 2**31 - 1),
+       scale=st.sampled_from([3, 40, 1000]))
+def test_one_colour_needs_one_whole_token_sweep(R: int, spr: int, seed: int, scale: int) -> None:
+    """The kernels' shortcut (eplb.dispatch.kernel._effective_sweeps): with one colour the full solver settings
+    and a single whole-token sweep from the uniform split give the same quotas."""
+    from eplb.dispatch.kernel import _effective_sweeps
+    from eplb.dispatch.solver import balanced_quotas
+
+    rng = np.random.default_rng(seed)
+    E = int(rng.integers(max(1, R * spr // 2), R * spr + 1))
+    tab = DispatchTable.from_placement(_placement(rng, R, spr, E), 0)
+    c = torch.as_tensor(rng.integers(0, scale, (3, E)))
+    args = (c, tab.fl_expert, tab.fl_rank, tab.color_members, tab.single_rank, R)
+    fb, sw, isw = _effective_sweeps(tab.num_colors, 8, 6, 2)
+    if tab.num_colors != 1:
+        assert (fb, sw, isw) == (8, 6, 2)
+        return
+    assert (fb, sw, isw) == (0, 0, 1)
+    assert torch.equal(balanced_quotas(*args), balanced_quotas(*args, frac_bits=fb, sweeps=sw, int_sweeps=isw))

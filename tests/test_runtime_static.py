@@ -167,3 +167,36 @@ def test_static_capacity_layer_cuda_graph_replay_equals_eager(strategy: str) -> 
         torch.cuda.synchronize()
         ref = eager(x2, ids2, w2_)
         assert torch.allclose(y.float(), ref.float(), atol=2e-2, rtol=2e-2), (seed, float((y - ref).abs().max()))
+
+
+def _plan_count_worker(rank: int, world: int) -> dict[str, int]:
+    import eplb.dispatch.assign as assign_mod
+
+    w13, w2 = _weights()
+    p = _placement(world)
+    calls = {"n": 0}
+    orig = assign_mod.plan_quotas
+
+    def counting(*a, **kw):
+        calls["n"] += 1
+        return orig(*a, **kw)
+
+    res = {}
+    for mode in ("eager", "static"):
+        kw = {"capacity": 64, "max_tokens_per_rank": 16} if mode == "static" else {}
+        layer = ExpertParallelMoE.from_full_weights(w13, w2, p, 0, strategy="balanced", **kw)
+        x, ids, w = _step(rank, 0, 7 + rank)
+        assign_mod.plan_quotas = counting
+        try:
+            calls["n"] = 0
+            y = layer(x, ids, w)
+        finally:
+            assign_mod.plan_quotas = orig
+        assert torch.allclose(y, reference_moe(x, ids, w, w13, w2), atol=1e-5)
+        res[mode] = calls["n"]
+    return res
+
+
+def test_balanced_layer_solves_one_plan_per_forward() -> None:
+    for r in run_distributed(_plan_count_worker, 2, timeout_s=60):
+        assert r == {"eager": 1, "static": 1}, r

@@ -460,12 +460,15 @@ def evaluate_cmd(
     dispatch: Annotated[bool, typer.Option("--dispatch/--no-dispatch", help="Also evaluate per-step balanced dispatch (and its LP bound).")] = True,
     per_layer: Annotated[bool, typer.Option("--per-layer/--no-per-layer", help="Print the per-layer before/after table.")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers as JSON here.")] = None,
+    dynamic_slots: Annotated[str | None, typer.Option("--dynamic-slots", help="Also evaluate per-step replication with D dynamic slots per rank, e.g. 1,2,4.")] = None,
+    transfer_budget: Annotated[float | None, typer.Option("--transfer-budget", help="Per-layer copy time budget of per-step replication (ms; each rank's copies <= budget / the cost model's P2P time of one expert).")] = None,
 ) -> None:
     """Before/after load report of a placement on a trace (TensorRT-LLM's report), bound, gap, held-out."""
     if placement is None and held_out is None:
         raise InputError("evaluate: pass --placement MAP and/or --held-out PLAN:EVAL")
     if held_out is not None and iter_range is not None:
         raise InputError("evaluate: --iter-range and --held-out both choose the evaluation steps; pass one")
+    ds = _parse_dynamic_slots(dynamic_slots, transfer_budget)
     tr_all = load_trace(trace)
     pl = None
     if placement is not None:
@@ -480,6 +483,7 @@ def evaluate_cmd(
     else:
         tr_eval = tr_all.slice(iter_range) if iter_range else tr_all
     evals: list[Evaluation] = []
+    runs: list[tuple[Evaluation, Placement]] = []  # evaluations of a placement, for --dynamic-slots
     before = evaluate_placement(tr_eval, None, ep, label="no EPLB", dispatch=dispatch, bound=True) \
         if tr_all.num_experts % ep == 0 else None
     if before is not None:
@@ -489,6 +493,7 @@ def evaluate_cmd(
         after = evaluate_placement(tr_eval, pl, label=f"map {placement.name}" if placement else "map",
                                    dispatch=dispatch)
         evals.append(after)
+        runs.append((after, pl))
     if rng_plan is not None and rng_eval is not None:
         S = pl.num_slots if pl is not None else (num_slots or tr_all.num_experts)
         opts = _parse_options(option)
@@ -502,6 +507,7 @@ def evaluate_cmd(
         orc = evaluate_placement(tr_eval, oracle, label=f"{pol} planned on {rng_eval[0]}-{rng_eval[1]} (in-sample oracle)",
                                  dispatch=dispatch)
         evals += [ho, orc]
+        runs += [(ho, planned), (orc, oracle)]
         if after is None:
             after = ho
     con = _console()
@@ -514,8 +520,68 @@ def evaluate_cmd(
     for ev in evals:
         if "auto_dispatch" in ev.extra:
             con.print(f"{ev.label}: {auto_line(ev.extra['auto_dispatch'])} (cost model {ev.extra['auto_dispatch']['cost_model']})")
+    if ds:
+        con.print(_replication_table(tr_eval, runs, ds, transfer_budget))
     if json_out is not None:
         atomic_write(json_out, (json.dumps({"trace": trace, "evaluations": [e.to_dict() for e in evals]}, indent=2) + "\n").encode())
+
+
+def _parse_dynamic_slots(spec: str | None, budget: float | None) -> list[int]:
+    if spec is None:
+        if budget is not None:
+            raise InputError("transfer-budget: only with --dynamic-slots")
+        return []
+    try:
+        ds = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"dynamic-slots: expected comma-separated integers, got {spec!r}") from None
+    if not ds or any(d < 0 for d in ds):
+        raise InputError(f"dynamic-slots: expected integers >= 0, got {spec!r}")
+    if budget is not None and (not np.isfinite(budget) or budget < 0):
+        raise InputError(f"transfer-budget: expected a time in ms >= 0, got {budget}")
+    return ds
+
+
+def _replication_table(trace: Trace, runs: Sequence[tuple[Evaluation, Placement]], ds: Sequence[int],
+                       budget: float | None) -> Any:
+    """Per-step replication (:func:`eplb.dispatch.replication.replicated_rank_loads`) of every evaluated
+    placement, one row per (placement, D); the numbers also go to each evaluation's JSON (``replication``)."""
+    from rich.table import Table
+
+    from eplb.dispatch.replication import replicated_rank_loads
+    from eplb.metrics import imbalance_ratio
+    from eplb.sim.cost import default_cost_model, expert_shape
+    from eplb.sim.replication import copy_ms, replication_caps
+    from eplb.stats.report import align_placement
+
+    cm = default_cost_model()
+    shape, _ = expert_shape(trace.model, trace.meta)  # the trace's model's expert size, as `eplb simulate`
+    if shape:
+        cm = cm.with_(**shape)
+    one = copy_ms(cm)
+    t = Table(title=f"Per-step replication (copy = {one:.3f} ms per {cm.hidden_size} x {cm.moe_intermediate_size} "
+                    f"x {cm.dtype_bytes}-byte expert, {cm.device}; budget "
+                    f"{'none' if budget is None else f'{budget:.3f} ms per layer'})")
+    for col in ("placement", "D", "copies recv/send cap", "imbalance", "max rank load", "copies per layer",
+                "copy ms per layer (max)"):
+        t.add_column(col, justify="right" if col != "placement" else "left")
+    for ev, placement in runs:
+        pl = align_placement(placement, trace.layer_ids, trace.num_experts)
+        rows = []
+        for d in ds:
+            recv, send = replication_caps(cm, d, pl.num_ranks, budget)
+            loads, plan = replicated_rank_loads(trace.counts, pl, d, start="uniform", max_recv=recv, max_send=send)
+            used = (plan.dyn_expert >= 0).sum(-1)
+            sent = (plan.dyn_source[..., None] == np.arange(pl.num_ranks)).sum((-3, -2)) if d else used
+            cms = float((np.maximum(used, sent).max(-1) * one).max()) if d else 0.0
+            row = {"dynamic_slots": d, "max_recv": recv, "max_send": send, "transfer_budget_ms": budget,
+                   "imbalance": float(imbalance_ratio(loads).mean()), "max_load": float(loads.max(-1).mean()),
+                   "copies_per_layer": float(plan.copies.mean()), "copy_ms_per_layer_max": cms}
+            rows.append(row)
+            t.add_row(ev.label, str(d), f"{recv}/{send}", f"{row['imbalance']:.4f}", f"{row['max_load']:.2f}",
+                      f"{row['copies_per_layer']:.1f}", f"{cms:.3f}")
+        ev.extra["replication"] = rows
+    return t
 
 
 # ============================================================================ demo

@@ -99,6 +99,17 @@ def simulate_cmd(
     weight_format: str | None = typer.Option(None, "--weight-format", help="expert weights: 'dense' (dtype bytes) or "
                                              "'fp8-block' (FP8 + float32 128x128 block scales, DeepSeek-V3 layout); "
                                              "default: the cost model's"),
+    dynamic_slots: list[str] | None = typer.Option(None, "--dynamic-slots", help="also simulate per-step replication "
+                                                   "with D dynamic slots per rank on each static placement (repeat or "
+                                                   "comma-separate, e.g. 1,2,4)"),
+    transfer_budget: float | None = typer.Option(None, "--transfer-budget", help="per-layer expert-copy time budget "
+                                                 "of per-step replication (ms; caps each rank's copies at budget / "
+                                                 "copy time, the cost model's P2P time of one expert)"),
+    hide_ms: float | None = typer.Option(None, "--hide-ms", help="time a layer's copies overlap with (ms; default: "
+                                         "the transfer budget, else the layer's dispatch all-to-all); copy time "
+                                         "beyond it is added to the layer"),
+    lookahead: bool = typer.Option(False, "--lookahead/--no-lookahead", help="per-step replication: choose the "
+                                   "copies on the previous step's counts (exact split on this step's)"),
 ) -> None:
     """Replay a trace step by step under placements and the online balancer; print a side-by-side summary."""
     from rich.console import Console
@@ -147,12 +158,35 @@ def simulate_cmd(
         cfg = online
     if num_slots is not None:
         check_layout_args(data.num_experts, int(num_slots), int(ep_size), int(num_nodes), int(num_groups))
+    replication = None
+    if dynamic_slots:
+        try:
+            ds = [int(x) for x in _split_list(dynamic_slots)]
+        except ValueError:
+            raise ValueError(f"dynamic-slots: expected integers, got {dynamic_slots}") from None
+        if any(d < 0 for d in ds):
+            raise ValueError(f"dynamic-slots: expected integers >= 0, got {ds}")
+        replication = {"dynamic_slots": ds, "transfer_budget_ms": transfer_budget, "hide_ms": hide_ms,
+                       "lookahead": lookahead}
+    elif transfer_budget is not None or hide_ms is not None or lookahead:
+        raise ValueError("transfer-budget / hide-ms / lookahead: only with --dynamic-slots")
     console = Console()
     with _progress(progress and console.is_terminal) as update:
         report = simulate(data, ep_size=ep_size, num_slots=num_slots, num_nodes=num_nodes, num_groups=num_groups,
                           policies=pols, placements=places, strategy=strategy, online=cfg, cost=cm,
-                          plan_range=plan_range, sim_range=sim_range, static=not online_only, progress=update)
+                          plan_range=plan_range, sim_range=sim_range, static=not online_only, progress=update,
+                          replication=replication)
     console.print(report.table())
+    for r in report.results:
+        rep = r.meta.get("replication")
+        if rep:
+            window = f"{rep['hide_ms']:.3f} ms" if rep["hide_ms"] is not None else "the dispatch"
+            console.print(f"{r.label}: {rep['copies_per_layer_mean']:.1f} copies per layer (cap {rep['max_recv']} "
+                          f"received / {rep['max_send']} sent per rank), copy time per layer mean "
+                          f"{rep['copy_ms_per_layer_mean']:.3f} ms, max {rep['copy_ms_per_layer_max']:.3f} ms; "
+                          f"{rep['exposed_layers']} layer(s) ({rep['exposed_layers_frac']:.1%}) could not hide their "
+                          f"copies under {window}"
+                          + (" (lookahead: copies move during the previous step)" if rep["lookahead"] else ""))
     console.print(f"cost model: {cm.device}, {cm.date}, {cm.source}")
     console.print(shape_line)
     _print_auto(console, report, data, cm)

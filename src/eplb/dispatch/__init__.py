@@ -6,11 +6,14 @@
 * :func:`send_matrix` -- every rank's per-slot rows of a step from the gathered ``[R, E]`` counts alone.
 * :func:`split_counts` -- slot loads ``[..., L, S]`` of counts ``[..., L, E]`` under a strategy (evaluate/simulate).
 * :func:`per_step_lower_bound` -- LP bound of a fixed placement with perfect dispatch.
+* :func:`plan_replication` / :func:`replicated_rank_loads` -- per-step replication into dynamic slots
+  (:mod:`eplb.dispatch.replication`; its GPU kernel in :mod:`eplb.dispatch.replication_kernel`).
 * policy ``"eplb-dispatch"`` -- a placement designed for balanced dispatch (registered on import).
 """
 
 from eplb.dispatch.assign import STRATEGIES, assign_slots, occurrence, plan_quotas, send_matrix, source_shares
 from eplb.dispatch.policy import dispatch_aware_placement
+from eplb.dispatch.replication import plan_replication, replicated_rank_loads
 from eplb.dispatch.solver import balanced_quotas, lp_max_load, waterfill
 from eplb.dispatch.split import SPLIT_STRATEGIES, per_step_lower_bound, split_counts, split_rank_loads
 from eplb.dispatch.table import DispatchTable, layer_tables
@@ -27,6 +30,8 @@ __all__ = [
     "occurrence",
     "per_step_lower_bound",
     "plan_quotas",
+    "plan_replication",
+    "replicated_rank_loads",
     "send_matrix",
     "source_shares",
     "split_counts",

@@ -191,7 +191,8 @@ def _check(topk_ids: torch.Tensor, table: DispatchTable, strategy: str, rank: in
 
 
 def assign_slots(topk_ids: torch.Tensor, table: DispatchTable, strategy: str = "local-first", *, rank: int,
-                 global_counts: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                 global_counts: torch.Tensor | None = None, backend: str = "auto",
+                 quotas_out: torch.Tensor | None = None) -> torch.Tensor:
     """Physical slot of every (token, choice) routed on this rank.
 
     Args:
@@ -205,6 +206,9 @@ def assign_slots(topk_ids: torch.Tensor, table: DispatchTable, strategy: str = "
             balanced in two kernel launches, round-robin in one) or ``"auto"`` (Triton on CUDA when available).
             Both give identical slots. On CUDA the ids are not range-checked (that would sync with the host):
             they must lie in ``[0, E)``.
+        quotas_out: ``"balanced"`` only, optional: an ``[E, K]`` int64 tensor on the table's device that receives
+            the step's per-replica quotas (== :func:`plan_quotas`), so that :func:`send_matrix` (``quotas=``)
+            reuses this plan instead of solving it again.
 
     Returns:
         ``[N, k]`` ``int64`` slot ids; slot ``s`` lives on rank ``s // table.slots_per_rank``. Every entry is a
@@ -214,8 +218,16 @@ def assign_slots(topk_ids: torch.Tensor, table: DispatchTable, strategy: str = "
     _check(topk_ids, table, strategy, rank, global_counts)
     if backend not in ("auto", "torch", "triton"):
         raise InputError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    if quotas_out is not None:
+        K = table.log2phy.shape[1]
+        if strategy != "balanced":
+            raise InputError(f"quotas_out: only the 'balanced' strategy has a plan, got strategy {strategy!r}")
+        if (tuple(quotas_out.shape) != (table.num_experts, K) or quotas_out.dtype != torch.int64
+                or not quotas_out.is_contiguous() or quotas_out.device != table.log2phy.device):
+            raise InputError(f"quotas_out: expected a contiguous [{table.num_experts}, {K}] int64 tensor on "
+                             f"{table.log2phy.device}, got {list(quotas_out.shape)} {quotas_out.dtype} on {quotas_out.device}")
     if strategy != "local-first" and (backend == "triton" or (backend == "auto" and topk_ids.is_cuda and HAVE_TRITON)):
-        return fused_token_slots(topk_ids, table, strategy, rank, global_counts)
+        return fused_token_slots(topk_ids, table, strategy, rank, global_counts, quotas_out=quotas_out)
     ids2 = topk_ids.to(torch.int64)
     ids = ids2.reshape(-1)
     if strategy == "local-first":
@@ -226,10 +238,12 @@ def assign_slots(topk_ids: torch.Tensor, table: DispatchTable, strategy: str = "
         return table.log2phy[ids, rep].view(topk_ids.shape)
     assert global_counts is not None
     if global_counts.is_cuda and HAVE_TRITON:
-        _, cum_e = rank_share_cum_triton(global_counts, table, rank)  # plan + this rank's shares: one kernel
+        quotas, cum_e = rank_share_cum_triton(global_counts, table, rank)  # plan + this rank's shares: one kernel
     else:
         quotas = plan_quotas(global_counts, table)
         cum_e = torch.cumsum(source_shares(global_counts, quotas, table, rank), -1)  # [E, K]
+    if quotas_out is not None:
+        quotas_out.copy_(quotas)
     return balanced_token_slots(ids2, table, rank, cum_e, occ)
 
 
@@ -251,7 +265,8 @@ def balanced_token_slots(topk_ids: torch.Tensor, table: DispatchTable, rank: int
     return table.log2phy.reshape(-1)[torch.add(rep, ids, alpha=table.log2phy.shape[1])].view(topk_ids.shape)
 
 
-def send_matrix(global_counts: torch.Tensor, table: DispatchTable, strategy: str) -> torch.Tensor:
+def send_matrix(global_counts: torch.Tensor, table: DispatchTable, strategy: str,
+                quotas: torch.Tensor | None = None) -> torch.Tensor:
     """``[R, S]`` int64: rows every source rank sends to every physical slot this step, from the step's
     ``[R, E]`` (source rank, expert) counts alone (no host sync; any device).
 
@@ -260,7 +275,8 @@ def send_matrix(global_counts: torch.Tensor, table: DispatchTable, strategy: str
     (what it receives from each source for each of its slots) from one ``all_gather`` of the counts:
     ``local-first`` through :attr:`DispatchTable.static_map`; ``round-robin``: the ``m``-th token of expert
     ``e`` on rank ``r`` goes to replica ``(m + r) % n``, so replica ``j`` gets ``c // n + ((j - r) % n < c % n)``;
-    ``balanced``: :func:`source_shares` of :func:`plan_quotas`.
+    ``balanced``: :func:`source_shares` of :func:`plan_quotas` (or of ``quotas``, the ``[E, K]`` plan of this
+    step already solved, e.g. by :func:`assign_slots`' ``quotas_out``: one plan per step instead of two).
     """
     if strategy not in STRATEGIES:
         raise InputError(f"strategy: unknown dispatch strategy {strategy!r}; expected one of {list(STRATEGIES)}")
@@ -278,7 +294,7 @@ def send_matrix(global_counts: torch.Tensor, table: DispatchTable, strategy: str
         c = g.unsqueeze(-1)
         per = torch.div(c, n, rounding_mode="floor") + (torch.remainder(j - r, n) < torch.remainder(c, n)).to(torch.int64)
     else:
-        per = source_shares(g, plan_quotas(g, table), table)  # [R, E, K]
+        per = source_shares(g, plan_quotas(g, table) if quotas is None else quotas, table)  # [R, E, K]
     valid = (table.log2phy >= 0).unsqueeze(0)
     per = per * valid
     idx = table.log2phy.clamp(min=0).reshape(1, E * K).expand(R, E * K)

@@ -11,31 +11,99 @@ reaches the same choice (the EP layer also folds the choice into its cross-rank 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from eplb._checks import ArrayLike
 from eplb.dispatch.split import split_rank_loads
+from eplb.dispatch.table import DispatchTable
 from eplb.errors import InputError
 from eplb.placement import Placement
 
-__all__ = ["AutoDecision", "auto_line", "auto_strategies", "auto_summary", "balanced_dispatch_cost_ms"]
+__all__ = ["AutoDecision", "auto_line", "auto_strategies", "auto_summary", "balanced_dispatch_cost_ms",
+           "calibrate_dispatch_cost_ms", "solver_sweeps"]
 
-#: Balanced minus local-first ``assign_slots`` per layer in a CUDA graph on one H200 (fused Triton path),
-#: ``a + b * pairs`` ms for a rank's (token, expert) pairs, ``a`` by EP size; fitted to
-#: bench/results/dispatch_budget_h200_first.md (deepseek and eplb-dispatch placements, E=256, S=288). A coarse line,
-#: conservative for the current token kernel (bench/results/dispatch_gpu.md measures 67-133 us) and far too high
-#: for small tables (Llama-4 at 16 ranks: 13-34 us in bench/results/critical_path.md): pass dispatch_cost_ms then.
-_COST_FIT = {36: (0.095, 5.8e-6), 72: (0.070, 4.7e-6)}
+#: Balanced minus local-first ``assign_slots`` per layer in a CUDA graph (one call) on one H200 (fused Triton
+#: path), in microseconds, by the table's size:
+#: ``base + per_sweep16 * solver_sweeps * BLOCK_K / 16 + per_chunk * ceil(pairs / 2048)``, where ``solver_sweeps``
+#: counts the plan kernel's water-filling updates (one with a single colour, else at most ``(6 + 2) * colours``),
+#: ``BLOCK_K`` is the fluid experts' rank count ``Kd`` padded to a power of two (the width each update sorts) and a
+#: token chunk is 2048 (token, expert) pairs of this rank, scanned by every expert's program. Least-squares fit
+#: (rounded; base raised to 5 so that one-colour 256-token layers stay local-first) to the 26 balanced-minus-
+#: local-first points of bench/results/dispatch_gpu.md and the assign_slots parts of bench/results/critical_path.md
+#: (2026-12-02 18:07 UTC, H200): Llama-4 16 ranks, DeepSeek-V3 shape at 36 / 72 ranks, 256-8192 tokens per rank.
+_COST_US = {"base": 5.0, "per_sweep16": 3.0, "per_chunk": 4.7}
 
 
-def balanced_dispatch_cost_ms(pairs_per_rank: float, num_ranks: int) -> float:
-    """Predicted extra time (ms) of balanced over local-first dispatch for one layer (H200, CUDA graph)."""
-    keys = sorted(_COST_FIT)
-    a, b = _COST_FIT[min(keys, key=lambda r: abs(r - num_ranks))]
-    return float(a + b * max(float(pairs_per_rank), 0.0))
+def solver_sweeps(num_colors: int, sweeps: int = 6, int_sweeps: int = 2) -> int:
+    """Water-filling updates of the balanced plan kernel (an upper bound: it stops early at a fixed point)."""
+    if num_colors <= 0:
+        return 0
+    return 1 if num_colors == 1 and int_sweeps >= 1 else (sweeps + int_sweeps) * num_colors
+
+
+def balanced_dispatch_cost_ms(pairs_per_rank: float, num_ranks: int | None = None, *, num_colors: int = 1,
+                              fluid_ranks: int = 16) -> float:
+    """Predicted extra time (ms) of balanced over local-first dispatch for one layer (H200, CUDA graph) from the
+    table's size: this rank's (token, expert) pairs, the layer's colour count (``DispatchTable.num_colors``) and
+    its fluid experts' rank count (``DispatchTable.fl_rank.shape[1]``). ``num_ranks`` is accepted for older
+    callers; the measured cost depends on it only through the table."""
+    chunks = -(-max(int(round(float(pairs_per_rank))), 0) // 2048)
+    width = 1 << max(int(fluid_ranks) - 1, 0).bit_length()
+    us = (_COST_US["base"] + _COST_US["per_sweep16"] * solver_sweeps(int(num_colors)) * width / 16
+          + _COST_US["per_chunk"] * chunks)
+    return float(us) / 1000.0
+
+
+def calibrate_dispatch_cost_ms(table: DispatchTable, tokens_per_rank: int, top_k: int, *, iters: int = 20,
+                               seed: int = 0) -> float:
+    """Measure balanced minus local-first ``assign_slots`` (ms per call) on ``table``'s device for
+    ``tokens_per_rank`` tokens of ``top_k`` (SYNTHETIC uniform routing, every rank with the same counts): CUDA
+    graph replays on CUDA, plain calls elsewhere; the median of ``iters``. A once-per-table calibration for
+    :func:`auto_strategies`' ``dispatch_cost_ms`` (agree on it across ranks, e.g. the max of an all-reduce)."""
+    import statistics
+    import time
+
+    import torch
+
+    from eplb.dispatch.assign import assign_slots
+
+    dev = table.log2phy.device
+    gen = torch.Generator().manual_seed(seed)
+    E, R = table.num_experts, table.num_ranks
+    ids = torch.randint(0, E, (int(tokens_per_rank), int(top_k)), generator=gen).to(dev)
+    g = torch.bincount(ids.reshape(-1), minlength=E).expand(R, E).contiguous()
+    times = {}
+    for strat in ("local-first", "balanced"):
+        def run(strat: str = strat) -> torch.Tensor:
+            return assign_slots(ids, table, strat, rank=0, global_counts=g)
+
+        fn = run
+        if dev.type == "cuda":
+            run()
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            fn = graph.replay
+        fn()
+        samples = []
+        for _ in range(max(int(iters), 1)):
+            if dev.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t0) * 1e3)
+        times[strat] = statistics.median(samples)
+    return max(times["balanced"] - times["local-first"], 0.0)
 
 
 @dataclass(frozen=True)
@@ -51,7 +119,7 @@ class AutoDecision:
 
 
 def auto_strategies(counts: ArrayLike, placement: Placement, compute_ms: Callable[[np.ndarray, int], np.ndarray],
-                    *, dispatch_cost_ms: float | None = None,
+                    *, dispatch_cost_ms: float | Sequence[float | None] | None = None,
                     balanced_loads: np.ndarray | None = None) -> list[AutoDecision]:
     """One :class:`AutoDecision` per layer of ``placement``.
 
@@ -60,8 +128,9 @@ def auto_strategies(counts: ArrayLike, placement: Placement, compute_ms: Callabl
         placement: the placement the layers run.
         compute_ms: ``fn(tokens [..], slots_per_rank) -> ms [..]`` expert-compute time of a rank (e.g.
             ``CostModel.compute_ms``).
-        dispatch_cost_ms: balanced's extra dispatch time per layer; default :func:`balanced_dispatch_cost_ms`
-            at the mean pairs per rank of the counts.
+        dispatch_cost_ms: balanced's extra dispatch time, one for every layer or one per layer (``None`` entries:
+            the default), e.g. from :func:`calibrate_dispatch_cost_ms`; default :func:`balanced_dispatch_cost_ms`
+            from the layer's table size (mean pairs per rank of the counts, its colour count).
         balanced_loads: ``[T, L, R]`` balanced rank loads of these counts if already computed (reused).
     """
     c = np.asarray(counts, dtype=np.float64)
@@ -76,11 +145,21 @@ def auto_strategies(counts: ArrayLike, placement: Placement, compute_ms: Callabl
            else split_rank_loads(c, placement, "balanced")).max(-1)
     t_lf = np.asarray(compute_ms(lf, spr), dtype=np.float64).mean(0)  # [L]
     t_bal = np.asarray(compute_ms(bal, spr), dtype=np.float64).mean(0)
+    per_layer = (list(dispatch_cost_ms) if dispatch_cost_ms is not None and not np.isscalar(dispatch_cost_ms)
+                 else [dispatch_cost_ms] * placement.num_layers)
+    if len(per_layer) != placement.num_layers:
+        raise ValueError(f"dispatch_cost_ms: expected one value or {placement.num_layers} (one per layer), "
+                         f"got {len(per_layer)}")
     out = []
     for layer in range(placement.num_layers):
         gain = float(t_lf[layer] - t_bal[layer])
-        cost = float(dispatch_cost_ms) if dispatch_cost_ms is not None else balanced_dispatch_cost_ms(
-            float(c[:, layer].sum(-1).mean()) / R, R)
+        given = per_layer[layer]
+        if given is None:
+            tab = DispatchTable.from_placement(placement, layer)
+            cost = balanced_dispatch_cost_ms(float(c[:, layer].sum(-1).mean()) / R, R, num_colors=tab.num_colors,
+                                             fluid_ranks=int(tab.fl_rank.shape[-1]))
+        else:
+            cost = float(given)
         out.append(AutoDecision("balanced" if gain > cost else "local-first", gain, cost))
     return out
 

@@ -45,17 +45,22 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
 
     @triton.jit
     def _sweep(q, cf, rr, valid, color, loads_ptr, num_colors, n_sweeps, BLOCK_K: tl.constexpr, BIG: tl.constexpr):
-        # loads_ptr holds the current rank loads; experts of one colour share no rank, so the
-        # stores of one colour's update never collide.
+        # loads_ptr holds the current rank loads; experts of one colour share no rank, so the stores of one
+        # colour's update never collide. A sweep that changes no quota is a fixed point (the next sweep starts
+        # from the same quotas and loads), so the remaining sweeps are skipped: the result is unchanged.
+        changed = tl.full([], 1, tl.int32)
         for _s in range(n_sweeps):
-            for col in range(num_colors):
-                ld = tl.load(loads_ptr + rr, mask=valid, other=0)
-                tl.debug_barrier()
-                y = _waterfill(ld - q, cf, valid, BLOCK_K, BIG)
-                upd = (color == col)[:, None] & valid
-                tl.store(loads_ptr + rr, ld - q + y, mask=upd)
-                q = tl.where((color == col)[:, None], y, q)
-                tl.debug_barrier()
+            if changed != 0:
+                q_prev = q
+                for col in range(num_colors):
+                    ld = tl.load(loads_ptr + rr, mask=valid, other=0)
+                    tl.debug_barrier()
+                    y = _waterfill(ld - q, cf, valid, BLOCK_K, BIG)
+                    upd = (color == col)[:, None] & valid
+                    tl.store(loads_ptr + rr, ld - q + y, mask=upd)
+                    q = tl.where((color == col)[:, None], y, q)
+                    tl.debug_barrier()
+                changed = tl.max(tl.max((q != q_prev).to(tl.int32), axis=1), axis=0)
         return q
 
     @triton.jit
@@ -189,16 +194,63 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
 
 
     @triton.jit
-    def _token_slots_kernel(ids_ptr, cum_ptr, l2p_ptr, cnt_ptr, out_ptr, M, K, rank,
-                            BALANCED: tl.constexpr, BLOCK_M: tl.constexpr, LOG_KK: tl.constexpr):
-        # one program per expert e: the occurrence rank of each entry of e (a running prefix count over the
-        # row-major ids, chunk by chunk), its replica (balanced: the number of running shares cum[e, j] <= occ,
-        # a binary search over the non-decreasing row, padded with M > occ; past the shares round-robin;
-        # round-robin: (occ + rank) % replicas) and its slot log2phy[e, rep]. Every entry is written by the
-        # program of its expert only, so the result is deterministic.
+    def _token_slots_kernel(ids_ptr, q_ptr, g_ptr, sf_ptr, kd_ptr, mult_ptr, pos_ptr, l2p_ptr, cnt_ptr, cum_ptr,
+                            slotq_ptr, out_ptr, M, K, Kd, E, G, rank, spr,
+                            BALANCED: tl.constexpr, BLOCK_M: tl.constexpr, LOG_KK: tl.constexpr,
+                            BLOCK_KK: tl.constexpr, BLOCK_G: tl.constexpr):
+        # one program per expert e. Balanced: first expert e's row of the plan (the same arithmetic as the
+        # plan kernel's SLOTS / SHARES part, here one expert per program instead of all experts in one):
+        # its per-replica quotas from the fluid quotas q [F, Kd] (or all its tokens when not fluid), and
+        # this rank's running shares of them (eplb.dispatch.source_shares), stored to cum[e, :].
+        # Then the occurrence rank of each entry of e (a running prefix count over the row-major ids, chunk
+        # by chunk), its replica (balanced: the number of running shares cum[e, j] <= occ, a binary search
+        # over the non-decreasing row, padded with M > occ; past the shares round-robin; round-robin:
+        # (occ + rank) % replicas) and its slot log2phy[e, rep]. Every entry is written by the program of
+        # its expert only, so the result is deterministic.
         e = tl.program_id(0)
         offs = tl.arange(0, BLOCK_M)
         n = tl.maximum(tl.load(cnt_ptr + e).to(tl.int32), 1)
+        if BALANCED:
+            offs_kk = tl.arange(0, BLOCK_KK)
+            mk = offs_kk < K
+            row = e * K + offs_kk
+            l2p = tl.load(l2p_ptr + row, mask=mk, other=-1)
+            v = l2p >= 0
+            sf = tl.load(sf_ptr + e)
+            kd = tl.load(kd_ptr + row, mask=mk, other=0)
+            mult = tl.load(mult_ptr + row, mask=mk, other=1)
+            rpos = tl.load(pos_ptr + row, mask=mk, other=0)
+            offs_g = tl.arange(0, BLOCK_G)
+            acc = tl.zeros([BLOCK_G], dtype=tl.int64)
+            acc_lo = tl.zeros([BLOCK_G], dtype=tl.int64)  # tokens of source ranks before this rank
+            for r0 in range(0, G, BLOCK_G):
+                rows = r0 + offs_g
+                col = tl.load(g_ptr + rows * E + e, mask=rows < G, other=0).to(tl.int64)
+                acc += col
+                acc_lo += tl.where(rows < rank, col, 0)
+            c_e = tl.sum(acc, axis=0)
+            g_lo = tl.sum(acc_lo, axis=0)
+            qf = tl.load(q_ptr + tl.maximum(sf, 0) * Kd + kd, mask=v & (sf >= 0), other=0)
+            qr = tl.where(sf >= 0, qf, c_e)
+            per = qr // mult
+            extra = qr - per * mult
+            slot_q = tl.where(v, per + (rpos < extra).to(tl.int64), 0)
+            tl.store(slotq_ptr + row, slot_q, mask=mk)
+            # rank's share of every replica: each replica first takes its own rank's tokens (replicas on one
+            # rank in slot order), the rest is matched in source-rank order (overlap of prefix sums)
+            rk = tl.maximum(l2p, 0) // spr
+            prior = rpos * per + tl.minimum(rpos, extra)
+            g_at = tl.load(g_ptr + rk * E + e, mask=v, other=0).to(tl.int64)
+            local = tl.where(v, tl.maximum(tl.minimum(g_at - prior, slot_q), 0), 0)
+            g_me = tl.load(g_ptr + rank * E + e).to(tl.int64)
+            s_lo = g_lo - tl.sum(tl.where(rk < rank, local, 0), axis=0)
+            s_hi = s_lo + g_me - tl.sum(tl.where(rk == rank, local, 0), axis=0)
+            u = slot_q - local
+            u_cum = tl.cumsum(u, axis=0)
+            amount = tl.maximum(tl.minimum(s_hi, u_cum) - tl.maximum(s_lo, u_cum - u), 0)
+            share = amount + tl.where(rk == rank, local, 0)
+            tl.store(cum_ptr + row, tl.cumsum(share, axis=0), mask=mk)
+            tl.debug_barrier()  # the row is read back below by other threads of this program
         carry = tl.zeros([1], dtype=tl.int32)
         for m0 in range(0, M, BLOCK_M):
             idx = m0 + offs
@@ -221,11 +273,22 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
             tl.store(out_ptr + idx, slot, mask=hit)
 
 
+def _effective_sweeps(num_colors: int, frac_bits: int, sweeps: int, int_sweeps: int) -> tuple[int, int, int]:
+    """Solver settings that give the same quotas with less work. With one colour no two fluid experts share a
+    rank, so an expert's water-filling sees only the single-replica base load on its ranks: the first whole-token
+    sweep gives the final quotas whatever it starts from (the fractional phase and the later sweeps change
+    nothing), the same result as :func:`eplb.dispatch.solver.balanced_quotas` with the full settings."""
+    if int(num_colors) == 1 and int(int_sweeps) >= 1:
+        return 0, 0, 1
+    return int(frac_bits), int(sweeps), int(int_sweeps)
+
+
 def _launch(g: torch.Tensor, tabs: dict[str, torch.Tensor], num_colors: int, num_ranks: int, *, slots: bool,
             frac_bits: int, sweeps: int, int_sweeps: int, num_warps: int, src_rank: int = -1,
             spr: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``g`` ``[B, G, E]`` counts (summed over ``G`` in the kernel); ``tabs`` with a leading ``B`` or none."""
     B, G, E = g.shape
+    frac_bits, sweeps, int_sweeps = _effective_sweeps(num_colors, frac_bits, sweeps, int_sweeps)
     fl_rank = tabs["fl_rank"]
     F, Kd = fl_rank.shape[-2:]
     batched = fl_rank.ndim == 3
@@ -233,7 +296,7 @@ def _launch(g: torch.Tensor, tabs: dict[str, torch.Tensor], num_colors: int, num
     K = l2p.shape[-1]
     block = {"BLOCK_E": triton.next_power_of_2(E), "BLOCK_F": triton.next_power_of_2(F),
              "BLOCK_K": triton.next_power_of_2(Kd), "BLOCK_KK": triton.next_power_of_2(K),
-             "BLOCK_R": triton.next_power_of_2(num_ranks), "BLOCK_G": min(16, triton.next_power_of_2(G))}
+             "BLOCK_R": triton.next_power_of_2(num_ranks), "BLOCK_G": min(32, triton.next_power_of_2(G))}
     out = torch.empty((B, F, Kd), dtype=torch.int64, device=g.device)
     slot_out = torch.empty((B, E, K) if slots else (1,), dtype=torch.int64, device=g.device)
     shares = src_rank >= 0
@@ -257,7 +320,7 @@ _TABLE_KEYS = ("fl_expert", "fl_rank", "fl_color", "single_rank", "slot_f", "rep
 
 def plan_quotas_triton(global_counts: torch.Tensor, tables: Any, num_colors: int | None = None,
                        num_ranks: int | None = None, *, frac_bits: int = 8, sweeps: int = 6, int_sweeps: int = 2,
-                       num_warps: int = 4) -> torch.Tensor:
+                       num_warps: int = 8) -> torch.Tensor:
     """Per-replica quotas ``[..., E, K]`` in one kernel launch (the sum over source ranks, the solver and the
     split over co-located replicas all fused), equal to :func:`eplb.dispatch.plan_quotas`'s torch backend.
 
@@ -288,7 +351,7 @@ def plan_quotas_triton(global_counts: torch.Tensor, tables: Any, num_colors: int
 
 
 def rank_share_cum_triton(global_counts: torch.Tensor, table: Any, rank: int, *, frac_bits: int = 8,
-                          sweeps: int = 6, int_sweeps: int = 2, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                          sweeps: int = 6, int_sweeps: int = 2, num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch for :func:`eplb.dispatch.assign_slots`' balanced plan on ``rank``: returns the per-replica
     quotas ``[E, K]`` and ``rank``'s shares of them as a running sum over replicas ``[E, K]``
     (``cumsum(source_shares(g, quotas, table, rank), -1)``). ``global_counts`` ``[R, E]``."""
@@ -314,7 +377,7 @@ def balanced_quotas_triton(
     frac_bits: int = 8,
     sweeps: int = 6,
     int_sweeps: int = 2,
-    num_warps: int = 4,
+    num_warps: int = 8,
 ) -> torch.Tensor:
     """Triton version of :func:`eplb.dispatch.solver.balanced_quotas` (same result, bit for bit).
 
@@ -365,14 +428,17 @@ def _fused_args(table: Any) -> dict[str, Any]:
 
 def fused_token_slots(topk_ids: torch.Tensor, table: Any, strategy: str, rank: int,
                       global_counts: torch.Tensor | None = None, *, frac_bits: int = 8, sweeps: int = 6,
-                      int_sweeps: int = 2, num_warps: int = 4, token_block: int | None = None,
-                      token_warps: int | None = None) -> torch.Tensor:
-    """:func:`eplb.dispatch.assign_slots` for ``"balanced"`` (two launches: the plan with this rank's running
-    shares, then the token kernel) and ``"round-robin"`` (one launch: the token kernel) on CUDA.
+                      int_sweeps: int = 2, num_warps: int = 8, token_block: int | None = None,
+                      token_warps: int | None = None, quotas_out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`eplb.dispatch.assign_slots` for ``"balanced"`` (two launches: the plan kernel's fluid quotas,
+    then the token kernel, one program per expert, which also derives that expert's per-replica quotas and
+    this rank's running shares of them) and ``"round-robin"`` (one launch: the token kernel) on CUDA.
 
     Equal to the torch path entry for entry. ``topk_ids`` ``[N, k]`` (any integer dtype, ids in ``[0, E)``),
     ``global_counts`` ``[R, E]`` (balanced). Returns ``[N, k]`` int64 slots. ``num_warps``: the plan kernel's;
     ``token_block`` / ``token_warps``: the token kernel's chunk of entries and warps (defaults by size).
+    ``quotas_out``: an ``[E, K]`` int64 tensor (balanced) that receives the per-replica quotas of the plan
+    (== :func:`eplb.dispatch.plan_quotas`), e.g. for :func:`eplb.dispatch.send_matrix` without a second plan.
     """
     if not HAVE_TRITON:
         raise RuntimeError("fused_token_slots: Triton is not installed")
@@ -381,31 +447,36 @@ def fused_token_slots(topk_ids: torch.Tensor, table: Any, strategy: str, rank: i
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     M = ids.numel()
     out = torch.empty(topk_ids.shape, dtype=torch.int64, device=ids.device)
-    if M == 0:
-        return out
     balanced = strategy == "balanced"
+    if M == 0 and (not balanced or quotas_out is None):
+        return out
+    tabs = a["tabs"]
+    bufs = a["bufs"]
     if balanced:
         assert global_counts is not None
         blk = a["block"]
-        tabs = a["tabs"]
         g = global_counts if global_counts.dtype == torch.int64 and global_counts.is_contiguous() else (
             global_counts.to(torch.int64).contiguous())
         G = g.shape[0]
-        bufs = a["bufs"]
-        cum = bufs["cum"]
-        _balanced_kernel[(1,)](
+        fb, sw, isw = _effective_sweeps(table.num_colors, frac_bits, sweeps, int_sweeps)
+        _balanced_kernel[(1,)](  # the fluid quotas only: [F, Kd] into bufs["q"]
             g, tabs["fl_expert"], tabs["fl_rank"], tabs["fl_color"], tabs["single_rank"], tabs["slot_f"],
-            tabs["rep_kd"], tabs["rep_mult"], tabs["rep_pos"], tabs["log2phy"], bufs["q"], bufs["slot_q"], cum,
-            bufs["scratch"],
+            tabs["rep_kd"], tabs["rep_mult"], tabs["rep_pos"], tabs["log2phy"], bufs["q"], bufs["slot_q"],
+            bufs["cum"], bufs["scratch"],
             G, G * E, int(rank), int(table.slots_per_rank), 0, 0, 0, 0, 0, 0,
-            E, a["F"], a["Kd"], K, table.num_ranks, int(table.num_colors), int(sweeps), int(int_sweeps),
-            FRAC_BITS=int(frac_bits), BIG=1 << 60, SLOTS=True, SHARES=True, num_warps=num_warps,
-            BLOCK_G=min(16, triton.next_power_of_2(G)), **blk,
+            E, a["F"], a["Kd"], K, table.num_ranks, int(table.num_colors), sw, isw,
+            FRAC_BITS=fb, BIG=1 << 60, SLOTS=False, SHARES=False, num_warps=num_warps,
+            BLOCK_G=min(32, triton.next_power_of_2(G)), **blk,
         )
+        slot_q = bufs["slot_q"] if quotas_out is None else quotas_out
+        assert slot_q.shape == (E, K) and slot_q.dtype == torch.int64 and slot_q.is_contiguous()
     else:
-        cum = out  # unused
+        g, G, slot_q = out, 1, out  # unused
     bm = token_block or min(2048, max(128, triton.next_power_of_2(M)))
     tw = token_warps or (4 if bm <= 1024 else 8)
-    _token_slots_kernel[(E,)](ids, cum, a["tabs"]["log2phy"], a["logcnt"], out, M, K, int(rank),
-                              BALANCED=balanced, BLOCK_M=bm, LOG_KK=a["log_kk"], num_warps=tw)
+    _token_slots_kernel[(E,)](ids, bufs["q"], g, tabs["slot_f"], tabs["rep_kd"], tabs["rep_mult"], tabs["rep_pos"],
+                              tabs["log2phy"], a["logcnt"], bufs["cum"], slot_q, out, M, K, a["Kd"], E, G,
+                              int(rank), int(table.slots_per_rank),
+                              BALANCED=balanced, BLOCK_M=bm, LOG_KK=a["log_kk"], BLOCK_KK=a["block"]["BLOCK_KK"],
+                              BLOCK_G=min(128, triton.next_power_of_2(G)), num_warps=tw)
     return out

@@ -232,6 +232,7 @@ class ExpertParallelMoE(nn.Module):
         self._table: Any = None
         self._table_placement = placement.select_layers([layer_pos])
         self.route_override: Callable[[int, int], torch.Tensor] | None = None
+        self.dynamic: Any = None  # a DynamicSlots pool: per-step replication (eplb.runtime.dynamic)
         self.steps = 0
         self.round_recv_rows: list[int] = []
         self.max_round_recv_rows = 0
@@ -448,8 +449,11 @@ class ExpertParallelMoE(nn.Module):
 
         Collective: every rank of the group must call it (``N`` may differ per rank, even be 0).
         Bad input on any rank raises ``ValueError`` on every rank after the count exchange.
+        A :class:`~eplb.runtime.dynamic.DynamicSlots` pool in ``self.dynamic`` runs it with per-step replication.
         """
         with torch.no_grad():
+            if self.dynamic is not None:
+                return self.dynamic.forward(self, hidden, topk_ids, topk_weights)
             return self._forward(hidden, topk_ids, topk_weights)
 
     def _forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -489,10 +493,14 @@ class ExpertParallelMoE(nn.Module):
         local[E] = err_code
         gathered = self._all_gather_counts(local)  # [R, E + 1]
         global_counts = gathered[:, :E]
-        slots = assign_slots(ids, table, self.dispatch_strategy, rank=self.rank, global_counts=global_counts)
+        # balanced: one plan per step, solved inside assign_slots and reused by send_matrix
+        quotas = (torch.empty(table.log2phy.shape, dtype=torch.int64, device=dev)
+                  if self.dispatch_strategy == "balanced" else None)
+        slots = assign_slots(ids, table, self.dispatch_strategy, rank=self.rank, global_counts=global_counts,
+                             quotas_out=quotas)
         flat = slots.reshape(-1).to(torch.int64)
         order = torch.argsort(flat, stable=True)
-        send_all = send_matrix(global_counts, table, self.dispatch_strategy)  # [R, S] rows source -> slot
+        send_all = send_matrix(global_counts, table, self.dispatch_strategy, quotas=quotas)  # [R, S] source -> slot
         sent = send_all[self.rank]
         self.slot_counts += sent
         self.expert_counts += local[:E]

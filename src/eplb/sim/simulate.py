@@ -57,6 +57,7 @@ def simulate(
     policy_options: Mapping[str, Mapping[str, Any]] | None = None,
     static: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
+    replication: Mapping[str, Any] | None = None,
 ) -> SimReport:
     """Simulate ``trace`` under each policy (and each given placement).
 
@@ -78,6 +79,9 @@ def simulate(
         plan_range: ``"start-stop"`` step ids to plan static placements on (default: all steps).
         sim_range: ``"start-stop"`` step ids to replay (default: all steps).
         static: include the static runs (False: online runs only).
+        replication: per-step replication runs on each static placement (:func:`eplb.sim.replication.replay_replicated`):
+            ``{"dynamic_slots": [D, ...], "transfer_budget_ms": ms or None, "hide_ms": ms or None, "lookahead": bool}``;
+            one run ``"<label>+D<D>"`` per ``D``.
         progress: called with ``(label, steps done, steps total)``.
 
     Returns:
@@ -133,6 +137,7 @@ def simulate(
         if static:
             results.append(replay_static(sim_data, pl, cost=cm, strategy=strategy, label=p, progress=prog(p),
                                          meta=run_meta))
+        results += _replicated_runs(sim_data, pl, p, replication, cm, prog, run_meta)
         if config is not None:
             pol = p if p != "none" else config.policy
             if p == "none" and pl.num_slots != S:  # the online balancer starts unbalanced but with the slots to use
@@ -149,6 +154,7 @@ def simulate(
             raise InputError(f"placement {label!r}: laid out for {pl.num_ranks} ranks / {pl.num_nodes} nodes, "
                              f"but --ep-size {R} / --num-nodes {N}")
         results.append(replay_static(sim_data, pl, cost=cm, strategy=strategy, label=label, progress=prog(label)))
+        results += _replicated_runs(sim_data, pl, label, replication, cm, prog, {})
     meta = {
         "trace": data.name, "synthetic": data.synthetic, "num_layers": L, "num_experts": E, "num_ranks": R,
         "num_slots": S, "num_nodes": N, "num_groups": num_groups, "strategy": strategy,
@@ -158,5 +164,25 @@ def simulate(
                                                  and plan_data.step_ids[0] <= sim_data.step_ids[-1])),
         "cost_model": {"device": cm.device, "date": cm.date, "source": cm.source},
         "online": config.to_dict() if config is not None else None,
+        "replication": dict(replication) if replication else None,
     }
     return SimReport(results, meta)
+
+
+def _replicated_runs(data: SimInput, pl: Placement, label: str, replication: Mapping[str, Any] | None, cm: CostModel,
+                     prog: Callable[[str], Callable[[int], None] | None], meta: Mapping[str, Any]) -> list[SimResult]:
+    """The per-step replication runs of ``replication`` (see :func:`simulate`) on one static placement."""
+    if not replication:
+        return []
+    from eplb.sim.replication import replay_replicated
+
+    unknown = set(replication) - {"dynamic_slots", "transfer_budget_ms", "hide_ms", "lookahead"}
+    if unknown:
+        raise ValueError(f"replication: unknown option(s) {sorted(unknown)}")
+    out = []
+    for d in replication.get("dynamic_slots", ()):
+        lab = f"{label}+D{int(d)}"
+        out.append(replay_replicated(data, pl, dynamic_slots=int(d), transfer_budget_ms=replication.get("transfer_budget_ms"),
+                                     hide_ms=replication.get("hide_ms"), lookahead=bool(replication.get("lookahead")),
+                                     cost=cm, label=lab, progress=prog(lab), meta=meta))
+    return out

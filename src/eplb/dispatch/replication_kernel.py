@@ -1,0 +1,211 @@
+"""The per-step replication planner as one Triton kernel launch (CUDA; CUDA-graph capturable).
+
+Same integer algorithm as :func:`eplb.dispatch.replication.plan_replication` with ``start="uniform"``, bit for
+bit. One program plans one (step, layer) problem on the slot view: the expert and tokens of every slot of every
+rank (``[R, P + D]``, static then dynamic slots) stay in registers, an expert's tokens on a rank in its first slot
+there until a final even split; an iteration looks only at the most loaded rank's ``P + D`` slots against all
+slots (a ``[P + D, R, P + D]`` comparison), not at all experts. Rank loads and copy counters are ``[R]`` vectors;
+every ties-to-lowest-index choice is one min-reduction of a packed ``value * 64 + index`` key (int32, hence the
+planner's limits: at most 64 ranks and rank loads below ``2**24``). The loop runs while a move helps,
+at most ``max_iters`` times, so a launch is one kernel with no host synchronisation.
+
+Also runs under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors, which the tests use where no GPU is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eplb.dispatch.replication import BIG, MAX_LOAD
+from eplb.errors import InputError
+
+__all__ = ["HAVE_TRITON", "plan_replication_gpu"]
+
+try:  # pragma: no cover - depends on the install
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - CPU-only installs
+    HAVE_TRITON = False
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _replication_slot_kernel(
+        c_ptr, x_ptr, m_ptr, bf_ptr, n_ptr, acc_ptr, st_ptr, de_ptr, ds_ptr, l_ptr, info_ptr,
+        E, R, P, D, LM, recv, send, total, max_iters, min_gain,
+        BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, KEYBIG: tl.constexpr,
+    ):
+        # State per rank and slot: X [R, P + D] expert of each slot (static, then dynamic; -1 empty), T [R, P + D]
+        # tokens (an expert's tokens on a rank sit in its first slot there until the final even split).
+        b = tl.program_id(0)
+        layer = b % LM
+        PD = P + D
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_j = tl.arange(0, BLOCK_J)
+        rv = offs_r < R
+        sv = rv[:, None] & (offs_j[None, :] < P)
+        sidx = layer * R * P + offs_r[:, None] * P + offs_j[None, :]
+        X = tl.load(x_ptr + sidx, mask=sv, other=-1)
+        m = tl.load(m_ptr + sidx, mask=sv, other=0)
+        bf = tl.load(bf_ptr + sidx, mask=sv, other=0)
+        n = tl.maximum(tl.load(n_ptr + sidx, mask=sv, other=1), 1)
+        c = tl.load(c_ptr + b * E + tl.maximum(X, 0), mask=sv & (X >= 0), other=0)
+        base = c // n
+        T = base * m + tl.minimum(tl.maximum(c - base * n - bf, 0), m)
+        L = tl.sum(T, axis=1)
+        acc = tl.load(acc_ptr + layer * R + offs_r, mask=rv, other=0) > 0
+        static_col = offs_j < P
+        nrecv = tl.zeros([BLOCK_R], dtype=tl.int32)
+        nsend = tl.zeros([BLOCK_R], dtype=tl.int32)
+        ncopy = tl.full((), 0, tl.int32)
+        it = tl.full((), 0, tl.int32)
+        go = it < max_iters
+        while go:
+            Lhi = tl.max(tl.where(rv, L, -1), axis=0)
+            hi = tl.min(tl.where(rv & (L == Lhi), offs_r, BLOCK_R), axis=0)
+            rowhi = offs_r[:, None] == hi
+            eh = tl.sum(tl.where(rowhi, X, 0), axis=0)  # [J] experts of rank hi's slots
+            th = tl.sum(tl.where(rowhi, T, 0), axis=0)
+            ehv = eh >= 0
+            same = (X[None, :, :] == eh[:, None, None]) & ehv[:, None, None]  # [J, R, J]
+            hold = tl.max(same.to(tl.int32), axis=2) > 0  # [J, R]
+            shold = tl.max((same & static_col[None, None, :]).to(tl.int32), axis=2) > 0
+            Lk = L * 64 + offs_r
+            ka = tl.min(tl.where(hold & (offs_r[None, :] != hi) & rv[None, :], Lk[None, :], KEYBIG), axis=1)
+            okr = rv & acc & (nrecv < recv)
+            kb = tl.min(tl.where((~hold) & okr[None, :], Lk[None, :], KEYBIG), axis=1)
+            src_ok = tl.max(tl.where(shold & (nsend < send)[None, :], 1, 0), axis=1) > 0
+            ga = tl.where(ehv & (th > 0) & (ka < KEYBIG), tl.minimum(th, (Lhi - ka // 64) // 2), 0)
+            gb = tl.where(ehv & (th > 0) & (kb < KEYBIG) & src_ok & (ncopy < total),
+                          tl.minimum(th, (Lhi - kb // 64) // 2), 0)
+            gb = tl.where(gb >= min_gain, gb, 0)
+            GA = tl.max(ga, axis=0)
+            GB = tl.max(gb, axis=0)
+            ea = tl.min(tl.where(ehv & (ga == GA), eh, KEYBIG), axis=0)
+            eb = tl.min(tl.where(ehv & (gb == GB), eh, KEYBIG), axis=0)
+            ja = tl.min(tl.where((ga == GA) & (eh == ea), offs_j, BLOCK_J), axis=0)
+            jb = tl.min(tl.where((gb == GB) & (eh == eb), offs_j, BLOCK_J), axis=0)
+            a_r = tl.sum(tl.where(offs_j == ja, ka % 64, 0), axis=0)
+            b_r = tl.sum(tl.where(offs_j == jb, kb % 64, 0), axis=0)
+            use_b = GB > GA
+            moving = use_b | (GA > 0)
+            e = tl.where(use_b, eb, ea)
+            jh = tl.where(use_b, jb, ja)
+            x = tl.where(moving, tl.where(use_b, GB, GA), 0)
+            dest = tl.where(use_b, b_r, a_r)
+            rowd = offs_r[:, None] == dest
+            xd = tl.sum(tl.where(rowd, X, 0), axis=0)  # [J] experts of rank dest's slots
+            slot = tl.sum(tl.where(offs_r == dest, nrecv, 0), axis=0)
+            kd = tl.where(use_b, P + slot, tl.min(tl.where(xd == e, offs_j, BLOCK_J), axis=0))
+            cold = offs_j[None, :] == kd
+            X = tl.where(rowd & cold & use_b, e, X)
+            T = T - tl.where(rowhi & (offs_j[None, :] == jh), x, 0) + tl.where(rowd & cold, x, 0)
+            L = L - tl.where(offs_r == hi, x, 0) + tl.where(offs_r == dest, x, 0)
+            sh = tl.max(tl.where((offs_j[:, None] == jb) & shold, 1, 0), axis=0) > 0  # static holders of eb
+            src = tl.min(tl.where(sh & (nsend < send) & rv, nsend * 64 + offs_r, KEYBIG), axis=0) % 64
+            tl.store(ds_ptr + (b * R + dest) * D + slot, src, mask=use_b)
+            cp = use_b.to(tl.int32)
+            nsend = nsend + tl.where(offs_r == src, cp, 0)
+            nrecv = nrecv + tl.where(offs_r == dest, cp, 0)
+            ncopy = ncopy + cp
+            it = it + moving.to(tl.int32)
+            go = moving & (it < max_iters)
+        # final even split of a rank's tokens over its static slots of the same expert
+        same2 = (X[:, :, None] == X[:, None, :]) & static_col[None, :, None] & static_col[None, None, :]  # [R, J, J]
+        cnt = tl.sum(same2.to(tl.int32), axis=2)
+        tot = tl.sum(tl.where(same2, T[:, None, :], 0), axis=2)
+        pos = tl.sum((same2 & (offs_j[None, None, :] < offs_j[None, :, None])).to(tl.int32), axis=2)
+        cnt1 = tl.maximum(cnt, 1)
+        q = tot // cnt1
+        split = q + (pos < tot - q * cnt1).to(tl.int32)
+        out = tl.where(static_col[None, :], split, T)
+        ov = rv[:, None] & (offs_j[None, :] < PD)
+        tl.store(st_ptr + b * R * PD + offs_r[:, None] * PD + offs_j[None, :], out, mask=ov)
+        dv = rv[:, None] & (offs_j[None, :] >= P) & (offs_j[None, :] < PD)
+        tl.store(de_ptr + b * R * D + offs_r[:, None] * D + (offs_j[None, :] - P), X, mask=dv)
+        tl.store(l_ptr + b * R + offs_r, L, mask=rv)
+        tl.store(info_ptr + b * 2, ncopy)
+        tl.store(info_ptr + b * 2 + 1, it)
+
+
+def plan_replication_gpu(
+    counts: torch.Tensor,
+    tables: dict[str, torch.Tensor],
+    dynamic_slots: int,
+    *,
+    max_recv: int | None = None,
+    max_send: int | None = None,
+    max_copies: int | None = None,
+    max_iters: int | None = None,
+    min_copy_gain: int = 1,
+    num_warps: int = 8,
+    out: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`eplb.dispatch.replication.plan_replication` (uniform start) in one launch (Triton), on ``counts``' device.
+
+    Args:
+        counts: ``[..., E]`` integer tokens per expert, ``[B, E]`` once flattened; problem ``b`` uses layer ``b % LM``
+            of the tables.
+        tables: :func:`eplb.dispatch.replication.slot_tables` of the placement (``[LM, R, P]`` each) as tensors on
+            the device.
+        out: preallocated outputs of a previous call with the same shapes (``result["_out"]``), for CUDA graphs.
+
+    Returns a dict of int32 tensors: ``slot_tokens`` ``[..., R, P + D]`` (as
+    :func:`eplb.dispatch.replication.slot_tokens`), ``dyn_expert`` / ``dyn_source`` ``[..., R, D]``, ``rank_loads``
+    ``[..., R]``, ``copies`` and ``iterations`` ``[...]``. No host synchronisation: loads must stay below ``2**24``
+    (the caller checks where it can afford to).
+    """
+    if not HAVE_TRITON:  # pragma: no cover
+        raise RuntimeError("plan_replication_gpu needs Triton")
+    x = tables["expert"]
+    if x.dim() == 2:
+        tables = {k: v.unsqueeze(0) for k, v in tables.items()}
+        x = tables["expert"]
+    LM, R, P = x.shape
+    E = counts.shape[-1]
+    if R > 64:
+        raise InputError(f"tables: at most 64 ranks are supported, got {R}")
+    if MAX_LOAD * 64 > BIG:  # pragma: no cover - module constants
+        raise AssertionError("packed keys overflow")
+    lead = tuple(counts.shape[:-1])
+    c = counts.reshape(-1, E).to(torch.int32).contiguous()
+    B = c.shape[0]
+    if B % LM:
+        raise InputError(f"counts: {B} problems is not a multiple of the tables' {LM} layers")
+    D = int(dynamic_slots)
+    if D < 0:
+        raise InputError(f"dynamic_slots: expected an integer >= 0, got {dynamic_slots!r}")
+    recv = D if max_recv is None else min(int(max_recv), D)
+    send = recv if max_send is None else int(max_send)
+    total = BIG if max_copies is None else int(max_copies)
+    iters = 4 * R + 2 * R * D if max_iters is None else int(max_iters)
+    dev = c.device
+    Dp = max(D, 1)
+    if out is None:
+        out = {
+            "slot_tokens": torch.empty((B, R, P + D), dtype=torch.int32, device=dev),
+            "dyn_expert": torch.empty((B, R, Dp), dtype=torch.int32, device=dev),
+            "dyn_source": torch.empty((B, R, Dp), dtype=torch.int32, device=dev),
+            "rank_loads": torch.empty((B, R), dtype=torch.int32, device=dev),
+            "info": torch.empty((B, 2), dtype=torch.int32, device=dev),
+        }
+    out["dyn_source"].fill_(-1)
+    tt = [tables[k].to(device=dev, dtype=torch.int32).contiguous() for k in ("expert", "mult", "before", "replicas", "accept")]
+    _replication_slot_kernel[(B,)](
+        c, *tt, out["slot_tokens"], out["dyn_expert"], out["dyn_source"], out["rank_loads"], out["info"],
+        E, R, P, Dp if D else 0, LM, recv, send, total, iters, max(int(min_copy_gain), 1),
+        BLOCK_R=max(triton.next_power_of_2(R), 2), BLOCK_J=max(triton.next_power_of_2(P + D), 2), KEYBIG=BIG,
+        num_warps=num_warps,
+    )
+    return {
+        "slot_tokens": out["slot_tokens"].view(lead + (R, P + D)),
+        "dyn_expert": out["dyn_expert"][..., :D].reshape(lead + (R, D)),
+        "dyn_source": out["dyn_source"][..., :D].reshape(lead + (R, D)),
+        "rank_loads": out["rank_loads"].view(lead + (R,)),
+        "copies": out["info"][:, 0].reshape(lead),
+        "iterations": out["info"][:, 1].reshape(lead),
+        "_out": out,
+    }
