@@ -29,42 +29,19 @@ import numpy as np
 
 
 def graphed(fn: Any) -> Any:
+    """One call of ``fn`` captured in a CUDA graph (bench/_common.py's helper)."""
     import torch
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    from _common import cuda_graphed
+
+    return cuda_graphed(fn, torch.device("cuda"))
 
 
 def time_us(fn: Any, dev: Any, reps: int) -> float:
-    import torch
+    """Median time of one call in us (bench/_common.py's CUDA-event / wall-clock sampler, one warm-up call)."""
+    from _common import sample_ms
 
-    if dev.type != "cuda":
-        import time
-
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps * 1e6
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(ts)
+    return statistics.median(sample_ms(fn, dev, 1, reps)) * 1e3
 
 
 def run_config(E: int, R: int, S: int, D: int, layers: int, steps: int, tokens_per_rank: int, drift: bool, dev: Any,
