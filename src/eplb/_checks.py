@@ -53,12 +53,7 @@ def check_load(
         raise InputError(f"{name}: empty array of shape {tuple(arr.shape)}; need at least one layer and one expert")
     if num_experts is not None and arr.shape[-1] != num_experts:
         raise InputError(f"{name}: expected {num_experts} experts in the last dimension, got {arr.shape[-1]}")
-    if not np.all(np.isfinite(arr)):
-        bad = np.argwhere(~np.isfinite(arr))[0].tolist()
-        raise InputError(f"{name}: contains NaN or infinity (first at index {bad})")
-    if np.any(arr < 0):
-        bad = np.argwhere(arr < 0)[0].tolist()
-        raise InputError(f"{name}: contains negative loads (first at index {bad}, value {arr[tuple(bad)]})")
+    _finite_nonnegative(arr, name)
     return arr
 
 
@@ -120,12 +115,7 @@ def exact_counts(x: ArrayLike, name: str = "counts", *, ndim: int | tuple[int, .
                              "(eplb keeps counts and their sums exact)")
         return arr.astype(np.int64)
     if kind == "f":
-        if not np.all(np.isfinite(arr)):
-            bad = np.argwhere(~np.isfinite(arr))[0].tolist()
-            raise InputError(f"{name}: contains NaN or infinity (first at index {bad})")
-        if np.any(arr < 0):
-            bad = np.argwhere(arr < 0)[0].tolist()
-            raise InputError(f"{name}: contains negative loads (first at index {bad}, value {arr[tuple(bad)]})")
+        _finite_nonnegative(arr, name)
         if np.any(arr > MAX_COUNT):
             bad = np.argwhere(arr > MAX_COUNT)[0].tolist()
             raise InputError(f"{name}: count {float(arr[tuple(bad)])!r} at index {bad} is larger than 2**53 "
@@ -241,3 +231,13 @@ def check_layout(num_experts: int, num_slots: int, num_ranks: int, num_nodes: in
         check_positive_int(num_groups, g_name)
         if num_experts % num_groups:
             raise InputError(f"{g_name}: {num_experts} experts cannot be split into {num_groups} equal groups")
+
+
+def _finite_nonnegative(arr: np.ndarray, name: str) -> None:
+    """Raise :class:`InputError` naming ``name`` and the first bad index for NaN / infinite / negative loads."""
+    if not np.all(np.isfinite(arr)):
+        bad = np.argwhere(~np.isfinite(arr))[0].tolist()
+        raise InputError(f"{name}: contains NaN or infinity (first at index {bad})")
+    if np.any(arr < 0):
+        bad = np.argwhere(arr < 0)[0].tolist()
+        raise InputError(f"{name}: contains negative loads (first at index {bad}, value {arr[tuple(bad)]})")
