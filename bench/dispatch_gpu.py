@@ -293,12 +293,15 @@ def budget_config(R: int, tokens_per_rank: int, policy: str, device: torch.devic
                                                             backend="torch"),
     }
     quotas = torch.empty(tab.log2phy.shape, dtype=torch.int64, device=device)
+    quotas.copy_(plan_quotas(g, tab))
+    for strat in ("balanced", "round-robin", "local-first"):  # the layer's send matrix: device == CPU torch
+        ok = ok and torch.equal(send_matrix(g_cpu, tab_cpu, strat, backend="torch"), send_matrix(g, tab, strat).cpu())
 
-    def layer_dispatch(strat: str, share: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_dispatch(strat: str, share: bool, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         # what ExpertParallelMoE.forward runs: assign_slots, then the [R, S] send matrix of the same counts
         q = quotas if share and strat == "balanced" else None
         slots = assign_slots(ids, tab, strat, rank=0, global_counts=g, quotas_out=q)
-        return slots, send_matrix(g, tab, strat, quotas=q)
+        return slots, send_matrix(g, tab, strat, quotas=q, backend=backend)
 
     if device.type == "cuda" and HAVE_TRITON:
         for nw in (4, 16):
@@ -306,9 +309,15 @@ def budget_config(R: int, tokens_per_rank: int, policy: str, device: torch.devic
                 lambda nw=nw: fused_token_slots(ids, tab, "balanced", 0, g, num_warps=nw))
         fns["plan + shares in one program (rank_share_cum_triton)"] = lambda: rank_share_cum_triton(g, tab, 0)
         fns["token kernel alone (round-robin)"] = lambda: fused_token_slots(ids, tab, "round-robin", 0, g)
+        for tb, tw in ((4096, 8), (8192, 16), (16384, 16)):
+            fns[f"balanced, fused, token block {tb} / {tw} warps (default <= 2048)"] = (
+                lambda tb=tb, tw=tw: fused_token_slots(ids, tab, "balanced", 0, g, token_block=tb, token_warps=tw))
+        fns["send_matrix balanced alone (Triton, given quotas)"] = lambda: send_matrix(g, tab, "balanced", quotas=quotas)
     fns["layer dispatch: local-first assign_slots + send_matrix"] = lambda: layer_dispatch("local-first", False)
     fns["layer dispatch: balanced, one plan (quotas_out)"] = lambda: layer_dispatch("balanced", True)
-    fns["layer dispatch: balanced, two plans (before)"] = lambda: layer_dispatch("balanced", False)
+    fns["layer dispatch: balanced, one plan, torch send_matrix (before)"] = (
+        lambda: layer_dispatch("balanced", True, "torch"))
+    fns["layer dispatch: balanced, two plans (before)"] = lambda: layer_dispatch("balanced", False, "torch")
     t: dict[str, dict[str, float | None]] = {}
     for key, fn in fns.items():
         eager = timeit(fn, device, iters)

@@ -131,6 +131,28 @@ def test_fused_balanced_captures_in_a_cuda_graph() -> None:
         assert torch.equal(ref, out.cpu())
 
 
+@pytest.mark.skipif(not (CUDA and HAVE_TRITON), reason="needs CUDA and Triton")
+@settings(max_examples=25, deadline=None)
+@given(R=st.integers(1, 72), spr=st.integers(1, 8), seed=st.integers(0, 2**31 - 1), arbitrary=st.booleans())
+def test_balanced_send_matrix_kernel_equals_reference_cuda(R: int, spr: int, seed: int, arbitrary: bool) -> None:
+    from eplb.dispatch import plan_quotas, send_matrix
+
+    rng = np.random.default_rng(seed)
+    E = int(rng.integers(max(1, R * spr // 2), R * spr + 1))
+    p = _placement(rng, R, spr, E)
+    cpu = DispatchTable.from_placement(p, 0)
+    dev = cpu.to("cuda")
+    g = torch.as_tensor(rng.integers(0, 3000, (R, E)))
+    q = plan_quotas(g, cpu, backend="torch")
+    if arbitrary:  # any quotas, not only the plan's (the kernel must follow source_shares for every input)
+        q = torch.where(cpu.log2phy >= 0, torch.as_tensor(rng.integers(0, 500, q.shape)), 0)
+    ref = send_matrix(g, cpu, "balanced", quotas=q, backend="torch")
+    got = send_matrix(g.cuda(), dev, "balanced", quotas=q.cuda())
+    assert torch.equal(ref, got.cpu())
+    if not arbitrary:
+        assert torch.equal(ref, send_matrix(g.cuda(), dev, "balanced").cpu())
+
+
 # ----------------------------------------------------------------------------- CPU: Triton's interpreter
 _INTERP = """
 import sys
@@ -159,6 +181,18 @@ for R, spr, E in ((4, 3, 10), (6, 4, 12), (5, 4, 8), (3, 1, 3)):
             q2, cum = rank_share_cum_triton(g, tab, r)
             assert torch.equal(q2, q) and torch.equal(cum, torch.cumsum(source_shares(g, q, tab, r), -1))
 assert 1 in colours and max(colours) >= 3, colours
+# the balanced send matrix kernel: the plan's quotas and arbitrary quotas (any split of the counts)
+from eplb.dispatch import send_matrix
+from eplb.dispatch.kernel import balanced_send_matrix_triton
+for R, spr, E in ((4, 3, 10), (6, 4, 12), (1, 2, 2), (3, 1, 3)):
+    p = _placement(rng, R, spr, E)
+    tab = DispatchTable.from_placement(p, 0)
+    g = torch.as_tensor(rng.integers(0, 30, (R, E)))
+    ref = send_matrix(g, tab, "balanced", backend="torch")
+    assert torch.equal(send_matrix(g, tab, "balanced", backend="triton"), ref), (R, spr, E)
+    q = plan_quotas(g, tab, backend="torch")
+    q = torch.where(tab.log2phy >= 0, torch.as_tensor(rng.integers(0, 20, q.shape)), 0)
+    assert torch.equal(balanced_send_matrix_triton(g, tab, q), send_matrix(g, tab, "balanced", quotas=q, backend="torch"))
 print("interpreted kernels ok")
 """
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from eplb.dispatch.kernel import HAVE_TRITON, fused_token_slots, plan_quotas_triton, rank_share_cum_triton
+from eplb.dispatch.kernel import (HAVE_TRITON, balanced_send_matrix_triton, fused_token_slots, plan_quotas_triton,
+                                  rank_share_cum_triton)
 from eplb.dispatch.solver import balanced_quotas, slot_quotas
 from eplb.dispatch.table import DispatchTable
 from eplb.errors import InputError
@@ -266,7 +267,7 @@ def balanced_token_slots(topk_ids: torch.Tensor, table: DispatchTable, rank: int
 
 
 def send_matrix(global_counts: torch.Tensor, table: DispatchTable, strategy: str,
-                quotas: torch.Tensor | None = None) -> torch.Tensor:
+                quotas: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
     """``[R, S]`` int64: rows every source rank sends to every physical slot this step, from the step's
     ``[R, E]`` (source rank, expert) counts alone (no host sync; any device).
 
@@ -277,7 +278,12 @@ def send_matrix(global_counts: torch.Tensor, table: DispatchTable, strategy: str
     ``e`` on rank ``r`` goes to replica ``(m + r) % n``, so replica ``j`` gets ``c // n + ((j - r) % n < c % n)``;
     ``balanced``: :func:`source_shares` of :func:`plan_quotas` (or of ``quotas``, the ``[E, K]`` plan of this
     step already solved, e.g. by :func:`assign_slots`' ``quotas_out``: one plan per step instead of two).
+    ``backend`` (balanced): ``"torch"`` (the reference), ``"triton"``
+    (:func:`~eplb.dispatch.kernel.balanced_send_matrix_triton`, one launch, equal entry for entry), ``"auto"``
+    (Triton on CUDA when importable).
     """
+    if backend not in ("auto", "torch", "triton"):
+        raise InputError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
     if strategy not in STRATEGIES:
         raise InputError(f"strategy: unknown dispatch strategy {strategy!r}; expected one of {list(STRATEGIES)}")
     g = global_counts.to(torch.int64)
@@ -294,7 +300,10 @@ def send_matrix(global_counts: torch.Tensor, table: DispatchTable, strategy: str
         c = g.unsqueeze(-1)
         per = torch.div(c, n, rounding_mode="floor") + (torch.remainder(j - r, n) < torch.remainder(c, n)).to(torch.int64)
     else:
-        per = source_shares(g, plan_quotas(g, table) if quotas is None else quotas, table)  # [R, E, K]
+        q = plan_quotas(g, table, backend="torch" if backend == "torch" else "auto") if quotas is None else quotas
+        if backend == "triton" or (backend == "auto" and g.is_cuda and HAVE_TRITON):
+            return balanced_send_matrix_triton(g, table, q)
+        per = source_shares(g, q, table)  # [R, E, K]
     valid = (table.log2phy >= 0).unsqueeze(0)
     per = per * valid
     idx = table.log2phy.clamp(min=0).reshape(1, E * K).expand(R, E * K)

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["HAVE_TRITON", "balanced_quotas_triton", "fused_token_slots", "plan_quotas_triton", "rank_share_cum_triton"]
+__all__ = ["HAVE_TRITON", "balanced_quotas_triton", "balanced_send_matrix_triton", "fused_token_slots", "plan_quotas_triton",
+           "rank_share_cum_triton"]
 
 try:  # pragma: no cover - exercised on GPU machines only
     import triton
@@ -272,6 +273,46 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
             slot = tl.load(l2p_ptr + e * K + rep, mask=hit, other=0)
             tl.store(out_ptr + idx, slot, mask=hit)
 
+    @triton.jit
+    def _send_matrix_kernel(g_ptr, q_ptr, l2p_ptr, srank_ptr, out_ptr, R, E, K, S,
+                            BLOCK_R: tl.constexpr, BLOCK_KK: tl.constexpr):
+        # one program per expert e: column block [R, replicas of e] of eplb.dispatch.send_matrix's balanced
+        # branch, the same integer arithmetic as eplb.dispatch.source_shares for every source rank at once
+        # (local tokens first, replicas on one rank in slot order; the rest by overlaps of prefix sums).
+        # Every slot hosts one (expert, replica), so each output entry is stored by one program only.
+        e = tl.program_id(0)
+        offs_k = tl.arange(0, BLOCK_KK)
+        mk = offs_k < K
+        l2p = tl.load(l2p_ptr + e * K + offs_k, mask=mk, other=-1)
+        v = l2p >= 0
+        rk = tl.where(v, tl.load(srank_ptr + tl.maximum(l2p, 0), mask=v, other=-1), -1)
+        q = tl.load(q_ptr + e * K + offs_k, mask=mk, other=0).to(tl.int64)
+        # quota of earlier valid replicas on the same rank
+        offs_j = tl.arange(0, BLOCK_KK)
+        rk_j = tl.load(srank_ptr + tl.maximum(tl.load(l2p_ptr + e * K + offs_j, mask=offs_j < K, other=-1), 0),
+                       mask=offs_j < K, other=-1)
+        v_j = tl.load(l2p_ptr + e * K + offs_j, mask=offs_j < K, other=-1) >= 0
+        rk_j = tl.where(v_j, rk_j, -1)
+        q_j = tl.load(q_ptr + e * K + offs_j, mask=offs_j < K, other=0).to(tl.int64)
+        earlier = (rk[:, None] == rk_j[None, :]) & (offs_j[None, :] < offs_k[:, None]) & v_j[None, :]
+        prior = tl.sum(tl.where(earlier, q_j[None, :], 0), axis=1)
+        g_at = tl.load(g_ptr + tl.maximum(rk, 0) * E + e, mask=v, other=0).to(tl.int64)
+        local = tl.where(v, tl.maximum(tl.minimum(g_at - prior, q), 0), 0)
+        offs_r = tl.arange(0, BLOCK_R)
+        mr = offs_r < R
+        gcol = tl.load(g_ptr + offs_r * E + e, mask=mr, other=0).to(tl.int64)
+        own = (rk[None, :] == offs_r[:, None]) & v[None, :]  # [BLOCK_R, BLOCK_KK]
+        loc_own = tl.where(own, local[None, :], 0)
+        s = gcol - tl.sum(loc_own, axis=1)
+        s_cum = tl.cumsum(s, axis=0)
+        u = q - local
+        u_cum = tl.cumsum(u, axis=0)
+        amount = tl.maximum(tl.minimum(s_cum[:, None], u_cum[None, :]) - tl.maximum((s_cum - s)[:, None],
+                                                                                   (u_cum - u)[None, :]), 0)
+        tl.store(out_ptr + offs_r[:, None] * S + tl.maximum(l2p, 0)[None, :], amount + loc_own,
+                 mask=mr[:, None] & v[None, :])
+
+
 
 def _effective_sweeps(num_colors: int, frac_bits: int, sweeps: int, int_sweeps: int) -> tuple[int, int, int]:
     """Solver settings that give the same quotas with less work. With one colour no two fluid experts share a
@@ -417,6 +458,7 @@ def _fused_args(table: Any) -> dict[str, Any]:
                 "q": torch.empty((F, Kd), dtype=torch.int64, device=dev),
                 "scratch": torch.empty((blk_r + blk_e + blk_f * blk_k,), dtype=torch.int64, device=dev)}
         cache = {"dev": dev, "tabs": tabs, "logcnt": table.logcnt.contiguous(), "E": E, "K": K,
+                 "slot_rank": table.slot_rank.contiguous(),
                  "log_kk": int(triton.next_power_of_2(K + 1)).bit_length() - 1,  # a search over K + 1 >= padded
                  "F": F, "Kd": Kd, "bufs": bufs,
                  "block": {"BLOCK_E": triton.next_power_of_2(E), "BLOCK_F": triton.next_power_of_2(F),
@@ -479,4 +521,25 @@ def fused_token_slots(topk_ids: torch.Tensor, table: Any, strategy: str, rank: i
                               int(rank), int(table.slots_per_rank),
                               BALANCED=balanced, BLOCK_M=bm, LOG_KK=a["log_kk"], BLOCK_KK=a["block"]["BLOCK_KK"],
                               BLOCK_G=min(128, triton.next_power_of_2(G)), num_warps=tw)
+    return out
+
+
+def balanced_send_matrix_triton(global_counts: torch.Tensor, table: Any, quotas: torch.Tensor) -> torch.Tensor:
+    """:func:`eplb.dispatch.send_matrix`'s ``"balanced"`` branch in one launch (plus the output's zero fill):
+    ``[R, S]`` rows every source rank sends to every slot, from the ``[R, E]`` counts and the ``[E, K]``
+    per-replica quotas of the step's plan. Equal to the torch path entry for entry."""
+    if not HAVE_TRITON:
+        raise RuntimeError("balanced_send_matrix_triton: Triton is not installed")
+    g = global_counts if global_counts.dtype == torch.int64 and global_counts.is_contiguous() else (
+        global_counts.to(torch.int64).contiguous())
+    q = quotas if quotas.dtype == torch.int64 and quotas.is_contiguous() else quotas.to(torch.int64).contiguous()
+    a = _fused_args(table)
+    E, K = a["E"], a["K"]
+    R = g.shape[0]
+    S = int(table.num_slots)
+    out = torch.zeros((R, S), dtype=torch.int64, device=g.device)
+    if R == 0 or E == 0:
+        return out
+    _send_matrix_kernel[(E,)](g, q, a["tabs"]["log2phy"], a["slot_rank"], out, R, E, K, S,
+                              BLOCK_R=triton.next_power_of_2(R), BLOCK_KK=a["block"]["BLOCK_KK"], num_warps=4)
     return out
