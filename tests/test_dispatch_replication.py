@@ -207,18 +207,33 @@ def _check_kernel_cases(cases: list[dict], device: str) -> list[bool]:
     from eplb.dispatch.replication_kernel import plan_replication_gpu
 
     ok = []
-    for cs in cases:
+    for i, cs in enumerate(cases):
         pl = Placement(np.array(cs["phy2log"]), num_experts=cs["E"], num_ranks=cs["R"]).with_meta(
             excluded_ranks=cs["excluded"])
         counts = np.array(cs["counts"])
         tabs = slot_tables(pl)
         ref = plan_replication(counts, static_holdings(pl), cs["D"], accept=tabs["accept"].astype(bool), **cs["kw"])
-        got = plan_replication_gpu(torch.tensor(counts, device=device),
-                                   {k: torch.tensor(v, device=device) for k, v in tabs.items()}, cs["D"], **cs["kw"])
+        dev_tabs = {k: torch.tensor(v, device=device) for k, v in tabs.items()}
+        if i % 3 == 2:  # tables without the holder masks: the wrapper derives them from the slot experts
+            del dev_tabs["holders"]
+        got = plan_replication_gpu(torch.tensor(counts, device=device), dev_tabs, cs["D"], **cs["kw"])
         want = {"slot_tokens": slot_tokens(ref, pl), "dyn_expert": ref.dyn_expert, "dyn_source": ref.dyn_source,
                 "rank_loads": ref.rank_loads, "copies": ref.copies, "iterations": ref.iterations}
         ok.append(all(np.array_equal(got[k].cpu().numpy(), v) for k, v in want.items()))
     return ok
+
+
+def test_slot_tables_holder_masks() -> None:
+    rng = np.random.default_rng(3)
+    for R in (2, 5, 64):
+        E = R
+        p2l = np.stack([np.concatenate([rng.permutation(E), rng.integers(0, E, size=2 * R)]) for _ in range(2)])
+        pl = Placement(p2l, num_experts=E, num_ranks=R).with_meta(excluded_ranks=[1])
+        tabs, hold = slot_tables(pl), static_holdings(pl) > 0  # [L, E, R]
+        bits = (tabs["holders"][..., None].view(np.uint64) >> np.arange(R, dtype=np.uint64)) & np.uint64(1)
+        ex = pl.rank_experts()
+        want = hold[np.arange(2)[:, None, None], ex] & (tabs["expert"] >= 0)[..., None]
+        assert np.array_equal(bits.astype(bool), want)
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs Triton")

@@ -299,7 +299,8 @@ def slot_tables(placement: Placement) -> dict[str, np.ndarray]:
     """Static per-slot tables of every layer for the GPU kernel (int32, ``[L, R, P]``): ``expert`` (the served expert
     of each static slot, ``-1`` if the slot's rank is excluded for it), and for the uniform start ``mult`` (the
     expert's slots on this rank at its first slot there, else 0), ``before`` (its served slots on lower ranks) and
-    ``replicas`` (its served slots in all); and ``accept`` ``[L, R]``: 1 for ranks that may receive copies (not in
+    ``replicas`` (its served slots in all); ``holders`` (int64: bit ``r`` set when rank ``r`` serves the slot's
+    expert, 0 for an unserved slot); and ``accept`` ``[L, R]``: 1 for ranks that may receive copies (not in
     ``meta["excluded_ranks"]``)."""
     mult = static_holdings(placement)  # [L, E, R]
     ex = placement.rank_experts()  # [L, R, P]
@@ -311,11 +312,13 @@ def slot_tables(placement: Placement) -> dict[str, np.ndarray]:
     same = ex[..., :, None] == ex[..., None, :]
     first = ~np.tril(same, -1).any(-1)
     before = (np.cumsum(mult, -1) - mult)[li, ex, ri]
+    bits = ((mult > 0).astype(np.uint64) << np.arange(R, dtype=np.uint64)).sum(-1, dtype=np.uint64).view(np.int64)
     return {
         "expert": np.where(served, ex, -1).astype(np.int32),
         "mult": np.where(served & first, m, 0).astype(np.int32),
         "before": before.astype(np.int32),
         "replicas": mult.sum(-1)[li, ex].astype(np.int32),
+        "holders": np.where(served, bits[li, ex], 0).astype(np.int64),
         "accept": np.broadcast_to(~np.isin(np.arange(R), list(placement.meta.get("excluded_ranks", ()))),
                                   (L, R)).astype(np.int32),
     }

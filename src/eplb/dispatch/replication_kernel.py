@@ -3,11 +3,15 @@
 Same integer algorithm as :func:`eplb.dispatch.replication.plan_replication` with ``start="uniform"``, bit for
 bit. One program plans one (step, layer) problem on the slot view: the expert and tokens of every slot of every
 rank (``[R, P + D]``, static then dynamic slots) stay in registers, an expert's tokens on a rank in its first slot
-there until a final even split; an iteration looks only at the most loaded rank's ``P + D`` slots against all
-slots (a ``[P + D, R, P + D]`` comparison), not at all experts. Rank loads and copy counters are ``[R]`` vectors;
-every ties-to-lowest-index choice is one min-reduction of a packed ``value * 64 + index`` key (int32, hence the
-planner's limits: at most 64 ranks and rank loads below ``2**24``). The loop runs while a move helps,
-at most ``max_iters`` times, so a launch is one kernel with no host synchronisation.
+there until a final even split, and per slot the bit masks (int64) of the ranks holding its expert, all and static
+replicas (``holders`` of :func:`eplb.dispatch.replication.slot_tables`; updated on every copy). An iteration looks
+only at the most loaded rank's ``P + D`` slots: its holder masks expand to a ``[P + D, R]`` view against the rank
+loads, so one iteration is a chain of six reductions (most loaded rank; its slot row; least loaded holder and
+receiver per slot; best move; copy source) with no memory round trip. Rank loads and copy counters are ``[R]``
+vectors; every ties-to-lowest-index choice is one reduction of a packed key (``load * 64 + rank`` in int32, hence
+the planner's limits: at most 64 ranks and rank loads below ``2**24``; ``gain << 40 | (65535 - expert) << 8 | rank``
+in int64 for the move, so fewer than 65536 experts). The loop runs while a move helps, at most ``max_iters``
+times, so a launch is one kernel with no host synchronisation.
 
 Also runs under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors, which the tests use where no GPU is.
 """
@@ -33,18 +37,25 @@ except Exception:  # pragma: no cover - CPU-only installs
 if HAVE_TRITON:
 
     @triton.jit
+    def _or(a, b):
+        return a | b
+
+    @triton.jit
     def _replication_slot_kernel(
-        c_ptr, x_ptr, m_ptr, bf_ptr, n_ptr, acc_ptr, st_ptr, de_ptr, ds_ptr, l_ptr, info_ptr,
+        c_ptr, x_ptr, m_ptr, bf_ptr, n_ptr, acc_ptr, hm_ptr, st_ptr, de_ptr, ds_ptr, l_ptr, info_ptr,
         E, R, P, D, LM, recv, send, total, max_iters, min_gain,
         BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, KEYBIG: tl.constexpr,
     ):
         # State per rank and slot: X [R, P + D] expert of each slot (static, then dynamic; -1 empty), T [R, P + D]
-        # tokens (an expert's tokens on a rank sit in its first slot there until the final even split).
+        # tokens (an expert's tokens on a rank sit in its first slot there, `first`, until the final even split),
+        # M / S [R, P + D] int64 bit masks of the ranks holding the slot's expert (all / static replicas), so an
+        # iteration needs no [P + D, R, P + D] comparison: its dependency chain is six reductions.
         b = tl.program_id(0)
         layer = b % LM
         PD = P + D
         offs_r = tl.arange(0, BLOCK_R)
         offs_j = tl.arange(0, BLOCK_J)
+        rbit = tl.full([BLOCK_R], 1, tl.int64) << offs_r.to(tl.int64)
         rv = offs_r < R
         sv = rv[:, None] & (offs_j[None, :] < P)
         sidx = layer * R * P + offs_r[:, None] * P + offs_j[None, :]
@@ -52,63 +63,73 @@ if HAVE_TRITON:
         m = tl.load(m_ptr + sidx, mask=sv, other=0)
         bf = tl.load(bf_ptr + sidx, mask=sv, other=0)
         n = tl.maximum(tl.load(n_ptr + sidx, mask=sv, other=1), 1)
+        S = tl.load(hm_ptr + sidx, mask=sv, other=0)
+        M = S
         c = tl.load(c_ptr + b * E + tl.maximum(X, 0), mask=sv & (X >= 0), other=0)
         base = c // n
         T = base * m + tl.minimum(tl.maximum(c - base * n - bf, 0), m)
+        first = (m > 0) | (offs_j[None, :] >= P)
         L = tl.sum(T, axis=1)
         acc = tl.load(acc_ptr + layer * R + offs_r, mask=rv, other=0) > 0
         static_col = offs_j < P
         nrecv = tl.zeros([BLOCK_R], dtype=tl.int32)
         nsend = tl.zeros([BLOCK_R], dtype=tl.int32)
+        sendmask = tl.reduce(tl.where(rv & (send > 0), rbit, 0), 0, _or)  # ranks with send budget left
         ncopy = tl.full((), 0, tl.int32)
         it = tl.full((), 0, tl.int32)
         go = it < max_iters
         while go:
-            Lhi = tl.max(tl.where(rv, L, -1), axis=0)
-            hi = tl.min(tl.where(rv & (L == Lhi), offs_r, BLOCK_R), axis=0)
+            kh = tl.max(tl.where(rv, L * 64 + (63 - offs_r), -1), axis=0)  # most loaded rank, lowest index
+            Lhi = kh // 64
+            hi = 63 - kh % 64
             rowhi = offs_r[:, None] == hi
-            eh = tl.sum(tl.where(rowhi, X, 0), axis=0)  # [J] experts of rank hi's slots
+            eh = tl.max(tl.where(rowhi, X, -1), axis=0)  # [J] experts of rank hi's slots
             th = tl.sum(tl.where(rowhi, T, 0), axis=0)
+            mh = tl.reduce(tl.where(rowhi, M, 0), 0, _or)
+            shh = tl.reduce(tl.where(rowhi, S, 0), 0, _or)
+            hold = ((mh[:, None] >> offs_r[None, :].to(tl.int64)) & 1) != 0  # [J, R]
             ehv = eh >= 0
-            same = (X[None, :, :] == eh[:, None, None]) & ehv[:, None, None]  # [J, R, J]
-            hold = tl.max(same.to(tl.int32), axis=2) > 0  # [J, R]
-            shold = tl.max((same & static_col[None, None, :]).to(tl.int32), axis=2) > 0
             Lk = L * 64 + offs_r
             ka = tl.min(tl.where(hold & (offs_r[None, :] != hi) & rv[None, :], Lk[None, :], KEYBIG), axis=1)
             okr = rv & acc & (nrecv < recv)
             kb = tl.min(tl.where((~hold) & okr[None, :], Lk[None, :], KEYBIG), axis=1)
-            src_ok = tl.max(tl.where(shold & (nsend < send)[None, :], 1, 0), axis=1) > 0
+            src_ok = (shh & sendmask) != 0
             ga = tl.where(ehv & (th > 0) & (ka < KEYBIG), tl.minimum(th, (Lhi - ka // 64) // 2), 0)
             gb = tl.where(ehv & (th > 0) & (kb < KEYBIG) & src_ok & (ncopy < total),
                           tl.minimum(th, (Lhi - kb // 64) // 2), 0)
             gb = tl.where(gb >= min_gain, gb, 0)
-            GA = tl.max(ga, axis=0)
-            GB = tl.max(gb, axis=0)
-            ea = tl.min(tl.where(ehv & (ga == GA), eh, KEYBIG), axis=0)
-            eb = tl.min(tl.where(ehv & (gb == GB), eh, KEYBIG), axis=0)
-            ja = tl.min(tl.where((ga == GA) & (eh == ea), offs_j, BLOCK_J), axis=0)
-            jb = tl.min(tl.where((gb == GB) & (eh == eb), offs_j, BLOCK_J), axis=0)
-            a_r = tl.sum(tl.where(offs_j == ja, ka % 64, 0), axis=0)
-            b_r = tl.sum(tl.where(offs_j == jb, kb % 64, 0), axis=0)
+            # (gain, lowest expert, its destination) packed in one int64 key per candidate move
+            eko = (65535 - eh).to(tl.int64) << 8
+            KA = tl.max(tl.where(ga > 0, (ga.to(tl.int64) << 40) | eko | (ka % 64).to(tl.int64), 0), axis=0)
+            KB = tl.max(tl.where(gb > 0, (gb.to(tl.int64) << 40) | eko | (kb % 64).to(tl.int64), 0), axis=0)
+            GA = (KA >> 40).to(tl.int32)
+            GB = (KB >> 40).to(tl.int32)
             use_b = GB > GA
             moving = use_b | (GA > 0)
-            e = tl.where(use_b, eb, ea)
-            jh = tl.where(use_b, jb, ja)
-            x = tl.where(moving, tl.where(use_b, GB, GA), 0)
-            dest = tl.where(use_b, b_r, a_r)
+            K = tl.where(use_b, KB, KA)
+            e = (65535 - ((K >> 8) & 65535)).to(tl.int32)
+            dest = (K & 255).to(tl.int32)
+            x = tl.where(moving, (K >> 40).to(tl.int32), 0)
             rowd = offs_r[:, None] == dest
-            xd = tl.sum(tl.where(rowd, X, 0), axis=0)  # [J] experts of rank dest's slots
-            slot = tl.sum(tl.where(offs_r == dest, nrecv, 0), axis=0)
-            kd = tl.where(use_b, P + slot, tl.min(tl.where(xd == e, offs_j, BLOCK_J), axis=0))
-            cold = offs_j[None, :] == kd
-            X = tl.where(rowd & cold & use_b, e, X)
-            T = T - tl.where(rowhi & (offs_j[None, :] == jh), x, 0) + tl.where(rowd & cold, x, 0)
+            dbit = tl.full((), 1, tl.int64) << dest.to(tl.int64)
+            ese = eh == e
+            me = tl.reduce(tl.where(ese, mh, 0), 0, _or) | dbit
+            se = tl.reduce(tl.where(ese, shh, 0), 0, _or)
+            newc = rowd & (offs_j[None, :] == P + nrecv[:, None]) & use_b
+            X = tl.where(newc, e, X)
+            S = tl.where(newc, se, S)
+            isx = X == e
+            M = tl.where(isx & use_b, me, M)
+            T = T - tl.where(rowhi & isx & first, x, 0) + tl.where(rowd & isx & first, x, 0)
             L = L - tl.where(offs_r == hi, x, 0) + tl.where(offs_r == dest, x, 0)
-            sh = tl.max(tl.where((offs_j[:, None] == jb) & shold, 1, 0), axis=0) > 0  # static holders of eb
-            src = tl.min(tl.where(sh & (nsend < send) & rv, nsend * 64 + offs_r, KEYBIG), axis=0) % 64
-            tl.store(ds_ptr + (b * R + dest) * D + slot, src, mask=use_b)
+            sk = tl.min(tl.where(((se & rbit) != 0) & (nsend < send) & rv, nsend * 64 + offs_r, KEYBIG), axis=0)
+            src = sk % 64
+            tl.store(ds_ptr + (b * R + offs_r) * D + nrecv, tl.zeros([BLOCK_R], dtype=tl.int32) + src,
+                     mask=(offs_r == dest) & use_b)
             cp = use_b.to(tl.int32)
             nsend = nsend + tl.where(offs_r == src, cp, 0)
+            full = use_b & (sk // 64 + 1 >= send)
+            sendmask = tl.where(full, sendmask & ~(tl.full((), 1, tl.int64) << src.to(tl.int64)), sendmask)
             nrecv = nrecv + tl.where(offs_r == dest, cp, 0)
             ncopy = ncopy + cp
             it = it + moving.to(tl.int32)
@@ -168,6 +189,8 @@ def plan_replication_gpu(
     E = counts.shape[-1]
     if R > 64:
         raise InputError(f"tables: at most 64 ranks are supported, got {R}")
+    if E >= 65536:
+        raise InputError(f"counts: at most 65535 experts are supported, got {E}")
     if MAX_LOAD * 64 > BIG:  # pragma: no cover - module constants
         raise AssertionError("packed keys overflow")
     lead = tuple(counts.shape[:-1])
@@ -194,6 +217,15 @@ def plan_replication_gpu(
         }
     out["dyn_source"].fill_(-1)
     tt = [tables[k].to(device=dev, dtype=torch.int32).contiguous() for k in ("expert", "mult", "before", "replicas", "accept")]
+    hm = tables.get("holders")
+    if hm is None:  # older tables: the static holder bit masks from the slot experts (a few extra launches)
+        ex = tt[0].long()
+        bit = torch.ones((), dtype=torch.int64, device=dev) << torch.arange(R, device=dev).view(1, R, 1)
+        oh = torch.zeros((LM, E + 1, R), dtype=torch.int64, device=dev)
+        oh.scatter_(1, torch.where(ex >= 0, ex, E).permute(0, 2, 1), torch.ones_like(ex).permute(0, 2, 1))
+        mask = (oh[:, :E] * bit.view(1, 1, R)).sum(-1)  # distinct bits: the sum is the OR
+        hm = torch.where(ex >= 0, mask.gather(1, ex.clamp(min=0).view(LM, -1)).view(LM, R, P), 0)
+    tt.append(hm.to(device=dev, dtype=torch.int64).contiguous())
     _replication_slot_kernel[(B,)](
         c, *tt, out["slot_tokens"], out["dyn_expert"], out["dyn_source"], out["rank_loads"], out["info"],
         E, R, P, Dp if D else 0, LM, recv, send, total, iters, max(int(min_copy_gain), 1),
