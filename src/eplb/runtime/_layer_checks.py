@@ -17,6 +17,10 @@ from eplb.runtime.fp8 import FP8_DTYPE, scale_shape
 from eplb.runtime.weights import ExpertWeightSet
 from eplb.strategies import LAYER_STRATEGIES as STRATEGIES
 
+# error bits carried in the count exchange
+_ERR_IDS = 1  # topk_ids outside [0, E)
+_ERR_SHAPE = 2  # shapes / dtypes of the inputs
+
 
 def reference_moe(
     hidden: torch.Tensor,
@@ -187,3 +191,34 @@ def _validate_capacity(capacity: int | None, max_tokens_per_rank: int | None, ma
 
 def _device_of(t: Any) -> torch.device | None:
     return t.device if isinstance(t, torch.Tensor) else None
+
+
+def check_inputs(hidden: Any, topk_ids: Any, topk_weights: Any, H: int, device: Any) -> str | None:
+    """The local input error of one forward (or ``None``): raised on every rank after the count exchange."""
+    if not all(isinstance(t, torch.Tensor) for t in (hidden, topk_ids, topk_weights)):
+        return "hidden, topk_ids and topk_weights must be torch tensors"
+    if hidden.ndim != 2 or hidden.shape[1] != H:
+        return f"hidden must be [num_tokens, {H}], got {tuple(hidden.shape)}"
+    if topk_ids.ndim != 2 or topk_ids.shape[0] != hidden.shape[0]:
+        return f"topk_ids must be [{hidden.shape[0]}, top_k], got {tuple(topk_ids.shape)}"
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        return f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}"
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        return f"topk_ids must be an integer tensor, got {topk_ids.dtype}"
+    if not hidden.is_floating_point():
+        return f"hidden must be floating point, got {hidden.dtype}"
+    if hidden.device != device or topk_ids.device != device:
+        return f"inputs must be on the layer's device {device}, got {hidden.device}/{topk_ids.device}"
+    return None
+
+
+def raise_input_error(codes: np.ndarray, local_err: str | None, num_experts: int, rank: int, layer_pos: int) -> None:
+    bad = [int(r) for r in np.nonzero(codes)[0]]
+    what = []
+    if np.any(codes & _ERR_IDS):
+        what.append(f"topk_ids outside [0, {num_experts})")
+    if np.any(codes & _ERR_SHAPE):
+        what.append("malformed inputs")
+    mine = f"; this rank ({rank}): {local_err}" if local_err else ""
+    raise InputError(f"ExpertParallelMoE(layer {layer_pos}): bad input on rank(s) {bad}: "
+                     f"{', '.join(what)}{mine}")

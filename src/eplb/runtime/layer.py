@@ -50,12 +50,16 @@ from eplb.dispatch import DispatchTable, assign_slots, send_matrix
 from eplb.errors import InputError
 from eplb.placement import Placement, PlacementError
 from eplb.runtime._layer_checks import (  # noqa: F401  (rank_slots, local_slice, _round_plan, reference_moe: public here)
+    _ERR_IDS,
+    _ERR_SHAPE,
     _device_of,
     _effective,
     _round_plan,
     _validate_auto,
     _validate_capacity,
+    check_inputs,
     local_slice,
+    raise_input_error,
     rank_slots,
     reference_moe,
     validate_args,
@@ -73,8 +77,6 @@ __all__ = ["STRATEGIES", "ExpertParallelMoE", "rank_slots", "reference_moe"]
 STRATEGIES = LAYER_STRATEGIES
 
 # error bits carried in the count exchange
-_ERR_IDS = 1  # topk_ids outside [0, E)
-_ERR_SHAPE = 2  # shapes / dtypes of the inputs
 
 
 class ExpertParallelMoE(nn.Module):
@@ -163,8 +165,8 @@ class ExpertParallelMoE(nn.Module):
         except (TypeError, ValueError):
             self.block_size = ()
         try:
-            self._validate_args(w13, w2, placement, layer_pos, strategy, max_num_tokens)
-            self._validate_fp8(w13, w2, w13_scale_inv, w2_scale_inv, compute_dtype)
+            validate_args(self._info, w13, w2, placement, layer_pos, strategy, max_num_tokens)
+            validate_fp8(self.block_size, w13, w2, w13_scale_inv, w2_scale_inv, compute_dtype)
             _validate_capacity(capacity, max_tokens_per_rank, max_num_tokens)
             _validate_auto(strategy, auto_decision)
         except ValueError as exc:
@@ -223,14 +225,6 @@ class ExpertParallelMoE(nn.Module):
         self.max_round_recv_rows = 0
 
     # ------------------------------------------------------------------ checks
-    def _validate_args(self, w13: torch.Tensor, w2: torch.Tensor, placement: Placement, layer_pos: int,
-                       strategy: str, max_num_tokens: Any) -> None:
-        validate_args(self._info, w13, w2, placement, layer_pos, strategy, max_num_tokens)
-
-    def _validate_fp8(self, w13: torch.Tensor, w2: torch.Tensor, s13: torch.Tensor | None, s2: torch.Tensor | None,
-                      compute_dtype: torch.dtype | None) -> None:
-        validate_fp8(self.block_size, w13, w2, s13, s2, compute_dtype)
-
     def _digest(self, placement: Placement, layer_pos: int, strategy: str, w13: torch.Tensor,
                 w2: torch.Tensor, max_num_tokens: Any) -> bytes:
         return fingerprint(placement.phy2log[layer_pos].tobytes(), placement.num_experts, placement.num_ranks,
@@ -359,24 +353,6 @@ class ExpertParallelMoE(nn.Module):
         self._table = self._build_table()  # between steps, off the forward
 
     # ----------------------------------------------------------------- forward
-    def _check_inputs(self, hidden: Any, topk_ids: Any, topk_weights: Any) -> str | None:
-        H = self.hidden_size
-        if not all(isinstance(t, torch.Tensor) for t in (hidden, topk_ids, topk_weights)):
-            return "hidden, topk_ids and topk_weights must be torch tensors"
-        if hidden.ndim != 2 or hidden.shape[1] != H:
-            return f"hidden must be [num_tokens, {H}], got {tuple(hidden.shape)}"
-        if topk_ids.ndim != 2 or topk_ids.shape[0] != hidden.shape[0]:
-            return f"topk_ids must be [{hidden.shape[0]}, top_k], got {tuple(topk_ids.shape)}"
-        if tuple(topk_weights.shape) != tuple(topk_ids.shape):
-            return f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}"
-        if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
-            return f"topk_ids must be an integer tensor, got {topk_ids.dtype}"
-        if not hidden.is_floating_point():
-            return f"hidden must be floating point, got {hidden.dtype}"
-        if hidden.device != self.w13.device or topk_ids.device != self.w13.device:
-            return f"inputs must be on the layer's device {self.w13.device}, got {hidden.device}/{topk_ids.device}"
-        return None
-
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` = sum over the ``k`` chosen experts of ``topk_weights * expert(hidden)``.
 
@@ -392,7 +368,7 @@ class ExpertParallelMoE(nn.Module):
     def _forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         E, R, spr, H = self.num_experts, self.num_ranks, self.slots_per_rank, self.hidden_size
         dev = self.w13.device
-        local_err = self._check_inputs(hidden, topk_ids, topk_weights)
+        local_err = check_inputs(hidden, topk_ids, topk_weights, self.hidden_size, self.w13.device)
         if local_err is None and self.route_override is not None:
             topk_ids = self.route_override(int(hidden.shape[0]), int(topk_ids.shape[1])).to(dev)
             if tuple(topk_ids.shape) != tuple(topk_weights.shape):
@@ -456,7 +432,7 @@ class ExpertParallelMoE(nn.Module):
         recv_counts_np = host[: R * spr].reshape(R, spr)
         codes = host[R * spr: R * spr + R]
         if np.any(codes != 0):
-            self._raise_input_error(codes, local_err)
+            raise_input_error(codes, local_err, self.num_experts, self.rank, self.layer_pos)
         send_tot = host[R * spr + R: R * spr + 2 * R].astype(np.int64)
         recv_tot = recv_counts_np.sum(1).astype(np.int64)
         matrix = host[R * spr + 2 * R:].reshape(R, R).astype(np.int64) if chunked else None
@@ -498,17 +474,6 @@ class ExpertParallelMoE(nn.Module):
         self.max_round_recv_rows = max([self.max_round_recv_rows, *round_rows])
         self.steps += 1
         return out.to(hidden.dtype)
-
-    def _raise_input_error(self, codes: np.ndarray, local_err: str | None) -> None:
-        bad = [int(r) for r in np.nonzero(codes)[0]]
-        what = []
-        if np.any(codes & _ERR_IDS):
-            what.append(f"topk_ids outside [0, {self.num_experts})")
-        if np.any(codes & _ERR_SHAPE):
-            what.append("malformed inputs")
-        mine = f"; this rank ({self.rank}): {local_err}" if local_err else ""
-        raise InputError(f"ExpertParallelMoE(layer {self.layer_pos}): bad input on rank(s) {bad}: "
-                         f"{', '.join(what)}{mine}")
 
     # ------------------------------------------------------------ collectives
     def _all_gather_counts(self, local: torch.Tensor) -> torch.Tensor:
