@@ -93,13 +93,13 @@ def test_no_import_circle():
 
 
 #: Known debt, each with its reason; an entry here must shrink, not grow.
-OVERSIZED = {"eplb/runtime/layer.py": 800}  # static-capacity / auto dispatch / FP8 work in flight; split after it lands
+OVERSIZED: dict[str, int] = {}
 
 
 def test_no_source_file_much_over_600_lines():
     big = {}
     for f in PKG.rglob("*.py"):
         name, n = str(f.relative_to(SRC)), len(f.read_text().splitlines())
-        if n > OVERSIZED.get(name, 650):
+        if n > OVERSIZED.get(name, 620):
             big[name] = n
     assert not big, big
