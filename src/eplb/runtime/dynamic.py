@@ -35,6 +35,7 @@ import torch.distributed as dist
 from eplb.dispatch.assign import balanced_token_slots, source_shares
 from eplb.dispatch.replication import plan_replication, slot_tables, slot_tokens, static_holdings
 from eplb.errors import InputError
+from eplb.runtime._layer_checks import check_inputs
 from eplb.runtime.compute import expert_ffn
 
 if TYPE_CHECKING:
@@ -223,7 +224,7 @@ def replicated_forward(layer: ExpertParallelMoE, pool: DynamicSlots, hidden: tor
     if tuple(layer.expert_weight_names) != ("w13", "w2"):
         raise InputError(f"dynamic slots: only dense w13/w2 experts are supported, this layer has "
                          f"{list(layer.expert_weight_names)}")
-    err = layer._check_inputs(hidden, topk_ids, topk_weights)
+    err = check_inputs(hidden, topk_ids, topk_weights, layer.hidden_size, dev)
     if err is not None:
         raise InputError(f"ExpertParallelMoE(layer {layer.layer_pos}): {err}")
     if tuple(pool.w13.shape[1:]) != tuple(layer.w13.shape[1:]) or pool.w13.dtype != layer.w13.dtype:
