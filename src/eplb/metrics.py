@@ -36,6 +36,8 @@ __all__ = [
     "rank_loads",
     "served_slots",
     "slot_loads",
+    "slot_share",
+    "uniform_slot_loads",
     "step_imbalance",
 ]
 
@@ -58,21 +60,38 @@ def served_slots(placement: Placement) -> np.ndarray:
     return ok_rank[None, :] | (np.take_along_axis(held_ok, placement.phy2log, axis=1) == 0)
 
 
+def slot_share(placement: Placement) -> tuple[np.ndarray, np.ndarray]:
+    """The uniform split as two flat ``[L * S]`` arrays: ``index`` (``l * E + expert`` of the expert slot
+    ``l * S + s`` holds) and ``replicas`` (float64: its expert's served replicas, :func:`served_slots`;
+    ``inf`` on a slot that serves nothing). Slot loads of ``c [..., L, E]`` are
+    ``take(c.reshape(..., L * E), index) / replicas``: one gather, ``O(S)`` per step and layer."""
+    L, E = placement.num_layers, placement.num_experts
+    mask = served_slots(placement)  # [L, S]
+    cnt = np.zeros((L, E), dtype=np.int64)
+    np.add.at(cnt, (np.nonzero(mask)[0], placement.phy2log[mask]), 1)
+    reps = np.take_along_axis(cnt, placement.phy2log, axis=1).astype(np.float64)  # every expert has >= 1 served
+    reps[~mask] = np.inf
+    index = (np.arange(L, dtype=np.int64)[:, None] * E + placement.phy2log).ravel()
+    return index, reps.ravel()
+
+
+def uniform_slot_loads(c: np.ndarray, placement: Placement,
+                       share: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """``[..., L, S]`` float64 slot loads of already validated counts ``c [..., L, E]`` (any numeric dtype, no
+    float copy of ``c``); ``share``: :func:`slot_share` of ``placement`` (pass it to reuse)."""
+    index, reps = slot_share(placement) if share is None else share
+    lead = c.shape[:-2]
+    L, E = placement.num_layers, placement.num_experts
+    out = np.take(c.reshape(lead + (L * E,)), index, axis=-1) / reps
+    return out.reshape(lead + (L, placement.num_slots))
+
+
 def slot_loads(counts: ArrayLike, placement: Placement) -> np.ndarray:
     """``[..., L, S]`` load of each slot: count of its expert / served replicas of that expert."""
     c = check_load(counts, "counts", ndim=(2, 3, 4), num_experts=placement.num_experts)
     if c.shape[-2] != placement.num_layers:
         raise InputError(f"counts: {c.shape[-2]} layers, but the placement has {placement.num_layers}")
-    mask = served_slots(placement)  # [L, S]
-    L = placement.num_layers
-    cnt = np.zeros((L, placement.num_experts), dtype=np.int64)
-    np.add.at(cnt, (np.nonzero(mask)[0], placement.phy2log[mask]), 1)
-    per_replica = c / cnt  # [..., L, E]; every expert has >= 1 served replica
-    idx = np.broadcast_to(placement.phy2log, c.shape[:-1] + (placement.num_slots,)) if c.ndim > 2 else placement.phy2log
-    out = np.take_along_axis(per_replica, idx, axis=-1)
-    if not mask.all():
-        out = out * mask
-    return out
+    return uniform_slot_loads(c, placement)
 
 
 def rank_loads(counts: ArrayLike, placement: Placement) -> np.ndarray:

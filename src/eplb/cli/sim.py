@@ -69,7 +69,7 @@ def simulate_cmd(
     num_nodes: int = typer.Option(1, "--num-nodes", help="nodes (inter-node all-to-all uses inter_node_gbps)"),
     num_groups: int = typer.Option(1, "--num-groups", help="expert groups (hierarchical policies)"),
     policy: list[str] | None = typer.Option(None, "--policy", help="policy name(s), repeat or comma-separate; "
-                                                                   "'none' = contiguous layout (default: deepseek)"),
+                                                                   "'none' = contiguous layout (default: " + DEFAULT_POLICY + ")"),
     placement: list[Path] | None = typer.Option(None, "--placement", help="a placement file of any map format "
                                                                           "to simulate too (repeatable)"),
     strategy: str = typer.Option("uniform", "--strategy", help="replica choice: uniform, balanced, round-robin, "
@@ -197,15 +197,13 @@ def simulate_cmd(
 
 def _print_auto(console: Any, report: Any, data: Any, cm: Any) -> None:
     """``strategy="auto"``'s per-layer choice for each static run's placement (on the replayed counts)."""
-    import numpy as np
-
     from eplb.dispatch.auto import auto_line, auto_strategies, auto_summary
 
     for r in report.results:
         pl = r.final_placement
         if r.mode != "static" or pl is None or pl.num_slots <= pl.num_experts:
             continue
-        counts = np.asarray(data.counts, dtype=np.float64)
+        counts = data.counts  # auto_strategies samples at most 256 steps before any float copy
         if counts.shape[1:] != (pl.num_layers, pl.num_experts):
             continue
         console.print(f"{r.label}: {auto_line(auto_summary(auto_strategies(counts, pl, cm.compute_ms)))}")
@@ -219,7 +217,7 @@ def capacity_cmd(
     held_out: float = typer.Option(0.5, "--held-out", help="fraction of trailing steps held out for evaluation "
                                                            "(plan on the rest); 0 = in-sample"),
     policies: list[str] | None = typer.Option(None, "--policies", "--policy", help="policy names, repeat or "
-                                                                                   "comma-separate (default: deepseek)"),
+                                                                                   "comma-separate (default: " + DEFAULT_POLICY + ")"),
     num_nodes: int = typer.Option(1, "--num-nodes"),
     num_groups: int = typer.Option(1, "--num-groups"),
     strategy: str = typer.Option("uniform", "--strategy", help="replica choice: uniform, balanced, round-robin, "

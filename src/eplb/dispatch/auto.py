@@ -120,7 +120,7 @@ class AutoDecision:
 
 def auto_strategies(counts: ArrayLike, placement: Placement, compute_ms: Callable[[np.ndarray, int], np.ndarray],
                     *, dispatch_cost_ms: float | Sequence[float | None] | None = None,
-                    balanced_loads: np.ndarray | None = None) -> list[AutoDecision]:
+                    balanced_loads: np.ndarray | None = None, max_steps: int | None = 256) -> list[AutoDecision]:
     """One :class:`AutoDecision` per layer of ``placement``.
 
     Args:
@@ -132,13 +132,20 @@ def auto_strategies(counts: ArrayLike, placement: Placement, compute_ms: Callabl
             the default), e.g. from :func:`calibrate_dispatch_cost_ms`; default :func:`balanced_dispatch_cost_ms`
             from the layer's table size (mean pairs per rank of the counts, its colour count).
         balanced_loads: ``[T, L, R]`` balanced rank loads of these counts if already computed (reused).
+        max_steps: predict from at most this many evenly spaced steps (``None``: every step); the prediction is a
+            mean over steps, so a long trace need not be split in full (the balanced split costs ``O(steps)``).
     """
-    c = np.asarray(counts, dtype=np.float64)
+    c = np.asarray(counts)
     if c.ndim == 2:
         c = c[None]
     if c.ndim != 3 or c.shape[1:] != (placement.num_layers, placement.num_experts):
         raise InputError(f"counts: expected [steps, {placement.num_layers}, {placement.num_experts}], got {list(c.shape)}")
-    c = np.round(c)
+    if max_steps is not None and c.shape[0] > int(max_steps):
+        pick = np.unique(np.linspace(0, c.shape[0] - 1, max(int(max_steps), 1)).round().astype(np.int64))
+        c = c[pick]
+        if balanced_loads is not None:
+            balanced_loads = np.asarray(balanced_loads)[pick]
+    c = np.round(np.asarray(c, dtype=np.float64))
     R, spr = placement.num_ranks, placement.slots_per_rank
     lf = split_rank_loads(c, placement, "local-first").max(-1)  # [T, L]
     bal = (np.asarray(balanced_loads, dtype=np.float64) if balanced_loads is not None

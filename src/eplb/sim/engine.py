@@ -24,7 +24,7 @@ import numpy as np
 
 from eplb._checks import ArrayLike, to_numpy
 from eplb.errors import InputError
-from eplb.metrics import imbalance_ratio, served_slots
+from eplb.metrics import imbalance_ratio, slot_share, uniform_slot_loads
 from eplb.placement import Placement
 from eplb.sim.cost import CostModel
 from eplb.stats.trace import Trace
@@ -203,29 +203,23 @@ class SimResult:
 
 
 # --------------------------------------------------------------------------- rank loads
-def expert_rank_share(placement: Placement) -> np.ndarray:
-    """``[L, E, R]`` fraction of expert ``e``'s tokens computed by rank ``r`` under a uniform split over
-    its *served* replicas (:func:`eplb.metrics.served_slots`: excluded ranks serve an expert only where
-    no other rank holds it), so ``counts @ share`` equals :func:`eplb.metrics.rank_loads`."""
-    L, E, R = placement.num_layers, placement.num_experts, placement.num_ranks
-    served = served_slots(placement)  # [L, S]
-    cnt = np.zeros((L, E, R), dtype=np.float64)
-    li, si = np.nonzero(served)
-    np.add.at(cnt, (li, placement.phy2log[li, si], placement.slot_rank()[si]), 1.0)
-    return cnt / cnt.sum(axis=2, keepdims=True)
+def expert_rank_share(placement: Placement) -> tuple[np.ndarray, np.ndarray]:
+    """The uniform split of ``placement`` for :func:`rank_loads` (:func:`eplb.metrics.slot_share`: experts' tokens
+    split evenly over their *served* replicas, so the loads equal :func:`eplb.metrics.rank_loads`)."""
+    return slot_share(placement)
 
 
 def rank_loads(counts: np.ndarray, placement: Placement, strategy: str = "uniform",
                share: np.ndarray | None = None) -> np.ndarray:
     """``[c, L, R]`` per-rank token-expert pairs of ``counts`` ``[c, L, E]`` under ``placement``.
 
-    ``uniform``: a batched product with ``share`` (:func:`expert_rank_share`; pass it to reuse).
-    Other strategies: :func:`eplb.dispatch.split_counts` slot loads summed per rank.
+    ``uniform``: one gather of each slot's expert count (:func:`eplb.metrics.uniform_slot_loads`; ``share`` from
+    :func:`expert_rank_share`, pass it to reuse), summed per rank: ``O(S)`` per step and layer, no float copy of
+    ``counts``. Other strategies: :func:`eplb.dispatch.split_counts` slot loads summed per rank.
     """
     if strategy == "uniform":
-        sh = expert_rank_share(placement) if share is None else share
-        x = np.ascontiguousarray(np.swapaxes(counts, 0, 1), dtype=np.float64)  # [L, c, E]
-        return np.swapaxes(np.matmul(x, sh), 0, 1)  # [c, L, R]
+        s = uniform_slot_loads(counts, placement, share)
+        return s.reshape(s.shape[:-1] + (placement.num_ranks, placement.slots_per_rank)).sum(-1)
     check_strategy(strategy)
     from eplb.dispatch import split_counts
 
