@@ -45,8 +45,12 @@ def plan_placement(policy: str, train: np.ndarray, *, num_slots: int, num_ranks:
     ``"none"`` is the unbalanced baseline a deployment without eplb serves: the identity layout
     (slot ``s`` holds expert ``s``, no redundant slots; ``S = E`` rounded up to a multiple of the
     ranks), whatever ``num_slots`` says -- the same baseline ``eplb evaluate`` uses.
+
+    A policy that plans on summed loads (no ``per_step`` capability) gets ``train`` summed over steps in its own
+    (integer) dtype, so a long trace is never copied to float64 for it.
     """
     from eplb.policies import plan
+    from eplb.policies.registry import policy_info
 
     L, E = train.shape[-2], train.shape[-1]
     if policy == "none":
@@ -55,6 +59,8 @@ def plan_placement(policy: str, train: np.ndarray, *, num_slots: int, num_ranks:
         check_layout(E, num_slots, num_ranks, num_nodes)
         return Placement.contiguous(L, E, num_ranks, -(-E // num_ranks) * num_ranks, num_nodes,
                                     layer_ids=layer_ids).with_meta(policy="none")
+    if train.ndim == 3 and not policy_info(policy).per_step:
+        train = train.sum(axis=0)
     return plan(train, num_slots, num_ranks, num_nodes=num_nodes, num_groups=num_groups, policy=policy,
                 layer_ids=layer_ids, **options)
 
@@ -242,7 +248,7 @@ def capacity(
     if hi < lo:
         raise InputError(f"max-slots-per-rank: {hi} is below the minimum ceil({E}/{R}) = {lo}")
     train_sl, test_sl, in_sample = split_steps(data.num_steps, held_out)
-    train = np.asarray(data.counts[train_sl], dtype=np.float64)
+    train = data.counts[train_sl]
     test = data.counts[test_sl]
     sprs = list(range(lo, hi + 1))
     imb: dict[str, list[float]] = {p: [] for p in policies}

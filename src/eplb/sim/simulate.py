@@ -104,7 +104,7 @@ def simulate(
     cm = cost or default_cost_model()
     plan_data = select_steps(data, plan_range, "plan-range")
     sim_data = select_steps(data, sim_range, "sim-range")
-    train = np.asarray(plan_data.counts, dtype=np.float64)
+    train = plan_data.counts  # plan_placement sums it for policies that plan on summed loads
 
     config = None
     if online is not None:
