@@ -51,6 +51,10 @@ _CHUNK_BYTES = 48 * 2**20  # bound on one chunk's largest float64 array
 class SimInput:
     """Validated replay input.
 
+    Kept apart from :class:`~eplb.stats.trace.Trace`: the simulator also replays float counts (e.g.
+    expected loads, scaled or averaged traces), which a ``Trace`` (exact integer counts) refuses, and a
+    ``Trace``'s checks (exact integers, totals) would cost a full pass over every large array passed in.
+
     Attributes:
         counts: ``[T, L, E]`` integer (or float) token-expert pairs per step, layer, expert.
         step_ids: ``[T]`` step ids.

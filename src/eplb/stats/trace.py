@@ -216,19 +216,12 @@ class Trace:
             out.layer_ids = want
             return out
         if all(i in self.layer_ids for i in want):
-            return self.select_layer_ids(want)
+            pos = {lid: p for p, lid in enumerate(self.layer_ids)}
+            return self.slice(layers=[pos[i] for i in want])
         missing = [i for i in want if i not in self.layer_ids]
         raise TraceError(f"layer-ids: the trace has {self.num_layers} MoE layers with ids {_short(self.layer_ids)}; "
                          f"{len(want)} ids given and {missing[:8]} are not among them (give exactly "
                          f"{self.num_layers} ids to label a trace numbered 0..{self.num_layers - 1})")
-
-    def select_layer_ids(self, layer_ids: Sequence[int]) -> Trace:
-        """The trace restricted to the given *model* layer ids (ValueError naming unknown ids)."""
-        pos = {lid: p for p, lid in enumerate(self.layer_ids)}
-        missing = [int(i) for i in layer_ids if int(i) not in pos]
-        if missing:
-            raise TraceError(f"layers: layer ids {missing} not in the trace (it has {list(self.layer_ids)})")
-        return self.slice(layers=[pos[int(i)] for i in layer_ids])
 
     @classmethod
     def concat(cls, parts: Sequence[Trace]) -> Trace:
