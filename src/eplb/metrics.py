@@ -28,6 +28,7 @@ __all__ = [
     "fanout_per_token",
     "balancedness",
     "experts_moved",
+    "expert_rank_share",
     "hierarchical_lower_bound",
     "imbalance_ratio",
     "lower_bound",
@@ -75,10 +76,32 @@ def slot_loads(counts: ArrayLike, placement: Placement) -> np.ndarray:
     return out
 
 
-def rank_loads(counts: ArrayLike, placement: Placement) -> np.ndarray:
-    """``[..., L, R]`` load of each rank under uniform splitting over replicas."""
-    s = slot_loads(counts, placement)
-    return s.reshape(s.shape[:-1] + (placement.num_ranks, placement.slots_per_rank)).sum(-1)
+def expert_rank_share(placement: Placement) -> np.ndarray:
+    """``[L, E, R]`` fraction of expert ``e``'s tokens computed by rank ``r`` under a uniform split over
+    its *served* replicas (:func:`served_slots`); :func:`rank_loads` is ``counts @ share``."""
+    L, E, R = placement.num_layers, placement.num_experts, placement.num_ranks
+    served = served_slots(placement)  # [L, S]
+    cnt = np.zeros((L, E, R), dtype=np.float64)
+    li, si = np.nonzero(served)
+    np.add.at(cnt, (li, placement.phy2log[li, si], placement.slot_rank()[si]), 1.0)
+    return cnt / cnt.sum(axis=2, keepdims=True)
+
+
+def rank_loads(counts: ArrayLike, placement: Placement, *, share: np.ndarray | None = None) -> np.ndarray:
+    """``[..., L, R]`` load of each rank under uniform splitting over served replicas (:func:`served_slots`).
+
+    One batched product ``counts[N, L, E] @ share[L, E, R]`` per call; ``share``
+    (:func:`expert_rank_share` of ``placement``) may be passed to reuse it over many calls (the simulator's
+    chunks). Equals :func:`slot_loads` summed over each rank's slots.
+    """
+    c = check_load(counts, "counts", ndim=(2, 3, 4), num_experts=placement.num_experts)
+    L, E = placement.num_layers, placement.num_experts
+    if c.shape[-2] != L:
+        raise InputError(f"counts: {c.shape[-2]} layers, but the placement has {L}")
+    sh = expert_rank_share(placement) if share is None else share
+    lead = c.shape[:-2]
+    x = np.ascontiguousarray(np.swapaxes(c.reshape((-1, L, E)), 0, 1))  # [L, N, E]
+    return np.swapaxes(np.matmul(x, sh), 0, 1).reshape(lead + (L, placement.num_ranks))
 
 
 def imbalance_ratio(loads: ArrayLike, axis: int = -1) -> np.ndarray:

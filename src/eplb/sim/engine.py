@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, to_numpy
+from eplb._counts import StepCounts
 from eplb.errors import InputError
-from eplb.metrics import imbalance_ratio, served_slots
+from eplb.metrics import expert_rank_share, imbalance_ratio, rank_loads
 from eplb.placement import Placement
 from eplb.sim.cost import CostModel
 from eplb.stats.trace import Trace
@@ -35,7 +36,7 @@ __all__ = [
     "SimInput",
     "SimResult",
     "as_sim_input",
-    "rank_loads",
+    "strategy_rank_loads",
     "replay_static",
     "step_chunk",
 ]
@@ -48,7 +49,7 @@ _CHUNK_BYTES = 48 * 2**20  # bound on one chunk's largest float64 array
 
 
 @dataclass(frozen=True)
-class SimInput:
+class SimInput(StepCounts):
     """Validated replay input.
 
     Kept apart from :class:`~eplb.stats.trace.Trace`: the simulator also replays float counts (e.g.
@@ -74,18 +75,6 @@ class SimInput:
     synthetic: bool = False
     model: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_steps(self) -> int:
-        return int(self.counts.shape[0])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.counts.shape[1])
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.counts.shape[2])
 
     def slice_steps(self, start: int, stop: int) -> SimInput:
         """Steps at positions ``[start, stop)``."""
@@ -207,34 +196,17 @@ class SimResult:
 
 
 # --------------------------------------------------------------------------- rank loads
-def expert_rank_share(placement: Placement) -> np.ndarray:
-    """``[L, E, R]`` fraction of expert ``e``'s tokens computed by rank ``r`` under a uniform split over
-    its *served* replicas (:func:`eplb.metrics.served_slots`: excluded ranks serve an expert only where
-    no other rank holds it), so ``counts @ share`` equals :func:`eplb.metrics.rank_loads`."""
-    L, E, R = placement.num_layers, placement.num_experts, placement.num_ranks
-    served = served_slots(placement)  # [L, S]
-    cnt = np.zeros((L, E, R), dtype=np.float64)
-    li, si = np.nonzero(served)
-    np.add.at(cnt, (li, placement.phy2log[li, si], placement.slot_rank()[si]), 1.0)
-    return cnt / cnt.sum(axis=2, keepdims=True)
-
-
-def rank_loads(counts: np.ndarray, placement: Placement, strategy: str = "uniform",
-               share: np.ndarray | None = None) -> np.ndarray:
-    """``[c, L, R]`` per-rank token-expert pairs of ``counts`` ``[c, L, E]`` under ``placement``.
-
-    ``uniform``: a batched product with ``share`` (:func:`expert_rank_share`; pass it to reuse).
-    Other strategies: :func:`eplb.dispatch.split_counts` slot loads summed per rank.
-    """
+def strategy_rank_loads(counts: np.ndarray, placement: Placement, strategy: str = "uniform",
+                        share: np.ndarray | None = None) -> np.ndarray:
+    """``[c, L, R]`` rank loads of ``counts`` ``[c, L, E]`` under a replica-choice ``strategy``: ``uniform`` is
+    :func:`eplb.metrics.rank_loads` (``share``: its :func:`~eplb.metrics.expert_rank_share`, to reuse), any
+    other :func:`eplb.dispatch.split_rank_loads` (the runtime's dispatch code)."""
     if strategy == "uniform":
-        sh = expert_rank_share(placement) if share is None else share
-        x = np.ascontiguousarray(np.swapaxes(counts, 0, 1), dtype=np.float64)  # [L, c, E]
-        return np.swapaxes(np.matmul(x, sh), 0, 1)  # [c, L, R]
+        return rank_loads(counts, placement, share=share)
     check_strategy(strategy)
-    from eplb.dispatch import split_counts
+    from eplb.dispatch import split_rank_loads
 
-    s = np.asarray(to_numpy(split_counts(counts, placement, strategy=strategy)), dtype=np.float64)
-    return s.reshape(s.shape[:-1] + (placement.num_ranks, placement.slots_per_rank)).sum(-1)
+    return np.asarray(to_numpy(split_rank_loads(counts, placement, strategy)), dtype=np.float64)
 
 
 def step_chunk(num_layers: int, width: int) -> int:
@@ -258,7 +230,7 @@ def evaluate_block(counts: np.ndarray, placement: Placement, cost: CostModel, st
                    share: np.ndarray | None = None) -> _Block:
     """Times and imbalance of the steps in ``counts`` ``[c, L, E]`` under a fixed placement."""
     R, N, spr = placement.num_ranks, placement.num_nodes, placement.slots_per_rank
-    loads = rank_loads(counts, placement, strategy, share)  # [c, L, R]
+    loads = strategy_rank_loads(counts, placement, strategy, share)  # [c, L, R]
     mx = loads.max(axis=-1)  # [c, L]
     ex = placement.meta.get("excluded_ranks") or ()
     keep = np.setdiff1d(np.arange(R), np.asarray(list(ex), dtype=np.int64)) if len(ex) else None

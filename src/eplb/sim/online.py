@@ -32,6 +32,7 @@ import numpy as np
 
 from eplb._checks import ArrayLike
 from eplb.errors import InputError
+from eplb.metrics import expert_rank_share
 from eplb.placement import Placement
 from eplb.sim.cost import CostModel
 from eplb.sim.engine import (
@@ -40,7 +41,6 @@ from eplb.sim.engine import (
     as_sim_input,
     check_fits,
     evaluate_block,
-    expert_rank_share,
     step_chunk,
 )
 from eplb.stats.trace import Trace

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import MAX_COUNT, ArrayLike, check_load, exact_counts, exact_ints
+from eplb._counts import StepCounts
 from eplb._io import atomic_write  # noqa: F401 (moved to eplb._io; re-exported)
 from eplb._safe_read import UNCLEAR, reading  # noqa: F401 (moved to eplb._safe_read; re-exported)
 from eplb.errors import InputError, TraceError
@@ -65,7 +66,7 @@ def _short(ids: Sequence[int]) -> str:
 
 
 @dataclass(eq=False)
-class Trace:
+class Trace(StepCounts):
     """Per-step expert loads.
 
     Attributes:
@@ -148,19 +149,7 @@ class Trace:
                 raise TraceError(f"topk_ids: expert ids must lie in [0, {E}), got {int(ids.min())}..{int(ids.max())}")
             self.topk_ids, self.topk_offsets = ids, off
 
-    # ------------------------------------------------------------------ sizes
-    @property
-    def num_steps(self) -> int:
-        return int(self.counts.shape[0])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.counts.shape[1])
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.counts.shape[2])
-
+    # ------------------------------------------------------------------ sizes (num_steps etc.: StepCounts)
     def total(self) -> np.ndarray:
         """``[L, E]`` counts summed over steps (the ``weight`` a planner takes)."""
         return self.counts.sum(0)
