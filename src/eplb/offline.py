@@ -4,9 +4,11 @@ What the ``eplb plan`` / ``evaluate`` / ``demo`` commands do, callable without t
 import it): :func:`load_trace` (``builtin:NAME`` or any trace format), :func:`plan_placement` (a policy
 run whose ``meta`` records the trace digest, policy, parameters, in-sample imbalance, lower bound and
 gap), :func:`evaluate_placement` (before/after tables, balanced dispatch, bound and gap),
-:func:`read_placement_for_trace` (a map checked against a trace), :func:`replication_rows` (per-step
-replication of evaluated placements) and :func:`demo` (the whole flow on a shipped real trace). The
-CLI (:mod:`eplb.cli.offline`) only parses options, renders tables and calls these.
+:func:`read_placement_for_trace` (a map checked against a trace), :func:`is_trace_input` /
+:func:`is_trace_output` / :func:`sglang_loads_file` (map or trace, for ``eplb convert`` / ``validate``),
+:func:`replication_rows` (per-step replication of evaluated placements) and :func:`demo` (the whole flow
+on a shipped real trace). The CLI (:mod:`eplb.cli.offline`) only parses options, renders tables and
+calls these.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUILTIN_PREFIX", "DEMO_FILES", "DEMO_TRACE", "DemoResult", "Evaluation", "demo", "evaluate_placement",
-    "golden_text", "load_trace", "parse_held_out", "plan_placement", "read_placement_for_trace", "replication_rows",
-    "resolve_policy",
+    "TRACE_ONLY_SUFFIXES", "golden_text", "is_trace_input", "is_trace_output", "load_trace", "parse_held_out", "plan_placement", "read_placement_for_trace", "replication_rows",
+    "resolve_policy", "sglang_loads_file",
 ]
 
 DEMO_TRACE = "llama4_maverick_mmlu_decode"
@@ -268,6 +270,66 @@ def replication_rows(trace: Trace, runs: Sequence[tuple[Evaluation, Placement]],
         ev.extra["replication"] = rows
         out += [(ev.label, r) for r in rows]
     return title, out
+
+
+# ----------------------------------------------------------------- map or trace (eplb convert / validate)
+#: suffixes only load traces use (never an engine map)
+TRACE_ONLY_SUFFIXES = (".safetensors", ".npy", ".npz", ".csv")
+
+
+def sglang_loads_file(path: Path, *, with_map: bool = True) -> bool:
+    """``path`` is SGLang's load form (a ``logical_count`` dump: loads, not a placement). ``with_map=False``:
+    not when it also holds a ``physical_to_logical_map``. Unreadable or trace-only files: False."""
+    from eplb.formats import _parse
+    from eplb.formats._common import read_bytes
+
+    if path.is_dir() or path.suffix.lower() in TRACE_ONLY_SUFFIXES:
+        return False
+    try:
+        fmt, obj = _parse(path, read_bytes(path))
+    except ValueError:
+        return False
+    return (fmt == "sglang" and isinstance(obj, dict) and "logical_count" in obj
+            and (with_map or "physical_to_logical_map" not in obj))
+
+
+def is_trace_input(path: Path, from_: str | None) -> bool:
+    """Whether ``eplb convert`` reads ``path`` as a load trace: ``from_`` names a trace-only format, or the
+    path is a directory / has a trace-only suffix / parses as no map / is an SGLang ``logical_count`` dump
+    (unless ``from_`` is ``sglang``). Map formats decide the rest (:func:`eplb.formats.detect_map_format`)."""
+    from eplb.formats import FORMATS, UnknownMapFormat, _parse
+    from eplb.formats._common import read_bytes
+
+    if from_ is not None:
+        if from_ in FORMATS and from_ not in ("trtllm", "sglang", "vllm-ascend"):
+            return False
+        from eplb.stats.io import FORMATS as TRACE_FORMATS
+
+        if from_ not in FORMATS:
+            if from_ not in TRACE_FORMATS:
+                raise InputError(f"from: unknown format {from_!r}; map formats: {', '.join(FORMATS)}; "
+                                 f"trace formats: {', '.join(TRACE_FORMATS)}")
+            return True
+    if path.is_dir() or path.suffix.lower() in TRACE_ONLY_SUFFIXES:
+        return True
+    try:
+        fmt, obj = _parse(path, read_bytes(path))
+    except UnknownMapFormat:
+        if from_ in FORMATS:
+            raise
+        return True  # parses, but is no map: let the trace readers say what it is
+    return fmt == "sglang" and isinstance(obj, dict) and "logical_count" in obj and from_ != "sglang"
+
+
+def is_trace_output(output: Path, to: str | None) -> bool:
+    """Whether ``eplb convert`` writes a trace: ``to`` names a trace-only format, or ``output`` is a directory,
+    has no suffix or a trace-only suffix (``.safetensors .npy .npz .csv``). Otherwise it is a map."""
+    from eplb.formats import FORMATS
+    from eplb.stats.io import FORMATS as TRACE_FORMATS
+
+    if to is not None:
+        return to in TRACE_FORMATS and to not in FORMATS
+    return output.is_dir() or output.suffix == "" or output.suffix.lower() in TRACE_ONLY_SUFFIXES
 
 
 def auto_dispatch(counts: np.ndarray, placement: Placement, balanced_loads: np.ndarray) -> dict[str, Any]:

@@ -35,19 +35,20 @@ from eplb.offline import (
     Evaluation,
     demo,
     evaluate_placement,
+    is_trace_input,
+    is_trace_output,
     load_trace,
     parse_held_out,
     plan_placement,
     read_placement_for_trace,
     replication_rows,
     resolve_policy,
+    sglang_loads_file,
 )
 from eplb.placement import Placement
 from eplb.stats.trace import Trace
 
 __all__ = ["register"]
-
-TRACE_ONLY_SUFFIXES = (".safetensors", ".npy", ".npz", ".csv")
 
 
 # ============================================================================ helpers
@@ -244,7 +245,7 @@ def validate_cmd(
     from eplb.formats import EPSizeMissing, detect_map_format, read_placement
 
     fmt = format or detect_map_format(map_file)
-    if fmt == "sglang" and _holds_loads(map_file):
+    if fmt == "sglang" and sglang_loads_file(map_file, with_map=False):
         raise InputError(
             f"{map_file}: holds load counts (SGLang 'logical_count': an expert-distribution dump / trace), not a "
             f"placement map. SGLang plans a map from it at start-up (--init-expert-location); to see and check "
@@ -267,68 +268,7 @@ def validate_cmd(
     print(f"OK {map_file} ({fmt}): {desc}{note}")
 
 
-def _holds_loads(path: Path) -> bool:
-    """The file is SGLang's load form (``logical_count``), not a ``physical_to_logical_map``."""
-    from eplb.formats import _parse
-    from eplb.formats._common import read_bytes
-
-    _, obj = _parse(path, read_bytes(path))
-    return isinstance(obj, dict) and "logical_count" in obj and "physical_to_logical_map" not in obj
-
-
 # ============================================================================ convert
-_MAP_ONLY = ("vllm", "native")
-
-
-def _is_trace_input(path: Path, from_: str | None) -> bool:
-    from eplb.formats import FORMATS, UnknownMapFormat, _parse
-    from eplb.formats._common import read_bytes
-
-    if from_ is not None:
-        if from_ in FORMATS and from_ not in ("trtllm", "sglang", "vllm-ascend"):
-            return False
-        from eplb.stats.io import FORMATS as TRACE_FORMATS
-
-        if from_ not in FORMATS:
-            if from_ not in TRACE_FORMATS:
-                raise InputError(f"from: unknown format {from_!r}; map formats: {', '.join(FORMATS)}; "
-                                 f"trace formats: {', '.join(TRACE_FORMATS)}")
-            return True
-    if path.is_dir() or path.suffix.lower() in TRACE_ONLY_SUFFIXES:
-        return True
-    try:
-        fmt, obj = _parse(path, read_bytes(path))
-    except UnknownMapFormat:
-        if from_ in FORMATS:
-            raise
-        return True  # parses, but is no map: let the trace readers say what it is
-    return fmt == "sglang" and isinstance(obj, dict) and "logical_count" in obj and from_ != "sglang"
-
-
-def _holds_logical_count(path: Path) -> bool:
-    from eplb.formats import _parse
-    from eplb.formats._common import read_bytes
-
-    if path.is_dir() or path.suffix.lower() in TRACE_ONLY_SUFFIXES:
-        return False
-    try:
-        fmt, obj = _parse(path, read_bytes(path))
-    except ValueError:
-        return False
-    return fmt == "sglang" and isinstance(obj, dict) and "logical_count" in obj
-
-
-def _is_trace_output(output: Path, to: str | None) -> bool:
-    """Whether ``eplb convert`` writes a trace: ``--to`` names a trace-only format, or OUT is a directory,
-    has no suffix or a trace-only suffix (``.safetensors .npy .npz .csv``). Otherwise OUT is a map."""
-    from eplb.formats import FORMATS
-    from eplb.stats.io import FORMATS as TRACE_FORMATS
-
-    if to is not None:
-        return to in TRACE_FORMATS and to not in FORMATS
-    return output.is_dir() or output.suffix == "" or output.suffix.lower() in TRACE_ONLY_SUFFIXES
-
-
 def convert_cmd(
     input: Annotated[Path, typer.Argument(metavar="IN", help="Map (or trace) to read.")],
     output: Annotated[Path, typer.Argument(metavar="OUT", help="File to write.")],
@@ -354,9 +294,9 @@ def convert_cmd(
     if not builtin and not input.exists():
         raise InputError(f"{input}: no such file or directory")
     check_output(output, force)
-    trace_in = builtin or expert_map is not None or _is_trace_input(input, from_)
-    if trace_in and not builtin and expert_map is None and not _is_trace_output(output, to) \
-            and _holds_logical_count(input):
+    trace_in = builtin or expert_map is not None or is_trace_input(input, from_)
+    if trace_in and not builtin and expert_map is None and not is_trace_output(output, to) \
+            and sglang_loads_file(input):
         # SGLang's logical_count file holds loads (as `eplb validate` says): never trace bytes under a map's name
         raise InputError(
             f"{input}: holds load counts (SGLang 'logical_count'), not a placement map, and {output} names a map; "
