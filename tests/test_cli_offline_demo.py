@@ -18,9 +18,9 @@ import numpy as np
 from typer.testing import CliRunner
 
 from eplb.cli import app
-from eplb.offline import DEMO_FILES
 from eplb.datasets import load_builtin
 from eplb.formats import detect_map_format, read_placement
+from eplb.offline import DEMO_FILES
 from eplb.stats.report import load_table
 
 GOLDEN = Path(__file__).parent / "golden" / "demo_summary.txt"

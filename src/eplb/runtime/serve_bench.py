@@ -121,8 +121,8 @@ def serve_bench(
         batch: tokens per rank per step.
     """
     from eplb.runtime.models import patch_model
-    from eplb.stats.hf import build_model
     from eplb.runtime.trace_router import TraceRouter
+    from eplb.stats.hf import build_model
 
     for name, v in (("steps", steps), ("batch", batch), ("ep_size", ep_size)):
         if not isinstance(v, int) or v <= 0:
