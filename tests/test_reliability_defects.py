@@ -156,6 +156,52 @@ def test_loads_overflowing_float32_still_give_valid_placements(policy: str) -> N
 
 
 # ----------------------------------------------------------------------------- eplb-incremental at scale
+def _dense_align(current: np.ndarray, new: np.ndarray, P: int, E: int) -> np.ndarray:
+    """The previous O(P^3) greedy + pairwise matching (reference)."""
+    from eplb.policies.keep import preserve_slots
+    from eplb.policies.packing import expert_pack_count
+
+    X, S = new.shape
+    spr = S // P
+    rows = np.arange(X)
+    ov = np.einsum("xeq,xep->xqp", np.minimum(expert_pack_count(new, E, P), 1).astype(float),
+                   np.minimum(expert_pack_count(current, E, P), 1).astype(float))
+    assign = np.full((X, P), -1)
+    uq, up = np.zeros((X, P), bool), np.zeros((X, P), bool)
+    for _ in range(P):
+        flat = np.argmax(np.where(uq[:, :, None] | up[:, None, :], -1.0, ov).reshape(X, -1), axis=1)
+        q, p = flat // P, flat % P
+        assign[rows, q] = p
+        uq[rows, q] = True
+        up[rows, p] = True
+    for _ in range(2 * P):
+        val = ov[rows[:, None], np.arange(P)[None, :], assign]
+        cross = ov[rows[:, None, None], np.arange(P)[None, :, None], assign[:, None, :]]
+        gain = cross + cross.transpose(0, 2, 1) - val[:, :, None] - val[:, None, :]
+        flat = np.argmax(gain.reshape(X, -1), axis=1)
+        sel = gain.reshape(X, -1)[rows, flat] > 0.5
+        if not sel.any():
+            break
+        r = rows[sel]
+        q1, q2 = flat[sel] // P, flat[sel] % P
+        p1, p2 = assign[r, q1].copy(), assign[r, q2].copy()
+        assign[r, q1], assign[r, q2] = p2, p1
+    out = np.empty_like(new.reshape(X, P, spr))
+    out[rows[:, None], assign] = new.reshape(X, P, spr)
+    return preserve_slots(out.reshape(X, S), current, P, E)
+
+
+def test_sparse_pack_matching_equals_the_dense_one() -> None:
+    from eplb.policies.packing import align_ranks
+
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        P, spr = int(rng.integers(1, 8)), int(rng.integers(1, 4))
+        E, X = int(rng.integers(1, P * spr + 1)), int(rng.integers(1, 3))
+        cur, new = rng.integers(0, E, (X, P * spr)), rng.integers(0, E, (X, P * spr))
+        assert np.array_equal(align_ranks(cur, new, P, E), _dense_align(cur, new, P, E))
+
+
 def test_incremental_plan_at_4096_ranks_is_fast() -> None:
     rng = np.random.default_rng(0)
     loads = rng.gamma(0.5, 100, (4, 2, 256))

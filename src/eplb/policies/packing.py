@@ -1,4 +1,4 @@
-"""Vectorised building blocks of eplb's own policies: replication, packing, local search.
+"""Vectorised building blocks of eplb's own policies: replication, packing, local search, alignment.
 
 Every function works on a batch of independent rows (``X`` rows: layers, or (layer, node) pairs)
 and loops in Python only over items (slots, replicas, swap iterations), never over rows.
@@ -14,8 +14,10 @@ from __future__ import annotations
 import numpy as np
 
 from eplb.errors import InputError
+from eplb.policies.align import align_ranks
 
 __all__ = [
+    "align_ranks",
     "count_step",
     "dedup_pass",
     "expert_pack_count",
