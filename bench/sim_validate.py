@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from eplb.sim import replay_static
     from eplb.sim.cost import default_cost_model, load_cost_model, reference_cost_model
-    from eplb.sim.engine import rank_loads
+    from eplb.sim.engine import strategy_rank_loads
 
     mpath = Path(a.measured)
     if not mpath.is_file():
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         sim = replay_static(counts[N], pl, cost=cm, strategy=r["strategy"])
         pairs = np.asarray(r["pairs"], dtype=np.float64).transpose(1, 2, 0)  # [steps, layers, R]
         from_meas = layer_time_ms(cm, pairs, pl.slots_per_rank, world)
-        pred_loads = rank_loads(counts[N], pl, r["strategy"])
+        pred_loads = strategy_rank_loads(counts[N], pl, r["strategy"])
         mi = np.where(pairs.mean(-1) > 0, pairs.max(-1) / np.maximum(pairs.mean(-1), 1e-12) - 1, 0).mean()
         load_err = float(np.abs(pred_loads.max(-1) - pairs.max(-1)).sum() / pairs.max(-1).sum())
         rows.append({"placement": r["placement"], "strategy": r["strategy"], "slots": int(r["slots"]), "batch": N,

@@ -8,10 +8,10 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "eplb"
 #: Layer of each area; a module may import only areas of its own layer or below (README "Layout").
-LAYER = {"errors": 0, "_atomic": 0, "_io": 0, "_safe_read": 0, "strategies": 0, "_checks": 0, "placement": 1, "metrics": 2, "policies": 2,
+LAYER = {"errors": 0, "_atomic": 0, "_io": 0, "_safe_read": 0, "strategies": 0, "_checks": 0, "_counts": 0, "placement": 1, "metrics": 2, "policies": 2,
          "dispatch": 3, "stats": 4, "formats": 4, "datasets": 4, "synthetic": 4, "online": 5, "runtime": 6,
          "sim": 6, "integrations": 7, "offline": 7, "_fuzz": 7, "cli": 8, "__main__": 9}
-TORCH_FREE = ("errors", "_atomic", "_io", "_safe_read", "strategies", "_checks", "placement", "metrics", "policies", "formats", "online")
+TORCH_FREE = ("errors", "_atomic", "_counts", "_io", "_safe_read", "strategies", "_checks", "placement", "metrics", "policies", "formats", "online")
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -100,6 +100,6 @@ def test_no_source_file_much_over_600_lines():
     big = {}
     for f in PKG.rglob("*.py"):
         name, n = str(f.relative_to(SRC)), len(f.read_text().splitlines())
-        if n > OVERSIZED.get(name, 620):
+        if n > OVERSIZED.get(name, 600):
             big[name] = n
     assert not big, big

@@ -18,9 +18,9 @@ import numpy as np
 from typer.testing import CliRunner
 
 from eplb.cli import app
-from eplb.cli.offline import DEMO_FILES
 from eplb.datasets import load_builtin
-from eplb.formats import detect_format, read_placement
+from eplb.formats import detect_map_format, read_placement
+from eplb.offline import DEMO_FILES
 from eplb.stats.report import load_table
 
 GOLDEN = Path(__file__).parent / "golden" / "demo_summary.txt"
@@ -38,7 +38,7 @@ def test_demo_end_to_end_against_golden(tmp_path: Path) -> None:
     # every format written, detected, and read back as the same placement
     native = read_placement(tmp_path / DEMO_FILES["native"])
     for fmt, name in DEMO_FILES.items():
-        assert detect_format(tmp_path / name) == fmt
+        assert detect_map_format(tmp_path / name) == fmt
         back = read_placement(tmp_path / name, num_experts=128, ep_size=16, layer_ids=native.layer_ids)
         assert np.array_equal(back.phy2log, native.phy2log), fmt
     assert native.num_slots == 144 and native.num_ranks == 16 and native.colocated_duplicates().sum() == 0

@@ -13,8 +13,9 @@ import eplb
 import eplb.dispatch  # noqa: F401  (registers the policy)
 from eplb import Placement
 from eplb.dispatch import split_rank_loads
-from eplb.dispatch.policy import coverage_counts, dispatch_aware_placement, pack_for_dispatch, replica_counts
+from eplb.dispatch.policy import coverage_counts, dispatch_aware_placement, pack_for_dispatch
 from eplb.metrics import imbalance_ratio
+from eplb.policies.packing import replica_counts
 
 
 def test_registered_and_returns_a_valid_placement() -> None:
@@ -26,7 +27,7 @@ def test_registered_and_returns_a_valid_placement() -> None:
     assert (p.logcnt >= 1).all()
 
 
-def test_replica_counts_follows_deepseek_rule_with_a_cap() -> None:
+def test_replica_counts_min_max_rule_with_a_cap() -> None:
     w = np.array([[100.0, 10.0, 1.0]])
     cnt = replica_counts(w, 7, max_replicas=3)
     assert cnt.tolist() == [[3, 3, 1]]  # 100/3 > 10/1, capped at 3; then expert 1

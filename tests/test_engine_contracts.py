@@ -343,7 +343,7 @@ def test_wrapped_sglang_buffer_warns_and_all_zero_is_an_error(tmp_path: Path) ->
 
 
 def test_all_zero_window_warns(tmp_path: Path) -> None:
-    from eplb.cli.offline import evaluate_placement
+    from eplb.offline import evaluate_placement
 
     c = zipf_counts(8, 2, 8, tokens_per_step=32, top_k=2, skew=1.0, seed=2)  # SYNTHETIC
     c[4:] = 0  # an idle held-out window

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eplb import Placement
-from eplb.formats import MapFormatError, detect_format, format_for_path, read_placement, write_placement
+from eplb.formats import MapFormatError, detect_map_format, format_for_path, read_placement, write_placement
 
 
 def _ascend(rows: list[list[list[int]]], **top: object) -> dict:
@@ -176,16 +176,16 @@ def test_detection_and_file_errors(tmp_path: Path) -> None:
     with pytest.raises(MapFormatError, match=r"bad\.json: invalid JSON"):
         read_placement(_write(tmp_path, "bad.json", '{"a": 1,, "b": 2}'))
     with pytest.raises(MapFormatError, match=r"unknown map format: keys \['foo'\]"):
-        detect_format(_write(tmp_path, "u.json", {"foo": 1}))
+        detect_map_format(_write(tmp_path, "u.json", {"foo": 1}))
     with pytest.raises(MapFormatError, match=r"a \.safetensors file is a load trace, not a placement map"):
-        detect_format(_write(tmp_path, "t.safetensors", "x"))
+        detect_map_format(_write(tmp_path, "t.safetensors", "x"))
     (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(MapFormatError, match=r"broken\.pt: not a readable torch \.pt file"):
         read_placement(tmp_path / "broken.pt")
     with pytest.raises(MapFormatError, match=r"unknown format 'foo'; expected one of trtllm, vllm-ascend"):
         read_placement(_write(tmp_path, "x.json", {"a": 1}), "foo")
     # no suffix: content decides (JSON, then YAML)
-    assert detect_format(_write(tmp_path, "noext", "num_slots: 2\ninitial_global_assignments:\n  0: [0, 1]\n")) == "trtllm"
+    assert detect_map_format(_write(tmp_path, "noext", "num_slots: 2\ninitial_global_assignments:\n  0: [0, 1]\n")) == "trtllm"
 
 
 def test_write_format_choice(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb import Placement
-from eplb.formats import FORMATS, detect_format, read_placement, write_placement
+from eplb.formats import FORMATS, detect_map_format, read_placement, write_placement
 from eplb.formats.sglang import encode as sglang_encode
 
 # every format with the file names it is written as
@@ -71,7 +71,7 @@ def test_round_trip_every_format(tmp_path_factory: pytest.TempPathFactory, pl: P
     for fmt, name in CASES:
         path = d / f"{fmt}-{name}"
         assert write_placement(pl, path, fmt) == fmt
-        assert detect_format(path) == fmt
+        assert detect_map_format(path) == fmt
         back = _read_back(path, fmt, pl)
         assert back == pl, fmt  # same phy2log, sizes, layer ids
         assert back.meta["source_format"] == fmt
@@ -212,7 +212,7 @@ def test_sglang_schema(tmp_path: Path, pl: Placement) -> None:
 def test_sglang_logical_count_is_planned_on_read(tmp_path: Path) -> None:
     counts = np.array([[[10, 1, 1, 1], [1, 1, 1, 10]], [[12, 1, 1, 1], [1, 2, 1, 9]]])  # [steps, layers, experts]
     torch.save({"logical_count": torch.tensor(counts), "rank": 0}, tmp_path / "dump.pt")
-    assert detect_format(tmp_path / "dump.pt") == "sglang"
+    assert detect_map_format(tmp_path / "dump.pt") == "sglang"
     with pytest.raises(ValueError, match="planning needs the EP size"):
         read_placement(tmp_path / "dump.pt")
     got = read_placement(tmp_path / "dump.pt", ep_size=2, num_slots=6, policy="deepseek")
@@ -238,7 +238,7 @@ def test_vllm_schema(tmp_path: Path, pl: Placement) -> None:
     assert d["num_logical_experts"] == 6 and d["ep_size"] == 3 and d["layer_ids"] == [1, 3]
     # a bare tensor (torch.save(eplb_state.physical_to_logical_map)) reads too
     torch.save(torch.tensor(pl.phy2log.tolist()), tmp_path / "bare.pt")
-    assert detect_format(tmp_path / "bare.pt") == "vllm"
+    assert detect_map_format(tmp_path / "bare.pt") == "vllm"
     assert np.array_equal(read_placement(tmp_path / "bare.pt", ep_size=3).phy2log, pl.phy2log)
 
 

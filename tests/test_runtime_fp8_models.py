@@ -45,8 +45,8 @@ def _set_dense_experts(model, per_layer):
 
 
 def _quantised_model_worker(rank, world):
-    model = build_model(NAME, seed=3)
-    ref_model = build_model(NAME, seed=3)
+    model = build_model(NAME, seed=3)[0]
+    ref_model = build_model(NAME, seed=3)[0]
     deq = {}
     for x in find_experts(ref_model):  # the model EPLB-off would serve: experts = dequant(quant(w))
         w13, w2 = x.weights()
@@ -144,9 +144,9 @@ def _read_truth(ckpt, fused):
 
 
 def _checkpoint_worker(rank, world, ckpt, fused):
-    model = build_model(NAME, seed=4)
+    model = build_model(NAME, seed=4)[0]
     truth = _read_truth(ckpt, fused)
-    ref_model = build_model(NAME, seed=4)
+    ref_model = build_model(NAME, seed=4)[0]
     _set_dense_experts(ref_model, {lid: (dequantize_blockwise(t["w13"], t["w13_scale_inv"], dtype=torch.float32),
                                          dequantize_blockwise(t["w2"], t["w2_scale_inv"], dtype=torch.float32))
                                    for lid, t in truth.items()})
@@ -172,7 +172,7 @@ def _checkpoint_worker(rank, world, ckpt, fused):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_fp8_checkpoint_loads_bit_exact_and_serves_2_ranks(tmp_path, fused):
-    model = build_model(NAME, seed=4)
+    model = build_model(NAME, seed=4)[0]
     _write_checkpoint(tmp_path, model, fused=fused, shards=1 if fused else 2)
     res = run_distributed(_checkpoint_worker, 2, str(tmp_path), fused, timeout_s=120)
     for r in res:
@@ -181,7 +181,7 @@ def test_fp8_checkpoint_loads_bit_exact_and_serves_2_ranks(tmp_path, fused):
 
 
 def test_fp8_checkpoint_errors_name_the_tensor(tmp_path):
-    model = build_model(NAME, seed=4)
+    model = build_model(NAME, seed=4)[0]
     _write_checkpoint(tmp_path, model, shards=1)
     with pytest.raises(ValueError, match=r"has no tensor 'model\.layers\.9\.mlp\.experts\.0\.gate_proj\.weight'"):
         load_fp8_experts(tmp_path, 9, [0])
@@ -208,8 +208,8 @@ def _empty(tmp_path):
 
 def test_transformers_fp8_experts_modules_are_served_as_fp8():
     fp8mod = pytest.importorskip("transformers.integrations.finegrained_fp8")
-    model = build_model(NAME, seed=6)
-    ref_model = build_model(NAME, seed=6)
+    model = build_model(NAME, seed=6)[0]
+    ref_model = build_model(NAME, seed=6)[0]
     deq = {}
     for x in find_experts(model):
         w13, w2 = x.weights()

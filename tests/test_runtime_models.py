@@ -33,7 +33,7 @@ def _placement_for(model, world: int, seed: int, extra_per_rank: int = 1) -> Pla
 def _logits_worker(rank: int, world: int, names: list[str]) -> dict[str, float]:
     out = {}
     for i, name in enumerate(names):
-        model = build_model(name, seed=i)
+        model = build_model(name, seed=i)[0]
         input_ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(rank))
         with torch.no_grad():
             ref = model(input_ids).logits
@@ -67,7 +67,7 @@ def test_patched_models_give_the_same_logits_2_ranks():
 
 def _mismatch_worker(rank: int, world: int, tmp: str) -> list[str]:
     msgs = []
-    model = build_model("tiny-mixtral")
+    model = build_model("tiny-mixtral")[0]
 
     def expect(fn):
         with pytest.raises(PlacementError) as info:
@@ -128,7 +128,7 @@ def test_load_placement_trtllm_yaml(tmp_path):
 
 
 def test_patch_model_from_trtllm_yaml_single_rank(tmp_path):
-    model = build_model("tiny-deepseek-v3")  # MoE layers 1 and 2 (first_k_dense_replace=1)
+    model = build_model("tiny-deepseek-v3")[0]  # MoE layers 1 and 2 (first_k_dense_replace=1)
     ex = find_experts(model)
     assert [x.layer_id for x in ex] == [1, 2]
     yml = tmp_path / "lb.yaml"
@@ -145,7 +145,7 @@ def test_patch_model_from_trtllm_yaml_single_rank(tmp_path):
 
 
 def test_find_experts_layouts_and_positional_placement():
-    model = build_model("tiny-qwen3-moe")
+    model = build_model("tiny-qwen3-moe")[0]
     ex = find_experts(model)
     w13, w2 = ex[0].weights()
     assert w13.shape == (8, 32, 32) and w2.shape == (8, 32, 16)
@@ -155,7 +155,7 @@ def test_find_experts_layouts_and_positional_placement():
     assert layers[0].placement_row.tolist() == list(range(7, -1, -1))
     with pytest.raises(ValueError, match="already an ExpertParallelMoE"):
         patch_model(model, pl)
-    with pytest.raises(ValueError, match="neither a built-in config"):
+    with pytest.raises(ValueError, match="neither a preset"):
         build_model("no-such-model")
 
 

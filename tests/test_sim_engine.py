@@ -10,8 +10,7 @@ from eplb import Placement
 from eplb.metrics import imbalance_ratio, rank_loads
 from eplb.sim import SimInput, replay_static, simulate
 from eplb.sim.cost import CostModel
-from eplb.sim.engine import as_sim_input
-from eplb.sim.engine import rank_loads as sim_rank_loads
+from eplb.sim.engine import as_sim_input, strategy_rank_loads
 from eplb.stats.trace import Trace
 
 
@@ -59,7 +58,7 @@ def test_static_imbalance_equals_metrics_and_load_report(T, L, er, extra_per_ran
     pl = eplb.plan(rng.random((L, E)) + 0.1, S, R, policy="deepseek")
     r = replay_static(counts, pl, chunk_steps=2)  # several chunks
     assert np.allclose(r.imbalance, imbalance_ratio(rank_loads(counts, pl)))
-    assert np.allclose(sim_rank_loads(counts, pl), rank_loads(counts, pl))
+    assert np.allclose(strategy_rank_loads(counts, pl), rank_loads(counts, pl))
     from eplb.stats.report import load_table
 
     tab = load_table(counts, R, placement=pl)
@@ -74,7 +73,7 @@ def test_strategies_use_dispatch_split_counts():
     counts = rng.integers(0, 40, size=(4, 2, 8))
     pl = eplb.plan(counts, 12, 4, policy="deepseek")
     for s in ("uniform", "round-robin", "local-first", "balanced"):
-        assert np.allclose(sim_rank_loads(counts, pl, s), split_rank_loads(counts, pl, s))
+        assert np.allclose(strategy_rank_loads(counts, pl, s), split_rank_loads(counts, pl, s))
     uni = replay_static(counts, pl, strategy="uniform")
     bal = replay_static(counts, pl, strategy="balanced")
     assert np.all(bal.imbalance <= uni.imbalance + 1e-9)  # balanced dispatch is never worse

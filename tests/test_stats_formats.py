@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 from eplb.placement import Placement
 from eplb.stats.importers import read_trtllm, write_trtllm
-from eplb.stats.io import FORMATS, detect_format, read_trace, write_trace
+from eplb.stats.io import FORMATS, detect_trace_format, read_trace, write_trace
 from eplb.stats.store import TraceWriter, iter_chunks, merge, read_dir, scan_dir
 from eplb.stats.trace import Trace, TraceError
 
@@ -290,10 +290,10 @@ def test_nothing_half_written(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["o.safetensors"]
 
 
-def test_detect_format(tmp_path: Path) -> None:
-    assert detect_format(tmp_path / "new", for_write=True) == "eplb-dir"
-    assert detect_format(tmp_path / "a.pt", for_write=True) == "sglang"
+def test_detect_trace_format(tmp_path: Path) -> None:
+    assert detect_trace_format(tmp_path / "new", for_write=True) == "eplb-dir"
+    assert detect_trace_format(tmp_path / "a.pt", for_write=True) == "sglang"
     (tmp_path / "d").mkdir()
     save_file({"0_0": np.zeros(2)}, str(tmp_path / "d" / "rank0.safetensors"))
     with pytest.raises(TraceError, match="meta_info.json is missing"):
-        detect_format(tmp_path / "d")
+        detect_trace_format(tmp_path / "d")

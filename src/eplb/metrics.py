@@ -37,6 +37,7 @@ __all__ = [
     "served_slots",
     "slot_loads",
     "slot_share",
+    "uniform_rank_loads",
     "uniform_slot_loads",
     "step_imbalance",
 ]
@@ -94,10 +95,25 @@ def slot_loads(counts: ArrayLike, placement: Placement) -> np.ndarray:
     return uniform_slot_loads(c, placement)
 
 
-def rank_loads(counts: ArrayLike, placement: Placement) -> np.ndarray:
-    """``[..., L, R]`` load of each rank under uniform splitting over replicas."""
-    s = slot_loads(counts, placement)
+def uniform_rank_loads(c: np.ndarray, placement: Placement,
+                       share: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """``[..., L, R]`` rank loads of already validated counts (:func:`uniform_slot_loads` summed per rank)."""
+    s = uniform_slot_loads(c, placement, share)
     return s.reshape(s.shape[:-1] + (placement.num_ranks, placement.slots_per_rank)).sum(-1)
+
+
+def rank_loads(counts: ArrayLike, placement: Placement, *, share: tuple[np.ndarray, np.ndarray] | None = None
+               ) -> np.ndarray:
+    """``[..., L, R]`` load of each rank under uniform splitting over served replicas (:func:`served_slots`).
+
+    One gather of each slot's expert count (``O(S)`` per step and layer; a product with an ``[L, E, R]``
+    share matrix costs ``O(E R)``); ``share`` (:func:`slot_share` of ``placement``) may be passed to reuse it
+    over many calls. Equals :func:`slot_loads` summed over each rank's slots.
+    """
+    c = check_load(counts, "counts", ndim=(2, 3, 4), num_experts=placement.num_experts)
+    if c.shape[-2] != placement.num_layers:
+        raise InputError(f"counts: {c.shape[-2]} layers, but the placement has {placement.num_layers}")
+    return uniform_rank_loads(c, placement, share)
 
 
 def imbalance_ratio(loads: ArrayLike, axis: int = -1) -> np.ndarray:

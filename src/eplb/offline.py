@@ -3,9 +3,12 @@
 What the ``eplb plan`` / ``evaluate`` / ``demo`` commands do, callable without the CLI (the benchmarks
 import it): :func:`load_trace` (``builtin:NAME`` or any trace format), :func:`plan_placement` (a policy
 run whose ``meta`` records the trace digest, policy, parameters, in-sample imbalance, lower bound and
-gap), :func:`evaluate_placement` (before/after tables, balanced dispatch, bound and gap) and
-:func:`demo` (the whole flow on a shipped real trace). The CLI (:mod:`eplb.cli.offline`) only parses
-options, renders tables and calls these.
+gap), :func:`evaluate_placement` (before/after tables, balanced dispatch, bound and gap),
+:func:`read_placement_for_trace` (a map checked against a trace), :func:`is_trace_input` /
+:func:`is_trace_output` / :func:`sglang_loads_file` (map or trace, for ``eplb convert`` / ``validate``),
+:func:`replication_rows` (per-step replication of evaluated placements) and :func:`demo` (the whole flow
+on a shipped real trace). The CLI (:mod:`eplb.cli.offline`) only parses options, renders tables and
+calls these.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUILTIN_PREFIX", "DEMO_FILES", "DEMO_TRACE", "DemoResult", "Evaluation", "demo", "evaluate_placement",
-    "golden_text", "load_trace", "parse_held_out", "plan_placement", "resolve_policy",
+    "TRACE_ONLY_SUFFIXES", "golden_text", "is_trace_input", "is_trace_output", "load_trace", "parse_held_out", "plan_placement", "read_placement_for_trace", "replication_rows",
+    "resolve_policy", "sglang_loads_file",
 ]
 
 DEMO_TRACE = "llama4_maverick_mmlu_decode"
@@ -197,6 +201,136 @@ def evaluate_placement(
         ev.extra.update(ranks_per_token=round(fan["mean_ranks"], 4), nodes_per_token=round(fan["mean_nodes"], 4),
                         fanout_method=fan["method"])
     return ev
+
+def read_placement_for_trace(path: Path, fmt: str | None, tr: Trace, trace_spec: str, **kw: Any) -> Placement:
+    """Read the map at ``path`` aligned to ``tr`` (its experts and layers, :func:`eplb.stats.report.align_placement`).
+
+    A map that does not fit raises :class:`~eplb.errors.InputError` naming ``trace_spec``; a bad file
+    raises its own problem. ``kw`` goes to :func:`eplb.formats.read_placement`.
+    """
+    from eplb.formats import FORMATS, MapFormatError, detect_map_format, read_placement
+    from eplb.stats.report import align_placement
+
+    if FORMATS[fmt or detect_map_format(path)].layer_axis == "moe" and "layer_ids" not in kw:
+        # rows numbered by MoE layer: label them with the trace's model layer ids, so that every
+        # message (an out-of-range expert id, a missing expert) names the model layer
+        try:
+            read_placement(path, fmt, **kw, layer_ids=tr.layer_ids)
+            kw["layer_ids"] = tr.layer_ids
+        except MapFormatError as exc:
+            if "layer ids given" not in str(exc) and "no row for layer" not in str(exc):
+                kw["layer_ids"] = tr.layer_ids
+    try:
+        pl = read_placement(path, fmt, num_experts=tr.num_experts, **kw)
+    except MapFormatError as exc:
+        alone = read_placement(path, fmt, **kw)  # raises the file's own problem, if it has one
+        msg = str(exc).removeprefix(f"{path}: ")
+        raise InputError(f"{path}: does not fit trace {trace_spec} ({tr.num_experts} experts, {alone.num_experts} in the "
+                         f"map): {msg}") from None
+    try:
+        return align_placement(pl, tr.layer_ids, tr.num_experts).with_meta(**pl.meta)
+    except ValueError as exc:
+        raise InputError(f"{path}: does not fit trace {trace_spec}: {exc}") from None
+
+
+def replication_rows(trace: Trace, runs: Sequence[tuple[Evaluation, Placement]], dynamic_slots: Sequence[int],
+                     budget: float | None) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+    """Per-step replication (:func:`eplb.dispatch.replication.replicated_rank_loads`) of every evaluated
+    placement on ``trace``: ``(title, [(label, row), ...])``, one row per (placement, D dynamic slots per
+    rank). Each evaluation's ``extra["replication"]`` gets its rows (they go to its JSON). Copies are
+    capped per rank by ``budget`` ms per layer (:func:`eplb.sim.replication.replication_caps`) with the
+    cost model of the trace's model (as ``eplb simulate``)."""
+    from eplb.dispatch.replication import replicated_rank_loads
+    from eplb.metrics import imbalance_ratio
+    from eplb.sim.cost import default_cost_model, expert_shape
+    from eplb.sim.replication import copy_ms, replication_caps
+    from eplb.stats.report import align_placement
+
+    cm = default_cost_model()
+    shape, _ = expert_shape(trace.model, trace.meta)
+    if shape:
+        cm = cm.with_(**shape)
+    one = copy_ms(cm)
+    title = (f"Per-step replication (copy = {one:.3f} ms per {cm.hidden_size} x {cm.moe_intermediate_size} "
+             f"x {cm.dtype_bytes}-byte expert, {cm.device}; budget "
+             f"{'none' if budget is None else f'{budget:.3f} ms per layer'})")
+    out: list[tuple[str, dict[str, Any]]] = []
+    for ev, placement in runs:
+        pl = align_placement(placement, trace.layer_ids, trace.num_experts)
+        rows = []
+        for d in dynamic_slots:
+            recv, send = replication_caps(cm, d, pl.num_ranks, budget)
+            loads, plan = replicated_rank_loads(trace.counts, pl, d, start="uniform", max_recv=recv, max_send=send)
+            used = (plan.dyn_expert >= 0).sum(-1)
+            sent = (plan.dyn_source[..., None] == np.arange(pl.num_ranks)).sum((-3, -2)) if d else used
+            cms = float((np.maximum(used, sent).max(-1) * one).max()) if d else 0.0
+            rows.append({"dynamic_slots": d, "max_recv": recv, "max_send": send, "transfer_budget_ms": budget,
+                         "imbalance": float(imbalance_ratio(loads).mean()), "max_load": float(loads.max(-1).mean()),
+                         "copies_per_layer": float(plan.copies.mean()), "copy_ms_per_layer_max": cms})
+        ev.extra["replication"] = rows
+        out += [(ev.label, r) for r in rows]
+    return title, out
+
+
+# ----------------------------------------------------------------- map or trace (eplb convert / validate)
+#: suffixes only load traces use (never an engine map)
+TRACE_ONLY_SUFFIXES = (".safetensors", ".npy", ".npz", ".csv")
+
+
+def sglang_loads_file(path: Path, *, with_map: bool = True) -> bool:
+    """``path`` is SGLang's load form (a ``logical_count`` dump: loads, not a placement). ``with_map=False``:
+    not when it also holds a ``physical_to_logical_map``. Unreadable or trace-only files: False."""
+    from eplb.formats import _parse
+    from eplb.formats._common import read_bytes
+
+    if path.is_dir() or path.suffix.lower() in TRACE_ONLY_SUFFIXES:
+        return False
+    try:
+        fmt, obj = _parse(path, read_bytes(path))
+    except ValueError:
+        return False
+    return (fmt == "sglang" and isinstance(obj, dict) and "logical_count" in obj
+            and (with_map or "physical_to_logical_map" not in obj))
+
+
+def is_trace_input(path: Path, from_: str | None) -> bool:
+    """Whether ``eplb convert`` reads ``path`` as a load trace: ``from_`` names a trace-only format, or the
+    path is a directory / has a trace-only suffix / parses as no map / is an SGLang ``logical_count`` dump
+    (unless ``from_`` is ``sglang``). Map formats decide the rest (:func:`eplb.formats.detect_map_format`)."""
+    from eplb.formats import FORMATS, UnknownMapFormat, _parse
+    from eplb.formats._common import read_bytes
+
+    if from_ is not None:
+        if from_ in FORMATS and from_ not in ("trtllm", "sglang", "vllm-ascend"):
+            return False
+        from eplb.stats.io import FORMATS as TRACE_FORMATS
+
+        if from_ not in FORMATS:
+            if from_ not in TRACE_FORMATS:
+                raise InputError(f"from: unknown format {from_!r}; map formats: {', '.join(FORMATS)}; "
+                                 f"trace formats: {', '.join(TRACE_FORMATS)}")
+            return True
+    if path.is_dir() or path.suffix.lower() in TRACE_ONLY_SUFFIXES:
+        return True
+    try:
+        fmt, obj = _parse(path, read_bytes(path))
+    except UnknownMapFormat:
+        if from_ in FORMATS:
+            raise
+        return True  # parses, but is no map: let the trace readers say what it is
+    return fmt == "sglang" and isinstance(obj, dict) and "logical_count" in obj and from_ != "sglang"
+
+
+def is_trace_output(output: Path, to: str | None) -> bool:
+    """Whether ``eplb convert`` writes a trace: ``to`` names a trace-only format, or ``output`` is a directory,
+    has no suffix or a trace-only suffix (``.safetensors .npy .npz .csv``). Otherwise it is a map."""
+    from eplb.formats import FORMATS
+    from eplb.stats.io import FORMATS as TRACE_FORMATS
+
+    if to is not None:
+        return to in TRACE_FORMATS and to not in FORMATS
+    return output.is_dir() or output.suffix == "" or output.suffix.lower() in TRACE_ONLY_SUFFIXES
+
 
 def auto_dispatch(counts: np.ndarray, placement: Placement, balanced_loads: np.ndarray) -> dict[str, Any]:
     """``strategy="auto"``'s per-layer choice on these counts with the default (measured) cost model."""

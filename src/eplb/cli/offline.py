@@ -21,7 +21,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -29,39 +29,26 @@ import typer
 from eplb._io import atomic_write
 from eplb.cli._args import check_output
 from eplb.errors import InputError
-from eplb.offline import (  # noqa: F401 (the library half; names kept importable from here)
+from eplb.offline import (
     BUILTIN_PREFIX,
-    DEMO_FILES,
     DEMO_TRACE,
-    DemoResult,
     Evaluation,
-    check_read_back,
     demo,
     evaluate_placement,
-    fmt_range,
-    golden_text,
+    is_trace_input,
+    is_trace_output,
     load_trace,
     parse_held_out,
     plan_placement,
+    read_placement_for_trace,
+    replication_rows,
     resolve_policy,
+    sglang_loads_file,
 )
 from eplb.placement import Placement
 from eplb.stats.trace import Trace
 
-if TYPE_CHECKING:
-    pass
-
-__all__ = [
-    "DEMO_TRACE",
-    "Evaluation",
-    "demo",
-    "evaluate_placement",
-    "load_trace",
-    "parse_held_out",
-    "register",
-]
-
-TRACE_ONLY_SUFFIXES = (".safetensors", ".npy", ".npz", ".csv")
+__all__ = ["register"]
 
 
 # ============================================================================ helpers
@@ -229,33 +216,6 @@ def _serving_hint(fmt: str, output: Path, pl: Placement) -> None:
         print(serving_hint(str(output.resolve()), pl))
 
 
-def _read_for_trace(path: Path, fmt: str | None, tr: Trace, trace_spec: str, **kw: Any) -> Placement:
-    """Read a map that must fit ``tr`` (experts, layers); a misfit names the trace, a bad file its own problem."""
-    from eplb.formats import FORMATS, MapFormatError, detect_format, read_placement
-    from eplb.stats.report import align_placement
-
-    if FORMATS[fmt or detect_format(path)].layer_axis == "moe" and "layer_ids" not in kw:
-        # rows numbered by MoE layer: label them with the trace's model layer ids, so that every
-        # message (an out-of-range expert id, a missing expert) names the model layer
-        try:
-            read_placement(path, fmt, **kw, layer_ids=tr.layer_ids)
-            kw["layer_ids"] = tr.layer_ids
-        except MapFormatError as exc:
-            if "layer ids given" not in str(exc) and "no row for layer" not in str(exc):
-                kw["layer_ids"] = tr.layer_ids
-    try:
-        pl = read_placement(path, fmt, num_experts=tr.num_experts, **kw)
-    except MapFormatError as exc:
-        alone = read_placement(path, fmt, **kw)  # raises the file's own problem, if it has one
-        msg = str(exc).removeprefix(f"{path}: ")
-        raise InputError(f"{path}: does not fit trace {trace_spec} ({tr.num_experts} experts, {alone.num_experts} in the "
-                         f"map): {msg}") from None
-    try:
-        return align_placement(pl, tr.layer_ids, tr.num_experts).with_meta(**pl.meta)
-    except ValueError as exc:
-        raise InputError(f"{path}: does not fit trace {trace_spec}: {exc}") from None
-
-
 # ============================================================================ validate
 def _describe(pl: Placement) -> str:
     coloc = int(pl.colocated_duplicates().sum())
@@ -282,10 +242,10 @@ def validate_cmd(
     num_slots: Annotated[int | None, typer.Option("--num-slots", help="sglang logical_count files: slots to plan.")] = None,
 ) -> None:
     """Check a map of any format: every expert served in every layer, ids in range, equal slots per device."""
-    from eplb.formats import EPSizeMissing, detect_format, read_placement
+    from eplb.formats import EPSizeMissing, detect_map_format, read_placement
 
-    fmt = format or detect_format(map_file)
-    if fmt == "sglang" and _holds_loads(map_file):
+    fmt = format or detect_map_format(map_file)
+    if fmt == "sglang" and sglang_loads_file(map_file, with_map=False):
         raise InputError(
             f"{map_file}: holds load counts (SGLang 'logical_count': an expert-distribution dump / trace), not a "
             f"placement map. SGLang plans a map from it at start-up (--init-expert-location); to see and check "
@@ -303,73 +263,12 @@ def validate_cmd(
         note = " (the file does not record the EP size: pass --ep-size to check the slots per rank)"
     if trace is not None:
         tr = load_trace(trace)
-        _read_for_trace(map_file, fmt, tr, trace, ep_size=pl.num_ranks, num_nodes=num_nodes, num_slots=num_slots)
+        read_placement_for_trace(map_file, fmt, tr, trace, ep_size=pl.num_ranks, num_nodes=num_nodes, num_slots=num_slots)
         note += f"; fits trace {trace} ({tr.num_layers} layers, {tr.num_experts} experts)"
     print(f"OK {map_file} ({fmt}): {desc}{note}")
 
 
-def _holds_loads(path: Path) -> bool:
-    """The file is SGLang's load form (``logical_count``), not a ``physical_to_logical_map``."""
-    from eplb.formats import _parse
-    from eplb.formats._common import read_bytes
-
-    _, obj = _parse(path, read_bytes(path))
-    return isinstance(obj, dict) and "logical_count" in obj and "physical_to_logical_map" not in obj
-
-
 # ============================================================================ convert
-_MAP_ONLY = ("vllm", "native")
-
-
-def _is_trace_input(path: Path, from_: str | None) -> bool:
-    from eplb.formats import FORMATS, UnknownMapFormat, _parse
-    from eplb.formats._common import read_bytes
-
-    if from_ is not None:
-        if from_ in FORMATS and from_ not in ("trtllm", "sglang", "vllm-ascend"):
-            return False
-        from eplb.stats.io import FORMATS as TRACE_FORMATS
-
-        if from_ not in FORMATS:
-            if from_ not in TRACE_FORMATS:
-                raise InputError(f"from: unknown format {from_!r}; map formats: {', '.join(FORMATS)}; "
-                                 f"trace formats: {', '.join(TRACE_FORMATS)}")
-            return True
-    if path.is_dir() or path.suffix.lower() in TRACE_ONLY_SUFFIXES:
-        return True
-    try:
-        fmt, obj = _parse(path, read_bytes(path))
-    except UnknownMapFormat:
-        if from_ in FORMATS:
-            raise
-        return True  # parses, but is no map: let the trace readers say what it is
-    return fmt == "sglang" and isinstance(obj, dict) and "logical_count" in obj and from_ != "sglang"
-
-
-def _holds_logical_count(path: Path) -> bool:
-    from eplb.formats import _parse
-    from eplb.formats._common import read_bytes
-
-    if path.is_dir() or path.suffix.lower() in TRACE_ONLY_SUFFIXES:
-        return False
-    try:
-        fmt, obj = _parse(path, read_bytes(path))
-    except ValueError:
-        return False
-    return fmt == "sglang" and isinstance(obj, dict) and "logical_count" in obj
-
-
-def _is_trace_output(output: Path, to: str | None) -> bool:
-    """Whether ``eplb convert`` writes a trace: ``--to`` names a trace-only format, or OUT is a directory,
-    has no suffix or a trace-only suffix (``.safetensors .npy .npz .csv``). Otherwise OUT is a map."""
-    from eplb.formats import FORMATS
-    from eplb.stats.io import FORMATS as TRACE_FORMATS
-
-    if to is not None:
-        return to in TRACE_FORMATS and to not in FORMATS
-    return output.is_dir() or output.suffix == "" or output.suffix.lower() in TRACE_ONLY_SUFFIXES
-
-
 def convert_cmd(
     input: Annotated[Path, typer.Argument(metavar="IN", help="Map (or trace) to read.")],
     output: Annotated[Path, typer.Argument(metavar="OUT", help="File to write.")],
@@ -395,9 +294,9 @@ def convert_cmd(
     if not builtin and not input.exists():
         raise InputError(f"{input}: no such file or directory")
     check_output(output, force)
-    trace_in = builtin or expert_map is not None or _is_trace_input(input, from_)
-    if trace_in and not builtin and expert_map is None and not _is_trace_output(output, to) \
-            and _holds_logical_count(input):
+    trace_in = builtin or expert_map is not None or is_trace_input(input, from_)
+    if trace_in and not builtin and expert_map is None and not is_trace_output(output, to) \
+            and sglang_loads_file(input):
         # SGLang's logical_count file holds loads (as `eplb validate` says): never trace bytes under a map's name
         raise InputError(
             f"{input}: holds load counts (SGLang 'logical_count'), not a placement map, and {output} names a map; "
@@ -472,7 +371,7 @@ def evaluate_cmd(
     tr_all = load_trace(trace)
     pl = None
     if placement is not None:
-        pl = _read_for_trace(placement, format, tr_all, trace, ep_size=ep_size)
+        pl = read_placement_for_trace(placement, format, tr_all, trace, ep_size=ep_size)
     ep = pl.num_ranks if pl is not None else (ep_size or tr_all.ep_size)
     if not ep:
         raise InputError("ep-size: pass --ep-size (no placement given and the trace does not record one)")
@@ -544,43 +443,17 @@ def _parse_dynamic_slots(spec: str | None, budget: float | None) -> list[int]:
 
 def _replication_table(trace: Trace, runs: Sequence[tuple[Evaluation, Placement]], ds: Sequence[int],
                        budget: float | None) -> Any:
-    """Per-step replication (:func:`eplb.dispatch.replication.replicated_rank_loads`) of every evaluated
-    placement, one row per (placement, D); the numbers also go to each evaluation's JSON (``replication``)."""
+    """The rows of :func:`eplb.offline.replication_rows` as a table (they also go to each evaluation's JSON)."""
     from rich.table import Table
 
-    from eplb.dispatch.replication import replicated_rank_loads
-    from eplb.metrics import imbalance_ratio
-    from eplb.sim.cost import default_cost_model, expert_shape
-    from eplb.sim.replication import copy_ms, replication_caps
-    from eplb.stats.report import align_placement
-
-    cm = default_cost_model()
-    shape, _ = expert_shape(trace.model, trace.meta)  # the trace's model's expert size, as `eplb simulate`
-    if shape:
-        cm = cm.with_(**shape)
-    one = copy_ms(cm)
-    t = Table(title=f"Per-step replication (copy = {one:.3f} ms per {cm.hidden_size} x {cm.moe_intermediate_size} "
-                    f"x {cm.dtype_bytes}-byte expert, {cm.device}; budget "
-                    f"{'none' if budget is None else f'{budget:.3f} ms per layer'})")
+    title, rows = replication_rows(trace, runs, ds, budget)
+    t = Table(title=title)
     for col in ("placement", "D", "copies recv/send cap", "imbalance", "max rank load", "copies per layer",
                 "copy ms per layer (max)"):
         t.add_column(col, justify="right" if col != "placement" else "left")
-    for ev, placement in runs:
-        pl = align_placement(placement, trace.layer_ids, trace.num_experts)
-        rows = []
-        for d in ds:
-            recv, send = replication_caps(cm, d, pl.num_ranks, budget)
-            loads, plan = replicated_rank_loads(trace.counts, pl, d, start="uniform", max_recv=recv, max_send=send)
-            used = (plan.dyn_expert >= 0).sum(-1)
-            sent = (plan.dyn_source[..., None] == np.arange(pl.num_ranks)).sum((-3, -2)) if d else used
-            cms = float((np.maximum(used, sent).max(-1) * one).max()) if d else 0.0
-            row = {"dynamic_slots": d, "max_recv": recv, "max_send": send, "transfer_budget_ms": budget,
-                   "imbalance": float(imbalance_ratio(loads).mean()), "max_load": float(loads.max(-1).mean()),
-                   "copies_per_layer": float(plan.copies.mean()), "copy_ms_per_layer_max": cms}
-            rows.append(row)
-            t.add_row(ev.label, str(d), f"{recv}/{send}", f"{row['imbalance']:.4f}", f"{row['max_load']:.2f}",
-                      f"{row['copies_per_layer']:.1f}", f"{cms:.3f}")
-        ev.extra["replication"] = rows
+    for label, row in rows:
+        t.add_row(label, str(row["dynamic_slots"]), f"{row['max_recv']}/{row['max_send']}", f"{row['imbalance']:.4f}",
+                  f"{row['max_load']:.2f}", f"{row['copies_per_layer']:.1f}", f"{row['copy_ms_per_layer_max']:.3f}")
     return t
 
 

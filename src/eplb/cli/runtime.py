@@ -41,7 +41,7 @@ def _load_trace(spec: str | None, model: str, overrides: dict[str, Any], batch: 
         kind = spec.split(":", 1)[1]
         if kind != "zipf":
             raise InputError(f"--trace: unknown synthetic trace {spec!r}; expected synthetic:zipf")
-        from eplb.runtime.models import load_config
+        from eplb.stats.hf import load_config
         from eplb.stats.trace import Trace
         from eplb.synthetic import zipf_counts
 

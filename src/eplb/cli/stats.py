@@ -253,13 +253,13 @@ def record(
     recording path and shapes, not a real model's routing.
     """
     from eplb.stats.hf import build_model, read_prompts, record_model
-    from eplb.stats.io import detect_format, write_trace
+    from eplb.stats.io import detect_trace_format, write_trace
     from eplb.stats.recorder import DEFAULT_PATH, ENV_PATH, ENV_RANGE
 
     out = output or Path(os.environ.get(ENV_PATH) or DEFAULT_PATH)
     rng = iter_range if iter_range is not None else (os.environ.get(ENV_RANGE) or None)
     check_output(out, force)
-    out_fmt = fmt or detect_format(out, for_write=True)
+    out_fmt = fmt or detect_trace_format(out, for_write=True)
     prompts = read_prompts(dataset, limit)
     m, tok, desc = build_model(model, shrink=shrink, seed=seed, random_weights=random_weights)
     m = m.to(device)

@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from eplb.dispatch.kernel import (HAVE_TRITON, balanced_send_matrix_triton, fused_token_slots, plan_quotas_triton,
-                                  rank_share_cum_triton)
+from eplb.dispatch.kernel import (
+    HAVE_TRITON,
+    balanced_send_matrix_triton,
+    fused_token_slots,
+    plan_quotas_triton,
+    rank_share_cum_triton,
+)
 from eplb.dispatch.solver import balanced_quotas, slot_quotas
 from eplb.dispatch.table import DispatchTable
 from eplb.errors import InputError

@@ -10,7 +10,7 @@ ranks. A placement for it should therefore
 3. pack the non-fluid experts so that each rank's per-step load, not only its mean, is balanced:
    experts that co-vary (hot in the same steps) go to different ranks.
 
-The policy builds candidates for every layer at once -- replica counts from DeepSeek's rule applied to
+The policy builds candidates for every layer at once -- replica counts by min-max apportionment (:func:`eplb.policies.packing.replica_counts`) of
 ``mean + alpha * std`` of the per-step loads for a few ``alpha`` (noisy experts earn replicas; optionally
 also :func:`coverage_counts`), replicas packed with (2) and a covariance-aware LPT for (3) -- plus
 DeepSeek's own placement, evaluates each
@@ -29,23 +29,16 @@ import numpy as np
 from eplb.placement import Placement
 from eplb.policies import register_policy
 from eplb.policies.deepseek import rebalance_experts, to_float32
+from eplb.policies.packing import replica_counts
 
-__all__ = ["coverage_counts", "dispatch_aware_placement", "pack_for_dispatch", "replica_counts", "window_balanced_max"]
+__all__ = ["coverage_counts", "dispatch_aware_placement", "pack_for_dispatch", "window_balanced_max"]
 
 
-def replica_counts(weight: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray:
-    """``[L, E]`` replica counts: each extra slot to the expert with the highest weight per replica
-    (DeepSeek's ``replicate``), at most ``max_replicas`` per expert. ``weight`` ``[L, E]``."""
-    L, E = weight.shape
-    cnt = np.ones((L, E), dtype=np.int64)
-    rows = np.arange(L)
-    for _ in range(num_slots - E):  # items: redundant slots
-        score = np.where(cnt < max_replicas, weight / cnt, -np.inf)
-        full = ~np.isfinite(score).any(1)  # every expert at max_replicas (more slots than E x R): co-locate
-        score[full] = weight[full] / cnt[full]
-        best = np.argmax(score, axis=1)
-        cnt[rows, best] += 1
-    return cnt
+def _capped_counts(weight: np.ndarray, num_slots: int, num_ranks: int) -> np.ndarray:
+    """:func:`eplb.policies.packing.replica_counts` with at most one replica per rank (``num_ranks``), or
+    ``ceil(S / E)`` where more slots than ``E x R`` need co-located replicas."""
+    E = weight.shape[1]
+    return replica_counts(weight, num_slots, max(num_ranks, -(-num_slots // E)))
 
 
 def coverage_counts(loads: np.ndarray, num_slots: int, num_ranks: int, headroom: float = 1.0) -> np.ndarray:
@@ -71,7 +64,7 @@ def coverage_counts(loads: np.ndarray, num_slots: int, num_ranks: int, headroom:
         best = np.argmax(score, axis=1)
         cnt[rows, best] += (left > 0).astype(np.int64)
     if over.any():
-        cnt[over] = replica_counts(loads.mean(0)[over] + 1e-12, num_slots, R)
+        cnt[over] = _capped_counts(loads.mean(0)[over] + 1e-12, num_slots, R)
     return cnt
 
 
@@ -173,7 +166,7 @@ def dispatch_aware_placement(
     for a in alphas:
         w = mean + a * std
         w = np.where(w > 0, w, 1e-9)
-        cnts[f"alpha={a:g}"] = replica_counts(w, num_slots, R)
+        cnts[f"alpha={a:g}"] = _capped_counts(w, num_slots, R)
     for h in coverage_headrooms:
         cnts[f"coverage={h:g}"] = coverage_counts(loads, num_slots, R, h)
     if cnts:  # all count vectors packed in one batch of rows (one Python loop over the S items)

@@ -50,7 +50,7 @@ __all__ = [
     "MapFormatError",
     "UnknownMapFormat",
     "default_policy",
-    "detect_format",
+    "detect_map_format",
     "group_limited",
     "format_for_path",
     "read_placement",
@@ -174,7 +174,7 @@ def _parse(path: Path, data: bytes) -> tuple[str, Any]:
     return _detect_obj(path, obj), obj
 
 
-def detect_format(path: PathLike) -> str:
+def detect_map_format(path: PathLike) -> str:
     """The map format of an existing file, from its suffix and content.
 
     Raises :class:`MapFormatError` for a missing, empty, truncated or unrecognised file.

@@ -2,8 +2,8 @@
 
 * :class:`ExpertParallelMoE` (``eplb.runtime.layer``): one MoE layer's experts spread over an EP
   group, with replica dispatch strategies, device-side load counters and ``commit`` for online moves;
-* :func:`patch_model` / :func:`build_model` (``eplb.runtime.models``): transformers MoE models served
-  with EP; :data:`TINY_CONFIGS`;
+* :func:`patch_model` (``eplb.runtime.models``): transformers MoE models served with EP; :func:`build_model`,
+  :func:`load_config` and :data:`TINY_CONFIGS` are the one model builder of ``eplb.stats.hf``;
 * :func:`load_placement` (``eplb.runtime.loading``): Placement / map file / TensorRT-LLM YAML;
 * :class:`TraceRouter` (``eplb.runtime.trace_router``): expert ids replayed from a recorded trace;
 * :func:`run_distributed` (``eplb.runtime.testing``): N local gloo processes with a timeout;
@@ -25,10 +25,10 @@ _LAZY = {
     "local_slice": "eplb.runtime.layer",
     "STRATEGIES": "eplb.runtime.layer",
     "patch_model": "eplb.runtime.models",
-    "build_model": "eplb.runtime.models",
+    "build_model": "eplb.stats.hf",
     "find_experts": "eplb.runtime.models",
-    "load_config": "eplb.runtime.models",
-    "TINY_CONFIGS": "eplb.runtime.models",
+    "load_config": "eplb.stats.hf",
+    "TINY_CONFIGS": "eplb.stats.hf",
     "load_placement": "eplb.runtime.loading",
     "TraceRouter": "eplb.runtime.trace_router",
     "AgreementError": "eplb.runtime.distributed",

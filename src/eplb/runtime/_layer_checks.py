@@ -119,6 +119,40 @@ def rank_slots(full: ExpertWeightSet, placement: Placement, layer_pos: int, rank
     return full.select(np.array(experts), device=device, dtypes=dts or None)
 
 
+def full_weights_slice(info: GroupInfo, w13_full: torch.Tensor, w2_full: torch.Tensor, placement: Placement,
+                       layer_pos: int, *, device: Any = None, dtype: torch.dtype | None = None,
+                       w13_scale_inv: torch.Tensor | None = None, w2_scale_inv: torch.Tensor | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """This rank's ``(w13, w2, scales)`` from all ``E`` experts' weights (the checks and slicing of
+    :meth:`ExpertParallelMoE.from_full_weights`); raises ``ValueError`` (InputError / PlacementError)."""
+    if not isinstance(placement, Placement):
+        raise InputError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
+    if not 0 <= int(layer_pos) < placement.num_layers:
+        raise InputError(f"layer_pos: {layer_pos} is outside the placement's {placement.num_layers} layers")
+    if w13_full.ndim != 3 or w2_full.ndim != 3:
+        raise InputError(f"w13_full/w2_full: expected [E, 2I, H] and [E, H, I], got {tuple(w13_full.shape)} "
+                         f"and {tuple(w2_full.shape)}")
+    if w13_full.shape[0] != placement.num_experts or w2_full.shape[0] != placement.num_experts:
+        raise PlacementError(f"placement has {placement.num_experts} experts but the weights hold "
+                             f"{w13_full.shape[0]}")
+    if placement.num_ranks != info.size:
+        raise PlacementError(f"placement is for ep_size={placement.num_ranks} ranks but the process group "
+                             f"has {info.size} ranks")
+    extra = {n: t for n, t in (("w13_scale_inv", w13_scale_inv), ("w2_scale_inv", w2_scale_inv))
+             if t is not None}
+    for n, t in extra.items():
+        if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] != placement.num_experts:
+            raise InputError(f"{n}: expected [E={placement.num_experts}, rows, cols] block scales, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    full = ExpertWeightSet({"w13": w13_full, "w2": w2_full, **extra})
+    dense = dtype if w13_full.dtype != FP8_DTYPE else None
+    local = rank_slots(full, placement, layer_pos, info.rank, device=device,
+                       dtypes={"w13": dense, "w2": dense} if dense is not None else None)
+    w13, w2 = local["w13"], local["w2"]
+    scales = {n: local[n] for n in extra}
+    return w13, w2, scales
+
+
 def local_slice(w13_full: torch.Tensor, w2_full: torch.Tensor, placement: Placement, layer_pos: int, rank: int,
                 *, device: Any = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w13 [spr, 2I, H], w2 [spr, H, I])`` copies of the experts in ``rank``'s slots of one layer."""

@@ -58,6 +58,7 @@ from eplb.runtime._layer_checks import (  # noqa: F401  (rank_slots, local_slice
     _validate_auto,
     _validate_capacity,
     check_inputs,
+    full_weights_slice,
     local_slice,
     raise_input_error,
     rank_slots,
@@ -575,31 +576,8 @@ class ExpertParallelMoE(nn.Module):
         w13 = w2 = None
         scales: dict[str, torch.Tensor] = {}
         try:
-            if not isinstance(placement, Placement):
-                raise InputError(f"placement: expected an eplb.Placement, got {type(placement).__name__}")
-            if not 0 <= int(layer_pos) < placement.num_layers:
-                raise InputError(f"layer_pos: {layer_pos} is outside the placement's {placement.num_layers} layers")
-            if w13_full.ndim != 3 or w2_full.ndim != 3:
-                raise InputError(f"w13_full/w2_full: expected [E, 2I, H] and [E, H, I], got {tuple(w13_full.shape)} "
-                                 f"and {tuple(w2_full.shape)}")
-            if w13_full.shape[0] != placement.num_experts or w2_full.shape[0] != placement.num_experts:
-                raise PlacementError(f"placement has {placement.num_experts} experts but the weights hold "
-                                     f"{w13_full.shape[0]}")
-            if placement.num_ranks != info.size:
-                raise PlacementError(f"placement is for ep_size={placement.num_ranks} ranks but the process group "
-                                     f"has {info.size} ranks")
-            extra = {n: t for n, t in (("w13_scale_inv", w13_scale_inv), ("w2_scale_inv", w2_scale_inv))
-                     if t is not None}
-            for n, t in extra.items():
-                if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] != placement.num_experts:
-                    raise InputError(f"{n}: expected [E={placement.num_experts}, rows, cols] block scales, got "
-                                     f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-            full = ExpertWeightSet({"w13": w13_full, "w2": w2_full, **extra})
-            dense = dtype if w13_full.dtype != FP8_DTYPE else None
-            local = rank_slots(full, placement, layer_pos, info.rank, device=device,
-                               dtypes={"w13": dense, "w2": dense} if dense is not None else None)
-            w13, w2 = local["w13"], local["w2"]
-            scales = {n: local[n] for n in extra}
+            w13, w2, scales = full_weights_slice(info, w13_full, w2_full, placement, layer_pos, device=device,
+                                                 dtype=dtype, w13_scale_inv=w13_scale_inv, w2_scale_inv=w2_scale_inv)
         except ValueError as exc:
             error = str(exc)
         if error is not None:
@@ -611,7 +589,6 @@ class ExpertParallelMoE(nn.Module):
             raise AssertionError("unreachable")  # agree raised
         assert w13 is not None and w2 is not None
         return cls(w13, w2, placement, layer_pos, group=group, **scales, **kwargs)
-
 
 
 

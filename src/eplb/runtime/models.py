@@ -11,8 +11,9 @@ transformers 5 keeps a MoE layer's routed experts as 3-D tensors in an ``*Expert
 
 :func:`patch_model` replaces each such module by an :class:`~eplb.runtime.ExpertParallelMoE`
 holding only this rank's slots of the placement (the router, shared experts and everything else
-stay as they are, replicated on every rank). :func:`build_model` makes a model from a config (random
-weights) or loads a local checkpoint; :data:`TINY_CONFIGS` are small configs of each architecture.
+stay as they are, replicated on every rank). Models are built by :func:`eplb.stats.hf.build_model` (the
+one builder, also ``eplb.runtime.build_model``: a config with random weights, or a local checkpoint);
+:data:`eplb.stats.hf.TINY_CONFIGS` are small configs of each architecture.
 
 FP8 experts (DeepSeek-V3 layout: ``float8_e4m3fn`` weights + float32 ``weight_scale_inv`` per 128x128
 block, :mod:`eplb.runtime.fp8`) come from three sources, all served by the same FP8 EP layer:
@@ -48,40 +49,7 @@ from eplb.runtime.fp8 import DEFAULT_BLOCK, FP8_DTYPE, quantize_blockwise
 from eplb.runtime.layer import ExpertParallelMoE, rank_slots
 from eplb.runtime.weights import ExpertWeightSet
 
-__all__ = ["TINY_CONFIGS", "ExpertsInfo", "build_model", "find_experts", "load_config", "load_fp8_experts",
-           "patch_model"]
-
-_SMALL = {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "max_position_embeddings": 64, "hidden_act": "silu"}
-
-#: tiny configs of every supported MoE architecture (8 experts, top-2), for tests and CPU runs
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny-mixtral": {"model_type": "mixtral", **_SMALL, "intermediate_size": 16, "num_local_experts": 8,
-                     "num_experts_per_tok": 2},
-    "tiny-qwen2-moe": {"model_type": "qwen2_moe", **_SMALL, "intermediate_size": 32, "moe_intermediate_size": 16,
-                       "shared_expert_intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": 2,
-                       "norm_topk_prob": True},
-    "tiny-qwen3-moe": {"model_type": "qwen3_moe", **_SMALL, "intermediate_size": 32, "moe_intermediate_size": 16,
-                       "head_dim": 8, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True},
-    "tiny-deepseek-v2": {"model_type": "deepseek_v2", **_SMALL, "num_hidden_layers": 3, "num_key_value_heads": 4,
-                         "intermediate_size": 32, "moe_intermediate_size": 16, "n_routed_experts": 8,
-                         "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
-                         "kv_lora_rank": 16, "q_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
-                         "v_head_dim": 8, "head_dim": 8, "topk_method": "greedy"},
-    "tiny-deepseek-v3": {"model_type": "deepseek_v3", **_SMALL, "num_hidden_layers": 3, "num_key_value_heads": 4,
-                         "intermediate_size": 32, "moe_intermediate_size": 16, "n_routed_experts": 8,
-                         "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
-                         "kv_lora_rank": 16, "q_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
-                         "v_head_dim": 8, "head_dim": 8, "n_group": 2, "topk_group": 1},
-    "tiny-olmoe": {"model_type": "olmoe", **_SMALL, "intermediate_size": 16, "num_experts": 8,
-                   "num_experts_per_tok": 2, "eos_token_id": 2, "pad_token_id": 1},
-}
-#: a shrunk DeepSeek-V3 with FP8 experts (128x128 blocks: hidden and expert intermediate size 128)
-TINY_CONFIGS["tiny-deepseek-v3-fp8"] = {
-    **TINY_CONFIGS["tiny-deepseek-v3"], "hidden_size": 128, "moe_intermediate_size": 128, "intermediate_size": 256,
-    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                            "weight_block_size": [128, 128]}}
-
+__all__ = ["ExpertsInfo", "find_experts", "load_fp8_experts", "patch_model"]
 
 class ExpertsInfo:
     """One ``*Experts`` module found in a model: its dotted ``name``, model ``layer_id`` and ``module``."""
@@ -364,54 +332,3 @@ def load_fp8_experts(checkpoint: str | os.PathLike[str], layer_id: int, experts:
     stacked = ExpertWeightSet({n: torch.stack([per[e][n] for e in uniq]) for n in per[uniq[0]]})
     pos = {e: i for i, e in enumerate(uniq)}
     return stacked.select([pos[int(e)] for e in experts], device=device)
-
-
-# ------------------------------------------------------------------------------- building models
-def load_config(spec: str | os.PathLike[str] | Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Any:
-    """A transformers config from a :data:`TINY_CONFIGS` name, a ``config.json`` path, a checkpoint
-    directory, or a dict with ``model_type``; ``overrides`` set attributes (e.g. ``num_hidden_layers``)."""
-    from transformers import AutoConfig
-
-    if isinstance(spec, Mapping):
-        d = dict(spec)
-    elif str(spec) in TINY_CONFIGS:
-        d = dict(TINY_CONFIGS[str(spec)])
-    else:
-        p = Path(spec)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.is_file():
-            raise InputError(f"model: {spec!r} is neither a built-in config ({', '.join(TINY_CONFIGS)}) nor a "
-                             f"config.json / checkpoint directory")
-        try:
-            d = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"model: cannot read {p}: {exc}") from None
-    if "model_type" not in d:
-        raise InputError(f"model: config {spec!r} has no 'model_type'")
-    d.update(overrides or {})
-    model_type = d.pop("model_type")
-    try:
-        return AutoConfig.for_model(model_type, **d)
-    except (ValueError, KeyError) as exc:
-        raise InputError(f"model: cannot build a config of type {model_type!r}: {exc}") from None
-
-
-def build_model(spec: str | os.PathLike[str] | Mapping[str, Any], *, checkpoint: str | os.PathLike[str] | None = None,
-                overrides: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32,
-                device: Any = "cpu", seed: int = 0) -> nn.Module:
-    """A causal-LM model: loaded from a local ``checkpoint`` directory (``from_pretrained``, local files
-    only), or built from the config ``spec`` with random weights (seeded). In eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM
-
-    if checkpoint is not None:
-        ck = Path(checkpoint)
-        if not ck.is_dir():
-            raise InputError(f"checkpoint: {ck} is not a directory")
-        cfg = load_config(ck if spec is None else spec, overrides)
-        model = AutoModelForCausalLM.from_pretrained(ck, config=cfg, dtype=dtype, local_files_only=True)
-    else:
-        cfg = load_config(spec, overrides)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    return model.to(device).eval()

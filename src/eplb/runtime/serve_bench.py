@@ -120,8 +120,9 @@ def serve_bench(
         trace: a :class:`~eplb.Trace` (or ``[T, L, E]`` counts) to route with; ``None``: the model's router.
         batch: tokens per rank per step.
     """
-    from eplb.runtime.models import build_model, patch_model
+    from eplb.runtime.models import patch_model
     from eplb.runtime.trace_router import TraceRouter
+    from eplb.stats.hf import build_model
 
     for name, v in (("steps", steps), ("batch", batch), ("ep_size", ep_size)):
         if not isinstance(v, int) or v <= 0:
@@ -139,7 +140,8 @@ def serve_bench(
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if tdtype is None:
         raise InputError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
-    net: Any = build_model(model, checkpoint=checkpoint, overrides=overrides, dtype=tdtype, device=dev, seed=seed)
+    net: Any = build_model(model, checkpoint=checkpoint, overrides=overrides, shrink=False, dtype=tdtype, device=dev,
+                           seed=seed)[0]
     from eplb.runtime.models import find_experts
 
     experts = find_experts(net)

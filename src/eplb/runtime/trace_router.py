@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, check_load, check_positive_int
+from eplb._counts import StepCounts
 from eplb.errors import InputError
 
 __all__ = ["TraceRouter", "scale_counts", "topk_from_counts"]
@@ -83,7 +84,7 @@ def topk_from_counts(counts: ArrayLike, num_tokens: int, top_k: int, rng: np.ran
     return mat
 
 
-class TraceRouter:
+class TraceRouter(StepCounts):
     """Per-step expert ids for the EP layers of one rank, drawn from a trace.
 
     Args:
@@ -116,18 +117,6 @@ class TraceRouter:
             raise InputError(f"layer_map: trace layers must lie in [0, {self.num_layers}), got {self.layer_map}")
         self.step = int(step_offset)
         self._device: Any = None
-
-    @property
-    def num_steps(self) -> int:
-        return int(self.counts.shape[0])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.counts.shape[1])
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.counts.shape[2])
 
     def trace_layer(self, layer_pos: int) -> int:
         """Trace layer replayed by MoE layer position ``layer_pos``."""

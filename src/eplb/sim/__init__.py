@@ -10,7 +10,7 @@ The online decisions come from :mod:`eplb.runtime.manager` (imported, not copied
 
 from eplb.sim.capacity import CapacityResult, capacity
 from eplb.sim.cost import CostModel, CostModelError, default_cost_model, load_cost_model, reference_cost_model
-from eplb.sim.engine import STRATEGIES, SimInput, SimResult, as_sim_input, rank_loads, replay_static
+from eplb.sim.engine import STRATEGIES, SimInput, SimResult, as_sim_input, replay_static, strategy_rank_loads
 from eplb.sim.online import parse_online_spec, replay_online
 from eplb.sim.report import SimReport
 from eplb.sim.simulate import simulate
@@ -28,9 +28,9 @@ __all__ = [
     "default_cost_model",
     "load_cost_model",
     "parse_online_spec",
-    "rank_loads",
     "reference_cost_model",
     "replay_online",
     "replay_static",
     "simulate",
+    "strategy_rank_loads",
 ]

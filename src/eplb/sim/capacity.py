@@ -21,10 +21,10 @@ import numpy as np
 from eplb._checks import ArrayLike, check_positive_int
 from eplb._io import atomic_write
 from eplb.errors import InputError
-from eplb.metrics import imbalance_ratio
+from eplb.metrics import imbalance_ratio, slot_share
 from eplb.placement import Placement
 from eplb.policies import DEFAULT_POLICY
-from eplb.sim.engine import SimInput, as_sim_input, expert_rank_share, rank_loads, step_chunk
+from eplb.sim.engine import SimInput, as_sim_input, step_chunk, strategy_rank_loads
 from eplb.stats.trace import Trace
 from eplb.strategies import check_strategy
 
@@ -84,10 +84,10 @@ def held_out_imbalance(counts: np.ndarray, placement: Placement, strategy: str =
     """``[T, L]`` per-step, per-layer imbalance ratio of ``counts`` under ``placement`` (chunked)."""
     T, L, E = counts.shape
     chunk = step_chunk(L, max(E, placement.num_slots))
-    share = expert_rank_share(placement) if strategy == "uniform" else None
+    share = slot_share(placement) if strategy == "uniform" else None
     out = np.empty((T, L))
     for a in range(0, T, chunk):
-        out[a:a + chunk] = imbalance_ratio(rank_loads(counts[a:a + chunk], placement, strategy, share))
+        out[a:a + chunk] = imbalance_ratio(strategy_rank_loads(counts[a:a + chunk], placement, strategy, share))
     return out
 
 

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, to_numpy
+from eplb._counts import StepCounts
 from eplb.errors import InputError
-from eplb.metrics import imbalance_ratio, slot_share, uniform_slot_loads
+from eplb.metrics import imbalance_ratio, slot_share, uniform_rank_loads
 from eplb.placement import Placement
 from eplb.sim.cost import CostModel
 from eplb.stats.trace import Trace
@@ -35,7 +36,7 @@ __all__ = [
     "SimInput",
     "SimResult",
     "as_sim_input",
-    "rank_loads",
+    "strategy_rank_loads",
     "replay_static",
     "step_chunk",
 ]
@@ -48,8 +49,12 @@ _CHUNK_BYTES = 48 * 2**20  # bound on one chunk's largest float64 array
 
 
 @dataclass(frozen=True)
-class SimInput:
+class SimInput(StepCounts):
     """Validated replay input.
+
+    Kept apart from :class:`~eplb.stats.trace.Trace`: the simulator also replays float counts (e.g.
+    expected loads, scaled or averaged traces), which a ``Trace`` (exact integer counts) refuses, and a
+    ``Trace``'s checks (exact integers, totals) would cost a full pass over every large array passed in.
 
     Attributes:
         counts: ``[T, L, E]`` integer (or float) token-expert pairs per step, layer, expert.
@@ -70,18 +75,6 @@ class SimInput:
     synthetic: bool = False
     model: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_steps(self) -> int:
-        return int(self.counts.shape[0])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.counts.shape[1])
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.counts.shape[2])
 
     def slice_steps(self, start: int, stop: int) -> SimInput:
         """Steps at positions ``[start, stop)``."""
@@ -203,28 +196,18 @@ class SimResult:
 
 
 # --------------------------------------------------------------------------- rank loads
-def expert_rank_share(placement: Placement) -> tuple[np.ndarray, np.ndarray]:
-    """The uniform split of ``placement`` for :func:`rank_loads` (:func:`eplb.metrics.slot_share`: experts' tokens
-    split evenly over their *served* replicas, so the loads equal :func:`eplb.metrics.rank_loads`)."""
-    return slot_share(placement)
-
-
-def rank_loads(counts: np.ndarray, placement: Placement, strategy: str = "uniform",
-               share: np.ndarray | None = None) -> np.ndarray:
-    """``[c, L, R]`` per-rank token-expert pairs of ``counts`` ``[c, L, E]`` under ``placement``.
-
-    ``uniform``: one gather of each slot's expert count (:func:`eplb.metrics.uniform_slot_loads`; ``share`` from
-    :func:`expert_rank_share`, pass it to reuse), summed per rank: ``O(S)`` per step and layer, no float copy of
-    ``counts``. Other strategies: :func:`eplb.dispatch.split_counts` slot loads summed per rank.
-    """
+def strategy_rank_loads(counts: np.ndarray, placement: Placement, strategy: str = "uniform",
+                        share: np.ndarray | None = None) -> np.ndarray:
+    """``[c, L, R]`` rank loads of ``counts`` ``[c, L, E]`` under a replica-choice ``strategy``: ``uniform`` is
+    :func:`eplb.metrics.rank_loads` without re-validating the replay's counts (``share``: its
+    :func:`~eplb.metrics.slot_share`, to reuse), any other :func:`eplb.dispatch.split_rank_loads` (the runtime's
+    dispatch code)."""
     if strategy == "uniform":
-        s = uniform_slot_loads(counts, placement, share)
-        return s.reshape(s.shape[:-1] + (placement.num_ranks, placement.slots_per_rank)).sum(-1)
+        return uniform_rank_loads(counts, placement, share)
     check_strategy(strategy)
-    from eplb.dispatch import split_counts
+    from eplb.dispatch import split_rank_loads
 
-    s = np.asarray(to_numpy(split_counts(counts, placement, strategy=strategy)), dtype=np.float64)
-    return s.reshape(s.shape[:-1] + (placement.num_ranks, placement.slots_per_rank)).sum(-1)
+    return np.asarray(to_numpy(split_rank_loads(counts, placement, strategy)), dtype=np.float64)
 
 
 def step_chunk(num_layers: int, width: int) -> int:
@@ -248,7 +231,7 @@ def evaluate_block(counts: np.ndarray, placement: Placement, cost: CostModel, st
                    share: np.ndarray | None = None) -> _Block:
     """Times and imbalance of the steps in ``counts`` ``[c, L, E]`` under a fixed placement."""
     R, N, spr = placement.num_ranks, placement.num_nodes, placement.slots_per_rank
-    loads = rank_loads(counts, placement, strategy, share)  # [c, L, R]
+    loads = strategy_rank_loads(counts, placement, strategy, share)  # [c, L, R]
     mx = loads.max(axis=-1)  # [c, L]
     ex = placement.meta.get("excluded_ranks") or ()
     keep = np.setdiff1d(np.arange(R), np.asarray(list(ex), dtype=np.int64)) if len(ex) else None
@@ -291,7 +274,7 @@ def replay_static(trace: Trace | ArrayLike | SimInput, placement: Placement, *, 
     cm = cost or default_cost_model()
     T, L = data.num_steps, data.num_layers
     chunk = int(chunk_steps) if chunk_steps else step_chunk(L, max(data.num_experts, placement.num_slots))
-    share = expert_rank_share(placement) if strategy == "uniform" else None
+    share = slot_share(placement) if strategy == "uniform" else None
     comp, comm, tok = np.empty(T), np.empty(T), np.empty(T)
     imb = np.empty((T, L))
     layer_sum = np.zeros(L)

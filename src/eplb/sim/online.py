@@ -32,6 +32,7 @@ import numpy as np
 
 from eplb._checks import ArrayLike
 from eplb.errors import InputError
+from eplb.metrics import slot_share
 from eplb.placement import Placement
 from eplb.sim.cost import CostModel
 from eplb.sim.engine import (
@@ -40,7 +41,6 @@ from eplb.sim.engine import (
     as_sim_input,
     check_fits,
     evaluate_block,
-    expert_rank_share,
     step_chunk,
 )
 from eplb.stats.trace import Trace
@@ -195,7 +195,7 @@ def replay_online(
     layer_sum = np.zeros(L)
     clock = np.zeros(T + 1)  # simulated seconds at each boundary
     ev_of_layer: dict[int, dict[str, Any]] = {}
-    share = expert_rank_share(initial) if strategy == "uniform" else None
+    share = slot_share(initial) if strategy == "uniform" else None
     cache: tuple[int, Any] | None = None  # (first step, block) under the current placement
     finished: Any = None  # a policy result computed at this boundary, announced with its statistics
 
@@ -245,7 +245,7 @@ def replay_online(
             for ev, ts in own.values():
                 ev["ms"] += _transfer_cost(ts, R, cm)[2]
         if changed:
-            share = expert_rank_share(pipe.placement) if strategy == "uniform" else None
+            share = slot_share(pipe.placement) if strategy == "uniform" else None
             cache = None
         # forward step b under the current placement
         if cache is None or not (cache[0] <= b < cache[0] + len(cache[1].compute_ms)):

@@ -1,7 +1,9 @@
 """Record a HF ``transformers`` MoE model over prompts (``eplb record``).
 
-* :func:`build_model`: a preset name (tiny random model of a family), a ``config.json`` file, or a
-  local model directory (its weights when present, else random weights from its config).
+* :func:`build_model` (the one model builder, also used by :mod:`eplb.runtime`): a preset name (tiny
+  random model of a family; :data:`PRESETS` for recording, :data:`TINY_CONFIGS` for the runtime), a
+  ``config.json`` file, or a local model directory (its weights when present, else random weights from
+  its config), or an explicit ``checkpoint``.
   Random-weight models are shrunk by default (hidden sizes, heads) keeping the number of layers,
   experts and top-k, so the trace has the real model's shape and runs on CPU.
 * :func:`read_prompts`: a text file (one prompt per line) or JSON/JSONL (strings, or objects with
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from eplb.errors import InputError
 from eplb.stats.recorder import ExpertRecorder, attach, detach
 from eplb.stats.trace import Trace
 
-__all__ = ["PRESETS", "build_model", "read_prompts", "record_model", "tokenize"]
+__all__ = ["PRESETS", "TINY_CONFIGS", "build_model", "load_config", "read_prompts", "record_model", "tokenize"]
 
 _COMMON = {"vocab_size": 512, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
            "max_position_embeddings": 4096}
@@ -54,6 +56,37 @@ PRESETS: dict[str, dict[str, Any]] = {
               "num_hidden_layers": 4, "num_experts": 16, "num_experts_per_tok": 4},
 }
 
+_SMALL = {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": 64, "hidden_act": "silu"}
+
+#: tiny configs of every supported MoE architecture (8 experts, top-2), for tests and CPU runs
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny-mixtral": {"model_type": "mixtral", **_SMALL, "intermediate_size": 16, "num_local_experts": 8,
+                     "num_experts_per_tok": 2},
+    "tiny-qwen2-moe": {"model_type": "qwen2_moe", **_SMALL, "intermediate_size": 32, "moe_intermediate_size": 16,
+                       "shared_expert_intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": 2,
+                       "norm_topk_prob": True},
+    "tiny-qwen3-moe": {"model_type": "qwen3_moe", **_SMALL, "intermediate_size": 32, "moe_intermediate_size": 16,
+                       "head_dim": 8, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True},
+    "tiny-deepseek-v2": {"model_type": "deepseek_v2", **_SMALL, "num_hidden_layers": 3, "num_key_value_heads": 4,
+                         "intermediate_size": 32, "moe_intermediate_size": 16, "n_routed_experts": 8,
+                         "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+                         "kv_lora_rank": 16, "q_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+                         "v_head_dim": 8, "head_dim": 8, "topk_method": "greedy"},
+    "tiny-deepseek-v3": {"model_type": "deepseek_v3", **_SMALL, "num_hidden_layers": 3, "num_key_value_heads": 4,
+                         "intermediate_size": 32, "moe_intermediate_size": 16, "n_routed_experts": 8,
+                         "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+                         "kv_lora_rank": 16, "q_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+                         "v_head_dim": 8, "head_dim": 8, "n_group": 2, "topk_group": 1},
+    "tiny-olmoe": {"model_type": "olmoe", **_SMALL, "intermediate_size": 16, "num_experts": 8,
+                   "num_experts_per_tok": 2, "eos_token_id": 2, "pad_token_id": 1},
+}
+#: a shrunk DeepSeek-V3 with FP8 experts (128x128 blocks: hidden and expert intermediate size 128)
+TINY_CONFIGS["tiny-deepseek-v3-fp8"] = {
+    **TINY_CONFIGS["tiny-deepseek-v3"], "hidden_size": 128, "moe_intermediate_size": 128, "intermediate_size": 256,
+    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                            "weight_block_size": [128, 128]}}
+
 # sizes shrunk for random-weight runs of a full config (layers, experts, top-k are kept)
 _SHRINK = {"hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "kv_lora_rank": 32, "q_lora_rank": 32,
@@ -76,70 +109,98 @@ def _shrink(cfg: Any) -> None:
             cfg.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
 
 
-def _config_from_dict(d: dict[str, Any], source: str) -> Any:
+def load_config(spec: str | os.PathLike[str] | Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Any:
+    """A transformers config from a :data:`PRESETS` / :data:`TINY_CONFIGS` name, a ``config.json`` file, a model
+    (checkpoint) directory, or a dict with ``model_type``; ``overrides`` set attributes (e.g. ``num_hidden_layers``)."""
     from transformers import AutoConfig
 
-    d = dict(d)
+    source = "model"
+    if isinstance(spec, Mapping):
+        d = dict(spec)
+    elif str(spec) in PRESETS or str(spec) in TINY_CONFIGS:
+        d = dict(PRESETS.get(str(spec)) or TINY_CONFIGS[str(spec)])
+    else:
+        p = Path(spec)
+        if p.is_dir():
+            if not (p / "config.json").is_file():
+                raise InputError(f"{p}: no config.json in the model directory")
+            p = p / "config.json"
+        if not p.is_file():
+            raise InputError(f"model: {str(spec)!r} is neither a preset ({', '.join(PRESETS)}), a built-in config "
+                             f"({', '.join(TINY_CONFIGS)}), a config file nor a model directory")
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{p}: not a JSON config ({exc})") from None
+        source = str(p)
+    d = {**d, **(overrides or {})}
     mt = d.pop("model_type", None)
     if not mt:
         raise InputError(f"{source}: config has no 'model_type'")
     try:
         return AutoConfig.for_model(mt, **d)
     except (KeyError, ValueError) as exc:
-        raise InputError(f"{source}: unknown model_type {mt!r} ({exc})") from None
+        raise InputError(f"{source}: cannot build a config of model_type {mt!r} ({exc})") from None
 
 
-def build_model(spec: str, *, shrink: bool | None = None, seed: int = 0, random_weights: bool = False,
-                overrides: dict[str, Any] | None = None) -> tuple[Any, Any, str]:
-    """``(model, tokenizer or None, description)`` for ``spec`` (preset, config file or model dir).
+def build_model(spec: str | os.PathLike[str] | Mapping[str, Any] | None, *,
+                checkpoint: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None,
+                shrink: bool | None = None, random_weights: bool = False, seed: int = 0,
+                dtype: torch.dtype | None = None, device: Any = None) -> tuple[Any, Any, str]:
+    """``(model, tokenizer or None, description)``, in eval mode, the one model builder (``eplb record``,
+    ``eplb serve-bench``, :mod:`eplb.runtime`).
 
-    ``shrink`` (default: True for random weights of a file/dir config) shrinks hidden sizes.
+    ``spec``: a :data:`PRESETS` / :data:`TINY_CONFIGS` name, a config dict, a ``config.json`` file or a
+    model directory (:func:`load_config`). Weights come from ``checkpoint`` (a local directory,
+    ``from_pretrained``, local files only), else from ``spec`` when it is a directory holding weights
+    (unless ``random_weights``), else random (seeded; SYNTHETIC). ``shrink`` (default: True for random
+    weights of a file/directory config) shrinks hidden sizes and drops the config's quantization
+    (a shrunk model no longer fits its blocks). ``dtype`` / ``device`` apply to the built model.
     """
     from transformers import AutoModelForCausalLM
 
-    tok = None
-    p = Path(spec)
-    load_weights = False
-    if spec in PRESETS:
-        cfg = _config_from_dict({**PRESETS[spec], **(overrides or {})}, spec)
+    p = None if spec is None or isinstance(spec, Mapping) else Path(spec)
+    table = p is not None and (str(spec) in PRESETS or str(spec) in TINY_CONFIGS)
+    weights: Path | None = Path(checkpoint) if checkpoint is not None else None
+    if weights is not None and not weights.is_dir():
+        raise InputError(f"checkpoint: {weights} is not a directory")
+    if weights is None and p is not None and not table and p.is_dir() and not random_weights \
+            and (any(p.glob("*.safetensors")) or any(p.glob("*.bin"))):
+        weights = p
+    cfg = load_config(spec if spec is not None else weights, overrides)  # type: ignore[arg-type]
+    if weights is not None:
+        desc = f"checkpoint {weights}"
+    elif table:
         desc = f"preset {spec} (tiny, random weights: SYNTHETIC)"
-        shrink = False if shrink is None else shrink
-    elif p.is_file():
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{p}: not a JSON config ({exc})") from None
-        cfg = _config_from_dict({**d, **(overrides or {})}, str(p))
-        desc = f"config {p} (random weights: SYNTHETIC)"
-    elif p.is_dir():
-        if not (p / "config.json").is_file():
-            raise InputError(f"{p}: no config.json in the model directory")
-        d = json.loads((p / "config.json").read_text())
-        cfg = _config_from_dict({**d, **(overrides or {})}, str(p / "config.json"))
-        has_weights = any(p.glob("*.safetensors")) or any(p.glob("*.bin"))
-        load_weights = has_weights and not random_weights
-        desc = f"checkpoint {p}" if load_weights else f"config {p / 'config.json'} (random weights: SYNTHETIC)"
+    elif p is None:
+        desc = "config dict (random weights: SYNTHETIC)"
+    else:
+        desc = f"config {p / 'config.json' if p.is_dir() else p} (random weights: SYNTHETIC)"
+    if shrink is None:
+        shrink = weights is None and p is not None and not table
+    if shrink and weights is None:
+        if getattr(cfg, "quantization_config", None) is not None:
+            cfg.quantization_config = None  # e.g. DeepSeek-V3's fp8 blocks: a shrunk random model is not quantized
+            del cfg.quantization_config
+        _shrink(cfg)
+        desc += ", shrunk"
+    kw = {} if dtype is None else {"dtype": dtype}
+    torch.manual_seed(seed)
+    if weights is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(weights), config=cfg, local_files_only=True, **kw)
+    else:
+        model = AutoModelForCausalLM.from_config(cfg, **kw)
+    tok = None
+    tok_dir = weights if weights is not None else (p if p is not None and not table and p.is_dir() else None)
+    if tok_dir is not None:
         try:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         except Exception:
             tok = None
-    else:
-        raise InputError(f"model: {spec!r} is neither a preset ({', '.join(PRESETS)}), a config file nor a model directory")
-    if shrink is None:
-        shrink = not load_weights
-    if not load_weights and getattr(cfg, "quantization_config", None) is not None:
-        cfg.quantization_config = None  # e.g. DeepSeek-V3's fp8 block quantization: random weights are not quantized
-        del cfg.quantization_config
-    if shrink and not load_weights:
-        _shrink(cfg)
-        desc += ", shrunk"
-    torch.manual_seed(seed)
-    if load_weights:
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True)
-    else:
-        model = AutoModelForCausalLM.from_config(cfg)
+    if device is not None:
+        model = model.to(device)
     return model.eval(), tok, desc
 
 

@@ -1,6 +1,6 @@
 """Read and write expert-load traces in every engine's format.
 
-Formats (which one a path holds is decided by :func:`eplb.stats.io.detect_format`, the one dispatcher):
+Formats (which one a path holds is decided by :func:`eplb.stats.io.detect_trace_format`, the one dispatcher):
 
 * ``eplb``: one safetensors file (:meth:`Trace.save`); ``eplb-dir``: a chunked recording directory
   (:class:`eplb.stats.store.TraceWriter`; ranks summed when read).

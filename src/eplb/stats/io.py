@@ -1,6 +1,6 @@
 """The one trace format dispatcher: which format a path holds, and reading / writing any of them.
 
-Formats (:data:`FORMATS`; :func:`detect_format` picks one from the path): ``eplb`` (one safetensors
+Formats (:data:`FORMATS`; :func:`detect_trace_format` picks one from the path): ``eplb`` (one safetensors
 file, :meth:`eplb.Trace.save`), ``eplb-dir`` (a chunked recording directory,
 :mod:`eplb.stats.store`), ``trtllm``, ``sglang``, ``vllm-ascend`` (:mod:`eplb.stats.importers`),
 and plain ``npy`` / ``npz`` / ``csv`` / ``json`` arrays. The readers and writers of each format know
@@ -29,14 +29,14 @@ from eplb.stats.plain import _read_plain, _write_plain
 from eplb.stats.store import TraceWriter, read_dir
 from eplb.stats.trace import Trace, TraceError
 
-__all__ = ["FORMATS", "detect_format", "read_trace", "write_trace"]
+__all__ = ["FORMATS", "detect_trace_format", "read_trace", "write_trace"]
 
 FORMATS = ("eplb", "eplb-dir", "trtllm", "sglang", "vllm-ascend", "npy", "npz", "csv", "json")
 _EXT = {".safetensors": "eplb", ".pt": "sglang", ".pth": "sglang", ".npy": "npy", ".npz": "npz", ".csv": "csv",
         ".json": "json"}
 
 
-def detect_format(path: str | os.PathLike[str], *, for_write: bool = False) -> str:
+def detect_trace_format(path: str | os.PathLike[str], *, for_write: bool = False) -> str:
     """The format of ``path``: a directory by its contents (or ``eplb-dir`` for a new one), a file by extension."""
     p = Path(path)
     if p.is_dir():
@@ -97,7 +97,7 @@ def _read_trace(
 ) -> Trace:
     if not p.exists():
         raise TraceError(f"{p}: no such file or directory")
-    fmt = _check_format(format) if format else detect_format(p)
+    fmt = _check_format(format) if format else detect_trace_format(p)
     if fmt in ("eplb", "eplb-dir"):
         if fmt == "eplb-dir":
             return read_dir(p, iter_range=iter_range, layers=layers, progress=progress)
@@ -129,7 +129,7 @@ def write_trace(
     ``placement`` by ``vllm-ascend`` (physical slots). Existing outputs are only replaced with ``overwrite``.
     """
     p = Path(path)
-    fmt = _check_format(format) if format else detect_format(p, for_write=True)
+    fmt = _check_format(format) if format else detect_trace_format(p, for_write=True)
     is_dir_fmt = fmt in ("trtllm", "eplb-dir")
     if p.exists():
         if not overwrite:
@@ -168,7 +168,7 @@ def _check_same_kind(p: Path, fmt: str) -> None:
     if p.is_dir():
         if any(p.iterdir()):
             try:
-                have = detect_format(p)
+                have = detect_trace_format(p)
             except TraceError:
                 raise TraceError(f"{p}: exists and holds no trace; not replacing it (remove it yourself)") from None
             if have != fmt:

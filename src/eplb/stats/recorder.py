@@ -187,10 +187,7 @@ class ExpertRecorder:
         """
         if not self.active:
             return
-        pos = self._pos.get(layer)
-        if pos is None:
-            self._layer_pos(layer)  # raises
-            return
+        pos = self._layer_pos(layer)
         ids = topk_ids.reshape(-1)
         if ids.dtype is not torch.int64 and ids.dtype is not torch.int32:
             ids = ids.long()
@@ -224,10 +221,7 @@ class ExpertRecorder:
         """Add per-expert token counts ``counts`` (``[E]``, on any device) of MoE layer ``layer``."""
         if not self.active:
             return
-        pos = self._pos.get(layer)
-        if pos is None:
-            self._layer_pos(layer)  # raises
-            return
+        pos = self._layer_pos(layer)
         if counts.numel() != self.num_experts:
             raise InputError(f"counts: expected shape [{self.num_experts}], got {tuple(counts.shape)}")
         c = counts.reshape(-1)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import MAX_COUNT, ArrayLike, check_load, exact_counts, exact_ints
+from eplb._counts import StepCounts
 from eplb._io import atomic_write  # noqa: F401 (moved to eplb._io; re-exported)
 from eplb._safe_read import UNCLEAR, reading  # noqa: F401 (moved to eplb._safe_read; re-exported)
 from eplb.errors import InputError, TraceError
@@ -65,7 +66,7 @@ def _short(ids: Sequence[int]) -> str:
 
 
 @dataclass(eq=False)
-class Trace:
+class Trace(StepCounts):
     """Per-step expert loads.
 
     Attributes:
@@ -148,19 +149,7 @@ class Trace:
                 raise TraceError(f"topk_ids: expert ids must lie in [0, {E}), got {int(ids.min())}..{int(ids.max())}")
             self.topk_ids, self.topk_offsets = ids, off
 
-    # ------------------------------------------------------------------ sizes
-    @property
-    def num_steps(self) -> int:
-        return int(self.counts.shape[0])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.counts.shape[1])
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.counts.shape[2])
-
+    # ------------------------------------------------------------------ sizes (num_steps etc.: StepCounts)
     def total(self) -> np.ndarray:
         """``[L, E]`` counts summed over steps (the ``weight`` a planner takes)."""
         return self.counts.sum(0)
@@ -216,19 +205,12 @@ class Trace:
             out.layer_ids = want
             return out
         if all(i in self.layer_ids for i in want):
-            return self.select_layer_ids(want)
+            pos = {lid: p for p, lid in enumerate(self.layer_ids)}
+            return self.slice(layers=[pos[i] for i in want])
         missing = [i for i in want if i not in self.layer_ids]
         raise TraceError(f"layer-ids: the trace has {self.num_layers} MoE layers with ids {_short(self.layer_ids)}; "
                          f"{len(want)} ids given and {missing[:8]} are not among them (give exactly "
                          f"{self.num_layers} ids to label a trace numbered 0..{self.num_layers - 1})")
-
-    def select_layer_ids(self, layer_ids: Sequence[int]) -> Trace:
-        """The trace restricted to the given *model* layer ids (ValueError naming unknown ids)."""
-        pos = {lid: p for p, lid in enumerate(self.layer_ids)}
-        missing = [int(i) for i in layer_ids if int(i) not in pos]
-        if missing:
-            raise TraceError(f"layers: layer ids {missing} not in the trace (it has {list(self.layer_ids)})")
-        return self.slice(layers=[pos[int(i)] for i in layer_ids])
 
     @classmethod
     def concat(cls, parts: Sequence[Trace]) -> Trace:
