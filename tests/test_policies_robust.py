@@ -10,7 +10,7 @@ from eplb import Placement
 from eplb.datasets import load_builtin
 from eplb.metrics import max_rank_load, step_imbalance
 from eplb.policies.incremental import incremental_rows, moves_rows, repair_counts
-from eplb.policies.packing import align_ranks, pack_loads, phy2log_counts, replica_counts, replica_weights
+from eplb.policies.packing import align_packs, pack_loads, phy2log_counts, replica_counts, replica_weights
 from eplb.policies.robust import robust_rows, step_max_mean
 
 
@@ -55,14 +55,14 @@ def test_align_ranks_keeps_loads_and_saves_moves(seed, shape):
     cur = np.array(eplb.plan(w, S, P, policy="eplb").phy2log)
     new_w = w[:, rng.permutation(E)]
     fresh = np.array(eplb.plan(new_w, S, P, policy="eplb").phy2log)
-    al = align_ranks(cur, fresh, P, E)
+    al = align_packs(cur, fresh, P, E)
     # same multiset of experts per pack up to pack relabelling -> identical sorted pack loads
     lf = np.sort(pack_loads(replica_weights(new_w, phy2log_counts(fresh, E), fresh), P), axis=1)
     la = np.sort(pack_loads(replica_weights(new_w, phy2log_counts(al, E), al), P), axis=1)
     assert np.allclose(lf, la)
     assert np.array_equal(phy2log_counts(al, E), phy2log_counts(fresh, E))
     assert np.all(moves_rows(cur, al, P, E) <= moves_rows(cur, fresh, P, E))
-    assert np.array_equal(align_ranks(cur, cur, P, E), cur)  # aligning to itself changes nothing
+    assert np.array_equal(align_packs(cur, cur, P, E), cur)  # aligning to itself changes nothing
 
 
 def test_repair_counts_refills_missing_slots():
@@ -85,7 +85,7 @@ def test_incremental_rows_prefers_fewer_moves_within_target():
     mx = pack_loads(replica_weights(w2, phy2log_counts(out, 32), out), 8).max(1)
     fmx = pack_loads(replica_weights(w2, phy2log_counts(fresh, 32), fresh), 8).max(1)
     assert np.all(mx <= fmx * 1.05 * (1 + 1e-9))
-    assert np.all(moves_rows(cur, out, 8, 32) <= moves_rows(cur, align_ranks(cur, fresh, 8, 32), 8, 32))
+    assert np.all(moves_rows(cur, out, 8, 32) <= moves_rows(cur, align_packs(cur, fresh, 8, 32), 8, 32))
     assert set(pick.tolist()) <= {0, 1, 2, 3}
 
 

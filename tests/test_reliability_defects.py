@@ -192,14 +192,14 @@ def _dense_align(current: np.ndarray, new: np.ndarray, P: int, E: int) -> np.nda
 
 
 def test_sparse_pack_matching_equals_the_dense_one() -> None:
-    from eplb.policies.packing import align_ranks
+    from eplb.policies.packing import align_packs
 
     rng = np.random.default_rng(3)
     for _ in range(60):
         P, spr = int(rng.integers(1, 8)), int(rng.integers(1, 4))
         E, X = int(rng.integers(1, P * spr + 1)), int(rng.integers(1, 3))
         cur, new = rng.integers(0, E, (X, P * spr)), rng.integers(0, E, (X, P * spr))
-        assert np.array_equal(align_ranks(cur, new, P, E), _dense_align(cur, new, P, E))
+        assert np.array_equal(align_packs(cur, new, P, E), _dense_align(cur, new, P, E))
 
 
 def test_incremental_plan_at_4096_ranks_is_fast() -> None:

@@ -8,11 +8,16 @@ import numpy as np
 
 from eplb.policies.keep import preserve_slots
 
-__all__ = ["align_ranks"]
+__all__ = ["align_packs"]
 
 
-def align_ranks(current: np.ndarray, new: np.ndarray, num_packs: int, num_experts: int) -> np.ndarray:
-    """Relabel the packs of ``new`` (and reorder slots inside each) to overlap ``current`` the most.
+def align_packs(current: np.ndarray, new: np.ndarray, num_packs: int, num_experts: int) -> np.ndarray:
+    """Relabel the packs of ``new`` (and reorder slots inside each) to overlap ``current`` the most, counting
+    expert *copies* kept (a pack holding an expert twice keeps two).
+
+    Not :func:`eplb.policies.keep.align_ranks`, which maximises *distinct* experts kept per rank exactly (with a
+    node level) for the executor's per (rank, expert) move count: the two objectives differ where a rank holds
+    duplicates, and the incremental policy scores this one's candidate by its own copy count.
 
     Permuting whole packs and slots within a pack leaves every pack's load unchanged, so the
     result balances exactly as well as ``new`` while needing fewer expert copies from ``current``.

@@ -5,7 +5,7 @@ new expert was not on that rank before. Candidates, per row, and the choice amon
 
 * ``keep``: the current placement itself (no moves);
 * ``aligned``: the fresh plan with its ranks relabelled and slots reordered to overlap the current
-  placement the most (:func:`~eplb.policies.packing.align_ranks`; exactly the fresh balance);
+  placement the most (:func:`~eplb.policies.packing.align_packs`; exactly the fresh balance);
 * ``repair``: the current placement with replica counts adjusted to the new loads (surplus replicas
   dropped from the heaviest ranks, missing ones added LPT-style into the freed slots), then a
   migration-aware swap search (:func:`~eplb.policies.packing.swap_search` with ``home=``) that stops
@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from eplb.policies.packing import (
-    align_ranks,
+    align_packs,
     expert_pack_count,
     pack_loads,
     phy2log_counts,
@@ -163,7 +163,7 @@ def incremental_rows(
     target = fresh_max * (1 + max(float(tolerance), 0.0)) * (1 + 1e-12)
     cands = []
     cands.append(np.where(complete[:, None], cur_safe, fresh))  # keep (invalid rows fall back to fresh)
-    cands.append(align_ranks(cur_safe, fresh, num_packs, E))
+    cands.append(align_packs(cur_safe, fresh, num_packs, E))
     counts = replica_counts(weight, S, max_replicas)
     rep = repair_counts(weight, current, counts, num_packs)
     cands.append(swap_search(weight, rep, num_packs, home=home, target=target))

@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 
 from eplb.errors import InputError
-from eplb.policies.align import align_ranks
+from eplb.policies.align import align_packs
 
 __all__ = [
-    "align_ranks",
+    "align_packs",
     "count_step",
     "dedup_pass",
     "expert_pack_count",
