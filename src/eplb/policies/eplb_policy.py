@@ -49,6 +49,7 @@ from eplb.policies import POLICIES, plan, register_policy
 from eplb.policies.deepseek import rebalance_experts_hierarchical, to_float32
 from eplb.policies.incremental import incremental_rows
 from eplb.policies.packing import (
+    colocated_dups,
     dedup_pass,
     expert_pack_count,
     lpt_place,
@@ -77,9 +78,14 @@ def row_quality(weight: np.ndarray, phy2log: np.ndarray, num_packs: int) -> tupl
     E = weight.shape[1]
     c = phy2log_counts(phy2log, E)
     mx = pack_loads(replica_weights(weight, c, phy2log), num_packs).max(axis=1)
-    dup = np.clip(expert_pack_count(phy2log, E, num_packs) - 1, 0, None).sum(axis=(1, 2))
+    dup = colocated_dups(phy2log, num_packs)
     return mx, dup
 
+
+ROBUST_MAX_ITERS = 64
+ROBUST_CAND = 64
+ROBUST_MIN_GAIN = 0.0
+"""Relative per-iteration gain below which the window search of the default policy stops a layer."""
 
 DUP_TOLERANCE = 1e-3
 """Relative max-load excess accepted to avoid a colocated duplicate (a wasted slot) -- never beyond DeepSeek's."""
@@ -380,18 +386,20 @@ def _window_rows(loads: np.ndarray, num_slots: int, num_ranks: int, num_nodes: i
     ds = _deepseek_start(w, num_slots, num_ranks, num_nodes, num_groups)
     start = eplb_rows(w, num_slots, num_ranks, max_replicas=cap, max_iters=max_iters, rounds=0, perturb=0)
     steps = np.unique(np.linspace(0, T - 1, min(T, max(int(max_steps), 1))).round().astype(np.int64))
-    iters = min(2 * num_slots, 64) if max_iters is None else int(max_iters)
-    found = robust_rows(loads[steps], start, num_ranks, max_iters=iters, cand=64)
-    keep = step_max_mean(loads, found, num_ranks) < step_max_mean(loads, start, num_ranks)
+    iters = min(2 * num_slots, ROBUST_MAX_ITERS) if max_iters is None else int(max_iters)
+    found = robust_rows(loads[steps], start, num_ranks, max_iters=iters, cand=ROBUST_CAND, min_gain=ROBUST_MIN_GAIN)
+    o_found, o_start = step_max_mean(loads, found, num_ranks), step_max_mean(loads, start, num_ranks)
+    keep = o_found < o_start
     out = np.where(keep[:, None], found, start)
     # per layer: the candidate with the fewest colocated duplicates among those within DUP_TOLERANCE of the best
     # mean per-step max (never above DeepSeek's), then the lowest; DeepSeek's own placement is the last resort
     cands = [dedup_pass(w, out, num_ranks, max_replicas=cap), out, dedup_pass(w, ds, num_ranks, max_replicas=cap), ds]
-    obj = np.stack([step_max_mean(loads, c, num_ranks) for c in cands])  # [C, L]
+    obj = np.stack([step_max_mean(loads, cands[0], num_ranks), np.where(keep, o_found, o_start),
+                    step_max_mean(loads, cands[2], num_ranks), step_max_mean(loads, ds, num_ranks)])  # [C, L]
     if cap is not None:
         for i in (2, 3):
             obj[i] = np.where((phy2log_counts(cands[i], E) <= cap).all(axis=1), obj[i], np.inf)
-    dups = np.stack([np.clip(expert_pack_count(c, E, num_ranks) - 1, 0, None).sum(axis=(1, 2)) for c in cands])
+    dups = np.stack([colocated_dups(c, num_ranks) for c in cands])
     rows = np.flatnonzero((dups > 0).all(axis=0))
     if rows.size:  # every candidate wastes a slot there: add the summed-load plan (its deeper search removes them)
         full = out.copy()
@@ -399,7 +407,7 @@ def _window_rows(loads: np.ndarray, num_slots: int, num_ranks: int, num_nodes: i
                                max_iters=max_iters)
         cands.append(full)
         obj = np.concatenate([obj, step_max_mean(loads, full, num_ranks)[None]])
-        dups = np.concatenate([dups, np.clip(expert_pack_count(full, E, num_ranks) - 1, 0, None).sum(axis=(1, 2))[None]])
+        dups = np.concatenate([dups, colocated_dups(full, num_ranks)[None]])
     C = len(cands)
     best = obj.min(axis=0)
     lim = np.minimum(best * (1 + DUP_TOLERANCE), obj[3])
