@@ -85,6 +85,7 @@ def row_quality(weight: np.ndarray, phy2log: np.ndarray, num_packs: int) -> tupl
 ROBUST_MAX_ITERS = 64
 ROBUST_CAND = 64
 ROBUST_MIN_GAIN = 0.0
+ROBUST_PARTNER_RANKS = 8
 """Relative per-iteration gain below which the window search of the default policy stops a layer."""
 
 DUP_TOLERANCE = 1e-3
@@ -387,7 +388,8 @@ def _window_rows(loads: np.ndarray, num_slots: int, num_ranks: int, num_nodes: i
     start = eplb_rows(w, num_slots, num_ranks, max_replicas=cap, max_iters=max_iters, rounds=0, perturb=0)
     steps = np.unique(np.linspace(0, T - 1, min(T, max(int(max_steps), 1))).round().astype(np.int64))
     iters = min(2 * num_slots, ROBUST_MAX_ITERS) if max_iters is None else int(max_iters)
-    found = robust_rows(loads[steps], start, num_ranks, max_iters=iters, cand=ROBUST_CAND, min_gain=ROBUST_MIN_GAIN)
+    found = robust_rows(loads[steps], start, num_ranks, max_iters=iters, cand=ROBUST_CAND, min_gain=ROBUST_MIN_GAIN,
+                        partner_ranks=ROBUST_PARTNER_RANKS)
     o_found, o_start = step_max_mean(loads, found, num_ranks), step_max_mean(loads, start, num_ranks)
     keep = o_found < o_start
     out = np.where(keep[:, None], found, start)

@@ -35,7 +35,7 @@ def step_max_mean(loads: np.ndarray, phy2log: np.ndarray, num_packs: int) -> np.
 
 
 def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_iters: int | None = None,
-                cand: int = 256, min_gain: float = 0.0) -> np.ndarray:
+                cand: int = 256, min_gain: float = 0.0, partner_ranks: int | None = None) -> np.ndarray:
     """Local search on ``mean_t max_r`` for every row (see the module docstring).
 
     Each iteration, for every still-active row: the rank ``ra`` that is the per-step maximum with the
@@ -52,6 +52,7 @@ def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_ite
         max_iters: iteration cap (default ``2 * S``).
         cand: swaps per row scored exactly per step each iteration.
         min_gain: relative gain below which a row stops (0: run until no improving swap or the cap).
+        partner_ranks: partners only on this many ranks, the lightest on the window mean (default all).
 
     Returns:
         ``[X, S]`` phy2log whose objective is ``<=`` the start's.
@@ -76,6 +77,7 @@ def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_ite
     has = expert_pack_count(p2l, E, P)
     slot_pack = np.arange(S) // spr
     local = np.arange(spr)
+    Q = P - 1 if partner_ranks is None else max(1, min(int(partner_ranks), P - 1))
     active = np.arange(X)
     iters = 2 * S if max_iters is None else int(max_iters)
     for _ in range(iters):
@@ -100,19 +102,28 @@ def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_ite
         # prefilter on the window mean: the swaps that best even ra and the partner's rank on average
         mpos = ra[:, None] * spr + local  # [a, spr]
         ae = p2l[A[:, None], mpos]  # [a, spr]
-        be = p2l[A]  # [a, S]
         Rm = rlm[A]  # [a, P]
-        dm = iwm[A[:, None], mpos][:, :, None] - iwm[A][:, None, :]  # [a, spr, S]
-        static = np.maximum(Rm[ar, ra][:, None, None] - dm, Rm[:, slot_pack][:, None, :] + dm)
+        if Q < P - 1:  # partners on the Q ranks lightest on the window mean
+            Rq = Rm.copy()
+            Rq[ar, ra] = np.inf
+            ranks = np.argpartition(Rq, Q - 1, axis=1)[:, :Q]  # [a, Q]
+        else:
+            ranks = np.broadcast_to(np.arange(P), (a, P))
+        nb = ranks.shape[1] * spr
+        bs = (ranks[:, :, None] * spr + local).reshape(a, nb)  # [a, nb] partner slots
+        be = p2l[A[:, None], bs]
+        dm = iwm[A[:, None], mpos][:, :, None] - iwm[A[:, None], bs][:, None, :]  # [a, spr, nb]
+        Rb_m = np.repeat(np.take_along_axis(Rm, ranks, axis=1), spr, axis=1)  # [a, nb]
+        static = np.maximum(Rm[ar, ra][:, None, None] - dm, Rb_m[:, None, :] + dm)
         # no new colocated duplicate: a's expert absent from b's rank (this also excludes b on ra and
         # b holding a's expert), b's expert absent from ra
-        valid = (has[A[:, None], ae, :] == 0)[:, :, slot_pack]
+        valid = np.repeat(np.take_along_axis(has[A[:, None], ae, :], ranks[:, None, :], axis=2) == 0, spr, axis=2)
         valid &= (has[A[:, None], be, ra[:, None]] == 0)[:, None, :]
         static = np.where(valid, static, np.inf).reshape(a, -1)
         K = min(cand, static.shape[1])
         sel = np.argpartition(static, K - 1, axis=1)[:, :K] if K < static.shape[1] else np.argsort(static, axis=1)
         sel_ok = np.isfinite(np.take_along_axis(static, sel, axis=1))  # [a, K]
-        sj, sk = sel // S, sel % S  # slot of ra (local), partner slot
+        sj, sk = sel // nb, np.take_along_axis(bs, sel % nb, axis=1)  # slot of ra (local), partner slot
         sa_k = ra[:, None] * spr + sj
         Ak = A[:, None]
         d = iw[Ak, :, sa_k] - iw[Ak, :, sk]  # [a, K, T]
@@ -129,9 +140,8 @@ def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_ite
         if not ok.any():
             break
         cont = ok & (obj - kv > min_gain * obj)
-        best = sel[ar, kbest]
-        A, best, ra = A[ok], best[ok], ra[ok]
-        j, k = best // S, best % S
+        A, ra = A[ok], ra[ok]
+        j, k = sj[ar, kbest][ok], sk[ar, kbest][ok]
         sa = ra * spr + j
         pb = slot_pack[k]
         ea, eb = p2l[A, sa], p2l[A, k]
