@@ -116,13 +116,14 @@ def _pick(weight: np.ndarray, cands: Sequence[np.ndarray], num_packs: int, allow
 
 
 def _improve(weight: np.ndarray, p2l: np.ndarray, num_packs: int, max_iters: int | None,
-             max_replicas: int | None = None, rounds: int = 0, perturb: int = 0) -> np.ndarray:
+             max_replicas: int | None = None, rounds: int = 0, perturb: int = 0,
+             partners: int | None = None) -> np.ndarray:
     if rounds > 0:
         p = refine(weight, p2l, num_packs, max_replicas=max_replicas, max_rounds=rounds, max_iters=max_iters)
         if perturb > 0:
             p = perturb_search(weight, p, num_packs, max_replicas=max_replicas, rounds=perturb, max_iters=max_iters)
     else:
-        p = swap_search(weight, p2l, num_packs, max_iters=max_iters)
+        p = swap_search(weight, p2l, num_packs, max_iters=max_iters, partner_packs=partners)
     return dedup_pass(weight, p, num_packs, max_replicas=max_replicas)
 
 
@@ -136,6 +137,7 @@ def eplb_rows(
     max_iters: int | None = None,
     rounds: int = 16,
     perturb: int = 4,
+    partners: int | None = None,
 ) -> np.ndarray:
     """eplb's plan for independent rows.
 
@@ -149,6 +151,7 @@ def eplb_rows(
         max_iters: local-search iteration cap.
         rounds: replication moves per row (:func:`~eplb.policies.packing.refine`; 0 = packing only).
         perturb: rounds of iterated local search (:func:`~eplb.policies.packing.perturb_search`).
+        partners: with ``rounds == 0``, swap partners only on this many lightest ranks (default all).
 
     Returns:
         ``phy2log [X, S]`` int64.
@@ -159,7 +162,8 @@ def eplb_rows(
     if max_replicas is not None:
         cap = min(cap, max_replicas) if cap is not None else max_replicas
     counts = replica_counts(weight, num_slots, cap)
-    ours = _improve(weight, lpt_place(weight, counts, num_packs), num_packs, max_iters, cap, rounds, perturb)
+    ours = _improve(weight, lpt_place(weight, counts, num_packs), num_packs, max_iters, cap, rounds, perturb,
+                    partners)
     if start is None:
         return ours
     other = _improve(weight, start, num_packs, max_iters, cap, 0, 0)  # the safety net: swaps only
@@ -385,7 +389,8 @@ def _window_rows(loads: np.ndarray, num_slots: int, num_ranks: int, num_nodes: i
     T, L, E = loads.shape
     w = loads.sum(axis=0)
     ds = _deepseek_start(w, num_slots, num_ranks, num_nodes, num_groups)
-    start = eplb_rows(w, num_slots, num_ranks, max_replicas=cap, max_iters=max_iters, rounds=0, perturb=0)
+    start = eplb_rows(w, num_slots, num_ranks, max_replicas=cap, max_iters=max_iters, rounds=0, perturb=0,
+                      partners=ROBUST_PARTNER_RANKS)
     steps = np.unique(np.linspace(0, T - 1, min(T, max(int(max_steps), 1))).round().astype(np.int64))
     iters = min(2 * num_slots, ROBUST_MAX_ITERS) if max_iters is None else int(max_iters)
     found = robust_rows(loads[steps], start, num_ranks, max_iters=iters, cand=ROBUST_CAND, min_gain=ROBUST_MIN_GAIN,

@@ -156,6 +156,7 @@ def swap_search(
     home: np.ndarray | None = None,
     target: np.ndarray | None = None,
     rows_mask: np.ndarray | None = None,
+    partner_packs: int | None = None,
 ) -> np.ndarray:
     """Local search: swap a replica of the heaviest pack with one of another pack while that lowers it.
 
@@ -175,6 +176,8 @@ def swap_search(
             improvement second.
         target: optional ``[X]`` loads; a row stops once its heaviest pack is ``<= target``.
         rows_mask: optional ``[X]`` bool, rows to work on (default all).
+        partner_packs: swap partners only on this many packs, the lightest ones (default: every pack);
+            each iteration then costs ``O(a spr^2 Q)`` instead of ``O(a spr S)``.
 
     Returns:
         The improved ``phy2log [X, S]``; the heaviest pack load never increases.
@@ -194,6 +197,7 @@ def swap_search(
     active = np.arange(X) if rows_mask is None else np.flatnonzero(rows_mask)
     iters = 4 * S if max_iters is None else int(max_iters)
     local = np.arange(spr)
+    Q = num_packs - 1 if partner_packs is None else max(1, min(int(partner_packs), num_packs - 1))
     for _ in range(iters):
         if active.size == 0:
             break
@@ -213,23 +217,35 @@ def swap_search(
         mpos = m[:, None] * spr + local  # [a, spr]
         aw = iw[A[:, None], mpos]
         ae = p2l[A[:, None], mpos]
-        bw = iw[A]
-        be = p2l[A]
-        d = aw[:, :, None] - bw[:, None, :]  # [a, spr, S]
+        if Q < num_packs - 1:  # partners on the Q lightest packs only
+            packs = np.argpartition(Lr, Q, axis=1)[:, :Q]  # the heaviest (m) is never among the Q lightest
+            bs = (packs[:, :, None] * spr + local).reshape(a, Q * spr)
+            bw = np.take_along_axis(iw[A], bs, axis=1)
+            be = np.take_along_axis(p2l[A], bs, axis=1)
+            bpk = slot_pack[bs]  # [a, nb]
+        else:
+            bs = None
+            bw = iw[A]
+            be = p2l[A]
+            bpk = np.broadcast_to(slot_pack, (a, S))
+        d = aw[:, :, None] - bw[:, None, :]  # [a, spr, nb]
         tol = _REL_TOL * np.maximum(Lm, 1e-300)
         newm = Lm[:, None, None] - d
-        newr = Lr[:, slot_pack][:, None, :] + d
+        newr = (Lr[:, slot_pack] if bs is None else np.take_along_axis(Lr, bpk, axis=1))[:, None, :] + d
         pm = np.maximum(newm, newr)
-        valid = (slot_pack[None, None, :] != m[:, None, None]) & (d > tol[:, None, None])
+        valid = (bpk[:, None, :] != m[:, None, None]) & (d > tol[:, None, None])
         # no new duplicates: a's expert must be absent from b's pack, b's expert absent from the heavy pack
         a_on = has[A[:, None], ae, :]  # [a, spr, P]
-        valid &= a_on[:, :, slot_pack] == 0
-        b_on_m = has[A[:, None], be, m[:, None]]  # [a, S]
+        if bs is None:
+            valid &= a_on[:, :, slot_pack] == 0
+        else:
+            valid &= np.take_along_axis(a_on, np.broadcast_to(bpk[:, None, :], d.shape), axis=2) == 0
+        b_on_m = has[A[:, None], be, m[:, None]]  # [a, nb]
         valid &= (b_on_m == 0)[:, None, :]
         improving = valid & (pm < (Lm - tol)[:, None, None])
         if home is not None:
             hA = home[A]
-            bp = np.broadcast_to(slot_pack, (a, S))
+            bp = bpk
             mm = np.broadcast_to(m[:, None], (a, spr))
             a_home_m = hA[ar[:, None], ae, mm]  # a's expert was on m
             b_home_b = hA[ar[:, None], be, bp]  # b's expert was on b's pack
@@ -249,8 +265,11 @@ def swap_search(
         ok = np.isfinite(flat[ar, best])
         if not ok.any():
             break
-        A, best, m = A[ok], best[ok], m[ok]
-        j, k = best // S, best % S
+        nb = flat.shape[1] // spr
+        j, k = best // nb, best % nb
+        if bs is not None:
+            k = bs[ar, k]
+        A, j, k, m = A[ok], j[ok], k[ok], m[ok]
         sa = m * spr + j
         ea, eb = p2l[A, sa], p2l[A, k]
         wa, wb = iw[A, sa], iw[A, k]
