@@ -70,10 +70,10 @@ def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_ite
         return p2l
     flat = (np.arange(X)[:, None] * E + p2l).ravel()
     inv = 1.0 / np.maximum(phy2log_counts(p2l, E), 1).ravel()[flat]
-    iw = (loads.reshape(T, X * E)[:, flat] * inv).reshape(T, X, S).transpose(1, 0, 2).copy()  # [X, T, S]
-    rl = iw.reshape(X, T, P, spr).sum(-1)  # [X, T, P]
-    iwm = iw.mean(axis=1)  # [X, S] window-mean slot loads
-    rlm = rl.mean(axis=1)  # [X, P]
+    iw = np.ascontiguousarray((loads.reshape(T, X * E)[:, flat] * inv).T).reshape(X, S, T)  # [X, S, T]
+    rl = iw.reshape(X, P, spr, T).sum(2)  # [X, P, T]
+    iwm = iw.mean(axis=2)  # [X, S] window-mean slot loads
+    rlm = rl.mean(axis=2)  # [X, P]
     has = expert_pack_count(p2l, E, P)
     slot_pack = np.arange(S) // spr
     local = np.arange(spr)
@@ -86,19 +86,19 @@ def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_ite
         A = active
         a = A.size
         ar = np.arange(a)
-        R = rl[A]  # [a, T, P]
-        am = np.argmax(R, axis=2)  # [a, T]
-        vmax = np.take_along_axis(R, am[:, :, None], axis=2)[:, :, 0]
+        R = rl[A]  # [a, P, T]
+        am = np.argmax(R, axis=1)  # [a, T]
+        vmax = np.take_along_axis(R, am[:, None, :], axis=1)[:, 0]
         obj = vmax.mean(axis=1)
         blame = np.bincount((ar[:, None] * P + am).ravel(), weights=vmax.ravel(), minlength=a * P).reshape(a, P)
         ra = np.argmax(blame, axis=1)  # [a]
         # per step, the largest load over ranks other than ra (m1, on rank i1) and the next one (m2)
-        Ra = R[ar, :, ra]  # [a, T]
-        R[ar, :, ra] = -np.inf
-        i1 = np.argmax(R, axis=2)
-        m1 = np.take_along_axis(R, i1[:, :, None], axis=2)[:, :, 0]
-        np.put_along_axis(R, i1[:, :, None], -np.inf, axis=2)
-        m2 = R.max(axis=2) if P > 2 else np.full_like(m1, -np.inf)
+        Ra = R[ar, ra]  # [a, T]
+        R[ar, ra] = -np.inf
+        i1 = np.argmax(R, axis=1)
+        m1 = np.take_along_axis(R, i1[:, None, :], axis=1)[:, 0]
+        np.put_along_axis(R, i1[:, None, :], -np.inf, axis=1)
+        m2 = R.max(axis=1) if P > 2 else np.full_like(m1, -np.inf)
         # prefilter on the window mean: the swaps that best even ra and the partner's rank on average
         mpos = ra[:, None] * spr + local  # [a, spr]
         ae = p2l[A[:, None], mpos]  # [a, spr]
@@ -126,12 +126,18 @@ def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_ite
         sj, sk = sel // nb, np.take_along_axis(bs, sel % nb, axis=1)  # slot of ra (local), partner slot
         sa_k = ra[:, None] * spr + sj
         Ak = A[:, None]
-        d = iw[Ak, :, sa_k] - iw[Ak, :, sk]  # [a, K, T]
+        d = iw[Ak, sa_k] - iw[Ak, sk]  # [a, K, T]
         pb = slot_pack[sk]  # [a, K]
-        Rb = rl[Ak, :, pb]  # [a, K, T]
-        ex_b = np.where(pb[:, :, None] == i1[:, None, :], m2[:, None, :], m1[:, None, :])
-        newmax = np.maximum(np.maximum(Ra[:, None, :] - d, Rb + d), ex_b)
-        newobj = newmax.mean(axis=2)  # [a, K]
+        Rb = rl[Ak, pb]  # [a, K, T]
+        # new per-step max = max(ra - d, rb + d, largest other rank: m2 where that is b's own rank, else m1),
+        # computed in place (fresh [a, K, T] temporaries cost more than the arithmetic)
+        Rb += d
+        np.subtract(Ra[:, None, :], d, out=d)
+        np.maximum(d, Rb, out=d)
+        hit = pb[:, :, None] == i1[:, None, :]
+        np.maximum(d, m1[:, None, :], out=d, where=~hit)
+        np.maximum(d, m2[:, None, :], out=d, where=hit)
+        newobj = d.sum(axis=2) / T  # [a, K]
         tol = 1e-12 * np.maximum(obj, 1e-300)
         key = np.where(sel_ok & (newobj < (obj - tol)[:, None]), newobj, np.inf)
         kbest = np.argmin(key, axis=1)
@@ -145,12 +151,12 @@ def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_ite
         sa = ra * spr + j
         pb = slot_pack[k]
         ea, eb = p2l[A, sa], p2l[A, k]
-        wa, wb = iw[A, :, sa], iw[A, :, k]  # [n, T] (copies)
+        wa, wb = iw[A, sa], iw[A, k]  # [n, T] (copies)
         p2l[A, sa], p2l[A, k] = eb, ea
-        iw[A, :, sa], iw[A, :, k] = wb, wa
+        iw[A, sa], iw[A, k] = wb, wa
         dw = wb - wa
-        rl[A, :, ra] += dw
-        rl[A, :, pb] -= dw
+        rl[A, ra] += dw
+        rl[A, pb] -= dw
         dwm = iwm[A, k] - iwm[A, sa]
         iwm[A, sa], iwm[A, k] = iwm[A, k], iwm[A, sa] + 0.0
         rlm[A, ra] += dwm
