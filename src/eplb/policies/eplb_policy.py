@@ -370,19 +370,23 @@ def _window_rows(loads: np.ndarray, num_slots: int, num_ranks: int, num_nodes: i
                  cap: int | None, max_iters: int | None, max_steps: int) -> np.ndarray:
     """Plan for a per-step window ``[T, L, E]`` (``T > 1``): what a serving step waits for is its slowest rank.
 
-    1. the summed loads are planned with ``effort="fast"`` (replica counts, LPT, swaps; the deeper search of
-       the summed maximum buys nothing a step can see);
+    1. the summed loads are planned with ``effort="fast"`` (replica counts, LPT, swaps with partners on the
+       ``ROBUST_PARTNER_RANKS`` lightest ranks; the deeper search of the summed maximum buys nothing a step can see);
     2. :func:`eplb.policies.search.robust_rows` lowers ``mean_t max_r`` on at most ``max_steps`` evenly spaced
-       steps (64 candidate swaps scored per step and iteration, at most ``min(2 S, 64)`` iterations), kept per
-       layer where it is better on the whole window. (Splitting the window into search / validation steps was
-       tried: it avoids fitting i.i.d. noise on SYNTHETIC data but loses half of the gain on the real traces.)
+       steps (``ROBUST_CAND`` = 64 candidate swaps, partners on the ``ROBUST_PARTNER_RANKS`` = 8 ranks lightest on
+       the window mean, scored per step each iteration, at most ``min(2 S, 64)`` iterations), kept per layer
+       where it is better on the whole window. (Splitting the window into search / validation steps was tried: it
+       avoids fitting i.i.d. noise on SYNTHETIC data but loses half of the gain on the real traces. Fewer candidates
+       (32, 48) or a gain-based early stop were tried in the speed pass: each raised the held-out per-step
+       imbalance on the real traces of bench/placement_heldout.py, so neither is used.)
     3. per layer, among this plan and DeepSeek's (the exact ``"deepseek"`` policy), each also with its colocated
        duplicates removed (:func:`~eplb.policies.packing.dedup_pass`), the one with the fewest duplicates within
        ``DUP_TOLERANCE`` of the lowest mean per-step max rank load on the whole window and never above
        DeepSeek's: so the result is never worse than DeepSeek's on the window under that per-step metric.
 
-    Cost: ``O(S * L * (S + E * R))`` for step 1, ``O(iters * L * (spr * S + 64 * T'))`` for step 2
-    (``T' = min(T, max_steps)``), ``O(T * L * S)`` for the checks.
+    Cost (``Q`` = 8 partner ranks, ``spr = S / R``): ``O(L * (E * 40 + S * R + iters * spr^2 * Q))`` for step 1,
+    ``O(iters * L * (R * T' + spr^2 * Q + 64 * T'))`` for step 2 (``T' = min(T, max_steps)``, ``iters <= 64``),
+    ``O(T * L * S)`` for the checks; every step is vectorised across layers.
     """
     from eplb.policies.search import robust_rows, step_max_mean
 

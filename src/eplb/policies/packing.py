@@ -15,6 +15,7 @@ import numpy as np
 
 from eplb.errors import InputError
 from eplb.policies.align import align_ranks
+from eplb.policies.apportion import jump_counts
 
 __all__ = [
     "align_ranks",
@@ -57,7 +58,7 @@ def replica_counts(weight: np.ndarray, num_slots: int, max_replicas: int | None 
         raise InputError(
             f"max_replicas: {E} experts x at most {max_replicas} replicas = {E * max_replicas} < {num_slots} slots to fill"
         )
-    counts = _jump_counts(weight, num_slots, max_replicas) if num_slots - E > 16 else np.ones((X, E), dtype=np.int64)
+    counts = jump_counts(weight, num_slots, max_replicas) if num_slots - E > 16 else np.ones((X, E), dtype=np.int64)
     left = num_slots - counts.sum(axis=1)  # greedy steps still to take per row
     rows = np.arange(X)
     big = np.iinfo(np.int64).max
@@ -72,38 +73,6 @@ def replica_counts(weight: np.ndarray, num_slots: int, max_replicas: int | None 
         counts[rows[go], pick[go]] += 1
         left -= go
     return counts
-
-
-def _jump_counts(weight: np.ndarray, num_slots: int, max_replicas: int | None) -> np.ndarray:
-    """A state the greedy of :func:`replica_counts` passes through, found by bisection instead of step by step.
-
-    For a threshold ``t``, ``c(t)`` = the smallest counts (>= 1, <= cap) with ``weight / c <= t`` for every
-    uncapped expert. Every greedy step taken while the largest ``weight / count`` is above ``t`` is one of
-    the increments ``c(t)`` needs, and none is missing once it is not, so the greedy reaches exactly ``c(t)``
-    whenever ``sum c(t) <= S``; the greedy then continues from there (same result, ``O(40 X E)`` for the jump).
-    """
-    X, E = weight.shape
-    cap = np.iinfo(np.int64).max if max_replicas is None else int(max_replicas)
-
-    def c_of(t: np.ndarray) -> np.ndarray:
-        c = np.clip(np.ceil(weight / t[:, None]), 1, min(cap, num_slots)).astype(np.int64)
-        # exact float rule of the greedy (weight / count compared as computed there)
-        c += (weight / c > t[:, None]) & (c < cap)
-        c -= (c > 1) & (weight / np.maximum(c - 1, 1) <= t[:, None])
-        return c
-
-    hi = weight.max(axis=1).astype(np.float64)  # c(hi) = ones: always reachable
-    lo = weight.sum(axis=1) / num_slots  # below this no count vector fits in S slots
-    ok_hi = hi > 0
-    hi = np.where(ok_hi, hi, 1.0)
-    lo = np.minimum(np.where(ok_hi, lo, 1.0), hi)
-    for _ in range(40):
-        mid = 0.5 * (lo + hi)
-        fits = c_of(mid).sum(axis=1) <= num_slots
-        hi = np.where(fits, mid, hi)
-        lo = np.where(fits, lo, mid)
-    c = c_of(hi)
-    return np.where(((c.sum(axis=1) <= num_slots) & ok_hi)[:, None], c, 1)
 
 
 def replica_weights(weight: np.ndarray, counts: np.ndarray, phy2log: np.ndarray) -> np.ndarray:
