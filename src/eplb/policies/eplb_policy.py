@@ -405,8 +405,15 @@ def _window_rows(loads: np.ndarray, num_slots: int, num_ranks: int, num_nodes: i
     # per layer: the candidate with the fewest colocated duplicates among those within DUP_TOLERANCE of the best
     # mean per-step max (never above DeepSeek's), then the lowest; DeepSeek's own placement is the last resort
     cands = [dedup_pass(w, out, num_ranks, max_replicas=cap), out, dedup_pass(w, ds, num_ranks, max_replicas=cap), ds]
-    obj = np.stack([step_max_mean(loads, cands[0], num_ranks), np.where(keep, o_found, o_start),
-                    step_max_mean(loads, cands[2], num_ranks), step_max_mean(loads, ds, num_ranks)])  # [C, L]
+    o_out, o_ds = np.where(keep, o_found, o_start), step_max_mean(loads, ds, num_ranks)
+
+    def rescored(new: np.ndarray, old: np.ndarray, o_old: np.ndarray) -> np.ndarray:  # only the layers that changed
+        o, ch = o_old.copy(), np.flatnonzero((new != old).any(axis=1))
+        if ch.size:
+            o[ch] = step_max_mean(loads[:, ch], new[ch], num_ranks)
+        return o
+
+    obj = np.stack([rescored(cands[0], out, o_out), o_out, rescored(cands[2], ds, o_ds), o_ds])  # [C, L]
     if cap is not None:
         for i in (2, 3):
             obj[i] = np.where((phy2log_counts(cands[i], E) <= cap).all(axis=1), obj[i], np.inf)

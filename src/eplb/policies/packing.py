@@ -308,6 +308,11 @@ def dedup_pass(weight: np.ndarray, phy2log: np.ndarray, num_packs: int, *, max_i
     p2l = phy2log.copy()
     if spr == 1:
         return p2l
+    todo = colocated_dups(p2l, num_packs) > 0  # rows are independent: work on those with a duplicate only
+    if not todo.all():
+        if todo.any():
+            p2l[todo] = dedup_pass(weight[todo], p2l[todo], num_packs, max_iters=max_iters, max_replicas=max_replicas)
+        return p2l
     counts = phy2log_counts(p2l, E)
     iw = np.take_along_axis(weight / np.maximum(counts, 1), p2l, axis=1)
     loads = pack_loads(iw, num_packs)
