@@ -51,7 +51,6 @@ from eplb.policies.incremental import incremental_rows
 from eplb.policies.packing import (
     colocated_dups,
     dedup_pass,
-    expert_pack_count,
     lpt_place,
     pack_loads,
     perturb_search,
