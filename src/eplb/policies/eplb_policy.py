@@ -49,8 +49,8 @@ from eplb.policies import POLICIES, plan, register_policy
 from eplb.policies.deepseek import rebalance_experts_hierarchical, to_float32
 from eplb.policies.incremental import incremental_rows
 from eplb.policies.packing import (
+    colocated_dups,
     dedup_pass,
-    expert_pack_count,
     lpt_place,
     pack_loads,
     perturb_search,
@@ -77,9 +77,15 @@ def row_quality(weight: np.ndarray, phy2log: np.ndarray, num_packs: int) -> tupl
     E = weight.shape[1]
     c = phy2log_counts(phy2log, E)
     mx = pack_loads(replica_weights(weight, c, phy2log), num_packs).max(axis=1)
-    dup = np.clip(expert_pack_count(phy2log, E, num_packs) - 1, 0, None).sum(axis=(1, 2))
+    dup = colocated_dups(phy2log, num_packs)
     return mx, dup
 
+
+ROBUST_MAX_ITERS = 64
+ROBUST_CAND = 64
+ROBUST_MIN_GAIN = 0.0
+ROBUST_PARTNER_RANKS = 8
+"""Relative per-iteration gain below which the window search of the default policy stops a layer."""
 
 DUP_TOLERANCE = 1e-3
 """Relative max-load excess accepted to avoid a colocated duplicate (a wasted slot) -- never beyond DeepSeek's."""
@@ -109,13 +115,14 @@ def _pick(weight: np.ndarray, cands: Sequence[np.ndarray], num_packs: int, allow
 
 
 def _improve(weight: np.ndarray, p2l: np.ndarray, num_packs: int, max_iters: int | None,
-             max_replicas: int | None = None, rounds: int = 0, perturb: int = 0) -> np.ndarray:
+             max_replicas: int | None = None, rounds: int = 0, perturb: int = 0,
+             partners: int | None = None) -> np.ndarray:
     if rounds > 0:
         p = refine(weight, p2l, num_packs, max_replicas=max_replicas, max_rounds=rounds, max_iters=max_iters)
         if perturb > 0:
             p = perturb_search(weight, p, num_packs, max_replicas=max_replicas, rounds=perturb, max_iters=max_iters)
     else:
-        p = swap_search(weight, p2l, num_packs, max_iters=max_iters)
+        p = swap_search(weight, p2l, num_packs, max_iters=max_iters, partner_packs=partners)
     return dedup_pass(weight, p, num_packs, max_replicas=max_replicas)
 
 
@@ -129,6 +136,7 @@ def eplb_rows(
     max_iters: int | None = None,
     rounds: int = 16,
     perturb: int = 4,
+    partners: int | None = None,
 ) -> np.ndarray:
     """eplb's plan for independent rows.
 
@@ -142,6 +150,7 @@ def eplb_rows(
         max_iters: local-search iteration cap.
         rounds: replication moves per row (:func:`~eplb.policies.packing.refine`; 0 = packing only).
         perturb: rounds of iterated local search (:func:`~eplb.policies.packing.perturb_search`).
+        partners: with ``rounds == 0``, swap partners only on this many lightest ranks (default all).
 
     Returns:
         ``phy2log [X, S]`` int64.
@@ -152,7 +161,8 @@ def eplb_rows(
     if max_replicas is not None:
         cap = min(cap, max_replicas) if cap is not None else max_replicas
     counts = replica_counts(weight, num_slots, cap)
-    ours = _improve(weight, lpt_place(weight, counts, num_packs), num_packs, max_iters, cap, rounds, perturb)
+    ours = _improve(weight, lpt_place(weight, counts, num_packs), num_packs, max_iters, cap, rounds, perturb,
+                    partners)
     if start is None:
         return ours
     other = _improve(weight, start, num_packs, max_iters, cap, 0, 0)  # the safety net: swaps only
@@ -359,39 +369,54 @@ def _window_rows(loads: np.ndarray, num_slots: int, num_ranks: int, num_nodes: i
                  cap: int | None, max_iters: int | None, max_steps: int) -> np.ndarray:
     """Plan for a per-step window ``[T, L, E]`` (``T > 1``): what a serving step waits for is its slowest rank.
 
-    1. the summed loads are planned with ``effort="fast"`` (replica counts, LPT, swaps; the deeper search of
-       the summed maximum buys nothing a step can see);
+    1. the summed loads are planned with ``effort="fast"`` (replica counts, LPT, swaps with partners on the
+       ``ROBUST_PARTNER_RANKS`` lightest ranks; the deeper search of the summed maximum buys nothing a step can see);
     2. :func:`eplb.policies.search.robust_rows` lowers ``mean_t max_r`` on at most ``max_steps`` evenly spaced
-       steps (64 candidate swaps scored per step and iteration, at most ``min(2 S, 64)`` iterations), kept per
-       layer where it is better on the whole window. (Splitting the window into search / validation steps was
-       tried: it avoids fitting i.i.d. noise on SYNTHETIC data but loses half of the gain on the real traces.)
+       steps (``ROBUST_CAND`` = 64 candidate swaps, partners on the ``ROBUST_PARTNER_RANKS`` = 8 ranks lightest on
+       the window mean, scored per step each iteration, at most ``min(2 S, 64)`` iterations), kept per layer
+       where it is better on the whole window. (Splitting the window into search / validation steps was tried: it
+       avoids fitting i.i.d. noise on SYNTHETIC data but loses half of the gain on the real traces. Fewer candidates
+       (32, 48) or a gain-based early stop were tried in the speed pass: each raised the held-out per-step
+       imbalance on the real traces of bench/placement_heldout.py, so neither is used.)
     3. per layer, among this plan and DeepSeek's (the exact ``"deepseek"`` policy), each also with its colocated
        duplicates removed (:func:`~eplb.policies.packing.dedup_pass`), the one with the fewest duplicates within
        ``DUP_TOLERANCE`` of the lowest mean per-step max rank load on the whole window and never above
        DeepSeek's: so the result is never worse than DeepSeek's on the window under that per-step metric.
 
-    Cost: ``O(S * L * (S + E * R))`` for step 1, ``O(iters * L * (spr * S + 64 * T'))`` for step 2
-    (``T' = min(T, max_steps)``), ``O(T * L * S)`` for the checks.
+    Cost (``Q`` = 8 partner ranks, ``spr = S / R``): ``O(L * (E * 40 + S * R + iters * spr^2 * Q))`` for step 1,
+    ``O(iters * L * (R * T' + spr^2 * Q + 64 * T'))`` for step 2 (``T' = min(T, max_steps)``, ``iters <= 64``),
+    ``O(T * L * S)`` for the checks; every step is vectorised across layers.
     """
     from eplb.policies.search import robust_rows, step_max_mean
 
     T, L, E = loads.shape
     w = loads.sum(axis=0)
     ds = _deepseek_start(w, num_slots, num_ranks, num_nodes, num_groups)
-    start = eplb_rows(w, num_slots, num_ranks, max_replicas=cap, max_iters=max_iters, rounds=0, perturb=0)
+    start = eplb_rows(w, num_slots, num_ranks, max_replicas=cap, max_iters=max_iters, rounds=0, perturb=0,
+                      partners=ROBUST_PARTNER_RANKS)
     steps = np.unique(np.linspace(0, T - 1, min(T, max(int(max_steps), 1))).round().astype(np.int64))
-    iters = min(2 * num_slots, 64) if max_iters is None else int(max_iters)
-    found = robust_rows(loads[steps], start, num_ranks, max_iters=iters, cand=64)
-    keep = step_max_mean(loads, found, num_ranks) < step_max_mean(loads, start, num_ranks)
+    iters = min(2 * num_slots, ROBUST_MAX_ITERS) if max_iters is None else int(max_iters)
+    found = robust_rows(loads[steps], start, num_ranks, max_iters=iters, cand=ROBUST_CAND, min_gain=ROBUST_MIN_GAIN,
+                        partner_ranks=ROBUST_PARTNER_RANKS)
+    o_found, o_start = step_max_mean(loads, found, num_ranks), step_max_mean(loads, start, num_ranks)
+    keep = o_found < o_start
     out = np.where(keep[:, None], found, start)
     # per layer: the candidate with the fewest colocated duplicates among those within DUP_TOLERANCE of the best
     # mean per-step max (never above DeepSeek's), then the lowest; DeepSeek's own placement is the last resort
     cands = [dedup_pass(w, out, num_ranks, max_replicas=cap), out, dedup_pass(w, ds, num_ranks, max_replicas=cap), ds]
-    obj = np.stack([step_max_mean(loads, c, num_ranks) for c in cands])  # [C, L]
+    o_out, o_ds = np.where(keep, o_found, o_start), step_max_mean(loads, ds, num_ranks)
+
+    def rescored(new: np.ndarray, old: np.ndarray, o_old: np.ndarray) -> np.ndarray:  # only the layers that changed
+        o, ch = o_old.copy(), np.flatnonzero((new != old).any(axis=1))
+        if ch.size:
+            o[ch] = step_max_mean(loads[:, ch], new[ch], num_ranks)
+        return o
+
+    obj = np.stack([rescored(cands[0], out, o_out), o_out, rescored(cands[2], ds, o_ds), o_ds])  # [C, L]
     if cap is not None:
         for i in (2, 3):
             obj[i] = np.where((phy2log_counts(cands[i], E) <= cap).all(axis=1), obj[i], np.inf)
-    dups = np.stack([np.clip(expert_pack_count(c, E, num_ranks) - 1, 0, None).sum(axis=(1, 2)) for c in cands])
+    dups = np.stack([colocated_dups(c, num_ranks) for c in cands])
     rows = np.flatnonzero((dups > 0).all(axis=0))
     if rows.size:  # every candidate wastes a slot there: add the summed-load plan (its deeper search removes them)
         full = out.copy()
@@ -399,7 +424,7 @@ def _window_rows(loads: np.ndarray, num_slots: int, num_ranks: int, num_nodes: i
                                max_iters=max_iters)
         cands.append(full)
         obj = np.concatenate([obj, step_max_mean(loads, full, num_ranks)[None]])
-        dups = np.concatenate([dups, np.clip(expert_pack_count(full, E, num_ranks) - 1, 0, None).sum(axis=(1, 2))[None]])
+        dups = np.concatenate([dups, colocated_dups(full, num_ranks)[None]])
     C = len(cands)
     best = obj.min(axis=0)
     lim = np.minimum(best * (1 + DUP_TOLERANCE), obj[3])

@@ -15,9 +15,11 @@ import numpy as np
 
 from eplb.errors import InputError
 from eplb.policies.align import align_packs
+from eplb.policies.apportion import jump_counts
 
 __all__ = [
     "align_packs",
+    "colocated_dups",
     "count_step",
     "dedup_pass",
     "expert_pack_count",
@@ -56,17 +58,20 @@ def replica_counts(weight: np.ndarray, num_slots: int, max_replicas: int | None 
         raise InputError(
             f"max_replicas: {E} experts x at most {max_replicas} replicas = {E * max_replicas} < {num_slots} slots to fill"
         )
-    counts = np.ones((X, E), dtype=np.int64)
+    counts = jump_counts(weight, num_slots, max_replicas) if num_slots - E > 16 else np.ones((X, E), dtype=np.int64)
+    left = num_slots - counts.sum(axis=1)  # greedy steps still to take per row
     rows = np.arange(X)
     big = np.iinfo(np.int64).max
-    for _ in range(num_slots - E):
+    for _ in range(int(left.max(initial=0))):
         val = weight / counts
         if max_replicas is not None:
             val = np.where(counts >= max_replicas, -np.inf, val)
         top = val.max(axis=1, keepdims=True)
         cand = val >= top
         pick = np.argmin(np.where(cand, counts, big), axis=1)
-        counts[rows, pick] += 1
+        go = left > 0
+        counts[rows[go], pick[go]] += 1
+        left -= go
     return counts
 
 
@@ -78,19 +83,24 @@ def replica_weights(weight: np.ndarray, counts: np.ndarray, phy2log: np.ndarray)
 def phy2log_counts(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     """``[X, E]`` replica count of every expert in ``phy2log [X, S]``."""
     X, S = phy2log.shape
-    out = np.zeros((X, num_experts), dtype=np.int64)
-    np.add.at(out, (np.repeat(np.arange(X), S), phy2log.ravel()), 1)
-    return out
+    key = (np.arange(X)[:, None] * num_experts + phy2log).ravel()
+    return np.bincount(key, minlength=X * num_experts).reshape(X, num_experts)
 
 
 def expert_pack_count(phy2log: np.ndarray, num_experts: int, num_packs: int) -> np.ndarray:
     """``[X, E, P]`` replicas of expert ``e`` in pack ``p``."""
     X, S = phy2log.shape
     spr = S // num_packs
-    out = np.zeros((X, num_experts, num_packs), dtype=np.int64)
-    packs = np.tile(np.arange(S) // spr, X)
-    np.add.at(out, (np.repeat(np.arange(X), S), phy2log.ravel(), packs), 1)
-    return out
+    key = ((np.arange(X)[:, None] * num_experts + phy2log) * num_packs + np.arange(S) // spr).ravel()
+    return np.bincount(key, minlength=X * num_experts * num_packs).reshape(X, num_experts, num_packs)
+
+
+def colocated_dups(phy2log: np.ndarray, num_packs: int) -> np.ndarray:
+    """``[X]`` colocated duplicates (replicas of an expert beyond the first in a pack) of ``phy2log [X, S]``:
+    ``clip(expert_pack_count - 1, 0).sum`` in ``O(X S log S)`` without the ``[X, E, P]`` array."""
+    X, S = phy2log.shape
+    key = np.sort((np.arange(S) // (S // num_packs)) * (int(phy2log.max(initial=0)) + 1) + phy2log, axis=1)
+    return (key[:, 1:] == key[:, :-1]).sum(axis=1)
 
 
 def pack_loads(item_w: np.ndarray, num_packs: int) -> np.ndarray:
@@ -150,6 +160,7 @@ def swap_search(
     home: np.ndarray | None = None,
     target: np.ndarray | None = None,
     rows_mask: np.ndarray | None = None,
+    partner_packs: int | None = None,
 ) -> np.ndarray:
     """Local search: swap a replica of the heaviest pack with one of another pack while that lowers it.
 
@@ -169,6 +180,8 @@ def swap_search(
             improvement second.
         target: optional ``[X]`` loads; a row stops once its heaviest pack is ``<= target``.
         rows_mask: optional ``[X]`` bool, rows to work on (default all).
+        partner_packs: swap partners only on this many packs, the lightest ones (default: every pack);
+            each iteration then costs ``O(a spr^2 Q)`` instead of ``O(a spr S)``.
 
     Returns:
         The improved ``phy2log [X, S]``; the heaviest pack load never increases.
@@ -188,6 +201,7 @@ def swap_search(
     active = np.arange(X) if rows_mask is None else np.flatnonzero(rows_mask)
     iters = 4 * S if max_iters is None else int(max_iters)
     local = np.arange(spr)
+    Q = num_packs - 1 if partner_packs is None else max(1, min(int(partner_packs), num_packs - 1))
     for _ in range(iters):
         if active.size == 0:
             break
@@ -207,23 +221,35 @@ def swap_search(
         mpos = m[:, None] * spr + local  # [a, spr]
         aw = iw[A[:, None], mpos]
         ae = p2l[A[:, None], mpos]
-        bw = iw[A]
-        be = p2l[A]
-        d = aw[:, :, None] - bw[:, None, :]  # [a, spr, S]
+        if Q < num_packs - 1:  # partners on the Q lightest packs only
+            packs = np.argpartition(Lr, Q, axis=1)[:, :Q]  # the heaviest (m) is never among the Q lightest
+            bs = (packs[:, :, None] * spr + local).reshape(a, Q * spr)
+            bw = np.take_along_axis(iw[A], bs, axis=1)
+            be = np.take_along_axis(p2l[A], bs, axis=1)
+            bpk = slot_pack[bs]  # [a, nb]
+        else:
+            bs = None
+            bw = iw[A]
+            be = p2l[A]
+            bpk = np.broadcast_to(slot_pack, (a, S))
+        d = aw[:, :, None] - bw[:, None, :]  # [a, spr, nb]
         tol = _REL_TOL * np.maximum(Lm, 1e-300)
         newm = Lm[:, None, None] - d
-        newr = Lr[:, slot_pack][:, None, :] + d
+        newr = (Lr[:, slot_pack] if bs is None else np.take_along_axis(Lr, bpk, axis=1))[:, None, :] + d
         pm = np.maximum(newm, newr)
-        valid = (slot_pack[None, None, :] != m[:, None, None]) & (d > tol[:, None, None])
+        valid = (bpk[:, None, :] != m[:, None, None]) & (d > tol[:, None, None])
         # no new duplicates: a's expert must be absent from b's pack, b's expert absent from the heavy pack
         a_on = has[A[:, None], ae, :]  # [a, spr, P]
-        valid &= a_on[:, :, slot_pack] == 0
-        b_on_m = has[A[:, None], be, m[:, None]]  # [a, S]
+        if bs is None:
+            valid &= a_on[:, :, slot_pack] == 0
+        else:
+            valid &= np.take_along_axis(a_on, np.broadcast_to(bpk[:, None, :], d.shape), axis=2) == 0
+        b_on_m = has[A[:, None], be, m[:, None]]  # [a, nb]
         valid &= (b_on_m == 0)[:, None, :]
         improving = valid & (pm < (Lm - tol)[:, None, None])
         if home is not None:
             hA = home[A]
-            bp = np.broadcast_to(slot_pack, (a, S))
+            bp = bpk
             mm = np.broadcast_to(m[:, None], (a, spr))
             a_home_m = hA[ar[:, None], ae, mm]  # a's expert was on m
             b_home_b = hA[ar[:, None], be, bp]  # b's expert was on b's pack
@@ -243,8 +269,11 @@ def swap_search(
         ok = np.isfinite(flat[ar, best])
         if not ok.any():
             break
-        A, best, m = A[ok], best[ok], m[ok]
-        j, k = best // S, best % S
+        nb = flat.shape[1] // spr
+        j, k = best // nb, best % nb
+        if bs is not None:
+            k = bs[ar, k]
+        A, j, k, m = A[ok], j[ok], k[ok], m[ok]
         sa = m * spr + j
         ea, eb = p2l[A, sa], p2l[A, k]
         wa, wb = iw[A, sa], iw[A, k]
@@ -278,6 +307,11 @@ def dedup_pass(weight: np.ndarray, phy2log: np.ndarray, num_packs: int, *, max_i
     spr = S // num_packs
     p2l = phy2log.copy()
     if spr == 1:
+        return p2l
+    todo = colocated_dups(p2l, num_packs) > 0  # rows are independent: work on those with a duplicate only
+    if not todo.all():
+        if todo.any():
+            p2l[todo] = dedup_pass(weight[todo], p2l[todo], num_packs, max_iters=max_iters, max_replicas=max_replicas)
         return p2l
     counts = phy2log_counts(p2l, E)
     iw = np.take_along_axis(weight / np.maximum(counts, 1), p2l, axis=1)

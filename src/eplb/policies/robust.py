@@ -4,8 +4,9 @@ A serving step waits for its slowest rank, so the cost of a static placement on 
 per-step loads ``[T, L, E]`` is ``mean_t max_r load_t(r)`` (per layer), not the max of the summed
 loads. The policy starts from ``eplb``'s plan of the summed loads and runs a local search on that
 objective: each iteration, per layer, it takes the rank that is the per-step maximum most often
-(weighted by its load there), evaluates every swap of one of its slots with a slot on another rank
-(no new colocated duplicate) on every step of the window, and applies the swap that lowers the mean
+(weighted by its load there), ranks the swaps of one of its slots with a slot on one of the
+``PARTNER_RANKS`` (8) ranks lightest on the window mean (no new colocated duplicate), evaluates the
+best 256 of them on every step of the window, and applies the swap that lowers the mean
 per-step maximum the most. Replica counts come from the summed loads.
 
 Options: those of ``eplb`` except ``current``; ``max_steps`` (default 64): windows longer than this
@@ -26,6 +27,9 @@ from eplb.policies.search import robust_rows, step_max_mean
 
 __all__ = ["robust_rows", "step_max_mean"]
 
+PARTNER_RANKS: int | None = 8
+"""Swap partners of the window search: the ranks lightest on the window mean (``None``: every rank)."""
+
 
 @register_policy("eplb-robust", options=("max_replicas", "excluded_ranks", "max_steps", "max_iters", "current"))
 def eplb_robust_policy(loads: np.ndarray, *, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
@@ -45,7 +49,7 @@ def eplb_robust_policy(loads: np.ndarray, *, num_slots: int, num_ranks: int, num
                       max_iters=max_iters)
     if T > 1:
         steps = np.unique(np.linspace(0, T - 1, min(T, max(int(max_steps), 1))).round().astype(np.int64))
-        out = robust_rows(loads[steps], start, R, max_iters=max_iters)
+        out = robust_rows(loads[steps], start, R, max_iters=max_iters, partner_ranks=PARTNER_RANKS)
         # keep the search result only where it is at least as good on the whole window
         better = step_max_mean(loads, out, R) <= step_max_mean(loads, start, R) * (1 + 1e-12)
         out = np.where(better[:, None], out, start)
