@@ -248,3 +248,21 @@ def test_hierarchical_node_property_and_bound(seed, layout, kind):
     ds = max_rank_load(w, eplb.plan(w, S, R, num_nodes=N, num_groups=G, policy="deepseek-hierarchical"))
     assert np.all(got <= ds * (1 + 1e-9) + 1e-9)
     assert np.all(hierarchical_lower_bound(w, S, R, N, G) <= got * (1 + 1e-9) + 1e-12)
+
+
+def test_long_window_checks_on_evenly_spaced_steps(monkeypatch):
+    """A window longer than CHECK_STEPS is scored on CHECK_STEPS evenly spaced steps: the plan still never has a
+    higher mean per-step max than DeepSeek's on those steps."""
+    import eplb.policies.eplb_policy as ep
+    from eplb.policies.search import step_max_mean
+
+    rng = np.random.default_rng(3)
+    block = rng.poisson(rng.gamma(0.5, 40.0, size=(1, 3, 16)), size=(4, 3, 16)).astype(np.float64)
+    window = np.tile(block, (6, 1, 1))  # 24 steps
+    monkeypatch.setattr(ep, "CHECK_STEPS", 8)
+    got = eplb.plan(window, num_slots=24, num_ranks=4, policy="eplb")
+    ds = eplb.plan(window, num_slots=24, num_ranks=4, policy="deepseek")
+    pick = np.unique(np.linspace(0, 23, 8).round().astype(np.int64))
+    o_got = step_max_mean(window[pick], got.phy2log, 4)
+    o_ds = step_max_mean(window[pick], ds.phy2log, 4)
+    assert np.all(o_got <= o_ds * (1 + 1e-12))

@@ -365,6 +365,10 @@ def _solve(
     return out
 
 
+#: Steps of a longer window that :func:`_window_rows` scores its candidates on (the sum uses every step).
+CHECK_STEPS = 2048
+
+
 def _window_rows(loads: np.ndarray, num_slots: int, num_ranks: int, num_nodes: int, num_groups: int,
                  cap: int | None, max_iters: int | None, max_steps: int) -> np.ndarray:
     """Plan for a per-step window ``[T, L, E]`` (``T > 1``): what a serving step waits for is its slowest rank.
@@ -385,12 +389,19 @@ def _window_rows(loads: np.ndarray, num_slots: int, num_ranks: int, num_nodes: i
 
     Cost (``Q`` = 8 partner ranks, ``spr = S / R``): ``O(L * (E * 40 + S * R + iters * spr^2 * Q))`` for step 1,
     ``O(iters * L * (R * T' + spr^2 * Q + 64 * T'))`` for step 2 (``T' = min(T, max_steps)``, ``iters <= 64``),
-    ``O(T * L * S)`` for the checks; every step is vectorised across layers.
+    ``O(min(T, CHECK_STEPS) * L * S)`` for the checks; every step is vectorised across layers.
+
+    A window longer than ``CHECK_STEPS`` (2048) steps is summed in full, but the checks of steps 2-3 ("the whole
+    window" above) use ``CHECK_STEPS`` evenly spaced steps of it: the objective is a mean over steps, and a
+    10,000-step simulator window would otherwise spend seconds re-scoring candidates.
     """
     from eplb.policies.search import robust_rows, step_max_mean
 
     T, L, E = loads.shape
     w = loads.sum(axis=0)
+    if T > CHECK_STEPS:
+        loads = loads[np.unique(np.linspace(0, T - 1, CHECK_STEPS).round().astype(np.int64))]
+        T = loads.shape[0]
     ds = _deepseek_start(w, num_slots, num_ranks, num_nodes, num_groups)
     start = eplb_rows(w, num_slots, num_ranks, max_replicas=cap, max_iters=max_iters, rounds=0, perturb=0,
                       partners=ROBUST_PARTNER_RANKS)
