@@ -98,3 +98,30 @@ def test_needs_pairs_and_valid_options() -> None:
         plan(loads, 8, 2, num_nodes=2, policy="eplb-cooc")
     with pytest.raises(InputError, match="level"):
         plan(loads, 8, 2, num_nodes=2, policy="eplb-cooc", topk_ids=np.zeros((1, 1, 2), np.int64), level="gpu")
+
+
+def test_cli_plan_evaluate_report_show_cross_node_pairs(tmp_path) -> None:
+    """A trace with top-k ids: `plan --policy eplb-cooc` takes its pairs; evaluate / report print the pairs."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from eplb.cli import app
+    from eplb.stats.trace import Trace
+
+    rng = np.random.default_rng(3)
+    E, L, k, T = 16, 2, 3, 4
+    ids = _ids(rng, 64, L, E, k, 4)
+    tr = Trace(_counts(ids, E, T).astype(np.int64), top_k=k, topk_ids=ids,
+               topk_offsets=np.arange(T + 1, dtype=np.int64) * 16)
+    tr.save(tmp_path / "t.safetensors")
+    run = CliRunner()
+    res = run.invoke(app, ["plan", str(tmp_path / "t.safetensors"), "--ep-size", "4", "--num-slots", "16",
+                           "--num-nodes", "2", "--policy", "eplb-cooc", "--format", "native", "-o", str(tmp_path / "a.json")])
+    assert res.exit_code == 0, (res.output, res.exception)
+    for cmd in ("evaluate", "report"):
+        res = run.invoke(app, [cmd, str(tmp_path / "t.safetensors"), "--placement", str(tmp_path / "a.json")])
+        assert res.exit_code == 0, (res.output, res.exception)
+        text = " ".join(res.output.split())  # rich wraps long lines
+        assert re.search(r"[\d.]+ cross-node co-activated pairs per token and layer \([\d.]+% of all pairs", text)
+        assert re.search(r"[\d.]+ ranks and [\d.]+ nodes per token \(exact from", text)
