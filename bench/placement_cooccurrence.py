@@ -32,9 +32,9 @@ def main() -> None:
     rows, summary = [], {}
     for N, R, S in layouts:
         for dom in sorted(ids):
-            c, I = counts[dom], ids[dom]
+            c, tk = counts[dom], ids[dom]
             h = c.shape[0] // 2
-            fp, fe = I[:h].reshape(-1, 26, 6), I[h:].reshape(-1, 26, 6)
+            fp, fe = tk[:h].reshape(-1, 26, 6), tk[h:].reshape(-1, 26, 6)
             t = time.perf_counter()
             p0 = plan(c[:h], S, R, num_nodes=N)
             t0 = time.perf_counter() - t

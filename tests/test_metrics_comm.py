@@ -11,17 +11,24 @@ from hypothesis import strategies as st
 
 from eplb import Placement
 from eplb.errors import InputError
-from eplb.metrics import comm_stats, cooccurrence_pairs, cross_pairs, fanout_per_token, pair_counts, replica_share
+from eplb.metrics import (
+    comm_stats,
+    cooccurrence_pairs,
+    cross_pairs,
+    fanout_per_token,
+    pair_counts,
+    replica_share,
+)
 
 
 def _co_from_ids(ids: np.ndarray, E: int) -> np.ndarray:
     """[1, L, E, E] co-occurrence with the counts on the diagonal, by a plain loop (the reference)."""
     N, L, k = ids.shape
     co = np.zeros((1, L, E, E), dtype=np.int64)
-    for n, l in itertools.product(range(N), range(L)):
+    for n, ly in itertools.product(range(N), range(L)):
         for a in range(k):
             for b in range(k):
-                co[0, l, ids[n, l, a], ids[n, l, b]] += 1
+                co[0, ly, ids[n, ly, a], ids[n, ly, b]] += 1
     return co
 
 
@@ -89,19 +96,19 @@ def test_matches_brute_force_per_token(seed: int, k: int, rn: tuple[int, int], e
     ids = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(N)])
     node_of, rank_of = pl.slot_node(), pl.slot_rank()
     want = {"ranks": np.zeros(L), "nodes": np.zeros(L), "cross": np.zeros(L), "coloc": np.zeros(L)}
-    for l in range(L):
-        slots = [np.flatnonzero(pl.phy2log[l] == e) for e in range(E)]
+    for ly in range(L):
+        slots = [np.flatnonzero(pl.phy2log[ly] == e) for e in range(E)]
         for n in range(N):
-            choice = [slots[e] for e in ids[n, l]]
+            choice = [slots[e] for e in ids[n, ly]]
             combos = list(itertools.product(*choice))
             for combo in combos:
-                want["ranks"][l] += len({rank_of[s] for s in combo}) / len(combos) / N
-                want["nodes"][l] += len({node_of[s] for s in combo}) / len(combos) / N
-                want["cross"][l] += sum(node_of[a] != node_of[b] for a, b in itertools.combinations(combo, 2)) \
+                want["ranks"][ly] += len({rank_of[s] for s in combo}) / len(combos) / N
+                want["nodes"][ly] += len({node_of[s] for s in combo}) / len(combos) / N
+                want["cross"][ly] += sum(node_of[a] != node_of[b] for a, b in itertools.combinations(combo, 2)) \
                     / len(combos) / N
-            for x, y in itertools.combinations(ids[n, l], 2):
+            for x, y in itertools.combinations(ids[n, ly], 2):
                 nx, ny = set(node_of[slots[x]]), set(node_of[slots[y]])
-                want["coloc"][l] += (not nx & ny) / N
+                want["coloc"][ly] += (not nx & ny) / N
     got = comm_stats(pl, topk_ids=ids)
     assert np.allclose(got["ranks"], want["ranks"]) and np.allclose(got["nodes"], want["nodes"])
     assert np.allclose(got["cross_node_pairs"], want["cross"])

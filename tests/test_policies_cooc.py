@@ -17,9 +17,9 @@ def _ids(rng: np.random.Generator, N: int, L: int, E: int, k: int, blocks: int) 
     bs = E // blocks
     out = np.empty((N, L, k), dtype=np.int64)
     for n in range(N):
-        for l in range(L):
+        for ly in range(L):
             b = rng.integers(blocks)
-            out[n, l] = b * bs + rng.choice(bs, k, replace=False)
+            out[n, ly] = b * bs + rng.choice(bs, k, replace=False)
     return out
 
 
@@ -84,9 +84,9 @@ def test_group_limited_routing_keeps_groups_on_nodes() -> None:
     loads = _counts(ids, E, 4)
     pl = plan(loads, S, R, num_nodes=N, num_groups=G, policy="eplb-cooc", topk_ids=ids, imbalance_tolerance=0.5)
     node = pl.slot_node()
-    for l in range(L):
+    for ly in range(L):
         for g in range(G):
-            assert len(set(node[(pl.phy2log[l] // (E // G)) == g])) == 1
+            assert len(set(node[(pl.phy2log[ly] // (E // G)) == g])) == 1
     base = plan(loads, S, R, num_nodes=N, num_groups=G, policy="eplb-hierarchical")
     pairs = pair_counts(ids, E)
     assert np.all(cross_pairs(pl, pairs) <= cross_pairs(base, pairs) + 1e-9)

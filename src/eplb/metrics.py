@@ -349,7 +349,7 @@ def replica_share(placement: Placement, level: str = "node") -> np.ndarray:
     :mod:`eplb.strategies`, the analytic model of every metric here). ``O(L S)``.
     """
     U, unit = _units(placement, level)
-    L, S, E = placement.num_layers, placement.num_slots, placement.num_experts
+    L, E = placement.num_layers, placement.num_experts
     mask = served_slots(placement)
     share = np.zeros((L * E * U,))
     flat = (np.arange(L)[:, None] * E + placement.phy2log) * U + unit[None, :]
