@@ -7,7 +7,10 @@ per-slot split is given.
 * imbalance ratio = ``max / mean - 1`` of rank load (TensorRT-LLM), computed per step, then averaged;
 * balancedness = ``mean / max`` of rank load (vLLM, SGLang);
 * :func:`lower_bound` -- a proven lower bound on the max rank load any placement can reach, and
-  :func:`optimality_gap` of a placement to it; :func:`experts_moved` between two placements.
+  :func:`optimality_gap` of a placement to it; :func:`experts_moved` between two placements;
+* communication (:func:`comm_stats`): ranks / nodes a token is sent to (:func:`fanout_per_token`) and
+  co-activated expert pairs split across nodes (:func:`cross_pairs`, from :func:`pair_counts` of top-k ids or
+  a trace's ``cooccurrence``), under a uniform choice among an expert's replicas (:func:`replica_share`).
 
 Ranks listed in ``placement.meta["excluded_ranks"]`` (failed / drained ranks, set by the eplb policies'
 ``excluded_ranks=`` option) serve nothing: their slots get no load and an expert's count is split over
@@ -25,15 +28,21 @@ from eplb.errors import InputError
 from eplb.placement import Placement
 
 __all__ = [
-    "fanout_per_token",
+    "LEVELS",
     "balancedness",
+    "comm_stats",
+    "cooccurrence_pairs",
+    "cross_pairs",
+    "fanout_per_token",
     "experts_moved",
     "hierarchical_lower_bound",
     "imbalance_ratio",
     "lower_bound",
     "max_rank_load",
     "optimality_gap",
+    "pair_counts",
     "rank_loads",
+    "replica_share",
     "served_slots",
     "slot_loads",
     "slot_share",
@@ -356,49 +365,191 @@ def hierarchical_lower_bound(counts: ArrayLike, num_slots: int, num_ranks: int, 
     return np.maximum(base, best)
 
 
-def _replica_share(placement: Placement, units: int, unit_of_slot: np.ndarray) -> np.ndarray:
-    """``[L, E, units]``: fraction of expert ``e``'s replicas on each rank / node (uniform replica choice)."""
+# ------------------------------------------------------------------ communication: fan-out, co-activated pairs
+#: The units a token's experts can sit on: ``"rank"`` (GPU) or ``"node"`` (host; ranks ``n*(R/N)..``).
+LEVELS = ("rank", "node")
+
+
+def _units(placement: Placement, level: str) -> tuple[int, np.ndarray]:
+    if level not in LEVELS:
+        raise InputError(f"level: expected one of {list(LEVELS)}, got {level!r}")
+    return (placement.num_ranks, placement.slot_rank()) if level == "rank" else (placement.num_nodes, placement.slot_node())
+
+
+def replica_share(placement: Placement, level: str = "node") -> np.ndarray:
+    """``[L, E, U]`` fraction of expert ``e``'s served replicas (:func:`served_slots`) on each rank / node ``u``.
+
+    The replica-choice model of the communication metrics: a token's expert is computed by one of its served
+    replicas chosen uniformly and independently of the token's other experts (the ``uniform`` split of
+    :mod:`eplb.strategies`, the analytic model of every metric here). ``O(L S)``.
+    """
+    U, unit = _units(placement, level)
     L, E = placement.num_layers, placement.num_experts
-    share = np.zeros((L, E, units))
-    for layer in range(L):
-        np.add.at(share[layer], (placement.phy2log[layer], unit_of_slot), 1.0)
+    mask = served_slots(placement)
+    share = np.zeros((L * E * U,))
+    flat = (np.arange(L)[:, None] * E + placement.phy2log) * U + unit[None, :]
+    np.add.at(share, flat[mask], 1.0)
+    share = share.reshape(L, E, U)
     return share / share.sum(-1, keepdims=True)
 
 
+def pair_counts(topk_ids: ArrayLike, num_experts: int, *, chunk: int = 1 << 16) -> np.ndarray:
+    """``[L, E, E]`` co-activated pairs from the tokens' routed ids ``topk_ids [N, L, k]``.
+
+    ``[l, i, j]`` (``i != j``) = tokens that chose both ``i`` and ``j`` at layer ``l``; symmetric, zero diagonal
+    (the off-diagonal of a trace's ``cooccurrence`` summed over steps). A token listing an expert twice adds
+    nothing for that pair. ``O(N L k^2)`` time (one ``bincount``), ``O(chunk L k^2 + L E^2)`` memory.
+    """
+    ids = np.asarray(topk_ids)
+    if ids.ndim != 3 or ids.dtype.kind not in "iu":
+        raise InputError(f"topk_ids: expected an integer [tokens, layers, k] array, got {ids.dtype} {ids.shape}")
+    N, L, k = ids.shape
+    E = int(num_experts)
+    if ids.size and (ids.min() < 0 or ids.max() >= E):
+        raise InputError(f"topk_ids: expert ids must lie in [0, {E})")
+    a, b = np.triu_indices(k, 1)
+    base = (np.arange(L, dtype=np.int64) * E)[None, :, None]
+    out = np.zeros(L * E * E)
+    for s in range(0, N, max(int(chunk), 1)):
+        part = ids[s: s + chunk].astype(np.int64)
+        flat = ((base + part[:, :, a]) * E + part[:, :, b]).ravel()
+        out += np.bincount(flat, minlength=L * E * E)
+    m = out.reshape(L, E, E)
+    m = m + m.transpose(0, 2, 1)
+    m[:, np.arange(E), np.arange(E)] = 0.0
+    return m
+
+
+def cooccurrence_pairs(cooccurrence: ArrayLike) -> np.ndarray:
+    """``[L, E, E]`` co-activated pairs from a trace's ``cooccurrence`` (``[T, L, E, E]`` summed over steps, or
+    ``[L, E, E]``): float64, symmetrised, diagonal set to 0 (the diagonal is the per-expert count)."""
+    c = np.asarray(cooccurrence, dtype=np.float64)
+    if c.ndim == 4:
+        c = c.sum(0)
+    if c.ndim != 3 or c.shape[1] != c.shape[2]:
+        raise InputError(f"cooccurrence: expected [T, L, E, E] or [L, E, E], got shape {c.shape}")
+    m = 0.5 * (c + c.transpose(0, 2, 1))
+    m[:, np.arange(c.shape[1]), np.arange(c.shape[1])] = 0.0
+    return m
+
+
+def cross_pairs(placement: Placement, pairs: ArrayLike, *, level: str = "node", rule: str = "uniform") -> np.ndarray:
+    """``[L]`` co-activated expert pairs whose two experts are computed on different nodes (ranks), summed over tokens.
+
+    ``pairs [L, E, E]``: :func:`pair_counts` or :func:`cooccurrence_pairs` (symmetric, zero diagonal; each
+    unordered pair ``{i, j}`` of a token's chosen experts counted once). A pair of one token is *cross-node*
+    when its two experts run on different nodes, so the token's hidden state crosses nodes for at least one of
+    them (a pair on one node is served by one inter-node transfer). With replicas:
+
+    * ``rule="uniform"`` (default; the model of :func:`replica_share`, eplb's ``uniform`` split): each expert's
+      replica is chosen uniformly and independently, so the pair crosses with probability
+      ``1 - sum_u p_i(u) p_j(u)``; the value is the expectation ``sum_{i<j} pairs_ij (1 - p_i . p_j)``.
+    * ``rule="colocated"``: a pair is local if some node holds a replica of both (a router that picks replicas
+      to keep pairs together; an optimistic lower bound for the same placement).
+
+    Without replicas the two rules agree and the count is exact. ``O(L E^2 U)``.
+    """
+    p = np.asarray(pairs, dtype=np.float64)
+    L, E = placement.num_layers, placement.num_experts
+    if p.shape != (L, E, E):
+        raise InputError(f"pairs: expected shape {(L, E, E)}, got {p.shape}")
+    share = replica_share(placement, level)
+    if rule == "uniform":
+        same = np.einsum("liu,lju->lij", share, share)
+    elif rule == "colocated":
+        h = (share > 0).astype(np.float64)
+        same = (np.einsum("liu,lju->lij", h, h) > 0).astype(np.float64)
+    else:
+        raise InputError(f"rule: expected 'uniform' or 'colocated', got {rule!r}")
+    return 0.5 * (p * (1.0 - same)).sum(axis=(1, 2))
+
+
 def fanout_per_token(placement: Placement, *, topk_ids: np.ndarray | None = None, counts: ArrayLike | None = None,
-                     top_k: int = 0) -> dict[str, Any]:
+                     top_k: int = 0, chunk: int = 1 << 22) -> dict[str, Any]:
     """Mean number of distinct ranks and nodes one token is dispatched to, per layer and averaged.
 
     With the tokens' routed ids (``topk_ids [N, L, k]``, e.g. TensorRT-LLM's raw statistics) the
-    expectation is exact under a uniform choice among an expert's replicas: a unit ``u`` is
-    touched with probability ``1 - prod_j (1 - share[id_j, u])``. With counts only (``[T, L, E]``
+    expectation is exact under a uniform choice among an expert's replicas (:func:`replica_share`): a unit
+    ``u`` is touched with probability ``1 - prod_j (1 - share[id_j, u])``. With counts only (``[T, L, E]``
     and ``top_k``), each of a token's ``k`` choices is taken as independent with ``P(e) = c_e /
     (tokens * k)`` -- an approximation (real choices are distinct and correlated). Returns
     ``{"method": "topk_ids" | "counts", "ranks": [L], "nodes": [L], "mean_ranks", "mean_nodes"}``.
     The node bound of group-limited routing (e.g. DeepSeek-V3: at most 4 nodes) applies to ``nodes``.
+    Vectorised over layers and tokens (``chunk`` gathered elements at a time): ``O(N L k U)``.
     """
-    R, N = placement.num_ranks, placement.num_nodes
-    rank_of_slot = placement.slot_rank()
-    node_of_slot = rank_of_slot // (R // N)
+    L, E = placement.num_layers, placement.num_experts
     out: dict[str, Any] = {}
-    for name, units, unit_of in (("ranks", R, rank_of_slot), ("nodes", N, node_of_slot)):
-        share = _replica_share(placement, units, unit_of)  # [L, E, U]
-        per_layer = np.zeros(placement.num_layers)
-        for layer in range(placement.num_layers):
-            if topk_ids is not None:
-                ids = np.asarray(topk_ids)[:, layer]  # [N, k]
-                miss = np.prod(1.0 - share[layer][ids], axis=1)  # [N, U]
-                per_layer[layer] = float((1.0 - miss).sum(-1).mean()) if ids.shape[0] else 0.0
-            else:
-                if counts is None or top_k <= 0:
-                    raise InputError("fanout_per_token: needs topk_ids, or counts and top_k")
-                c = np.asarray(counts, dtype=np.float64).reshape(-1, placement.num_layers, placement.num_experts)
-                tot = c[:, layer].sum(0)
-                tokens = tot.sum() / top_k
-                q = np.clip(tot / max(tokens * top_k, 1e-300), 0.0, 1.0)  # per single choice
-                miss = np.prod((1.0 - q[:, None] * share[layer]) ** top_k, axis=0)  # [U]
-                per_layer[layer] = float((1.0 - miss).sum())
-        out[name] = per_layer
-        out[f"mean_{name}"] = float(per_layer.mean())
+    if topk_ids is None:
+        if counts is None or top_k <= 0:
+            raise InputError("fanout_per_token: needs topk_ids, or counts and top_k")
+        tot = np.asarray(counts, dtype=np.float64).reshape(-1, L, E).sum(0)  # [L, E]
+        tokens = tot.sum(-1, keepdims=True) / top_k
+        q = np.clip(tot / np.maximum(tokens * top_k, 1e-300), 0.0, 1.0)  # per single choice
+    else:
+        ids = np.asarray(topk_ids)
+        N, _, k = ids.shape
+        lidx = np.arange(L)[None, :, None]
+    for level in LEVELS:
+        U, _ = _units(placement, level)
+        share = replica_share(placement, level)  # [L, E, U]
+        if topk_ids is None:
+            miss = (1.0 - np.einsum("le,leu->lu", q, share)) ** top_k  # [L, U]: no choice lands on u
+            per_layer = (1.0 - miss).sum(-1)
+        else:
+            per_layer = np.zeros(L)
+            step = max(1, int(chunk) // max(L * k * U, 1))
+            for s in range(0, N, step):
+                miss = np.prod(1.0 - share[lidx, ids[s: s + step]], axis=2)  # [n, L, U]
+                per_layer += (1.0 - miss).sum(axis=(0, 2))
+            per_layer = per_layer / N if N else per_layer
+        out[f"{level}s"] = per_layer
+        out[f"mean_{level}s"] = float(per_layer.mean())
     out["method"] = "topk_ids" if topk_ids is not None else "counts"
+    return out
+
+
+def comm_stats(placement: Placement, *, topk_ids: np.ndarray | None = None, cooccurrence: ArrayLike | None = None,
+               counts: ArrayLike | None = None, top_k: int = 0) -> dict[str, Any]:
+    """Communication of ``placement`` per token: ranks / nodes touched and cross-node (cross-rank) pairs.
+
+    The fan-out is :func:`fanout_per_token` (exact from ``topk_ids``, else expected from ``counts`` and
+    ``top_k``). Co-activated pairs come from ``topk_ids`` (:func:`pair_counts`) or the trace's
+    ``cooccurrence`` (:func:`cooccurrence_pairs`); with neither, the pair keys are absent. Tokens per layer:
+    ``N`` with ``topk_ids``; else ``sum_i C_ii / k`` with ``k = top_k`` or, when unknown, inferred from the
+    co-occurrence as ``1 + 2 sum_{i<j} C_ij / sum_i C_ii`` (exact when every token picks ``k`` distinct experts).
+
+    Returns the fan-out keys plus ``cross_node_pairs`` / ``cross_rank_pairs`` (``[L]`` per token, uniform
+    replica choice, :func:`cross_pairs`), their means (``mean_cross_node_pairs``, ...), ``cross_node_pairs_colocated``
+    (rule ``"colocated"``), ``pairs_per_token`` ``[L]`` and ``cross_node_fraction`` (cross-node / all pairs).
+    """
+    L, E = placement.num_layers, placement.num_experts
+    if topk_ids is not None:
+        out = fanout_per_token(placement, topk_ids=topk_ids)
+    elif counts is not None and top_k > 0:
+        out = fanout_per_token(placement, counts=counts, top_k=top_k)
+    else:
+        out = {}
+    if topk_ids is not None:
+        pairs = pair_counts(topk_ids, E)
+        tokens = np.full(L, float(np.asarray(topk_ids).shape[0]))
+    elif cooccurrence is not None:
+        co = np.asarray(cooccurrence, dtype=np.float64)
+        co = co.sum(0) if co.ndim == 4 else co
+        pairs = cooccurrence_pairs(co)
+        diag = np.einsum("lii->l", co)
+        k = np.full(L, float(top_k)) if top_k > 0 else 1.0 + pairs.sum((1, 2)) / np.maximum(diag, 1e-300)
+        tokens = diag / np.maximum(k, 1e-300)
+        out.setdefault("method", "cooccurrence")
+    else:
+        return out
+    per = np.where(tokens > 0, 1.0 / np.maximum(tokens, 1e-300), 0.0)
+    total = 0.5 * pairs.sum(axis=(1, 2))
+    out["pairs_per_token"] = total * per
+    for level in LEVELS:
+        cp = cross_pairs(placement, pairs, level=level) * per
+        out[f"cross_{level}_pairs"] = cp
+        out[f"mean_cross_{level}_pairs"] = float(cp.mean())
+    out["cross_node_pairs_colocated"] = cross_pairs(placement, pairs, level="node", rule="colocated") * per
+    s = float(total.sum())
+    out["cross_node_fraction"] = float((out["cross_node_pairs"] / np.where(per > 0, per, 1.0)).sum() / s) if s else 0.0
     return out

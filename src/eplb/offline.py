@@ -194,12 +194,16 @@ def evaluate_placement(
         ev.balanced_imbalance, ev.balanced_max_load = ev.imbalance, ev.max_load
     if bound:
         ev.lower_bound, ev.gap = bound_and_gap(c, pl)
-    if trace.topk_ids is not None or trace.top_k:
-        from eplb.metrics import fanout_per_token
+    if trace.topk_ids is not None or trace.top_k or trace.cooccurrence is not None:
+        from eplb.metrics import comm_stats
 
-        fan = fanout_per_token(pl, topk_ids=trace.topk_ids, counts=c, top_k=trace.top_k)
-        ev.extra.update(ranks_per_token=round(fan["mean_ranks"], 4), nodes_per_token=round(fan["mean_nodes"], 4),
-                        fanout_method=fan["method"])
+        fan = comm_stats(pl, topk_ids=trace.topk_ids, cooccurrence=trace.cooccurrence, counts=c, top_k=trace.top_k)
+        if "mean_ranks" in fan:
+            ev.extra.update(ranks_per_token=round(fan["mean_ranks"], 4), nodes_per_token=round(fan["mean_nodes"], 4),
+                            fanout_method=fan["method"])
+        if "mean_cross_node_pairs" in fan:
+            ev.extra.update(cross_node_pairs=round(fan["mean_cross_node_pairs"], 4),
+                            cross_node_fraction=round(fan["cross_node_fraction"], 4))
     return ev
 
 def read_placement_for_trace(path: Path, fmt: str | None, tr: Trace, trace_spec: str, **kw: Any) -> Placement:
@@ -394,8 +398,11 @@ def plan_placement(
         "iter_range": iter_range or fmt_range(None, trace), "num_steps": trace.num_steps,
         "eplb_version": __version__,
     }
+    opts = dict(options or {})
+    if pol == "eplb-cooc" and "topk_ids" not in opts and "cooccurrence" not in opts:  # the trace's co-activated pairs
+        opts.update(topk_ids=trace.topk_ids) if trace.topk_ids is not None else opts.update(cooccurrence=trace.cooccurrence)
     pl = plan(trace.counts, S, int(ep_size), num_nodes=int(num_nodes), num_groups=int(num_groups), policy=pol,
-              layer_ids=trace.layer_ids, meta=meta, **(options or {}))
+              layer_ids=trace.layer_ids, meta=meta, **opts)
     ev = evaluate_placement(trace, pl, dispatch=False, bound=True)
     info: dict[str, Any] = {"in_sample_imbalance": round(ev.imbalance, 6), "in_sample_max_load": round(ev.max_load, 4)}
     if ev.lower_bound is not None and ev.gap is not None:

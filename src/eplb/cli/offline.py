@@ -122,6 +122,9 @@ def _print_fanout(evals: Sequence[Evaluation]) -> None:
                    else "expected from counts, independent choices")
             print(f"{ev.label}: {ev.extra['ranks_per_token']:.2f} ranks and {ev.extra['nodes_per_token']:.2f} nodes "
                   f"per token ({how}; uniform replica choice)")
+        if "cross_node_pairs" in ev.extra:
+            print(f"{ev.label}: {ev.extra['cross_node_pairs']:.2f} cross-node co-activated pairs per token and layer "
+                  f"({ev.extra['cross_node_fraction']:.1%} of all pairs; imbalance {ev.imbalance:.4f})")
 
 
 def _per_layer_table(before: Evaluation, after: Evaluation, title: str) -> Any:

@@ -146,17 +146,21 @@ def report(
     if len(result) == 2:
         (la, a), (lb, b) = result.items()
         console.print(f"average imbalance ratio: {la} {a.average[2]:.4f} -> {lb} {b.average[2]:.4f}")
-    if tr.topk_ids is not None or tr.top_k:  # all-to-all fan-out of the reported placements
-        from eplb.metrics import fanout_per_token
+    if tr.topk_ids is not None or tr.top_k or tr.cooccurrence is not None:  # all-to-all fan-out, cross-node pairs
+        from eplb.metrics import comm_stats
         from eplb.placement import Placement
         from eplb.stats.report import align_placement
 
         for label, p, ep in _variants(tr, pl, ep_size, per_expert):
             q = Placement.contiguous(tr.num_layers, tr.num_experts, ep, layer_ids=tr.layer_ids) if p is None \
                 else align_placement(p, tr.layer_ids, tr.num_experts)
-            fan = fanout_per_token(q, topk_ids=tr.topk_ids, counts=tr.counts, top_k=tr.top_k)
+            fan = comm_stats(q, topk_ids=tr.topk_ids, cooccurrence=tr.cooccurrence, counts=tr.counts, top_k=tr.top_k)
             how = "exact from top-k ids" if fan["method"] == "topk_ids" else "expected from counts, independent choices"
-            console.print(f"{label}: {fan['mean_ranks']:.2f} ranks and {fan['mean_nodes']:.2f} nodes per token ({how})")
+            if "mean_ranks" in fan:
+                console.print(f"{label}: {fan['mean_ranks']:.2f} ranks and {fan['mean_nodes']:.2f} nodes per token ({how})")
+            if "mean_cross_node_pairs" in fan:
+                console.print(f"{label}: {fan['mean_cross_node_pairs']:.2f} cross-node co-activated pairs per token "
+                              f"and layer ({fan['cross_node_fraction']:.1%} of all pairs; {q.num_nodes} nodes)")
     if json_out is not None:
         from eplb._io import atomic_write
 

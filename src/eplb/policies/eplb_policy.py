@@ -68,6 +68,7 @@ __all__ = [
     "excluded_layout",
     "hierarchical_rows",
     "row_quality",
+    "rows_in_nodes",
 ]
 
 
@@ -182,6 +183,23 @@ def _group_nodes(weight: np.ndarray, num_groups: int, num_nodes: int, max_iters:
     return node
 
 
+def rows_in_nodes(weight: np.ndarray, node: np.ndarray, num_slots: int, num_ranks: int, num_nodes: int, *,
+                  max_replicas: int | None = None, max_iters: int | None = None, rounds: int = 16,
+                  perturb: int = 4) -> np.ndarray:
+    """``phy2log [L, S]`` for a given node of every expert group (``node [L, G]``, equal groups per node): each
+    node's experts are replicated into its ``S / N`` slots and packed onto its ``R / N`` ranks by :func:`eplb_rows`."""
+    L, E = weight.shape
+    N, G = num_nodes, node.shape[1]
+    gs = E // G
+    # experts of node n, in group order: [L, N, E/N]
+    gorder = np.argsort(node, axis=1, kind="stable")  # groups sorted by node
+    experts = (gorder[:, :, None] * gs + np.arange(gs)).reshape(L, N, E // N)
+    w_local = np.take_along_axis(weight, experts.reshape(L, E), axis=1).reshape(L * N, E // N)
+    loc = eplb_rows(w_local, num_slots // N, num_ranks // N, max_replicas=max_replicas, max_iters=max_iters,
+                    rounds=rounds, perturb=perturb)
+    return np.take_along_axis(experts.reshape(L * N, E // N), loc, axis=1).reshape(L, num_slots)
+
+
 def hierarchical_rows(
     weight: np.ndarray,
     num_slots: int,
@@ -205,15 +223,9 @@ def hierarchical_rows(
     N, G = num_nodes, num_groups
     if G % N:
         raise InputError(f"num_groups: hierarchical policy needs num_groups ({G}) divisible by num_nodes ({N})")
-    gs = E // G
     node = _group_nodes(weight, G, N, max_iters)  # [L, G]
-    # experts of node n, in group order: [L, N, E/N]
-    gorder = np.argsort(node, axis=1, kind="stable")  # groups sorted by node
-    experts = (gorder[:, :, None] * gs + np.arange(gs)).reshape(L, N, E // N)
-    w_local = np.take_along_axis(weight, experts.reshape(L, E), axis=1).reshape(L * N, E // N)
-    loc = eplb_rows(w_local, num_slots // N, num_ranks // N, max_replicas=max_replicas, max_iters=max_iters,
-                    rounds=rounds, perturb=perturb)
-    ours = np.take_along_axis(experts.reshape(L * N, E // N), loc, axis=1).reshape(L, num_slots)
+    ours = rows_in_nodes(weight, node, num_slots, num_ranks, N, max_replicas=max_replicas, max_iters=max_iters,
+                         rounds=rounds, perturb=perturb)
     # DeepSeek hierarchical, improved inside each node (global ids, rows = (layer, node))
     ds, _, _ = rebalance_experts_hierarchical(to_float32(weight), num_slots, G, N, num_ranks)
     w_rep = np.repeat(weight, N, axis=0)

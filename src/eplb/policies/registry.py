@@ -74,6 +74,7 @@ _INFO: dict[str, PolicyInfo] = {i.name: i for i in (
     PolicyInfo("eplb-incremental", _EP, migration="required", hierarchical=True, excluded_ranks=True),
     PolicyInfo("eplb-robust", "eplb.policies.robust", per_step=True, excluded_ranks=True),
     PolicyInfo("eplb-dispatch", "eplb.dispatch.policy", per_step=True, hierarchical=True),
+    PolicyInfo("eplb-cooc", "eplb.policies.cooc", per_step=True, hierarchical=True),
 )}
 
 
