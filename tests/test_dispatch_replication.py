@@ -198,6 +198,8 @@ def _kernel_cases(seed: int, n: int) -> list[dict]:
             kw["max_copies"] = int(rng.integers(0, 5))
         if i % 4 == 3:
             kw["max_iters"] = int(rng.integers(0, 3))
+        if i % 5 == 1:
+            kw["tolerance"] = float(rng.choice([0.0, 0.05, 0.2]))
         cases.append({"phy2log": pl.phy2log.tolist(), "E": E, "R": R, "excluded": pl.meta.get("excluded_ranks", []),
                       "counts": counts.tolist(), "D": int(rng.integers(0, 3)), "kw": kw})
     return cases
@@ -240,6 +242,12 @@ def test_slot_tables_holder_masks() -> None:
 def test_kernel_equals_reference_in_triton_interpreter() -> None:
     """The Triton kernel's program, run by Triton's CPU interpreter, equals the numpy reference (runs without a GPU)."""
     cases = _kernel_cases(11, 8)
+    # more than 32 ranks: the kernel keeps rank bit masks as two int32 halves
+    rng = np.random.default_rng(12)
+    pl = random_placement(rng, 40, 2, 60, L=1)
+    counts = rng.multinomial(4000, rng.dirichlet(np.full(60, 0.3)), size=(2, 1))
+    cases.append({"phy2log": pl.phy2log.tolist(), "E": 60, "R": 40, "excluded": [3], "counts": counts.tolist(),
+                  "D": 2, "kw": {"max_send": 1, "tolerance": 0.0}})
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_dispatch_replication as t; "
             "print(json.dumps(t._check_kernel_cases(json.loads(sys.stdin.read()), 'cpu')))")
     env = dict(os.environ, TRITON_INTERPRET="1")
