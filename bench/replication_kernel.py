@@ -44,6 +44,11 @@ def time_us(fn: Any, dev: Any, reps: int) -> float:
     return statistics.median(sample_ms(fn, dev, 1, reps)) * 1e3
 
 
+def variant_kwargs(name: str) -> dict[str, Any]:
+    """``wN``: N warps per program."""
+    return {"num_warps": int(name[1:])}
+
+
 def _times(fn: Any, dev: Any, reps: int, graph: bool, setups: list[Any]) -> list[float]:
     """Per problem (each ``setup()`` loads one problem into the inputs): the median time of ``fn`` (or its graph)."""
     rep = graphed(fn) if (graph and dev.type == "cuda") else fn
@@ -101,6 +106,8 @@ def run_config(E: int, R: int, S: int, D: int, layers: int, steps: int, tokens_p
         out["iters_mean" + tag] = float(ref.iterations.mean())
         out["iters_max" + tag] = int(ref.iterations.max())
         out["copies_mean" + tag] = float(ref.copies.mean())
+        if not tag:
+            want_default = want
     # timings: one launch for one (step, layer), 3 layers x every test step; one launch for all layers of a step
     one_in = c_dev[0, :1].clone()
     t_one = {k: v[:1].clone() for k, v in tabs.items()}
@@ -115,8 +122,12 @@ def run_config(E: int, R: int, S: int, D: int, layers: int, steps: int, tokens_p
 
     setups_one = [load_one(t, la) for t in range(test.shape[0]) for la in (0, layers // 2, layers - 1)]
     setups_all = [(lambda t=t: all_in.copy_(c_dev[t])) for t in range(test.shape[0])]
-    variants = [(f"w{w}", {"num_warps": w}) for w in warps] + [("w1_t0", {"num_warps": 1, "tolerance": 0.0})]
+    variants = [(w, variant_kwargs(w)) for w in warps] + [("w4_t0", {"num_warps": 4, "tolerance": 0.0})]
     for name, kw in variants:
+        if not name.endswith("_t0"):  # every variant == the CPU reference on every problem
+            got = plan_replication_gpu(c_dev, tabs, D, **kw)
+            out[f"equal_{name}"] = bool(np.array_equal(got["slot_tokens"].cpu().numpy(), want_default["slot_tokens"])
+                                        and np.array_equal(got["dyn_source"].cpu().numpy(), want_default["dyn_source"]))
         buf = plan_replication_gpu(one_in, t_one, D, **kw)["_out"]
         bufa = plan_replication_gpu(all_in, tabs, D, **kw)["_out"]
 
@@ -166,12 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(args.device)
     if args.quick:
         configs = [(32, 8, 40, 2, 2, 4, 16, True)]
-        warps, reps = [1], 2
+        warps, reps = ["w4"], 2
     else:
         configs = [(256, 64, 320, 2, 58, 8, 2048, False), (256, 64, 320, 2, 58, 8, 2048, True),
                    (256, 64, 256, 2, 58, 8, 2048, False), (256, 32, 288, 2, 58, 8, 2048, True),
                    (256, 64, 320, 4, 58, 8, 2048, True)]
-        warps, reps = [1, 2, 4], args.reps
+        warps, reps = ["w1", "w2", "w4", "w8"], args.reps
     before = not args.no_before
     rows = []
     for i, (E, R, S, D, L, T, tok, drift) in enumerate(configs):
@@ -193,14 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         "max/mean: rank load over mean rank load, averaged over problems, static uniform split before, plan after. "
         f"Default stopping tolerance {DEFAULT_TOLERANCE:.5f} (stop once max <= mean x (1 + tolerance)); `tol 0`: "
         "without it (only when no move helps). `before`: the previous kernel (bench/_replication_kernel_before.py, "
-        "4 warps, tol 0) in the same run. `wN`: N warps per program (the default is 1).",
+        "4 warps, tol 0) in the same run. `wN`: N warps per program (the default is w4). `ok`: that variant == CPU "
+        "reference on every problem.",
         "",
         "| E | R | slots | D | drift | GPU == CPU (default / tol 0) | max/mean before | after tol 0 | after | "
         "iterations mean / max, tol 0 | iterations mean / max | copies mean | 1 layer graph, before | "
-        "1 layer graph w1, tol 0 |"
-        + "".join(f" 1 layer eager {w} | 1 layer graph {w} | all layers graph {w} (per layer) |"
-                  for w in [f"w{w}" for w in warps]),
-        "| --- " * (14 + 3 * len(warps)) + "|",
+        "1 layer graph w4, tol 0 |"
+        + "".join(f" {w} ok | 1 layer eager {w} | 1 layer graph {w} | all layers graph {w} (per layer) |" for w in warps),
+        "| --- " * (14 + 4 * len(warps)) + "|",
     ]
 
     def gr(r: dict, k: str) -> str:
@@ -211,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
                  f"{r['equal']}/{r['problems']} / {r['equal_t0']}/{r['problems']}",
                  f"{r['max_mean_before']:.3f}", f"{r['max_mean_after_t0']:.4f}", f"{r['max_mean_after']:.4f}",
                  f"{r['iters_mean_t0']:.1f} / {r['iters_max_t0']}", f"{r['iters_mean']:.1f} / {r['iters_max']}",
-                 f"{r['copies_mean']:.1f}", gr(r, "before"), gr(r, "w1_t0")]
+                 f"{r['copies_mean']:.1f}", gr(r, "before"), gr(r, "w4_t0")]
         for w in warps:
-            a = r[f"all_graph_w{w}"]
-            cells += [f"{r[f'one_eager_w{w}']:.1f}", gr(r, f"w{w}"), f"{a:.1f} ({a / r['layers']:.2f})"]
+            a = r[f"all_graph_{w}"]
+            cells += ["yes" if r[f"equal_{w}"] else "NO", f"{r[f'one_eager_{w}']:.1f}", gr(r, w),
+                      f"{a:.1f} ({a / r['layers']:.2f})"]
         lines.append("| " + " | ".join(cells) + " |")
     if before:
         lines += ["", "All layers, one launch, before kernel (per layer): " + ", ".join(
@@ -225,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         write_text(args.out, text)
-    return 0 if all(r["equal"] == r["problems"] == r["equal_t0"] for r in rows) else 1
+    ok = all(r["equal"] == r["problems"] == r["equal_t0"] and all(r[f"equal_{w}"] for w in warps) for r in rows)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
