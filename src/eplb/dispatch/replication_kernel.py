@@ -89,20 +89,15 @@ if HAVE_TRITON:
         ncopy = tl.zeros([1, 1], dtype=tl.int32)
         it = tl.zeros([1, 1], dtype=tl.int32)
         pend = tl.zeros([1, 1], dtype=tl.int32) > 0  # the last move was a copy whose source is not chosen yet
-        pe = tl.zeros([1, 1], dtype=tl.int32)  # its expert
+        pse_lo = tl.zeros([1, 1], dtype=tl.int32)  # its expert's static holders
+        pse_hi = tl.zeros([1, 1], dtype=tl.int32)
         pnew = tl.zeros([BLOCK_J, BLOCK_R], dtype=tl.int32) > 0  # its new slot
-        psel = pnew  # the slot it was copied from (on the then most loaded rank)
         go = max_iters > 0
         while go:
             # the previous copy's source (static holder with the fewest sends, lowest rank), here so that it
             # overlaps this iteration's first reductions, which need only the loads
-            # and the new slot's static-holder mask, copied from the source slot's
-            se_lo = tl.sum(tl.sum(tl.where(psel, S_lo, 0), axis=1, keep_dims=True), axis=0, keep_dims=True)
-            se_hi = tl.sum(tl.sum(tl.where(psel, S_hi, 0), axis=1, keep_dims=True), axis=0, keep_dims=True)
-            S_lo = tl.where(pnew, se_lo, S_lo)
-            S_hi = tl.where(pnew, se_hi, S_hi)
-            sh = tl.max(((X == pe) & (j1 < P)).to(tl.int32), axis=0, keep_dims=True) > 0  # its static holders
-            sk = tl.min(tl.where(sh & (nsend < send) & rv, nsend * 64 + r1, KEYBIG), axis=1, keep_dims=True)
+            sk = tl.min(tl.where((((pse_lo & rb_lo) | (pse_hi & rb_hi)) != 0) & (nsend < send) & rv,
+                                 nsend * 64 + r1, KEYBIG), axis=1, keep_dims=True)
             src = sk % 64
             nsend = nsend + ((r1 == src) & pend).to(tl.int32)
             DS = tl.where(pnew & pend, src, DS)
@@ -115,21 +110,20 @@ if HAVE_TRITON:
             Lhi = kh // 64
             hi = 63 - kh % 64
             colhi = r1 == hi
-            # experts of rank hi's slots [BJ, 1], packed with whether a static holder may still send it
-            sok = (((S_lo & sm_lo) | (S_hi & sm_hi)) != 0).to(tl.int32)
-            xs = tl.max(tl.where(colhi, (X + 1) * 2 + sok, 0), axis=1, keep_dims=True)
-            eh = xs // 2 - 1
-            src_ok = (xs % 2) == 1
+            eh = tl.max(tl.where(colhi, X, -1), axis=1, keep_dims=True)  # [BJ, 1] experts of rank hi's slots
             th = tl.sum(tl.where(colhi, T, 0), axis=1, keep_dims=True)
             # one column is selected, so the sum is that column's bits
             mh_lo = tl.sum(tl.where(colhi, M_lo, 0), axis=1, keep_dims=True)
             mh_hi = tl.sum(tl.where(colhi, M_hi, 0), axis=1, keep_dims=True)
+            sh_lo = tl.sum(tl.where(colhi, S_lo, 0), axis=1, keep_dims=True)
+            sh_hi = tl.sum(tl.where(colhi, S_hi, 0), axis=1, keep_dims=True)
             hold = ((tl.where(r_lo, mh_lo, mh_hi) >> (r1 % 32)) & 1) != 0  # [BJ, BR]: rank r holds expert eh[j]
             ehv = (eh >= 0) & (th > 0)
             Lk = L * 64 + r1
             ka = tl.min(tl.where(hold & (r1 != hi) & rv, Lk, KEYBIG), axis=1, keep_dims=True)  # [BJ, 1]
             okr = rv & acc & (nrecv < recv)
             kb = tl.min(tl.where((~hold) & okr, Lk, KEYBIG), axis=1, keep_dims=True)
+            src_ok = ((sh_lo & sm_lo) | (sh_hi & sm_hi)) != 0
             ga = tl.where(ehv & (ka < KEYBIG), tl.minimum(th, (Lhi - ka // 64) // 2), 0)
             gb = tl.where(ehv & (kb < KEYBIG) & src_ok & (ncopy < total), tl.minimum(th, (Lhi - kb // 64) // 2), 0)
             gb = tl.where(gb >= min_gain, gb, 0)
@@ -149,8 +143,12 @@ if HAVE_TRITON:
             sel = j1 == js  # the chosen slot's masks (a reduction in the thread)
             me_lo = tl.sum(tl.where(sel, mh_lo, 0), axis=0, keep_dims=True) | tl.where(dest < 32, dbit, 0)
             me_hi = tl.sum(tl.where(sel, mh_hi, 0), axis=0, keep_dims=True) | tl.where(dest < 32, 0, dbit)
+            se_lo = tl.sum(tl.where(sel, sh_lo, 0), axis=0, keep_dims=True)
+            se_hi = tl.sum(tl.where(sel, sh_hi, 0), axis=0, keep_dims=True)
             newc = coldest & (j1 == P + nrecv) & use_b
             X = tl.where(newc, e, X)
+            S_lo = tl.where(newc, se_lo, S_lo)
+            S_hi = tl.where(newc, se_hi, S_hi)
             isx = X == e
             M_lo = tl.where(isx & use_b, me_lo, M_lo)
             M_hi = tl.where(isx & use_b, me_hi, M_hi)
@@ -162,13 +160,13 @@ if HAVE_TRITON:
             ncopy = ncopy + cp
             it = it + moving.to(tl.int32)
             pend = use_b
-            pe = e
-            psel = colhi & sel
+            pse_lo = se_lo
+            pse_hi = se_hi
             pnew = newc
             go = tl.max(tl.max((moving & (it < max_iters)).to(tl.int32), axis=1), axis=0) > 0
         # the last copy's source
-        sh = tl.max(((X == pe) & (j1 < P)).to(tl.int32), axis=0, keep_dims=True) > 0
-        sk = tl.min(tl.where(sh & (nsend < send) & rv, nsend * 64 + r1, KEYBIG), axis=1, keep_dims=True)
+        sk = tl.min(tl.where((((pse_lo & rb_lo) | (pse_hi & rb_hi)) != 0) & (nsend < send) & rv,
+                             nsend * 64 + r1, KEYBIG), axis=1, keep_dims=True)
         DS = tl.where(pnew & pend, sk % 64, DS)
         # final even split of a rank's tokens over its static slots of the same expert (extra tokens to the first)
         cnt = tl.zeros([BLOCK_J, BLOCK_R], dtype=tl.int32)
