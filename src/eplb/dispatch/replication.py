@@ -47,11 +47,22 @@ __all__ = [
     "slot_tables",
     "slot_tokens",
     "static_holdings",
+    "tolerance_q16",
     "uniform_start",
 ]
 
 BIG = 1 << 30  # larger than any load the planner accepts (loads must stay below MAX_LOAD)
+DEFAULT_TOLERANCE = 1 / 256  # stop once max rank load <= mean * (1 + 1/256): cuts the tail of tiny moves
 MAX_LOAD = 1 << 24  # the GPU kernel packs (load, index) into one int32 key: load * 64 + index < 2**31
+
+
+def tolerance_q16(tolerance: float) -> int:
+    """``tolerance`` (a fraction of the mean rank load, in ``[0, 1]``) as the integer ``round(tolerance * 65536)``
+    that the planner and its GPU kernel use."""
+    t = float(tolerance)
+    if not np.isfinite(t) or t < 0 or t > 1:
+        raise InputError(f"tolerance: expected a fraction in [0, 1], got {tolerance!r}")
+    return int(round(t * 65536))
 
 
 def copies_within(budget_ms: float, copy_ms: float) -> int:
@@ -142,6 +153,7 @@ def plan_replication(
     start: str | ArrayLike = "uniform",
     max_iters: int | None = None,
     min_copy_gain: int = 1,
+    tolerance: float = DEFAULT_TOLERANCE,
     accept: ArrayLike | None = None,
 ) -> ReplicationPlan:
     """Plan one step's dynamic replicas and token split (vectorised over every leading dimension).
@@ -161,6 +173,9 @@ def plan_replication(
         max_iters: iteration cap (default ``4 * R + 2 * R * D``).
         min_copy_gain: a copy must move at least this many tokens off the most loaded rank (default 1; larger
             values spend fewer copies, and link time, on small gains).
+        tolerance: stop once the max rank load is within this fraction of the mean (``L_max * R <= total +
+            slack``, ``slack = (total * round(tolerance * 65536)) >> 16`` in integers; default 1/256; 0: only when no
+            move helps). Bounds the serial iterations where a good placement leaves many tiny moves.
         accept: ``[..., R]`` bool, ranks that may receive copies (default all; :func:`slot_tables` gives the
             placement's, excluding ``meta["excluded_ranks"]``).
 
@@ -188,6 +203,7 @@ def plan_replication(
         raise InputError("max_recv, max_send, max_copies: expected integers >= 0")
     iters = 4 * R + 2 * R * D if max_iters is None else int(max_iters)
     min_gain = max(int(min_copy_gain), 1)
+    tol = tolerance_q16(tolerance)
     ci = c.astype(np.int64)
     lead = np.broadcast_shapes(ci.shape[:-1], m.shape[:-2])
     ci = np.broadcast_to(ci, lead + (E,)).reshape(-1, E)
@@ -216,6 +232,9 @@ def plan_replication(
     dyn_s = np.full((B, R, max(D, 0)), -1, dtype=np.int64)
     rr = np.arange(R)
     act = np.arange(B)
+    if tol:  # problems already within the tolerance make no move
+        stop_at = L.sum(-1) + ((L.sum(-1) * tol) >> 16)  # [B] (the total never changes)
+        act = act[L.max(-1) * R > stop_at]
     for _ in range(iters):
         if act.size == 0:
             break
@@ -263,6 +282,8 @@ def plan_replication(
             H[cb, ce, cd] = True
             ncopy[cb] += 1
         act = act[sel]
+        if tol:
+            act = act[L[act].max(-1) * R > stop_at[act]]
     return ReplicationPlan(
         rank_tokens=Q.reshape(lead + (E, R)),
         dyn_expert=dyn_e.reshape(lead + (R, max(D, 0))),

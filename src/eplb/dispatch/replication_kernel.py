@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from eplb.dispatch.replication import BIG, MAX_LOAD
+from eplb.dispatch.replication import BIG, DEFAULT_TOLERANCE, MAX_LOAD, tolerance_q16
 from eplb.errors import InputError
 
 __all__ = ["HAVE_TRITON", "plan_replication_gpu"]
@@ -36,120 +36,161 @@ except Exception:  # pragma: no cover - CPU-only installs
 
 if HAVE_TRITON:
 
-    @triton.jit
-    def _or(a, b):
-        return a | b
-
-    @triton.jit
+    @triton.jit(do_not_specialize=["one"])
     def _replication_slot_kernel(
         c_ptr, x_ptr, m_ptr, bf_ptr, n_ptr, acc_ptr, hm_ptr, st_ptr, de_ptr, ds_ptr, l_ptr, info_ptr,
-        E, R, P, D, LM, recv, send, total, max_iters, min_gain,
+        E, R, P, D, LM, recv, send, total, max_iters, min_gain, tol, one,
         BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, KEYBIG: tl.constexpr,
     ):
-        # State per rank and slot: X [R, P + D] expert of each slot (static, then dynamic; -1 empty), T [R, P + D]
-        # tokens (an expert's tokens on a rank sit in its first slot there, `first`, until the final even split),
-        # M / S [R, P + D] int64 bit masks of the ranks holding the slot's expert (all / static replicas), so an
-        # iteration needs no [P + D, R, P + D] comparison: its dependency chain is six reductions.
+        # One layout for everything: [BLOCK_J, BLOCK_R] tensors, slot j (rows: static, then dynamic) of rank r
+        # (columns), and [1, BLOCK_R] rank vectors / [BLOCK_J, 1] slot vectors / [1, 1] scalars cut from it, so
+        # the loop has no layout conversion. With one warp, ranks lie across the lanes and slots in a thread: a
+        # reduction over ranks is one warp-reduce instruction per row, one over slots stays in the thread, and the
+        # loop has no shared memory and no barrier; measured on an H200, 4 warps (the default) are still faster
+        # (the warp-reduce results serialise through uniform registers).
         b = tl.program_id(0)
         layer = b % LM
         PD = P + D
-        offs_r = tl.arange(0, BLOCK_R)
-        offs_j = tl.arange(0, BLOCK_J)
-        rbit = tl.full([BLOCK_R], 1, tl.int64) << offs_r.to(tl.int64)
-        rv = offs_r < R
-        sv = rv[:, None] & (offs_j[None, :] < P)
-        sidx = layer * R * P + offs_r[:, None] * P + offs_j[None, :]
-        X = tl.load(x_ptr + sidx, mask=sv, other=-1)
+        r1 = tl.arange(0, BLOCK_R)[None, :]  # [1, BR]
+        j1 = tl.arange(0, BLOCK_J)[:, None]  # [BJ, 1]
+        rv = r1 < R
+        # rank bit masks as two int32 halves (ranks 0-31, 32-63): a warp reduces an int32 in one instruction
+        r_lo = r1 < 32
+        rb = tl.full([1, BLOCK_R], 1, tl.int32) << (r1 % 32)
+        rb_lo = tl.where(r_lo, rb, 0)
+        rb_hi = tl.where(r_lo, 0, rb)
+        sv = rv & (j1 < P)
+        # `one` (= 1, not specialised) hides that the tables are contiguous along j, so the loads keep the default
+        # layout (ranks across lanes) instead of one with slots across lanes
+        sidx = layer * R * P + r1 * P + j1 * one
+        X = tl.load(x_ptr + sidx, mask=sv, other=-1)  # expert of each slot (-1: empty or unserved)
         m = tl.load(m_ptr + sidx, mask=sv, other=0)
         bf = tl.load(bf_ptr + sidx, mask=sv, other=0)
         n = tl.maximum(tl.load(n_ptr + sidx, mask=sv, other=1), 1)
-        S = tl.load(hm_ptr + sidx, mask=sv, other=0)
-        M = S
-        c = tl.load(c_ptr + b * E + tl.maximum(X, 0), mask=sv & (X >= 0), other=0)
+        hm = tl.load(hm_ptr + sidx, mask=sv, other=0)  # bit masks of the ranks holding the slot's expert statically
+        S_lo = (hm & 0xFFFFFFFF).to(tl.int32)
+        S_hi = (hm >> 32).to(tl.int32)
+        M_lo = S_lo  # ... and in any slot
+        M_hi = S_hi
+        c = tl.load(c_ptr + b * E + tl.maximum(X, 0), mask=sv & (X >= 0), other=0).to(tl.int32)
         base = c // n
+        # tokens: an expert's tokens on a rank sit in its first slot there (`first`) until the final even split
         T = base * m + tl.minimum(tl.maximum(c - base * n - bf, 0), m)
-        first = (m > 0) | (offs_j[None, :] >= P)
-        L = tl.sum(T, axis=1)
-        acc = tl.load(acc_ptr + layer * R + offs_r, mask=rv, other=0) > 0
-        static_col = offs_j < P
-        nrecv = tl.zeros([BLOCK_R], dtype=tl.int32)
-        nsend = tl.zeros([BLOCK_R], dtype=tl.int32)
-        sendmask = tl.reduce(tl.where(rv & (send > 0), rbit, 0), 0, _or)  # ranks with send budget left
-        ncopy = tl.full((), 0, tl.int32)
-        it = tl.full((), 0, tl.int32)
-        go = it < max_iters
+        first = (m > 0) | (j1 >= P)
+        L = tl.sum(T, axis=0, keep_dims=True)  # [1, BR] rank loads
+        acc = tl.load(acc_ptr + layer * R + r1, mask=rv, other=0) > 0
+        DS = tl.full([BLOCK_J, BLOCK_R], -1, tl.int32)  # source rank of each dynamic slot
+        nrecv = tl.zeros([1, BLOCK_R], dtype=tl.int32)
+        nsend = tl.zeros([1, BLOCK_R], dtype=tl.int32)
+        sm_lo = tl.sum(tl.where(rv & (send > 0), rb_lo, 0), axis=1, keep_dims=True)  # ranks that may send
+        sm_hi = tl.sum(tl.where(rv & (send > 0), rb_hi, 0), axis=1, keep_dims=True)
+        tot = tl.sum(L, axis=1, keep_dims=True).to(tl.int64)  # [1, 1]
+        stop_at = tot + ((tot * tol) >> 16)  # stop once max load * R <= stop_at (tol = 0: only when no move helps)
+        ncopy = tl.zeros([1, 1], dtype=tl.int32)
+        it = tl.zeros([1, 1], dtype=tl.int32)
+        pend = tl.zeros([1, 1], dtype=tl.int32) > 0  # the last move was a copy whose source is not chosen yet
+        pse_lo = tl.zeros([1, 1], dtype=tl.int32)  # its expert's static holders
+        pse_hi = tl.zeros([1, 1], dtype=tl.int32)
+        pnew = tl.zeros([BLOCK_J, BLOCK_R], dtype=tl.int32) > 0  # its new slot
+        go = max_iters > 0
         while go:
-            kh = tl.max(tl.where(rv, L * 64 + (63 - offs_r), -1), axis=0)  # most loaded rank, lowest index
+            # the previous copy's source (static holder with the fewest sends, lowest rank), here so that it
+            # overlaps this iteration's first reductions, which need only the loads
+            sk = tl.min(tl.where((((pse_lo & rb_lo) | (pse_hi & rb_hi)) != 0) & (nsend < send) & rv,
+                                 nsend * 64 + r1, KEYBIG), axis=1, keep_dims=True)
+            src = sk % 64
+            nsend = nsend + ((r1 == src) & pend).to(tl.int32)
+            DS = tl.where(pnew & pend, src, DS)
+            full = pend & (sk // 64 + 1 >= send)
+            sbit = tl.full([1, 1], 1, tl.int32) << (src % 32)
+            sm_lo = tl.where(full & (src < 32), sm_lo & ~sbit, sm_lo)
+            sm_hi = tl.where(full & (src >= 32), sm_hi & ~sbit, sm_hi)
+            # most loaded rank (lowest index on ties) and its slots
+            kh = tl.max(tl.where(rv, L * 64 + (63 - r1), -1), axis=1, keep_dims=True)  # [1, 1]
             Lhi = kh // 64
             hi = 63 - kh % 64
-            rowhi = offs_r[:, None] == hi
-            eh = tl.max(tl.where(rowhi, X, -1), axis=0)  # [J] experts of rank hi's slots
-            th = tl.sum(tl.where(rowhi, T, 0), axis=0)
-            mh = tl.reduce(tl.where(rowhi, M, 0), 0, _or)
-            shh = tl.reduce(tl.where(rowhi, S, 0), 0, _or)
-            hold = ((mh[:, None] >> offs_r[None, :].to(tl.int64)) & 1) != 0  # [J, R]
-            ehv = eh >= 0
-            Lk = L * 64 + offs_r
-            ka = tl.min(tl.where(hold & (offs_r[None, :] != hi) & rv[None, :], Lk[None, :], KEYBIG), axis=1)
+            colhi = r1 == hi
+            eh = tl.max(tl.where(colhi, X, -1), axis=1, keep_dims=True)  # [BJ, 1] experts of rank hi's slots
+            th = tl.sum(tl.where(colhi, T, 0), axis=1, keep_dims=True)
+            # one column is selected, so the sum is that column's bits
+            mh_lo = tl.sum(tl.where(colhi, M_lo, 0), axis=1, keep_dims=True)
+            mh_hi = tl.sum(tl.where(colhi, M_hi, 0), axis=1, keep_dims=True)
+            sh_lo = tl.sum(tl.where(colhi, S_lo, 0), axis=1, keep_dims=True)
+            sh_hi = tl.sum(tl.where(colhi, S_hi, 0), axis=1, keep_dims=True)
+            hold = ((tl.where(r_lo, mh_lo, mh_hi) >> (r1 % 32)) & 1) != 0  # [BJ, BR]: rank r holds expert eh[j]
+            ehv = (eh >= 0) & (th > 0)
+            Lk = L * 64 + r1
+            ka = tl.min(tl.where(hold & (r1 != hi) & rv, Lk, KEYBIG), axis=1, keep_dims=True)  # [BJ, 1]
             okr = rv & acc & (nrecv < recv)
-            kb = tl.min(tl.where((~hold) & okr[None, :], Lk[None, :], KEYBIG), axis=1)
-            src_ok = (shh & sendmask) != 0
-            ga = tl.where(ehv & (th > 0) & (ka < KEYBIG), tl.minimum(th, (Lhi - ka // 64) // 2), 0)
-            gb = tl.where(ehv & (th > 0) & (kb < KEYBIG) & src_ok & (ncopy < total),
-                          tl.minimum(th, (Lhi - kb // 64) // 2), 0)
+            kb = tl.min(tl.where((~hold) & okr, Lk, KEYBIG), axis=1, keep_dims=True)
+            src_ok = ((sh_lo & sm_lo) | (sh_hi & sm_hi)) != 0
+            ga = tl.where(ehv & (ka < KEYBIG), tl.minimum(th, (Lhi - ka // 64) // 2), 0)
+            gb = tl.where(ehv & (kb < KEYBIG) & src_ok & (ncopy < total), tl.minimum(th, (Lhi - kb // 64) // 2), 0)
             gb = tl.where(gb >= min_gain, gb, 0)
-            # (gain, lowest expert, its destination) packed in one int64 key per candidate move
-            eko = (65535 - eh).to(tl.int64) << 8
-            KA = tl.max(tl.where(ga > 0, (ga.to(tl.int64) << 40) | eko | (ka % 64).to(tl.int64), 0), axis=0)
-            KB = tl.max(tl.where(gb > 0, (gb.to(tl.int64) << 40) | eko | (kb % 64).to(tl.int64), 0), axis=0)
-            GA = (KA >> 40).to(tl.int32)
-            GB = (KB >> 40).to(tl.int32)
-            use_b = GB > GA
-            moving = use_b | (GA > 0)
-            K = tl.where(use_b, KB, KA)
-            e = (65535 - ((K >> 8) & 65535)).to(tl.int32)
-            dest = (K & 255).to(tl.int32)
-            x = tl.where(moving, (K >> 40).to(tl.int32), 0)
-            rowd = offs_r[:, None] == dest
-            dbit = tl.full((), 1, tl.int64) << dest.to(tl.int64)
-            ese = eh == e
-            me = tl.reduce(tl.where(ese, mh, 0), 0, _or) | dbit
-            se = tl.reduce(tl.where(ese, shh, 0), 0, _or)
-            newc = rowd & (offs_j[None, :] == P + nrecv[:, None]) & use_b
+            # one key per candidate: gain | free move (wins ties) | lowest expert | slot | destination
+            ko = ((65535 - eh).to(tl.int64) << 14) | (j1.to(tl.int64) << 6)
+            KA = tl.where(ga > 0, (ga.to(tl.int64) << 31) | (1 << 30) | ko | (ka % 64).to(tl.int64), 0)
+            KB = tl.where(gb > 0, (gb.to(tl.int64) << 31) | ko | (kb % 64).to(tl.int64), 0)
+            K = tl.max(tl.maximum(KA, KB), axis=0, keep_dims=True)  # [1, 1]
+            moving = (K > 0) & (Lhi.to(tl.int64) * R > stop_at)
+            use_b = moving & (((K >> 30) & 1) == 0)
+            x = tl.where(moving, (K >> 31).to(tl.int32), 0)
+            e = (65535 - ((K >> 14) & 65535)).to(tl.int32)
+            js = ((K >> 6) & 255).to(tl.int32)
+            dest = (K & 63).to(tl.int32)
+            coldest = r1 == dest
+            dbit = tl.full([1, 1], 1, tl.int32) << (dest % 32)
+            sel = j1 == js  # the chosen slot's masks (a reduction in the thread)
+            me_lo = tl.sum(tl.where(sel, mh_lo, 0), axis=0, keep_dims=True) | tl.where(dest < 32, dbit, 0)
+            me_hi = tl.sum(tl.where(sel, mh_hi, 0), axis=0, keep_dims=True) | tl.where(dest < 32, 0, dbit)
+            se_lo = tl.sum(tl.where(sel, sh_lo, 0), axis=0, keep_dims=True)
+            se_hi = tl.sum(tl.where(sel, sh_hi, 0), axis=0, keep_dims=True)
+            newc = coldest & (j1 == P + nrecv) & use_b
             X = tl.where(newc, e, X)
-            S = tl.where(newc, se, S)
+            S_lo = tl.where(newc, se_lo, S_lo)
+            S_hi = tl.where(newc, se_hi, S_hi)
             isx = X == e
-            M = tl.where(isx & use_b, me, M)
-            T = T - tl.where(rowhi & isx & first, x, 0) + tl.where(rowd & isx & first, x, 0)
-            L = L - tl.where(offs_r == hi, x, 0) + tl.where(offs_r == dest, x, 0)
-            sk = tl.min(tl.where(((se & rbit) != 0) & (nsend < send) & rv, nsend * 64 + offs_r, KEYBIG), axis=0)
-            src = sk % 64
-            tl.store(ds_ptr + (b * R + offs_r) * D + nrecv, tl.zeros([BLOCK_R], dtype=tl.int32) + src,
-                     mask=(offs_r == dest) & use_b)
+            M_lo = tl.where(isx & use_b, me_lo, M_lo)
+            M_hi = tl.where(isx & use_b, me_hi, M_hi)
+            isf = isx & first
+            T = T - tl.where(colhi & isf, x, 0) + tl.where(coldest & isf, x, 0)
+            L = L - tl.where(colhi, x, 0) + tl.where(coldest, x, 0)
             cp = use_b.to(tl.int32)
-            nsend = nsend + tl.where(offs_r == src, cp, 0)
-            full = use_b & (sk // 64 + 1 >= send)
-            sendmask = tl.where(full, sendmask & ~(tl.full((), 1, tl.int64) << src.to(tl.int64)), sendmask)
-            nrecv = nrecv + tl.where(offs_r == dest, cp, 0)
+            nrecv = nrecv + tl.where(coldest, cp, 0)
             ncopy = ncopy + cp
             it = it + moving.to(tl.int32)
-            go = moving & (it < max_iters)
-        # final even split of a rank's tokens over its static slots of the same expert
-        same2 = (X[:, :, None] == X[:, None, :]) & static_col[None, :, None] & static_col[None, None, :]  # [R, J, J]
-        cnt = tl.sum(same2.to(tl.int32), axis=2)
-        tot = tl.sum(tl.where(same2, T[:, None, :], 0), axis=2)
-        pos = tl.sum((same2 & (offs_j[None, None, :] < offs_j[None, :, None])).to(tl.int32), axis=2)
+            pend = use_b
+            pse_lo = se_lo
+            pse_hi = se_hi
+            pnew = newc
+            go = tl.max(tl.max((moving & (it < max_iters)).to(tl.int32), axis=1), axis=0) > 0
+        # the last copy's source
+        sk = tl.min(tl.where((((pse_lo & rb_lo) | (pse_hi & rb_hi)) != 0) & (nsend < send) & rv,
+                             nsend * 64 + r1, KEYBIG), axis=1, keep_dims=True)
+        DS = tl.where(pnew & pend, sk % 64, DS)
+        # final even split of a rank's tokens over its static slots of the same expert (extra tokens to the first)
+        cnt = tl.zeros([BLOCK_J, BLOCK_R], dtype=tl.int32)
+        tsum = tl.zeros([BLOCK_J, BLOCK_R], dtype=tl.int32)
+        pos = tl.zeros([BLOCK_J, BLOCK_R], dtype=tl.int32)
+        stat = j1 < P
+        for jj in tl.static_range(BLOCK_J):
+            xr = tl.max(tl.where(j1 == jj, X, -1), axis=0, keep_dims=True)
+            tr = tl.sum(tl.where(j1 == jj, T, 0), axis=0, keep_dims=True)
+            same = (xr == X) & stat & (jj < P)
+            cnt = cnt + same.to(tl.int32)
+            tsum = tsum + tl.where(same, tr, 0)
+            pos = pos + (same & (jj < j1)).to(tl.int32)
         cnt1 = tl.maximum(cnt, 1)
-        q = tot // cnt1
-        split = q + (pos < tot - q * cnt1).to(tl.int32)
-        out = tl.where(static_col[None, :], split, T)
-        ov = rv[:, None] & (offs_j[None, :] < PD)
-        tl.store(st_ptr + b * R * PD + offs_r[:, None] * PD + offs_j[None, :], out, mask=ov)
-        dv = rv[:, None] & (offs_j[None, :] >= P) & (offs_j[None, :] < PD)
-        tl.store(de_ptr + b * R * D + offs_r[:, None] * D + (offs_j[None, :] - P), X, mask=dv)
-        tl.store(l_ptr + b * R + offs_r, L, mask=rv)
-        tl.store(info_ptr + b * 2, ncopy)
-        tl.store(info_ptr + b * 2 + 1, it)
+        q = tsum // cnt1
+        split = q + (pos < tsum - q * cnt1).to(tl.int32)
+        out = tl.where(stat, split, T)
+        tl.store(st_ptr + b * R * PD + r1 * PD + j1, out, mask=rv & (j1 < PD))
+        dv = rv & (j1 >= P) & (j1 < PD)
+        tl.store(de_ptr + b * R * D + r1 * D + (j1 - P), X, mask=dv)
+        tl.store(ds_ptr + b * R * D + r1 * D + (j1 - P), DS, mask=dv)
+        tl.store(l_ptr + b * R + r1, L, mask=rv)
+        tl.store(info_ptr + b * 2 + r1 * 0, ncopy + r1 * 0, mask=r1 == 0)
+        tl.store(info_ptr + b * 2 + 1 + r1 * 0, it + r1 * 0, mask=r1 == 0)
 
 
 def plan_replication_gpu(
@@ -162,7 +203,8 @@ def plan_replication_gpu(
     max_copies: int | None = None,
     max_iters: int | None = None,
     min_copy_gain: int = 1,
-    num_warps: int = 8,
+    tolerance: float = DEFAULT_TOLERANCE,
+    num_warps: int = 4,
     out: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`eplb.dispatch.replication.plan_replication` (uniform start) in one launch (Triton), on ``counts``' device.
@@ -194,13 +236,16 @@ def plan_replication_gpu(
     if MAX_LOAD * 64 > BIG:  # pragma: no cover - module constants
         raise AssertionError("packed keys overflow")
     lead = tuple(counts.shape[:-1])
-    c = counts.reshape(-1, E).to(torch.int32).contiguous()
+    c = counts.reshape(-1, E)
+    c = (c if c.dtype in (torch.int32, torch.int64) else c.to(torch.int32)).contiguous()  # the kernel casts int64
     B = c.shape[0]
     if B % LM:
         raise InputError(f"counts: {B} problems is not a multiple of the tables' {LM} layers")
     D = int(dynamic_slots)
     if D < 0:
         raise InputError(f"dynamic_slots: expected an integer >= 0, got {dynamic_slots!r}")
+    if P + D > 256:
+        raise InputError(f"tables: at most 256 slots per rank (static + dynamic) are supported, got {P + D}")
     recv = D if max_recv is None else min(int(max_recv), D)
     send = recv if max_send is None else int(max_send)
     total = BIG if max_copies is None else int(max_copies)
@@ -215,7 +260,6 @@ def plan_replication_gpu(
             "rank_loads": torch.empty((B, R), dtype=torch.int32, device=dev),
             "info": torch.empty((B, 2), dtype=torch.int32, device=dev),
         }
-    out["dyn_source"].fill_(-1)
     tt = [tables[k].to(device=dev, dtype=torch.int32).contiguous() for k in ("expert", "mult", "before", "replicas", "accept")]
     hm = tables.get("holders")
     if hm is None:  # older tables: the static holder bit masks from the slot experts (a few extra launches)
@@ -228,7 +272,7 @@ def plan_replication_gpu(
     tt.append(hm.to(device=dev, dtype=torch.int64).contiguous())
     _replication_slot_kernel[(B,)](
         c, *tt, out["slot_tokens"], out["dyn_expert"], out["dyn_source"], out["rank_loads"], out["info"],
-        E, R, P, Dp if D else 0, LM, recv, send, total, iters, max(int(min_copy_gain), 1),
+        E, R, P, Dp if D else 0, LM, recv, send, total, iters, max(int(min_copy_gain), 1), tolerance_q16(tolerance), 1,
         BLOCK_R=max(triton.next_power_of_2(R), 2), BLOCK_J=max(triton.next_power_of_2(P + D), 2), KEYBIG=BIG,
         num_warps=num_warps,
     )
