@@ -109,7 +109,7 @@ def exact_layer(w: np.ndarray, num_slots: int, num_ranks: int, *, max_replicas: 
         p2l = np.concatenate([np.arange(E), np.zeros(S - E, dtype=np.int64)]).astype(np.int64)
         return ExactResult(p2l, 0.0, True, time.perf_counter() - t0, 0.0)
     x = w / scale  # loads sum to 1: HiGHS's tolerances are absolute
-    up = (float(upper) / scale) * (1 + 1e-7) if upper is not None else spr * float(x.max())  # + rounding room
+    up = (float(upper) / scale) * (1 + 1e-6) if upper is not None else spr * float(x.max())  # + rounding room
     lo = float(lower) / scale if lower is not None else float(lower_bound(x[None], S, R)[0])
     lo = min(lo, up)
     e_idx, c_val = _pairs(x, S, max_replicas, up)
@@ -166,13 +166,17 @@ def exact_layer(w: np.ndarray, num_slots: int, num_ranks: int, *, max_replicas: 
     if distinct:
         zmax = np.where(c_val <= R, 1, zmax)
     vhi = np.concatenate([np.ones(n), np.repeat(zmax, R).astype(np.float64), [up * (1 + 1e-9)]])
-    vlo[iM] = lo * (1 - 1e-9)
+    vlo[iM] = lo * (1 - 1e-6)
     integrality = np.concatenate([np.ones(n + nz), [0]])
-    res = milp(obj, constraints=cons, integrality=integrality, bounds=Bounds(vlo, vhi),
-               options={"time_limit": max(float(time_limit), 1e-3), "mip_rel_gap": mip_rel_gap, "presolve": True})
+    opts = {"time_limit": max(float(time_limit), 1e-3), "mip_rel_gap": mip_rel_gap, "presolve": True}
+    res = milp(obj, constraints=cons, integrality=integrality, bounds=Bounds(vlo, vhi), options=opts)
+    if res.status == 2:  # HiGHS can call the program infeasible when [lo, up] is very narrow: retry without lo
+        vlo[iM] = 0.0
+        opts["time_limit"] = max(float(time_limit) - (time.perf_counter() - t0), 1e-3)
+        res = milp(obj, constraints=cons, integrality=integrality, bounds=Bounds(vlo, vhi), options=opts)
     dt = time.perf_counter() - t0
     dual = getattr(res, "mip_dual_bound", None)
-    bound = max(lo, float(dual) if dual is not None and np.isfinite(dual) else lo) * scale * (1 - 1e-9)
+    bound = max(lo, float(dual) if dual is not None and np.isfinite(dual) else lo) * scale * (1 - 1e-6)
     if res.x is None:
         return ExactResult(None, float("inf"), False, dt, bound)
     z = np.rint(res.x[n:n + nz]).astype(np.int64).reshape(n, R)

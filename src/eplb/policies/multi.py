@@ -8,8 +8,9 @@ returns one :class:`~eplb.Placement`:
    ``F_k = mean over its steps of R * max_r load_t(r)`` = 1 + its mean per-step imbalance (TensorRT-LLM's
    ``max / mean - 1``); the plan minimises ``max_k F_k`` per layer;
 2. candidates: ``policy`` planned on the combination (the mean over workloads of their normalised mean loads),
-   ``policy`` planned on each workload alone, and, when ``S == E``, no EPLB (the contiguous placement);
-   per layer the candidate with the lowest ``max_k F_k`` starts
+   ``policy`` planned on each workload alone, and (when ``R`` divides ``E``) no EPLB -- the contiguous
+   placement, plus extra replicas of the hottest experts when ``S > E`` (:func:`contiguous_plus`); per layer the
+   candidate with the lowest ``max_k F_k`` starts;
 3. a local search (:func:`minimax_rows`): swaps of a slot of the rank most often at the per-step maximum in
    the currently worst workload with any other slot (no new colocated duplicate), scored exactly on every
    sampled step, applied while ``max_k F_k`` drops. Replica counts are those of the start.
@@ -29,9 +30,9 @@ from eplb._checks import ArrayLike, check_layout, check_load
 from eplb.errors import InputError
 from eplb.placement import Placement
 from eplb.policies import DEFAULT_POLICY, plan
-from eplb.policies.packing import expert_pack_count, phy2log_counts
+from eplb.policies.packing import expert_pack_count, phy2log_counts, replica_counts
 
-__all__ = ["minimax_rows", "plan_multi", "workload_objective"]
+__all__ = ["contiguous_plus", "minimax_rows", "plan_multi", "workload_objective"]
 
 
 def _normalise(loads: np.ndarray) -> np.ndarray:
@@ -163,6 +164,58 @@ def minimax_rows(loads: np.ndarray, G: np.ndarray, start: np.ndarray, num_packs:
     return p2l
 
 
+def contiguous_plus(weight: np.ndarray, num_slots: int, num_ranks: int) -> np.ndarray:
+    """``[L, S]``: no EPLB (expert ``e`` on rank ``e // (E / R)``) plus ``(S - E) / R`` extra replicas per rank.
+
+    Replica counts are :func:`~eplb.policies.packing.replica_counts` of ``weight [L, E]`` (at most ``R`` each);
+    the extra copies, heaviest per replica first, go to the lightest rank with a free extra slot that does not
+    hold the expert yet (else the lightest with a free slot). Loops over the ``S - E`` extra copies, vectorised
+    over layers. Requires ``E % R == 0``.
+    """
+    L, E = weight.shape
+    S, R = num_slots, num_ranks
+    epr, xpr = E // R, (S - E) // R
+    base = np.broadcast_to(np.arange(E), (L, E))
+    if S == E:
+        return np.array(base, dtype=np.int64)
+    cnt = replica_counts(weight, S, R if E * R >= S else None)
+    per = weight / cnt
+    home = np.arange(E) // epr
+    load = np.zeros((L, R))
+    np.add.at(load, (slice(None), home), per)
+    reps = cnt - 1  # [L, E] extra copies per expert
+    # extras sorted by per-replica load, heaviest first: [L, S - E]
+    order = np.argsort(-per, axis=1, kind="stable")
+    ex = np.stack([np.repeat(order[x], reps[x, order[x]]) for x in range(L)]) if L else np.zeros((0, S - E), int)
+    holds = np.zeros((L, E, R), dtype=bool)
+    holds[:, np.arange(E), home] = True
+    free = np.full((L, R), xpr)
+    got = np.full((L, R, xpr), -1, dtype=np.int64)
+    rows = np.arange(L)
+    for j in range(S - E):
+        e = ex[:, j]
+        ok = free > 0
+        pref = ok & ~holds[rows, e]
+        cand = np.where(pref.any(axis=1)[:, None], pref, ok)
+        r = np.argmin(np.where(cand, load, np.inf), axis=1)
+        got[rows, r, xpr - free[rows, r]] = e
+        free[rows, r] -= 1
+        holds[rows, e, r] = True
+        load[rows, r] += per[rows, e]
+    out = np.concatenate([base.reshape(L, R, epr), got], axis=2).reshape(L, S)
+    return out.astype(np.int64)
+
+
+def step_imbalance_rows(loads: np.ndarray, phy2log: np.ndarray, num_packs: int) -> np.ndarray:
+    """``[L]`` mean per-step imbalance (``max / mean - 1`` of rank load) of ``phy2log`` on ``loads [T, L, E]``."""
+    from eplb.metrics import imbalance_ratio
+
+    c = phy2log_counts(phy2log, loads.shape[2])
+    iw = np.take_along_axis(loads / np.maximum(c, 1)[None], np.broadcast_to(phy2log, (loads.shape[0],) + phy2log.shape),
+                            axis=2)
+    return imbalance_ratio(iw.reshape(loads.shape[0], loads.shape[1], num_packs, -1).sum(-1)).mean(axis=0)
+
+
 def _sample(loads: np.ndarray, max_steps: int) -> np.ndarray:
     T = loads.shape[0]
     steps = np.unique(np.linspace(0, T - 1, min(T, max(int(max_steps), 1))).round().astype(np.int64))
@@ -180,6 +233,7 @@ def plan_multi(
     layer_ids: Sequence[int] = (),
     max_steps: int = 16,
     max_iters: int | None = None,
+    objective: str = "ratio",
     names: Sequence[str] = (),
     meta: dict[str, Any] | None = None,
     **options: Any,
@@ -192,6 +246,9 @@ def plan_multi(
         policy: the policy that plans the candidates (default: the default policy); ``options`` go to it.
         max_steps: steps per workload the search scores (evenly spaced).
         max_iters: local-search iterations (default ``min(2 S, 64)``).
+        objective: ``"ratio"`` (default; when ``R`` divides ``E``): minimise ``max_k F_k / F_k(no EPLB)``, the worst
+            workload relative to no EPLB (below 1 on every workload = better than no EPLB on each; ``F_k(no EPLB)``
+            per layer); ``"max"``: minimise ``max_k F_k``.
         names: workload names for ``meta["workloads"]``.
 
     Returns:
@@ -219,8 +276,16 @@ def plan_multi(
     cands = [np.asarray(plan(combo, S, R, **kw).phy2log)]
     if len(arrs) > 1:
         cands += [np.asarray(plan(a, S, R, **kw).phy2log) for a in arrs]
-    if S == E and E % R == 0:
-        cands.append(np.asarray(Placement.contiguous(L, E, R).phy2log))
+    if E % R == 0:  # no EPLB (S == E), or no EPLB plus extra replicas
+        cands.append(contiguous_plus(combo, S, R))
+    if objective not in ("ratio", "max"):
+        raise InputError(f"objective: expected 'ratio' or 'max', got {objective!r}")
+    G = _group_matrix([n.shape[0] for n in norm])
+    if objective == "ratio" and E % R == 0:  # F_k relative to no EPLB's, per layer: scale workload k's loads
+        none = np.asarray(Placement.contiguous(L, E, R).phy2log)
+        ref = np.maximum(workload_objective(np.concatenate(norm, axis=0), G, none, R), 1e-12)  # [L, K]
+        norm = [n / ref[None, :, k, None] for k, n in enumerate(norm)]
+    full = np.concatenate(norm, axis=0)
     sample = [_sample(n, max_steps) for n in norm]
     Gs = _group_matrix([s.shape[0] for s in sample])
     win = np.concatenate(sample, axis=0)
@@ -228,12 +293,10 @@ def plan_multi(
     start = np.stack(cands)[np.argmin(obj, axis=0), np.arange(L)]
     found = minimax_rows(win, Gs, start, R, max_iters=max_iters)
     # the final choice on every step of every workload
-    G = _group_matrix([n.shape[0] for n in norm])
-    full = np.concatenate(norm, axis=0)
     allc = [found, *cands]
     fobj = np.stack([workload_objective(full, G, c, R).max(axis=1) for c in allc])
     out = np.stack(allc)[np.argmin(fobj, axis=0), np.arange(L)]
-    per_w = workload_objective(full, G, out, R).mean(axis=0) - 1.0  # [K] averaged over layers
+    per_w = [float((step_imbalance_rows(a, out, R)).mean()) for a in arrs]
     info: dict[str, Any] = {"policy": f"{policy}+multi", "num_groups": int(num_groups), "workloads": list(names) or
                             [f"workload {i}" for i in range(len(arrs))],
                             "workload_imbalance": [round(float(v), 6) for v in per_w]}
