@@ -64,7 +64,7 @@ def main() -> None:
              f"- reference: `eplb.policies.exact.exact_layer` (HiGHS via scipy.optimize.milp), gap 1e-6, "
              f"{args.time_limit:g} s limit; 'proven' = solved to that gap; gaps are against the proven lower "
              "bound (so they over-state the true gap where not proven)",
-             "- `eplb` = the default policy (exact path: `exact=\"auto\"`, 2 s limit, gap 0.5%); "
+             "- `eplb` = the default policy (exact path: `exact=\"auto\"`, its default 1 s limit, gap 0.5%); "
              "`eplb exact=off` = the heuristic alone", "",
              "| E | R | S | instances | proven | eplb above best | eplb worst gap | eplb exact=off above | "
              "exact=off worst gap | deepseek above | deepseek worst gap | lower bound <= best | eplb time median / max s "

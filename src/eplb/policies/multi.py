@@ -6,14 +6,17 @@ returns one :class:`~eplb.Placement`:
 1. every step of every workload is normalised to total 1 per layer (so a workload with more tokens does not
    dominate, and a step's mean rank load is ``1 / R``); the objective of a placement on workload ``k`` is
    ``F_k = mean over its steps of R * max_r load_t(r)`` = 1 + its mean per-step imbalance (TensorRT-LLM's
-   ``max / mean - 1``); the plan minimises ``max_k F_k`` per layer;
+   ``max / mean - 1``); the plan minimises ``max_k F_k`` per layer, keeping every ``F_k`` at or below no
+   EPLB's where it can (``objective="auto"``);
 2. candidates: ``policy`` planned on the combination (the mean over workloads of their normalised mean loads),
    ``policy`` planned on each workload alone, and (when ``R`` divides ``E``) no EPLB -- the contiguous
    placement, plus extra replicas of the hottest experts when ``S > E`` (:func:`contiguous_plus`); per layer the
    candidate with the lowest ``max_k F_k`` starts;
-3. a local search (:func:`minimax_rows`): swaps of a slot of the rank most often at the per-step maximum in
+3. a local search (:func:`minimax_rows`), on ``max_k F_k`` and on ``max_k F_k / F_k(no EPLB)``: swaps of a slot of the rank most often at the per-step maximum in
    the currently worst workload with any other slot (no new colocated duplicate), scored exactly on every
-   sampled step, applied while ``max_k F_k`` drops. Replica counts are those of the start.
+   sampled step, applied while the objective drops. Replica counts are those of the start. Per layer the
+   result is the plan with the lowest ``max_k F_k`` among those not worse than no EPLB on any workload (on the
+   planning window), else the one with the lowest ratio.
 
 The objective is evaluated on at most ``max_steps`` evenly spaced steps per workload (all of them for the
 final choice). Cost: the candidates' plans, then ``O(iters * L * (spr * S + cand * K * T'))``.
@@ -233,7 +236,7 @@ def plan_multi(
     layer_ids: Sequence[int] = (),
     max_steps: int = 16,
     max_iters: int | None = None,
-    objective: str = "ratio",
+    objective: str = "auto",
     names: Sequence[str] = (),
     meta: dict[str, Any] | None = None,
     **options: Any,
@@ -246,9 +249,9 @@ def plan_multi(
         policy: the policy that plans the candidates (default: the default policy); ``options`` go to it.
         max_steps: steps per workload the search scores (evenly spaced).
         max_iters: local-search iterations (default ``min(2 S, 64)``).
-        objective: ``"ratio"`` (default; when ``R`` divides ``E``): minimise ``max_k F_k / F_k(no EPLB)``, the worst
-            workload relative to no EPLB (below 1 on every workload = better than no EPLB on each; ``F_k(no EPLB)``
-            per layer); ``"max"``: minimise ``max_k F_k``.
+        objective: ``"max"``: minimise ``max_k F_k``; ``"ratio"``: minimise ``max_k F_k / F_k(no EPLB)`` (per layer;
+            needs ``R | E``); ``"auto"`` (default): search both, keep per layer the lowest ``max_k F_k`` among the
+            plans not worse than no EPLB on any workload (on the planning window), else the lowest ratio.
         names: workload names for ``meta["workloads"]``.
 
     Returns:
@@ -278,24 +281,40 @@ def plan_multi(
         cands += [np.asarray(plan(a, S, R, **kw).phy2log) for a in arrs]
     if E % R == 0:  # no EPLB (S == E), or no EPLB plus extra replicas
         cands.append(contiguous_plus(combo, S, R))
-    if objective not in ("ratio", "max"):
-        raise InputError(f"objective: expected 'ratio' or 'max', got {objective!r}")
+    if objective not in ("auto", "ratio", "max"):
+        raise InputError(f"objective: expected 'auto', 'ratio' or 'max', got {objective!r}")
     G = _group_matrix([n.shape[0] for n in norm])
-    if objective == "ratio" and E % R == 0:  # F_k relative to no EPLB's, per layer: scale workload k's loads
-        none = np.asarray(Placement.contiguous(L, E, R).phy2log)
-        ref = np.maximum(workload_objective(np.concatenate(norm, axis=0), G, none, R), 1e-12)  # [L, K]
-        norm = [n / ref[None, :, k, None] for k, n in enumerate(norm)]
     full = np.concatenate(norm, axis=0)
-    sample = [_sample(n, max_steps) for n in norm]
-    Gs = _group_matrix([s.shape[0] for s in sample])
-    win = np.concatenate(sample, axis=0)
-    obj = np.stack([workload_objective(win, Gs, c, R).max(axis=1) for c in cands])  # [C, L]
-    start = np.stack(cands)[np.argmin(obj, axis=0), np.arange(L)]
-    found = minimax_rows(win, Gs, start, R, max_iters=max_iters)
-    # the final choice on every step of every workload
-    allc = [found, *cands]
-    fobj = np.stack([workload_objective(full, G, c, R).max(axis=1) for c in allc])
-    out = np.stack(allc)[np.argmin(fobj, axis=0), np.arange(L)]
+    ref = None
+    if objective != "max" and E % R == 0:  # F_k of no EPLB, per layer and workload
+        none = np.asarray(Placement.contiguous(L, E, R).phy2log)
+        ref = np.maximum(workload_objective(full, G, none, R), 1e-12)  # [L, K]
+    modes = ["max", "ratio"] if objective == "auto" else [objective]
+    found = []
+    for mode in modes:
+        if mode == "ratio" and ref is None:
+            continue
+        nk = [n / ref[None, :, k, None] for k, n in enumerate(norm)] if mode == "ratio" else norm
+        sample = [_sample(n, max_steps) for n in nk]  # ratio: workload k's loads scaled by 1 / F_k(no EPLB)
+        Gs = _group_matrix([x.shape[0] for x in sample])
+        win = np.concatenate(sample, axis=0)
+        obj = np.stack([workload_objective(win, Gs, c, R).max(axis=1) for c in cands])  # [C, L]
+        start = np.stack(cands)[np.argmin(obj, axis=0), np.arange(L)]
+        found.append(minimax_rows(win, Gs, start, R, max_iters=max_iters))
+    # the final choice per layer on every step of every workload
+    allc = [*found, *cands]
+    F = np.stack([workload_objective(full, G, c, R) for c in allc])  # [C, L, K]
+    fmax = F.max(axis=2)
+    if ref is None:
+        key = fmax
+    else:
+        rmax = (F / ref[None]).max(axis=2)
+        if objective == "ratio":
+            key = rmax
+        else:  # auto: the lowest worst-workload F among those never worse than no EPLB; else the lowest ratio
+            ok = rmax <= 1 + 1e-9
+            key = np.where(ok.any(axis=0)[None], np.where(ok, fmax, np.inf), rmax)
+    out = np.stack(allc)[np.argmin(key, axis=0), np.arange(L)]
     per_w = [float((step_imbalance_rows(a, out, R)).mean()) for a in arrs]
     info: dict[str, Any] = {"policy": f"{policy}+multi", "num_groups": int(num_groups), "workloads": list(names) or
                             [f"workload {i}" for i in range(len(arrs))],
