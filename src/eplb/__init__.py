@@ -4,7 +4,8 @@ Public API (small on purpose):
 
 * :class:`Placement` -- which expert sits in which slot, per layer; validation, forms, diffs.
 * :func:`rebalance_experts` -- DeepSeek-compatible ``(phy2log, log2phy, logcnt)``.
-* :func:`plan` -- any registered policy (``"deepseek"``, ``"eplb"``, ...) to a :class:`Placement`.
+* :func:`plan` -- any registered policy (``"deepseek"``, ``"eplb"``, ...) to a :class:`Placement`;
+  :func:`plan_multi` -- one placement for several workloads, minimising the worst of them.
 * :class:`Trace` -- per-step expert loads ``[T, L, E]`` with metadata.
 * :mod:`eplb.metrics` -- rank loads, imbalance ratio, balancedness, lower bounds.
 * :func:`read_placement` / :func:`write_placement` -- every engine's map format (validated on read).
@@ -22,6 +23,7 @@ _LAZY = {
     "read_placement": "eplb.formats",
     "write_placement": "eplb.formats",
     "read_trace": "eplb.stats.io",
+    "plan_multi": "eplb.policies.multi",
     "write_trace": "eplb.stats.io",
 }
 
@@ -46,6 +48,7 @@ __all__ = [
     "TraceError",
     "__version__",
     "plan",
+    "plan_multi",
     "read_placement",
     "read_trace",
     "rebalance_experts",

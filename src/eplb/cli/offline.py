@@ -28,6 +28,7 @@ import typer
 
 from eplb._io import atomic_write
 from eplb.cli._args import check_output
+from eplb.cli.multi import plan_workloads_cmd, print_no_eplb_warnings
 from eplb.errors import InputError
 from eplb.offline import (
     BUILTIN_PREFIX,
@@ -154,6 +155,7 @@ def _per_layer_table(before: Evaluation, after: Evaluation, title: str) -> Any:
 def plan_cmd(
     trace: Annotated[str, typer.Argument(help="Trace file/directory any eplb.stats reader accepts, or builtin:NAME.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Map file to write.")],
+    more_traces: Annotated[list[str] | None, typer.Argument(metavar="[TRACE]...", help="More workloads' traces: plan one placement minimising the worst workload (eplb.plan_multi).")] = None,
     ep_size: Annotated[int | None, typer.Option("--ep-size", min=1, help="EP ranks (default: the trace's).")] = None,
     num_slots: Annotated[int | None, typer.Option("--num-slots", help="Physical slots per layer (default: experts).")] = None,
     num_nodes: Annotated[int, typer.Option("--num-nodes", help="Nodes (divides ep-size).")] = 1,
@@ -178,6 +180,10 @@ def plan_cmd(
     if num_layers is not None and fmt != "sglang":
         raise InputError("num-layers: only used by the sglang format")
     lids = _parse_layer_ids(layer_ids)  # fail before any work on a bad list
+    if more_traces:  # several workloads: one placement minimising the worst (eplb.plan_multi)
+        kw = dict(ep_size=ep_size, num_slots=num_slots, num_nodes=num_nodes, num_groups=num_groups, policy=policy)
+        return plan_workloads_cmd([trace, *more_traces], output, fmt, **kw, iter_range=iter_range, options=_parse_options(option),
+                                  layer_ids=lids, num_layers=num_layers, layer_updates_per_iter=layer_updates_per_iter, trtllm_ep_size=trtllm_ep_size)
     tr = load_trace(trace, iter_range)
     if lids is not None:
         tr = tr.with_layer_ids(lids)
@@ -364,8 +370,9 @@ def evaluate_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers as JSON here.")] = None,
     dynamic_slots: Annotated[str | None, typer.Option("--dynamic-slots", help="Also evaluate per-step replication with D dynamic slots per rank, e.g. 1,2,4.")] = None,
     transfer_budget: Annotated[float | None, typer.Option("--transfer-budget", help="Per-layer copy time budget of per-step replication (ms; each rank's copies <= budget / the cost model's P2P time of one expert).")] = None,
+    workload: Annotated[list[str] | None, typer.Option("--workload", "-w", help="Another workload's trace (repeatable): warn when the placement is worse than no EPLB there too.")] = None,
 ) -> None:
-    """Before/after load report of a placement on a trace (TensorRT-LLM's report), bound, gap, held-out."""
+    """Before/after load report of a placement on a trace (TensorRT-LLM's report), bound, gap, held-out; warnings."""
     if placement is None and held_out is None:
         raise InputError("evaluate: pass --placement MAP and/or --held-out PLAN:EVAL")
     if held_out is not None and iter_range is not None:
@@ -422,6 +429,7 @@ def evaluate_cmd(
     for ev in evals:
         if "auto_dispatch" in ev.extra:
             con.print(f"{ev.label}: {auto_line(ev.extra['auto_dispatch'])} (cost model {ev.extra['auto_dispatch']['cost_model']})")
+    print_no_eplb_warnings(con, trace, evals, before, workload or [], pl)
     if ds:
         con.print(_replication_table(tr_eval, runs, ds, transfer_budget))
     if json_out is not None:

@@ -33,6 +33,13 @@ Options accepted by ``eplb`` (and the other eplb policies where they make sense)
   max rank load instead of the max of the summed loads (:func:`_window_rows`), falling back per layer to
   DeepSeek's placement where that one is better on the window under that per-step metric; ``"sum"`` plans
   the summed loads as above. ``[L, E]`` input (``T == 1``) always plans the sum.
+* ``exact="auto" | "on" | "off"`` (default ``"auto"``), ``exact_time_limit`` (seconds, default 1.0, shared by all
+  layers): when the summed loads are planned (flat, no ``current`` / ``excluded_ranks``), every layer not already
+  at :func:`eplb.metrics.lower_bound` whose exact program is small (``auto``: at most
+  :data:`eplb.policies.exact.EXACT_MAX_VARS` integer variables and ``E <= 32``, e.g. ``E <= 16, R <= 4,
+  S - E <= 2 R``; ``on``:
+  any size) is solved by HiGHS (:mod:`eplb.policies.exact`, relative gap 0.5%) and the solution replaces the
+  heuristic's where its max is lower (never worse; on a time-out the heuristic stays).
 """
 
 from __future__ import annotations
@@ -310,7 +317,8 @@ def _check_cap(max_replicas: Any, E: int, S: int) -> int | None:
 
 
 #: Options of the eplb policies (``_solve``'s keywords).
-EPLB_OPTIONS = ("current", "max_replicas", "excluded_ranks", "tolerance", "max_iters", "effort", "window", "max_steps")
+EPLB_OPTIONS = ("current", "max_replicas", "excluded_ranks", "tolerance", "max_iters", "effort", "window", "max_steps",
+                "exact", "exact_time_limit")
 
 EFFORT = {"fast": (0, 0), "default": (16, 4), "high": (32, 12)}
 """``effort`` option -> (replication rounds, iterated-local-search rounds) of :func:`eplb_rows`."""
@@ -338,6 +346,8 @@ def _solve(
     effort: str = "default",
     window: str = "steps",
     max_steps: int = 16,
+    exact: Any = "auto",
+    exact_time_limit: float = 1.0,
 ) -> np.ndarray:
     if window not in ("steps", "sum"):
         raise InputError(f"window: expected 'steps' or 'sum', got {window!r}")
@@ -371,6 +381,13 @@ def _solve(
     else:
         fresh = eplb_rows(w, S, R, max_replicas=cap, start=_deepseek_start(w, S, R, num_nodes, num_groups),
                           max_iters=max_iters, rounds=rounds, perturb=perturb)
+        if exact not in ("auto", "off", "on", True, False):
+            raise InputError(f"exact: expected 'auto', 'on' or 'off', got {exact!r}")
+        if exact in ("auto", "on", True):
+            from eplb.policies.exact import EXACT_MAX_VARS, exact_rows
+
+            fresh = exact_rows(w, fresh, S, R, max_replicas=cap, time_limit=float(exact_time_limit),
+                               max_vars=EXACT_MAX_VARS if exact == "auto" else None, dup_tol=DUP_TOLERANCE)
     if cur is None:
         return fresh
     out, _ = incremental_rows(w, cur, R, fresh, tolerance=tolerance, max_replicas=cap)
