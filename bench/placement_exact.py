@@ -17,6 +17,7 @@ import sys
 import time
 
 import numpy as np
+
 from _common import command_line, cpu_name, utc_minute, write_text
 
 

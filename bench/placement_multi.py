@@ -18,7 +18,6 @@ import argparse
 import platform
 import time
 
-import numpy as np
 from _common import command_line, cpu_name, utc_minute, write_text
 from _traces import esft_domains, llama4_subjects, olmoe_domains
 
@@ -64,7 +63,7 @@ def main() -> None:
             ok_all = True
             for n in names:
                 ev = eval_part[n]
-                imb = lambda p: float(step_imbalance(ev, p).mean())  # noqa: E731
+                imb = lambda p, ev=ev: float(step_imbalance(ev, p).mean())  # noqa: E731
                 base, own, ours = imb(none), imb(each[n]), imb(multi)
                 other = max((imb(each[m]) for m in names if m != n), default=float("nan"))
                 ok = ours <= base * (1 + 1e-9)

@@ -34,7 +34,7 @@ def brute_force(w: np.ndarray, S: int, R: int) -> float:
                 if any(c2[k] > cnt[k] for k in c2):
                     continue
                 cnt.subtract(c2)
-                rec(cnt, ranks_left - 1, max(cur, sum(per[k] for k in combo)))
+                rec(cnt, ranks_left - 1, max(cur, sum([per[k] for k in combo])))
                 cnt.update(c2)
 
         rec(Counter({e: comp[e] for e in range(E)}), R, 0.0)
@@ -61,14 +61,14 @@ def test_milp_matches_brute_force(seed):
 SHAPES = [(8, 3, 9), (8, 4, 8), (8, 3, 12), (12, 3, 12), (12, 4, 12), (16, 4, 16)]
 
 
-def test_default_policy_within_one_percent_of_the_optimum():
+def test_exact_auto_within_one_percent_of_the_optimum():
     rng = np.random.default_rng(21)
     n = 0
     for E, R, S in SHAPES:
         for _ in range(3):
             w = np.floor(rng.lognormal(0.0, 1.0, E) * 100) + 1
             # a generous exact_time_limit: the default (1 s) can run out on a busy machine
-            got = float(max_rank_load(w[None], eplb.plan(w[None], S, R, exact_time_limit=10.0))[0])
+            got = float(max_rank_load(w[None], eplb.plan(w[None], S, R, exact="auto", exact_time_limit=10.0))[0])
             ref = exact_layer(w, S, R, upper=got, time_limit=5.0, mip_rel_gap=1e-3)
             assert ref.phy2log is not None
             opt_lo = ref.bound  # proven: the optimum is >= this
@@ -81,7 +81,8 @@ def test_default_policy_within_one_percent_of_the_optimum():
 def test_exact_option_off_and_bad_value():
     w = np.array([[142.0, 228, 140, 28, 248, 157, 59, 179]])
     off = float(max_rank_load(w, eplb.plan(w, 12, 3, exact="off"))[0])
-    on = float(max_rank_load(w, eplb.plan(w, 12, 3))[0])
+    on = float(max_rank_load(w, eplb.plan(w, 12, 3, exact="auto"))[0])
     assert on <= off
+    assert np.array_equal(eplb.plan(w, 12, 3).phy2log, eplb.plan(w, 12, 3, exact="off").phy2log)  # default off
     with pytest.raises(InputError, match="exact"):
         eplb.plan(w, 12, 3, exact="maybe")

@@ -33,7 +33,8 @@ Options accepted by ``eplb`` (and the other eplb policies where they make sense)
   max rank load instead of the max of the summed loads (:func:`_window_rows`), falling back per layer to
   DeepSeek's placement where that one is better on the window under that per-step metric; ``"sum"`` plans
   the summed loads as above. ``[L, E]`` input (``T == 1``) always plans the sum.
-* ``exact="auto" | "on" | "off"`` (default ``"auto"``), ``exact_time_limit`` (seconds, default 1.0, shared by all
+* ``exact="auto" | "on" | "off"`` (default ``"off"``: a time-limited solve depends on the machine's speed, and
+  a plan must be reproducible), ``exact_time_limit`` (seconds, default 1.0, shared by all
   layers): when the summed loads are planned (flat, no ``current`` / ``excluded_ranks``), every layer not already
   at :func:`eplb.metrics.lower_bound` whose exact program is small (``auto``: at most
   :data:`eplb.policies.exact.EXACT_MAX_VARS` integer variables and ``E <= 32``, e.g. ``E <= 16, R <= 4,
@@ -346,7 +347,7 @@ def _solve(
     effort: str = "default",
     window: str = "steps",
     max_steps: int = 16,
-    exact: Any = "auto",
+    exact: Any = "off",
     exact_time_limit: float = 1.0,
 ) -> np.ndarray:
     if window not in ("steps", "sum"):

@@ -204,7 +204,13 @@ def exact_rows(weight: np.ndarray, start: np.ndarray, num_slots: int, num_ranks:
     Cost: one HiGHS solve per row not at its bound (tens of ms at ``E <= 16, R <= 4``), bounded by ``time_limit``.
     """
     from eplb.metrics import lower_bound
-    from eplb.policies.packing import dedup_pass, expert_pack_count, pack_loads, phy2log_counts, replica_weights
+    from eplb.policies.packing import (
+        dedup_pass,
+        expert_pack_count,
+        pack_loads,
+        phy2log_counts,
+        replica_weights,
+    )
 
     X, E = weight.shape
     out = start.copy()
