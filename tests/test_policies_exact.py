@@ -34,7 +34,7 @@ def brute_force(w: np.ndarray, S: int, R: int) -> float:
                 if any(c2[k] > cnt[k] for k in c2):
                     continue
                 cnt.subtract(c2)
-                rec(cnt, ranks_left - 1, max(cur, sum([per[k] for k in combo])))
+                rec(cnt, ranks_left - 1, max(cur, sum([per[k] for k in combo])))  # noqa: B023 (called within the loop)
                 cnt.update(c2)
 
         rec(Counter({e: comp[e] for e in range(E)}), R, 0.0)
