@@ -31,7 +31,8 @@ def align_packs(current: np.ndarray, new: np.ndarray, num_packs: int, num_expert
         current, new: ``[X, S]`` phy2log rows.
 
     Returns:
-        ``[X, S]`` placement equal to ``new`` up to pack relabelling and within-pack slot order.
+        ``[X, S]`` placement equal to ``new`` up to pack relabelling and within-pack slot order, never adding more
+        (pack, expert) copies than ``new`` as it stands (rows where the greedy matching would keep ``new``'s packs).
     """
     X, S = new.shape
     P = num_packs
@@ -43,8 +44,25 @@ def align_packs(current: np.ndarray, new: np.ndarray, num_packs: int, num_expert
     blocks = new.reshape(X, P, spr)
     out = np.empty_like(blocks)
     out[rows[:, None], assign] = blocks
+    out = out.reshape(X, S)
+    # the greedy matching can lose to no relabelling at all: keep whichever adds fewer (pack, expert) copies
+    worse = _new_pairs(current, out, P, num_experts) > _new_pairs(current, new, P, num_experts)
+    out[worse] = new[worse]
     # within each pack: experts that stay keep their old local slot
-    return preserve_slots(out.reshape(X, S), current, P, num_experts)
+    return preserve_slots(out, current, P, num_experts)
+
+
+def _new_pairs(current: np.ndarray, new: np.ndarray, P: int, E: int) -> np.ndarray:
+    """``[X]`` distinct (pack, expert) pairs of ``new`` that ``current`` lacks (the executor's move count)."""
+    X, S = new.shape
+    pk = np.arange(S) // (S // P)
+    ok = (current >= 0) & (current < E)
+    have = np.zeros((X, P * E), dtype=bool)
+    xi = np.broadcast_to(np.arange(X)[:, None], (X, S))
+    have[xi[ok], (pk[None, :] * E + np.where(ok, current, 0))[ok]] = True
+    want = np.zeros((X, P * E), dtype=bool)
+    want[xi, pk[None, :] * E + new] = True
+    return (want & ~have).sum(axis=1)
 
 
 def _pack_overlap(current: np.ndarray, new: np.ndarray, P: int, E: int) -> tuple[np.ndarray, np.ndarray]:
