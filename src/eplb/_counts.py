@@ -1,12 +1,20 @@
 """The sizes of a ``[steps, layers, experts]`` count array, shared by everything that holds one
 (:class:`eplb.stats.trace.Trace`, the simulator's :class:`eplb.sim.engine.SimInput`, the runtime's
-:class:`eplb.runtime.trace_router.TraceRouter`)."""
+:class:`eplb.runtime.trace_router.TraceRouter`), and the one rule for sampling its steps."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["StepCounts"]
+import numpy as np
+
+__all__ = ["StepCounts", "evenly_spaced"]
+
+
+def evenly_spaced(total: int, at_most: int) -> np.ndarray:
+    """``[n]`` int64 positions of at most ``at_most`` (>= 1) evenly spaced items of ``0 .. total - 1``, first and
+    last included, ascending and distinct."""
+    return np.unique(np.linspace(0, total - 1, min(int(total), max(int(at_most), 1))).round().astype(np.int64))
 
 
 class StepCounts:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from eplb._checks import ArrayLike
+from eplb._counts import evenly_spaced
 from eplb.dispatch.split import split_rank_loads
 from eplb.dispatch.table import DispatchTable
 from eplb.errors import InputError
@@ -141,7 +142,7 @@ def auto_strategies(counts: ArrayLike, placement: Placement, compute_ms: Callabl
     if c.ndim != 3 or c.shape[1:] != (placement.num_layers, placement.num_experts):
         raise InputError(f"counts: expected [steps, {placement.num_layers}, {placement.num_experts}], got {list(c.shape)}")
     if max_steps is not None and c.shape[0] > int(max_steps):
-        pick = np.unique(np.linspace(0, c.shape[0] - 1, max(int(max_steps), 1)).round().astype(np.int64))
+        pick = evenly_spaced(c.shape[0], max_steps)
         c = c[pick]
         if balanced_loads is not None:
             balanced_loads = np.asarray(balanced_loads)[pick]

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from eplb._counts import evenly_spaced
 from eplb.placement import Placement
 from eplb.policies import register_policy
 from eplb.policies.deepseek import rebalance_experts, to_float32
@@ -178,7 +179,7 @@ def dispatch_aware_placement(
         cands["deepseek"] = np.asarray(rebalance_experts(to_float32(mean), num_slots, ng, num_nodes, R)[0])
     opts = {"sweeps": 3, "int_sweeps": 1, **(solver_options or {})}
     names = list(cands)
-    steps = np.unique(np.linspace(0, T - 1, min(T, max(int(score_steps), 1))).round().astype(np.int64))
+    steps = evenly_spaced(T, score_steps)
     sub = loads[steps]
     scores = np.stack([window_balanced_max(sub, Placement(cands[n], E, R, num_nodes), **opts) for n in names])
     best = np.argmin(scores, axis=0)  # [L]

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, to_numpy
+from eplb._counts import evenly_spaced
 from eplb.errors import InputError
 from eplb.placement import Placement
 from eplb.policies import POLICIES, plan, register_policy
@@ -430,12 +431,12 @@ def _window_rows(loads: np.ndarray, num_slots: int, num_ranks: int, num_nodes: i
     T, L, E = loads.shape
     w = loads.sum(axis=0)
     if T > CHECK_STEPS:
-        loads = loads[np.unique(np.linspace(0, T - 1, CHECK_STEPS).round().astype(np.int64))]
+        loads = loads[evenly_spaced(T, CHECK_STEPS)]
         T = loads.shape[0]
     ds = _deepseek_start(w, num_slots, num_ranks, num_nodes, num_groups)
     start = eplb_rows(w, num_slots, num_ranks, max_replicas=cap, max_iters=max_iters, rounds=0, perturb=0,
                       partners=ROBUST_PARTNER_RANKS)
-    steps = np.unique(np.linspace(0, T - 1, min(T, max(int(max_steps), 1))).round().astype(np.int64))
+    steps = evenly_spaced(T, max_steps)
     iters = min(2 * num_slots, ROBUST_MAX_ITERS) if max_iters is None else int(max_iters)
     found = robust_rows(loads[steps], start, num_ranks, max_iters=iters, cand=ROBUST_CAND, min_gain=ROBUST_MIN_GAIN,
                         partner_ranks=ROBUST_PARTNER_RANKS)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike, check_layout, check_load
+from eplb._counts import evenly_spaced
 from eplb.errors import InputError
 from eplb.placement import Placement
 from eplb.policies import DEFAULT_POLICY, plan
@@ -221,7 +222,7 @@ def step_imbalance_rows(loads: np.ndarray, phy2log: np.ndarray, num_packs: int) 
 
 def _sample(loads: np.ndarray, max_steps: int) -> np.ndarray:
     T = loads.shape[0]
-    steps = np.unique(np.linspace(0, T - 1, min(T, max(int(max_steps), 1))).round().astype(np.int64))
+    steps = evenly_spaced(T, max_steps)
     return loads[steps]
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from eplb._counts import evenly_spaced
 from eplb.errors import InputError
 from eplb.policies import register_policy
 from eplb.policies.eplb_policy import _check_cap, _deepseek_start, _embed, eplb_rows, excluded_layout
@@ -48,7 +49,7 @@ def eplb_robust_policy(loads: np.ndarray, *, num_slots: int, num_ranks: int, num
                       start=None if (cap or ex) else _deepseek_start(w, S, R, num_nodes, num_groups),
                       max_iters=max_iters)
     if T > 1:
-        steps = np.unique(np.linspace(0, T - 1, min(T, max(int(max_steps), 1))).round().astype(np.int64))
+        steps = evenly_spaced(T, max_steps)
         out = robust_rows(loads[steps], start, R, max_iters=max_iters, partner_ranks=PARTNER_RANKS)
         # keep the search result only where it is at least as good on the whole window
         better = step_max_mean(loads, out, R) <= step_max_mean(loads, start, R) * (1 + 1e-12)

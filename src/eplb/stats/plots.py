@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from eplb._checks import ArrayLike
+from eplb._counts import evenly_spaced
 from eplb._io import atomic_write
 from eplb.placement import Placement
 from eplb.stats.report import LoadTable, load_table, unit_loads
@@ -82,7 +83,7 @@ def plot_report(
     paths: list[Path] = []
 
     # 1. per-layer expert-load heatmaps over time
-    pick = np.unique(np.linspace(0, L - 1, min(L, max_layers)).round().astype(int))
+    pick = evenly_spaced(L, max_layers)
     ncol = min(6, len(pick))
     nrow = -(-len(pick) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.0 * ncol, 2.4 * nrow), squeeze=False)
