@@ -60,14 +60,20 @@ def check_load(
 #: Largest token count eplb accepts: every count, and every sum of counts a trace holds, is an exact
 #: float64 integer (planners work in float64), so nothing is ever rounded or wrapped.
 MAX_COUNT = 2**53
+_INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 
 
 _IS_BOOL = np.frompyfunc(lambda v: isinstance(v, bool), 1, 1)
 
 
-def exact_counts(x: ArrayLike, name: str = "counts", *, ndim: int | tuple[int, ...] = (2, 3)) -> np.ndarray:
+def exact_counts(x: ArrayLike, name: str = "counts", *, ndim: int | tuple[int, ...] = (2, 3),
+                 compact: bool = False) -> np.ndarray:
     """Token counts as an exact ``int64`` array, or a ValueError naming ``name`` and the first bad index.
+
+    ``compact``: an integer array of at most 32 bits whose counts fit in ``int32`` comes back as ``int32``
+    (no copy when it already is one), so a long trace is never widened to ``int64`` in memory; the values are
+    the same, and numpy's sums of ``int32`` arrays accumulate in ``int64``.
 
     Unlike :func:`check_load` nothing goes through float64 on the way: integer arrays are range-checked
     before the cast (a ``uint64`` of 2**63 or more never wraps to a negative value), float arrays must
@@ -106,13 +112,16 @@ def exact_counts(x: ArrayLike, name: str = "counts", *, ndim: int | tuple[int, .
     if kind == "b":
         raise InputError(f"{name}: expected integer token counts, got booleans (dtype {arr.dtype})")
     if kind in "iu":
-        if arr.min() < 0:
+        if kind == "i" and arr.min() < 0:
             bad = np.argwhere(arr < 0)[0].tolist()
             raise InputError(f"{name}: contains negative loads (first at index {bad}, value {arr[tuple(bad)]})")
-        if int(arr.max()) > MAX_COUNT:
+        mx = int(arr.max())
+        if mx > MAX_COUNT:
             bad = np.argwhere(arr > MAX_COUNT)[0].tolist()
             raise InputError(f"{name}: count {int(arr[tuple(bad)])} at index {bad} is larger than 2**53 "
                              "(eplb keeps counts and their sums exact)")
+        if compact and arr.dtype.itemsize <= 4 and mx <= _INT32_MAX:
+            return arr.astype(np.int32, copy=False)
         return arr.astype(np.int64)
     if kind == "f":
         _finite_nonnegative(arr, name)

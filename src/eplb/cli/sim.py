@@ -19,7 +19,7 @@ TRACE_HELP = ("trace: 'builtin:NAME' (eplb.datasets), an eplb .safetensors trace
 
 def load_trace(spec: str, fmt: str | None = None) -> Any:
     """A :class:`~eplb.stats.trace.Trace` from ``builtin:NAME`` or a trace file/directory."""
-    from eplb.sim.engine import SimInput, as_sim_input
+    from eplb.sim.engine import SimInput, as_sim_input, compact_counts
 
     if spec.startswith("builtin:"):
         from eplb.datasets import load_builtin
@@ -32,7 +32,9 @@ def load_trace(spec: str, fmt: str | None = None) -> Any:
         tr = read_trace(Path(spec), fmt)
         name = Path(spec).name
     data = as_sim_input(tr, name=name)
-    return SimInput(data.counts, data.step_ids, data.layer_ids, name, data.top_k, data.synthetic, data.model, data.meta)
+    del tr  # the trace's own array is freed once its compact copy exists
+    return SimInput(compact_counts(data.counts), data.step_ids, data.layer_ids, name, data.top_k, data.synthetic,
+                    data.model, data.meta)
 
 
 def _split_list(values: Sequence[str] | None) -> list[str]:

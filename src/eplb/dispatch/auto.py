@@ -19,7 +19,7 @@ import numpy as np
 from eplb._checks import ArrayLike
 from eplb._counts import evenly_spaced
 from eplb.dispatch.split import split_rank_loads
-from eplb.dispatch.table import DispatchTable
+from eplb.dispatch.table import DispatchTable, layer_tables
 from eplb.errors import InputError
 from eplb.placement import Placement
 
@@ -119,6 +119,18 @@ class AutoDecision:
         return {"strategy": self.strategy, "predicted_gain_ms": self.predicted_gain_ms, "cost_ms": self.cost_ms}
 
 
+def table_sizes(placement: Placement) -> tuple[np.ndarray, np.ndarray]:
+    """``(num_colors [L], fluid_ranks [L])``: each layer's :attr:`DispatchTable.num_colors` and
+    ``DispatchTable.fl_rank.shape[-1]`` (the most distinct ranks of one expert, at least 1), from one
+    :func:`~eplb.dispatch.table.layer_tables` call for every layer (no per-layer tables, no local-first map).
+    The colouring is greedy per layer and independent of the other layers' padding, so the values are those of
+    ``DispatchTable.from_placement(placement, layer)``."""
+    t = layer_tables(placement, static_map=False)
+    fl_color, fl_rank = t["fl_color"], t["fl_rank"]
+    colors = np.where((fl_color >= 0).any(axis=1), fl_color.max(axis=1) + 1, 0)
+    return colors.astype(np.int64), np.maximum((fl_rank >= 0).sum(axis=-1).max(axis=1), 1).astype(np.int64)
+
+
 def auto_strategies(counts: ArrayLike, placement: Placement, compute_ms: Callable[[np.ndarray, int], np.ndarray],
                     *, dispatch_cost_ms: float | Sequence[float | None] | None = None,
                     balanced_loads: np.ndarray | None = None, max_steps: int | None = 256) -> list[AutoDecision]:
@@ -158,14 +170,15 @@ def auto_strategies(counts: ArrayLike, placement: Placement, compute_ms: Callabl
     if len(per_layer) != placement.num_layers:
         raise ValueError(f"dispatch_cost_ms: expected one value or {placement.num_layers} (one per layer), "
                          f"got {len(per_layer)}")
+    colors, fluid_ranks = (table_sizes(placement) if any(g is None for g in per_layer) else (None, None))
     out = []
     for layer in range(placement.num_layers):
         gain = float(t_lf[layer] - t_bal[layer])
         given = per_layer[layer]
         if given is None:
-            tab = DispatchTable.from_placement(placement, layer)
-            cost = balanced_dispatch_cost_ms(float(c[:, layer].sum(-1).mean()) / R, R, num_colors=tab.num_colors,
-                                             fluid_ranks=int(tab.fl_rank.shape[-1]))
+            assert colors is not None and fluid_ranks is not None
+            cost = balanced_dispatch_cost_ms(float(c[:, layer].sum(-1).mean()) / R, R, num_colors=int(colors[layer]),
+                                             fluid_ranks=int(fluid_ranks[layer]))
         else:
             cost = float(given)
         out.append(AutoDecision("balanced" if gain > cost else "local-first", gain, cost))

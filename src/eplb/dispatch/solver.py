@@ -132,7 +132,8 @@ def balanced_quotas(
     Each row sums to its expert's count exactly; padded entries are 0.
     """
     c = counts.to(torch.int64)
-    lead = torch.broadcast_shapes(c.shape[:-1], fl_rank.shape[:-2], single_rank.shape[:-1])
+    # numpy's broadcast of the shapes: torch.broadcast_shapes imports sympy on first use (~1 s, ~100 MB)
+    lead = torch.Size(np.broadcast_shapes(c.shape[:-1], fl_rank.shape[:-2], single_rank.shape[:-1]))
     c = c.expand(lead + c.shape[-1:])
     fe = fl_expert.expand(lead + fl_expert.shape[-1:])
     valid = (fl_rank >= 0).expand(lead + fl_rank.shape[-2:])
@@ -169,7 +170,7 @@ def slot_quotas(q: torch.Tensor, counts: torch.Tensor, slot_f: torch.Tensor, rep
     ``q`` ``[..., F, Kd]`` and ``counts`` ``[..., E]`` (non-fluid experts keep all their tokens on their rank).
     A rank's quota is split evenly over the expert's replicas on that rank (extra tokens to the first)."""
     c = counts.to(torch.int64)
-    lead = torch.broadcast_shapes(q.shape[:-2], c.shape[:-1], rep_kd.shape[:-2])
+    lead = torch.Size(np.broadcast_shapes(q.shape[:-2], c.shape[:-1], rep_kd.shape[:-2]))  # numpy's: no sympy import
     E = c.shape[-1]
     qf = q.expand(lead + q.shape[-2:]).gather(-2, slot_f.clamp(min=0).expand(lead + (E,)).unsqueeze(-1).expand(lead + (E, q.shape[-1])))
     qr = qf.gather(-1, rep_kd.expand(lead + rep_kd.shape[-2:]))

@@ -36,6 +36,7 @@ __all__ = [
     "SimInput",
     "SimResult",
     "as_sim_input",
+    "compact_counts",
     "strategy_rank_loads",
     "replay_static",
     "step_chunk",
@@ -80,6 +81,18 @@ class SimInput(StepCounts):
         """Steps at positions ``[start, stop)``."""
         return SimInput(self.counts[start:stop], self.step_ids[start:stop], self.layer_ids, self.name,
                         self.top_k, self.synthetic)
+
+
+def compact_counts(counts: np.ndarray) -> np.ndarray:
+    """Whole, non-negative integer counts in ``uint16`` when every count fits (else unchanged): the simulator's
+    in-memory copy of a long trace at half the size of ``int32``. Every consumer widens what it reads (chunk
+    by chunk, to float64 or int64), so the replay's numbers are the same; float arrays are returned as they are.
+    """
+    if counts.dtype.kind not in "iu" or counts.dtype.itemsize <= 2 or counts.size == 0:
+        return counts
+    if int(counts.max()) > np.iinfo(np.uint16).max or (counts.dtype.kind == "i" and int(counts.min()) < 0):
+        return counts
+    return counts.astype(np.uint16)
 
 
 def as_sim_input(trace: Trace | ArrayLike | SimInput, name: str | None = None) -> SimInput:

@@ -53,6 +53,8 @@ def parse_range(spec: str | Sequence[int] | None, name: str = "iter-range") -> t
 
 def check_total(c: np.ndarray, name: str) -> None:
     """Sums over steps (what planners and ``Trace.total`` use) must stay exact: at most 2**53."""
+    if c.dtype == np.int32 and c.shape[0] <= MAX_COUNT // 2**31:  # T * (2**31 - 1) <= 2**53: cannot overflow
+        return
     tot = c.sum(0, dtype=np.float64)
     if tot.size and float(tot.max()) > MAX_COUNT:
         bad = np.unravel_index(int(np.argmax(tot)), tot.shape)
@@ -70,7 +72,9 @@ class Trace(StepCounts):
     """Per-step expert loads.
 
     Attributes:
-        counts: ``[T, L, E]`` int64 tokens routed to each logical expert per step and MoE layer.
+        counts: ``[T, L, E]`` tokens routed to each logical expert per step and MoE layer: int32 when the input is
+            an integer array of at most 32 bits whose counts fit (a long trace is not widened in memory), else
+            int64. Sums over steps (:meth:`total`) are int64 either way.
         layer_ids: model layer index of each MoE layer (``[L]``).
         step_ids: iteration id of each step (``[T]``; default ``0..T-1``).
         num_experts: ``E``.
@@ -99,7 +103,7 @@ class Trace(StepCounts):
 
     def __post_init__(self) -> None:
         try:
-            c = exact_counts(self.counts, "counts", ndim=(2, 3))
+            c = exact_counts(self.counts, "counts", ndim=(2, 3), compact=True)
         except ValueError as exc:
             raise TraceError(str(exc)) from None
         if c.ndim == 2:
@@ -156,7 +160,11 @@ class Trace(StepCounts):
 
     def digest(self) -> str:
         """SHA-256 of the counts and layer ids (provenance of placements planned from it)."""
-        h = hashlib.sha256(self.counts.tobytes())
+        h = hashlib.sha256()
+        flat = self.counts.reshape(self.counts.shape[0], -1)
+        step = max(1, 2**22 // max(flat.shape[1], 1))
+        for a in range(0, flat.shape[0], step):  # the bytes of the int64 counts, whatever the stored dtype
+            h.update(np.ascontiguousarray(flat[a:a + step], dtype=np.int64).tobytes())
         h.update(json.dumps(list(self.layer_ids)).encode())
         return h.hexdigest()
 
