@@ -75,7 +75,7 @@ def exact_size(w: np.ndarray, num_slots: int, num_ranks: int, cap: int | None = 
 
 def exact_layer(w: np.ndarray, num_slots: int, num_ranks: int, *, max_replicas: int | None = None,
                 upper: float | None = None, lower: float | None = None, time_limit: float = 10.0,
-                mip_rel_gap: float = 1e-7, distinct: bool = False) -> ExactResult:
+                mip_rel_gap: float = 1e-7, distinct: bool = False, node_limit: int | None = None) -> ExactResult:
     """Minimise the max rank load of one layer exactly (module docstring).
 
     Args:
@@ -89,6 +89,8 @@ def exact_layer(w: np.ndarray, num_slots: int, num_ranks: int, *, max_replicas: 
         mip_rel_gap: HiGHS's relative optimality gap.
         distinct: no colocated duplicates: the copies of an expert with at most ``R`` replicas go to distinct
             ranks (``z <= 1``); the optimum over those placements (``False``: over all placements).
+        node_limit: optional cap on HiGHS's branch-and-bound nodes (a machine-independent stop; with a large
+            ``time_limit`` the result is reproducible).
 
     Returns:
         :class:`ExactResult`; ``phy2log`` is ``None`` when HiGHS found no solution in time.
@@ -169,6 +171,8 @@ def exact_layer(w: np.ndarray, num_slots: int, num_ranks: int, *, max_replicas: 
     vlo[iM] = lo * (1 - 1e-6)
     integrality = np.concatenate([np.ones(n + nz), [0]])
     opts = {"time_limit": max(float(time_limit), 1e-3), "mip_rel_gap": mip_rel_gap, "presolve": True}
+    if node_limit is not None:
+        opts["node_limit"] = int(node_limit)
     res = milp(obj, constraints=cons, integrality=integrality, bounds=Bounds(vlo, vhi), options=opts)
     if res.status == 2:  # HiGHS can call the program infeasible when [lo, up] is very narrow: retry without lo
         vlo[iM] = 0.0
