@@ -304,12 +304,17 @@ def budget_config(R: int, tokens_per_rank: int, policy: str, device: torch.devic
         return slots, send_matrix(g, tab, strat, quotas=q, backend=backend)
 
     if device.type == "cuda" and HAVE_TRITON:
-        for nw in (4, 16):
+        ref = assign_slots(ids_cpu, tab_cpu, "balanced", rank=0, global_counts=g_cpu, backend="torch")
+        for sortfree in (True, False):  # both water-filling variants of the plan kernel equal the reference
+            ok = ok and torch.equal(ref, fused_token_slots(ids, tab, "balanced", 0, g, sortfree=sortfree).cpu())
+        fns["balanced, fused, plan water-filling by sort (before)"] = (
+            lambda: fused_token_slots(ids, tab, "balanced", 0, g, sortfree=False))
+        for nw in (2, 4):
             fns[f"balanced, fused, plan kernel num_warps={nw} (default 8)"] = (
                 lambda nw=nw: fused_token_slots(ids, tab, "balanced", 0, g, num_warps=nw))
         fns["plan + shares in one program (rank_share_cum_triton)"] = lambda: rank_share_cum_triton(g, tab, 0)
         fns["token kernel alone (round-robin)"] = lambda: fused_token_slots(ids, tab, "round-robin", 0, g)
-        for tb, tw in ((4096, 8), (8192, 16), (16384, 16)):
+        for tb, tw in ((512, 4), (1024, 4)):
             fns[f"balanced, fused, token block {tb} / {tw} warps (default <= 2048)"] = (
                 lambda tb=tb, tw=tw: fused_token_slots(ids, tab, "balanced", 0, g, token_block=tb, token_warps=tw))
         fns["send_matrix balanced alone (Triton, given quotas)"] = lambda: send_matrix(g, tab, "balanced", quotas=quotas)

@@ -30,13 +30,22 @@ except Exception:  # pragma: no cover - CPU-only installs
 if HAVE_TRITON:  # pragma: no cover - GPU only
 
     @triton.jit
-    def _waterfill(o_raw, amount, valid, BLOCK_K: tl.constexpr, BIG: tl.constexpr):
+    def _waterfill(o_raw, amount, valid, BLOCK_K: tl.constexpr, BIG: tl.constexpr, SORTFREE: tl.constexpr):
         # o_raw, valid: [BF, BK]; amount: [BF]. Same arithmetic as eplb.dispatch.solver.waterfill.
         o = tl.where(valid, o_raw, BIG)
-        srt = tl.sort(o, dim=1)
-        P = tl.cumsum(tl.where(srt < BIG, srt, 0), axis=1)
-        n = (tl.arange(0, BLOCK_K) + 1).to(tl.int64)
-        h = tl.where(srt < BIG, (amount[:, None] + P) // n[None, :], BIG)
+        if SORTFREE:
+            # no sort: level k's prefix is every valid level <= o_k (a tie group's end). The min over all prefixes
+            # of (amount + sum) / count is reached at a group's end (inside a group of equal levels the ratio
+            # moves monotonically toward that level), so H is the same as the sorted prefix scan's.
+            le = (o[:, None, :] <= o[:, :, None]) & valid[:, None, :]  # [BF, k, i]: level i in level k's prefix
+            cnt = tl.sum(le.to(tl.int64), axis=2)
+            P = tl.sum(tl.where(le, o[:, None, :], 0), axis=2)
+            h = tl.where(valid, (amount[:, None] + P) // tl.maximum(cnt, 1), BIG)
+        else:
+            srt = tl.sort(o, dim=1)
+            P = tl.cumsum(tl.where(srt < BIG, srt, 0), axis=1)
+            n = (tl.arange(0, BLOCK_K) + 1).to(tl.int64)
+            h = tl.where(srt < BIG, (amount[:, None] + P) // n[None, :], BIG)
         H = tl.min(h, axis=1)
         y = tl.where(valid, tl.maximum(H[:, None] - o, 0), 0)
         rem = amount - tl.sum(y, axis=1)
@@ -45,7 +54,8 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
         return y + (elig & (order <= rem[:, None])).to(tl.int64)
 
     @triton.jit
-    def _sweep(q, cf, rr, valid, color, loads_ptr, num_colors, n_sweeps, BLOCK_K: tl.constexpr, BIG: tl.constexpr):
+    def _sweep(q, cf, rr, valid, color, loads_ptr, num_colors, n_sweeps, BLOCK_K: tl.constexpr, BIG: tl.constexpr,
+               SORTFREE: tl.constexpr):
         # loads_ptr holds the current rank loads; experts of one colour share no rank, so the stores of one
         # colour's update never collide. A sweep that changes no quota is a fixed point (the next sweep starts
         # from the same quotas and loads), so the remaining sweeps are skipped: the result is unchanged.
@@ -56,7 +66,7 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
                 for col in range(num_colors):
                     ld = tl.load(loads_ptr + rr, mask=valid, other=0)
                     tl.debug_barrier()
-                    y = _waterfill(ld - q, cf, valid, BLOCK_K, BIG)
+                    y = _waterfill(ld - q, cf, valid, BLOCK_K, BIG, SORTFREE)
                     upd = (color == col)[:, None] & valid
                     tl.store(loads_ptr + rr, ld - q + y, mask=upd)
                     q = tl.where((color == col)[:, None], y, q)
@@ -72,7 +82,7 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
         E, F, Kd, K, R, num_colors, sweeps, int_sweeps,
         FRAC_BITS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BIG: tl.constexpr,
-        SLOTS: tl.constexpr, SHARES: tl.constexpr,
+        SLOTS: tl.constexpr, SHARES: tl.constexpr, SORTFREE: tl.constexpr, ONE_COLOR: tl.constexpr,
     ):
         b = tl.program_id(0)
         offs_e = tl.arange(0, BLOCK_E)
@@ -123,7 +133,11 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
         # uniform start: c // n each, the c % n extra to the first valid replicas
         q = tl.where(valid, (amt // n1)[:, None] + (pos < (amt % n1)[:, None]).to(tl.int64), 0)
         q0 = tl.where(valid, (cf // n1)[:, None] + (pos < (cf % n1)[:, None]).to(tl.int64), 0)
-        if num_colors > 0:
+        if ONE_COLOR:
+            # one colour: no two fluid experts share a rank, so each one's water-filling over the base loads is the
+            # final split (eplb.dispatch.kernel._effective_sweeps) and never worse than the uniform one
+            q = _waterfill(tl.load(loads_ptr + rrc, mask=valid, other=0), cf, valid, BLOCK_K, BIG, SORTFREE)
+        elif num_colors > 0:
             # max rank load of the static (uniform) split, to never return anything worse
             tl.atomic_add(loads_ptr + rrc, q0, mask=valid)
             tl.debug_barrier()
@@ -134,15 +148,19 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
                 tl.debug_barrier()
                 tl.atomic_add(loads_ptr + rrc, q, mask=valid)
                 tl.debug_barrier()
-                q = _sweep(q, amt, rrc, valid, color, loads_ptr, num_colors, sweeps, BLOCK_K, BIG)
+                q = _sweep(q, amt, rrc, valid, color, loads_ptr, num_colors, sweeps, BLOCK_K, BIG, SORTFREE)
                 # whole tokens: floor, then the remaining tokens to the largest fractions (ties: lower index)
                 whole = q >> FRAC_BITS
                 frac = q - (whole << FRAC_BITS)
                 rem = cf - tl.sum(whole, axis=1)
                 key = tl.where(valid, frac * BLOCK_K + (BLOCK_K - 1 - offs_k)[None, :], -1)  # unique per row
-                srt = tl.sort(key, dim=1, descending=True)
-                thr = tl.sum(tl.where(offs_k[None, :] == (rem - 1)[:, None], srt, 0), axis=1)
-                q = whole + (valid & (rem > 0)[:, None] & (key >= thr[:, None])).to(tl.int64)
+                if SORTFREE:  # the rem largest keys: those with fewer than rem larger keys (rem < valid count)
+                    above = tl.sum((key[:, None, :] > key[:, :, None]).to(tl.int64), axis=2)
+                    q = whole + (valid & (above < rem[:, None])).to(tl.int64)
+                else:
+                    srt = tl.sort(key, dim=1, descending=True)
+                    thr = tl.sum(tl.where(offs_k[None, :] == (rem - 1)[:, None], srt, 0), axis=1)
+                    q = whole + (valid & (rem > 0)[:, None] & (key >= thr[:, None])).to(tl.int64)
             else:
                 q = q0
             tl.debug_barrier()
@@ -150,7 +168,7 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
             tl.debug_barrier()
             tl.atomic_add(loads_ptr + rrc, q, mask=valid)
             tl.debug_barrier()
-            q = _sweep(q, cf, rrc, valid, color, loads_ptr, num_colors, int_sweeps, BLOCK_K, BIG)
+            q = _sweep(q, cf, rrc, valid, color, loads_ptr, num_colors, int_sweeps, BLOCK_K, BIG, SORTFREE)
             max1 = tl.max(tl.load(loads_ptr + offs_r), axis=0)
             if max1 > max0:
                 q = q0
@@ -258,20 +276,22 @@ if HAVE_TRITON:  # pragma: no cover - GPU only
             ids = tl.load(ids_ptr + idx, mask=idx < M, other=-1).to(tl.int32)
             hit = ids == e
             h = hit.to(tl.int32)
-            occ = tl.cumsum(h, 0) - h + carry
-            carry += tl.sum(h, 0)
-            if BALANCED:
-                rep = tl.zeros([BLOCK_M], dtype=tl.int32)
-                for step in tl.static_range(LOG_KK):
-                    half = 1 << (LOG_KK - 1 - step)
-                    j = rep + (half - 1)
-                    c = tl.load(cum_ptr + e * K + j, mask=hit & (j < K), other=M)
-                    rep = tl.where(tl.minimum(c, M).to(tl.int32) <= occ, rep + half, rep)
-                rep = tl.where(rep >= n, (occ + rank) % n, rep)
-            else:
-                rep = (occ + rank) % n
-            slot = tl.load(l2p_ptr + e * K + rep, mask=hit, other=0)
-            tl.store(out_ptr + idx, slot, mask=hit)
+            nh = tl.sum(h, 0)
+            if nh > 0:  # a chunk without entries of e stores nothing
+                occ = tl.cumsum(h, 0) - h + carry
+                if BALANCED:
+                    rep = tl.zeros([BLOCK_M], dtype=tl.int32)
+                    for step in tl.static_range(LOG_KK):
+                        half = 1 << (LOG_KK - 1 - step)
+                        j = rep + (half - 1)
+                        c = tl.load(cum_ptr + e * K + j, mask=hit & (j < K), other=M)
+                        rep = tl.where(tl.minimum(c, M).to(tl.int32) <= occ, rep + half, rep)
+                    rep = tl.where(rep >= n, (occ + rank) % n, rep)
+                else:
+                    rep = (occ + rank) % n
+                slot = tl.load(l2p_ptr + e * K + rep, mask=hit, other=0)
+                tl.store(out_ptr + idx, slot, mask=hit)
+            carry += nh
 
     @triton.jit
     def _send_matrix_kernel(g_ptr, q_ptr, l2p_ptr, srank_ptr, out_ptr, R, E, K, S,
@@ -326,7 +346,7 @@ def _effective_sweeps(num_colors: int, frac_bits: int, sweeps: int, int_sweeps: 
 
 def _launch(g: torch.Tensor, tabs: dict[str, torch.Tensor], num_colors: int, num_ranks: int, *, slots: bool,
             frac_bits: int, sweeps: int, int_sweeps: int, num_warps: int, src_rank: int = -1,
-            spr: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            spr: int = 1, sortfree: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``g`` ``[B, G, E]`` counts (summed over ``G`` in the kernel); ``tabs`` with a leading ``B`` or none."""
     B, G, E = g.shape
     frac_bits, sweeps, int_sweeps = _effective_sweeps(num_colors, frac_bits, sweeps, int_sweeps)
@@ -351,6 +371,7 @@ def _launch(g: torch.Tensor, tabs: dict[str, torch.Tensor], num_colors: int, num
         F * Kd, E * K if slots else 0,
         E, F, Kd, K, num_ranks, int(num_colors), int(sweeps), int(int_sweeps),
         FRAC_BITS=int(frac_bits), BIG=1 << 60, SLOTS=bool(slots or shares), SHARES=shares, num_warps=num_warps,
+        SORTFREE=bool(sortfree), ONE_COLOR=int(num_colors) == 1 and int_sweeps >= 1,
         **block,
     )
     return out, slot_out, share_out
@@ -471,7 +492,8 @@ def _fused_args(table: Any) -> dict[str, Any]:
 def fused_token_slots(topk_ids: torch.Tensor, table: Any, strategy: str, rank: int,
                       global_counts: torch.Tensor | None = None, *, frac_bits: int = 8, sweeps: int = 6,
                       int_sweeps: int = 2, num_warps: int = 8, token_block: int | None = None,
-                      token_warps: int | None = None, quotas_out: torch.Tensor | None = None) -> torch.Tensor:
+                      token_warps: int | None = None, quotas_out: torch.Tensor | None = None,
+                      sortfree: bool = True) -> torch.Tensor:
     """:func:`eplb.dispatch.assign_slots` for ``"balanced"`` (two launches: the plan kernel's fluid quotas,
     then the token kernel, one program per expert, which also derives that expert's per-replica quotas and
     this rank's running shares of them) and ``"round-robin"`` (one launch: the token kernel) on CUDA.
@@ -481,6 +503,7 @@ def fused_token_slots(topk_ids: torch.Tensor, table: Any, strategy: str, rank: i
     ``token_block`` / ``token_warps``: the token kernel's chunk of entries and warps (defaults by size).
     ``quotas_out``: an ``[E, K]`` int64 tensor (balanced) that receives the per-replica quotas of the plan
     (== :func:`eplb.dispatch.plan_quotas`), e.g. for :func:`eplb.dispatch.send_matrix` without a second plan.
+    ``sortfree``: the plan's water-filling by pairwise level comparisons instead of a sort (same quotas).
     """
     if not HAVE_TRITON:
         raise RuntimeError("fused_token_slots: Triton is not installed")
@@ -507,7 +530,8 @@ def fused_token_slots(topk_ids: torch.Tensor, table: Any, strategy: str, rank: i
             bufs["cum"], bufs["scratch"],
             G, G * E, int(rank), int(table.slots_per_rank), 0, 0, 0, 0, 0, 0,
             E, a["F"], a["Kd"], K, table.num_ranks, int(table.num_colors), sw, isw,
-            FRAC_BITS=fb, BIG=1 << 60, SLOTS=False, SHARES=False, num_warps=num_warps,
+            FRAC_BITS=fb, BIG=1 << 60, SLOTS=False, SHARES=False, num_warps=num_warps, SORTFREE=bool(sortfree),
+            ONE_COLOR=int(table.num_colors) == 1 and isw >= 1,
             BLOCK_G=min(32, triton.next_power_of_2(G)), **blk,
         )
         slot_q = bufs["slot_q"] if quotas_out is None else quotas_out
