@@ -59,7 +59,9 @@ def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_ite
 
     Cost per iteration over ``a`` active rows: ``O(a (T P + spr S + cand T))``, everything vectorised across
     rows (no per-row Python loop); the state (per-step slot / rank loads, their window means, the
-    ``[X, E, P]`` expert-on-rank counts) is updated in place for the swapped slots only.
+    ``[X, E, P]`` expert-on-rank counts) is updated in place for the swapped slots only. The ``a * cand * T``
+    scoring is five passes over one ``[a, cand, T]`` buffer: three flat row gathers (``np.take``) and two maxima; the
+    largest load over the ranks other than the two swapped ones is tabulated once per (row, rank) on ``[a, P, T]``.
     """
     T, X, E = loads.shape
     S = start.shape[1]
