@@ -59,7 +59,9 @@ def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_ite
 
     Cost per iteration over ``a`` active rows: ``O(a (T P + spr S + cand T))``, everything vectorised across
     rows (no per-row Python loop); the state (per-step slot / rank loads, their window means, the
-    ``[X, E, P]`` expert-on-rank counts) is updated in place for the swapped slots only.
+    ``[X, E, P]`` expert-on-rank counts) is updated in place for the swapped slots only. The ``a * cand * T``
+    scoring is five passes over one ``[a, cand, T]`` buffer: three flat row gathers (``np.take``) and two maxima; the
+    largest load over the ranks other than the two swapped ones is tabulated once per (row, rank) on ``[a, P, T]``.
     """
     T, X, E = loads.shape
     S = start.shape[1]
@@ -74,6 +76,7 @@ def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_ite
     rl = iw.reshape(X, P, spr, T).sum(2)  # [X, P, T]
     iwm = iw.mean(axis=2)  # [X, S] window-mean slot loads
     rlm = rl.mean(axis=2)  # [X, P]
+    iw2, rl2 = iw.reshape(X * S, T), rl.reshape(X * P, T)  # views, for flat row gathers
     has = expert_pack_count(p2l, E, P)
     slot_pack = np.arange(S) // spr
     local = np.arange(spr)
@@ -125,18 +128,20 @@ def robust_rows(loads: np.ndarray, start: np.ndarray, num_packs: int, *, max_ite
         sel_ok = np.isfinite(np.take_along_axis(static, sel, axis=1))  # [a, K]
         sj, sk = sel // nb, np.take_along_axis(bs, sel % nb, axis=1)  # slot of ra (local), partner slot
         sa_k = ra[:, None] * spr + sj
-        Ak = A[:, None]
-        d = iw[Ak, sa_k] - iw[Ak, sk]  # [a, K, T]
+        # flat row gathers (np.take on axis 0 of [X * S, T] / [X * P, T]: cheaper than 2-D fancy indexing)
+        As, Ap = (A * S)[:, None], (A * P)[:, None]
+        d = np.take(iw2, As + sa_k, axis=0)  # [a, K, T]
+        d -= np.take(iw2, As + sk, axis=0)
         pb = slot_pack[sk]  # [a, K]
-        Rb = rl[Ak, pb]  # [a, K, T]
+        Rb = np.take(rl2, Ap + pb, axis=0)  # [a, K, T]
         # new per-step max = max(ra - d, rb + d, largest other rank: m2 where that is b's own rank, else m1),
-        # computed in place (fresh [a, K, T] temporaries cost more than the arithmetic)
+        # computed in place (fresh [a, K, T] temporaries cost more than the arithmetic); the "largest other
+        # rank" is tabulated per (row, rank) on [a, P, T] and gathered, not masked per candidate
         Rb += d
         np.subtract(Ra[:, None, :], d, out=d)
         np.maximum(d, Rb, out=d)
-        hit = pb[:, :, None] == i1[:, None, :]
-        np.maximum(d, m1[:, None, :], out=d, where=~hit)
-        np.maximum(d, m2[:, None, :], out=d, where=hit)
+        other = np.where(np.arange(P)[None, :, None] == i1[:, None, :], m2[:, None, :], m1[:, None, :])  # [a, P, T]
+        np.maximum(d, np.take(other.reshape(a * P, T), (ar * P)[:, None] + pb, axis=0), out=d)
         newobj = d.sum(axis=2) / T  # [a, K]
         tol = 1e-12 * np.maximum(obj, 1e-300)
         key = np.where(sel_ok & (newobj < (obj - tol)[:, None]), newobj, np.inf)
