@@ -14,7 +14,14 @@
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from eplb.dispatch.assign import STRATEGIES, assign_slots, occurrence, plan_quotas, send_matrix, source_shares
+    from eplb.dispatch.assign import (
+        STRATEGIES,
+        assign_slots,
+        occurrence,
+        plan_quotas,
+        send_matrix,
+        source_shares,
+    )
     from eplb.dispatch.policy import dispatch_aware_placement
     from eplb.dispatch.replication import plan_replication, replicated_rank_loads
     from eplb.dispatch.solver import balanced_quotas, lp_max_load, waterfill
